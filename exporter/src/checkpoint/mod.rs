@@ -1,0 +1,107 @@
+//! Phase 1: read a diffusers D-DiT pipeline folder (configs, safetensors, tokenizer).
+
+pub mod config;
+pub mod tokenizer;
+pub mod weights;
+
+use std::path::{Path, PathBuf};
+
+pub use config::{ConfigFile, SchedulerConfig, T5Act, T5Config, TransformerConfig, VaeConfig};
+pub use tokenizer::TokenizerInfo;
+pub use weights::{TensorRef, WeightStore};
+
+use crate::error::{ExportError, Result};
+
+/// An opened checkpoint: every config parsed, every weight file mapped and validated.
+pub struct Checkpoint {
+    pub root: PathBuf,
+    pub transformer: TransformerConfig,
+    pub t5: T5Config,
+    pub vae: VaeConfig,
+    pub scheduler: SchedulerConfig,
+    pub tokenizer: TokenizerInfo,
+    pub transformer_weights: WeightStore,
+    pub t5_weights: WeightStore,
+    pub vae_weights: WeightStore,
+    /// Vocabulary size of the text head (`text_proj_out` rows).
+    pub vocab_size: usize,
+}
+
+impl Checkpoint {
+    pub fn open(root: &Path, mask_token: Option<&str>) -> Result<Self> {
+        if !root.is_dir() {
+            return Err(ExportError::MissingFile { path: root.to_path_buf(), what: "checkpoint folder".into() });
+        }
+        let index = ConfigFile::read(&root.join("model_index.json"))?;
+        for component in ["transformer", "text_encoder", "vae", "tokenizer", "scheduler"] {
+            if index.get(component).is_none() {
+                return Err(ExportError::Config {
+                    path: index.path.clone(),
+                    key: component.into(),
+                    message: "component missing from the pipeline".into(),
+                });
+            }
+        }
+        let transformer = TransformerConfig::from_file(&ConfigFile::read(&root.join("transformer/config.json"))?)?;
+        let t5 = T5Config::from_file(&ConfigFile::read(&root.join("text_encoder/config.json"))?)?;
+        let vae = VaeConfig::from_file(&ConfigFile::read(&root.join("vae/config.json"))?)?;
+        let scheduler =
+            SchedulerConfig::from_file(&ConfigFile::read(&root.join("scheduler/scheduler_config.json"))?)?;
+        let tokenizer = TokenizerInfo::read(&root.join("tokenizer"), mask_token)?;
+        let transformer_weights = WeightStore::open(&root.join("transformer"), "diffusion_pytorch_model")?;
+        let t5_weights = WeightStore::open(&root.join("text_encoder"), "model")?;
+        let vae_weights = WeightStore::open(&root.join("vae"), "diffusion_pytorch_model")?;
+
+        let tpath = root.join("transformer/config.json");
+        if t5.d_model != transformer.joint_attention_dim {
+            return Err(ExportError::Config {
+                path: tpath,
+                key: "joint_attention_dim".into(),
+                message: format!(
+                    "is {} but the text encoder's d_model is {}",
+                    transformer.joint_attention_dim, t5.d_model
+                ),
+            });
+        }
+        let head_rows = transformer_weights.shape_of("text_proj_out.weight").map(|s| s[0]);
+        let vocab_size = match (transformer.vocab_size, head_rows) {
+            (Some(v), _) => v,
+            (None, Some(rows)) => rows,
+            (None, None) => {
+                return Err(ExportError::MissingTensor {
+                    component: "transformer".into(),
+                    key: "text_proj_out.weight".into(),
+                    files: root.join("transformer").display().to_string(),
+                })
+            }
+        };
+        if tokenizer.mask_id as usize >= vocab_size {
+            return Err(ExportError::Tokenizer {
+                path: tokenizer.path.clone(),
+                message: format!(
+                    "mask token `{}` has id {} but the text head has only {vocab_size} rows",
+                    tokenizer.mask_token, tokenizer.mask_id
+                ),
+            });
+        }
+        if vae.latent_channels != transformer.in_channels {
+            return Err(ExportError::Config {
+                path: root.join("vae/config.json"),
+                key: "latent_channels".into(),
+                message: format!("is {} but the transformer takes {} channels", vae.latent_channels, transformer.in_channels),
+            });
+        }
+        Ok(Self {
+            root: root.to_path_buf(),
+            transformer,
+            t5,
+            vae,
+            scheduler,
+            tokenizer,
+            transformer_weights,
+            t5_weights,
+            vae_weights,
+            vocab_size,
+        })
+    }
+}

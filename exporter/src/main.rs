@@ -1,0 +1,108 @@
+//! `ddit-export convert|inspect`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use ddit_export::{convert, summary, verify, ExportOptions, StoreDtype, DEFAULT_EXTERNAL_THRESHOLD};
+
+#[derive(Parser)]
+#[command(name = "ddit-export", version, about = "Convert a D-DiT checkpoint into an ONNX model package")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Dtype {
+    F32,
+    F16,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Export a diffusers D-DiT pipeline folder into a model package.
+    Convert {
+        /// The checkpoint folder (model_index.json, transformer/, text_encoder/, vae/, tokenizer/, scheduler/).
+        #[arg(long, env = "DDIT_CHECKPOINT")]
+        checkpoint: PathBuf,
+        /// Output package folder.
+        #[arg(long, env = "DDIT_OUT")]
+        out: PathBuf,
+        /// Weight storage dtype in the ONNX files (I/O and arithmetic stay f32).
+        #[arg(long, value_enum, default_value = "f32", env = "DDIT_DTYPE")]
+        dtype: Dtype,
+        /// Joint blocks per ONNX file (default: all blocks in one file).
+        #[arg(long, env = "DDIT_BLOCKS_PER_SEGMENT")]
+        blocks_per_segment: Option<usize>,
+        /// Segments whose weights exceed this many bytes are written with ONNX external data.
+        #[arg(long, default_value_t = DEFAULT_EXTERNAL_THRESHOLD, env = "DDIT_EXTERNAL_DATA_THRESHOLD")]
+        external_data_threshold: u64,
+        /// Mask token (default: the tokenizer config's mask_token, else `<extra_id_0>`).
+        #[arg(long, env = "DDIT_MASK_TOKEN")]
+        mask_token: Option<String>,
+        /// Model name recorded in the manifest (default: the checkpoint folder's name).
+        #[arg(long, env = "DDIT_NAME")]
+        name: Option<String>,
+        /// Default prompt length for text-to-image (tokens).
+        #[arg(long, default_value_t = 256, env = "DDIT_PROMPT_LEN")]
+        prompt_len: u64,
+        /// Default caption canvas length (tokens).
+        #[arg(long, default_value_t = 128, env = "DDIT_CAPTION_LEN")]
+        caption_len: u64,
+        /// Default VQA canvas length (tokens).
+        #[arg(long, default_value_t = 128, env = "DDIT_VQA_LEN")]
+        vqa_len: u64,
+        /// Replace a package already in --out.
+        #[arg(long, env = "DDIT_FORCE")]
+        force: bool,
+    },
+    /// Verify every hash of a package and print its summary.
+    Inspect {
+        /// The package folder (holding manifest.json).
+        package: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let res = match cli.cmd {
+        Cmd::Convert {
+            checkpoint,
+            out,
+            dtype,
+            blocks_per_segment,
+            external_data_threshold,
+            mask_token,
+            name,
+            prompt_len,
+            caption_len,
+            vqa_len,
+            force,
+        } => {
+            let mut o = ExportOptions::new(checkpoint, out.clone());
+            o.dtype = match dtype {
+                Dtype::F32 => StoreDtype::F32,
+                Dtype::F16 => StoreDtype::F16,
+            };
+            o.blocks_per_segment = blocks_per_segment;
+            o.external_data_threshold = external_data_threshold;
+            o.mask_token = mask_token;
+            o.name = name;
+            o.text_lengths = ddit_schemas::TextLengths { prompt: prompt_len, caption: caption_len, vqa: vqa_len };
+            o.force = force;
+            convert(&o).and_then(|_| verify(&out)).map(|m| {
+                println!("wrote {}", out.display());
+                print!("{}", summary(&m));
+            })
+        }
+        Cmd::Inspect { package } => verify(&package).map(|m| print!("{}", summary(&m))),
+    };
+    match res {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

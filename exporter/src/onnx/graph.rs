@@ -1,0 +1,267 @@
+//! A small ONNX graph IR: named values, nodes, initializers (possibly lazy) and typed I/O.
+
+use crate::error::Result;
+
+/// A value name in the graph.
+pub type Value = String;
+
+/// Element types used by the exporter (ONNX `TensorProto.DataType` codes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DType {
+    F32 = 1,
+    I64 = 7,
+    F16 = 10,
+}
+
+impl DType {
+    pub fn size(self) -> usize {
+        match self {
+            DType::F32 => 4,
+            DType::I64 => 8,
+            DType::F16 => 2,
+        }
+    }
+}
+
+/// A graph I/O dimension.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Dim {
+    Fixed(i64),
+    Sym(&'static str),
+}
+
+/// Node attributes.
+#[derive(Debug, Clone)]
+pub enum Attr {
+    Int(i64),
+    Ints(Vec<i64>),
+    Float(f32),
+    Str(String),
+}
+
+/// Initializer bytes: owned, or produced on demand when the segment is written (checkpoint
+/// tensors: converted and transposed one at a time, so a large segment never sits in memory whole).
+pub enum WeightData {
+    Bytes(Vec<u8>),
+    Lazy(Box<dyn Fn() -> Result<Vec<u8>>>),
+}
+
+pub struct Initializer {
+    pub name: String,
+    pub dims: Vec<i64>,
+    pub dtype: DType,
+    pub data: WeightData,
+    /// Counted as a model parameter (false for index tables and shape constants).
+    pub is_param: bool,
+}
+
+impl Initializer {
+    pub fn numel(&self) -> usize {
+        self.dims.iter().product::<i64>() as usize
+    }
+    pub fn nbytes(&self) -> usize {
+        self.numel() * self.dtype.size()
+    }
+}
+
+pub struct Node {
+    pub op: &'static str,
+    pub name: String,
+    pub inputs: Vec<Value>,
+    pub outputs: Vec<Value>,
+    pub attrs: Vec<(&'static str, Attr)>,
+}
+
+pub struct Io {
+    pub name: String,
+    pub dtype: DType,
+    pub shape: Vec<Dim>,
+}
+
+/// A graph under construction.
+pub struct Graph {
+    pub name: String,
+    pub nodes: Vec<Node>,
+    pub initializers: Vec<Initializer>,
+    pub inputs: Vec<Io>,
+    pub outputs: Vec<Io>,
+    counter: usize,
+    scope: Vec<String>,
+}
+
+impl Graph {
+    pub fn new(name: impl Into<String>) -> Self {
+        Self {
+            name: name.into(),
+            nodes: Vec::new(),
+            initializers: Vec::new(),
+            inputs: Vec::new(),
+            outputs: Vec::new(),
+            counter: 0,
+            scope: Vec::new(),
+        }
+    }
+
+    /// Names created until the matching [`Graph::pop_scope`] carry `scope` as a prefix.
+    pub fn push_scope(&mut self, scope: &str) {
+        self.scope.push(scope.to_string());
+    }
+
+    pub fn pop_scope(&mut self) {
+        self.scope.pop();
+    }
+
+    fn fresh(&mut self, hint: &str) -> String {
+        self.counter += 1;
+        let mut s = self.scope.join("/");
+        if !s.is_empty() {
+            s.push('/');
+        }
+        format!("{s}{hint}_{}", self.counter)
+    }
+
+    pub fn input(&mut self, name: &str, dtype: DType, shape: Vec<Dim>) -> Value {
+        self.inputs.push(Io { name: name.to_string(), dtype, shape });
+        name.to_string()
+    }
+
+    /// Declares `value` as the graph output `name` (through an Identity so names are free).
+    pub fn output(&mut self, value: &str, name: &str, dtype: DType, shape: Vec<Dim>) {
+        self.nodes.push(Node {
+            op: "Identity",
+            name: format!("output/{name}"),
+            inputs: vec![value.to_string()],
+            outputs: vec![name.to_string()],
+            attrs: vec![],
+        });
+        self.outputs.push(Io { name: name.to_string(), dtype, shape });
+    }
+
+    pub fn op_n(&mut self, op: &'static str, inputs: &[&str], attrs: Vec<(&'static str, Attr)>, n: usize) -> Vec<Value> {
+        let name = self.fresh(op);
+        let outputs: Vec<Value> = (0..n).map(|i| format!("{name}:{i}")).collect();
+        self.nodes.push(Node {
+            op,
+            name,
+            inputs: inputs.iter().map(|s| s.to_string()).collect(),
+            outputs: outputs.clone(),
+            attrs,
+        });
+        outputs
+    }
+
+    pub fn op(&mut self, op: &'static str, inputs: &[&str], attrs: Vec<(&'static str, Attr)>) -> Value {
+        self.op_n(op, inputs, attrs, 1).remove(0)
+    }
+
+    pub fn initializer(&mut self, hint: &str, dims: Vec<i64>, dtype: DType, data: WeightData, is_param: bool) -> Value {
+        let name = self.fresh(hint);
+        self.initializers.push(Initializer { name: name.clone(), dims, dtype, data, is_param });
+        name
+    }
+
+    pub fn const_i64(&mut self, vals: &[i64]) -> Value {
+        let bytes = vals.iter().flat_map(|v| v.to_le_bytes()).collect();
+        self.initializer("const_i64", vec![vals.len() as i64], DType::I64, WeightData::Bytes(bytes), false)
+    }
+
+    pub fn const_f32(&mut self, vals: &[f32], dims: Vec<i64>) -> Value {
+        let bytes = vals.iter().flat_map(|v| v.to_le_bytes()).collect();
+        self.initializer("const_f32", dims, DType::F32, WeightData::Bytes(bytes), false)
+    }
+
+    pub fn scalar_f32(&mut self, v: f32) -> Value {
+        self.const_f32(&[v], vec![])
+    }
+
+    pub fn param_count(&self) -> u64 {
+        self.initializers.iter().filter(|i| i.is_param).map(|i| i.numel() as u64).sum()
+    }
+
+    pub fn weight_bytes(&self) -> u64 {
+        self.initializers.iter().map(|i| i.nbytes() as u64).sum()
+    }
+
+    // ---- common operator shorthands ------------------------------------------------------
+
+    pub fn add(&mut self, a: &str, b: &str) -> Value {
+        self.op("Add", &[a, b], vec![])
+    }
+    pub fn sub(&mut self, a: &str, b: &str) -> Value {
+        self.op("Sub", &[a, b], vec![])
+    }
+    pub fn mul(&mut self, a: &str, b: &str) -> Value {
+        self.op("Mul", &[a, b], vec![])
+    }
+    pub fn div(&mut self, a: &str, b: &str) -> Value {
+        self.op("Div", &[a, b], vec![])
+    }
+    pub fn matmul(&mut self, a: &str, b: &str) -> Value {
+        self.op("MatMul", &[a, b], vec![])
+    }
+    pub fn reshape(&mut self, x: &str, shape: &[i64]) -> Value {
+        let s = self.const_i64(shape);
+        self.op("Reshape", &[x, &s], vec![])
+    }
+    pub fn reshape_to(&mut self, x: &str, shape: &str) -> Value {
+        self.op("Reshape", &[x, shape], vec![])
+    }
+    pub fn transpose(&mut self, x: &str, perm: &[i64]) -> Value {
+        self.op("Transpose", &[x], vec![("perm", Attr::Ints(perm.to_vec()))])
+    }
+    pub fn unsqueeze(&mut self, x: &str, axes: &[i64]) -> Value {
+        let a = self.const_i64(axes);
+        self.op("Unsqueeze", &[x, &a], vec![])
+    }
+    pub fn concat(&mut self, xs: &[&str], axis: i64) -> Value {
+        self.op("Concat", xs, vec![("axis", Attr::Int(axis))])
+    }
+    pub fn shape(&mut self, x: &str) -> Value {
+        self.op("Shape", &[x], vec![])
+    }
+    /// `Shape(x)[start..end]` as a 1-D int64 tensor.
+    pub fn shape_slice(&mut self, x: &str, start: i64, end: i64) -> Value {
+        self.op("Shape", &[x], vec![("start", Attr::Int(start)), ("end", Attr::Int(end))])
+    }
+    pub fn sigmoid(&mut self, x: &str) -> Value {
+        self.op("Sigmoid", &[x], vec![])
+    }
+    pub fn silu(&mut self, x: &str) -> Value {
+        let s = self.sigmoid(x);
+        self.mul(x, &s)
+    }
+    pub fn softmax(&mut self, x: &str, axis: i64) -> Value {
+        self.op("Softmax", &[x], vec![("axis", Attr::Int(axis))])
+    }
+    /// Split along `axis` into `n` equal parts.
+    pub fn split_equal(&mut self, x: &str, axis: i64, n: usize) -> Vec<Value> {
+        self.op_n("Split", &[x], vec![("axis", Attr::Int(axis)), ("num_outputs", Attr::Int(n as i64))], n)
+    }
+    /// GELU with the tanh approximation, written out (exact on every execution provider).
+    pub fn gelu_tanh(&mut self, x: &str) -> Value {
+        let c = self.scalar_f32((2.0f64 / std::f64::consts::PI).sqrt() as f32);
+        let k = self.scalar_f32(0.044715);
+        let half = self.scalar_f32(0.5);
+        let one = self.scalar_f32(1.0);
+        let x2 = self.mul(x, x);
+        let x3 = self.mul(&x2, x);
+        let kx3 = self.mul(&k, &x3);
+        let inner = self.add(x, &kx3);
+        let scaled = self.mul(&c, &inner);
+        let t = self.op("Tanh", &[&scaled], vec![]);
+        let onep = self.add(&one, &t);
+        let hx = self.mul(&half, x);
+        self.mul(&hx, &onep)
+    }
+    /// GELU with erf: 0.5·x·(1 + erf(x/√2)).
+    pub fn gelu_erf(&mut self, x: &str) -> Value {
+        let inv = self.scalar_f32(std::f32::consts::FRAC_1_SQRT_2);
+        let half = self.scalar_f32(0.5);
+        let one = self.scalar_f32(1.0);
+        let xs = self.mul(x, &inv);
+        let e = self.op("Erf", &[&xs], vec![]);
+        let onep = self.add(&one, &e);
+        let hx = self.mul(&half, x);
+        self.mul(&hx, &onep)
+    }
+}

@@ -1,0 +1,184 @@
+//! Phase 2–4: map checkpoint tensors by name onto graphs of ONNX operators, one graph per
+//! segment. Every weight is shape-checked against the config when it is taken.
+
+pub mod t5;
+pub mod transformer;
+pub mod vae;
+
+use half::f16;
+
+use crate::checkpoint::{TensorRef, WeightStore};
+use crate::error::Result;
+use crate::onnx::{Attr, DType, Graph, Value, WeightData};
+
+/// How weights are stored in the ONNX files. Graph I/O and arithmetic stay f32; f16 storage
+/// halves the package and is cast up at load (execution providers may then fold or fuse it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoreDtype {
+    F32,
+    F16,
+}
+
+impl StoreDtype {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StoreDtype::F32 => "f32",
+            StoreDtype::F16 => "f16",
+        }
+    }
+}
+
+/// A graph being built from one checkpoint component.
+pub struct Ctx<'a> {
+    pub g: Graph,
+    pub w: &'a WeightStore,
+    pub store: StoreDtype,
+}
+
+fn encode(vals: &[f32], store: StoreDtype) -> Vec<u8> {
+    match store {
+        StoreDtype::F32 => vals.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        StoreDtype::F16 => vals.iter().flat_map(|v| f16::from_f32(*v).to_le_bytes()).collect(),
+    }
+}
+
+fn transpose2(vals: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    let mut out = vec![0.0f32; vals.len()];
+    for r in 0..rows {
+        for c in 0..cols {
+            out[c * rows + r] = vals[r * cols + c];
+        }
+    }
+    out
+}
+
+impl<'a> Ctx<'a> {
+    pub fn new(name: &str, w: &'a WeightStore, store: StoreDtype) -> Self {
+        Self { g: Graph::new(name), w, store }
+    }
+
+    fn lazy(&mut self, t: TensorRef, dims: Vec<i64>, transpose: Option<(usize, usize)>) -> Value {
+        let store = self.store;
+        let hint = t.key.clone();
+        let data = WeightData::Lazy(Box::new(move || {
+            let v = t.to_f32()?;
+            let v = match transpose {
+                Some((r, c)) => transpose2(&v, r, c),
+                None => v,
+            };
+            Ok(encode(&v, store))
+        }));
+        let dtype = match store {
+            StoreDtype::F32 => DType::F32,
+            StoreDtype::F16 => DType::F16,
+        };
+        let name = self.g.initializer(&hint, dims, dtype, data, true);
+        match store {
+            StoreDtype::F32 => name,
+            StoreDtype::F16 => self.g.op("Cast", &[&name], vec![("to", Attr::Int(DType::F32 as i64))]),
+        }
+    }
+
+    /// Checkpoint tensor `key` with `shape`, stored as `dims` (same element count).
+    pub fn param_as(&mut self, key: &str, shape: &[usize], dims: &[i64]) -> Result<Value> {
+        let t = self.w.get(key, shape)?;
+        Ok(self.lazy(t, dims.to_vec(), None))
+    }
+
+    pub fn param(&mut self, key: &str, shape: &[usize]) -> Result<Value> {
+        let dims: Vec<i64> = shape.iter().map(|&d| d as i64).collect();
+        self.param_as(key, shape, &dims)
+    }
+
+    /// A `[out, in]` checkpoint matrix, stored transposed as `[in, out]` for `MatMul`.
+    pub fn param_t(&mut self, key: &str, out: usize, inp: usize) -> Result<Value> {
+        let t = self.w.get(key, &[out, inp])?;
+        Ok(self.lazy(t, vec![inp as i64, out as i64], Some((out, inp))))
+    }
+
+    /// `x @ W^T (+ b)` for torch `Linear(inp, out)` at `prefix`.
+    pub fn linear(&mut self, x: &str, prefix: &str, inp: usize, out: usize, bias: bool) -> Result<Value> {
+        let w = self.param_t(&format!("{prefix}.weight"), out, inp)?;
+        let y = self.g.matmul(x, &w);
+        if bias {
+            let b = self.param(&format!("{prefix}.bias"), &[out])?;
+            Ok(self.g.add(&y, &b))
+        } else {
+            Ok(y)
+        }
+    }
+
+    /// LayerNorm over the last axis without affine parameters.
+    pub fn layer_norm(&mut self, x: &str, dim: usize, eps: f32) -> Value {
+        let ones = self.g.const_f32(&vec![1.0; dim], vec![dim as i64]);
+        let zeros = self.g.const_f32(&vec![0.0; dim], vec![dim as i64]);
+        self.g.op(
+            "LayerNormalization",
+            &[x, &ones, &zeros],
+            vec![("axis", Attr::Int(-1)), ("epsilon", Attr::Float(eps))],
+        )
+    }
+
+    /// torch `GroupNorm(groups, channels, eps)` on `[B, C, H, W]`, affine from `prefix`.
+    pub fn group_norm(&mut self, x: &str, prefix: &str, channels: usize, groups: usize, eps: f32) -> Result<Value> {
+        let g = &mut self.g;
+        let orig = g.shape(x);
+        let grouped = g.reshape(x, &[0, groups as i64, -1]);
+        let axes = g.const_i64(&[2]);
+        let mean = g.op("ReduceMean", &[&grouped, &axes], vec![("keepdims", Attr::Int(1))]);
+        let centred = g.sub(&grouped, &mean);
+        let sq = g.mul(&centred, &centred);
+        let var = g.op("ReduceMean", &[&sq, &axes], vec![("keepdims", Attr::Int(1))]);
+        let e = g.scalar_f32(eps);
+        let ve = g.add(&var, &e);
+        let sd = g.op("Sqrt", &[&ve], vec![]);
+        let normed = g.div(&centred, &sd);
+        let back = g.reshape_to(&normed, &orig);
+        let c = channels as i64;
+        let gamma = self.param_as(&format!("{prefix}.weight"), &[channels], &[c, 1, 1])?;
+        let beta = self.param_as(&format!("{prefix}.bias"), &[channels], &[c, 1, 1])?;
+        let scaled = self.g.mul(&back, &gamma);
+        Ok(self.g.add(&scaled, &beta))
+    }
+
+    /// torch `Conv2d(cin, cout, k, stride, padding)` at `prefix`, with bias.
+    pub fn conv(&mut self, x: &str, prefix: &str, cin: usize, cout: usize, k: usize, stride: usize, pad: usize) -> Result<Value> {
+        let w = self.param(&format!("{prefix}.weight"), &[cout, cin, k, k])?;
+        let b = self.param(&format!("{prefix}.bias"), &[cout])?;
+        let (k, s, p) = (k as i64, stride as i64, pad as i64);
+        Ok(self.g.op(
+            "Conv",
+            &[x, &w, &b],
+            vec![
+                ("kernel_shape", Attr::Ints(vec![k, k])),
+                ("strides", Attr::Ints(vec![s, s])),
+                ("pads", Attr::Ints(vec![p, p, p, p])),
+            ],
+        ))
+    }
+
+    /// Softmax attention over `[B, S, H*dh]` projections with `heads` heads; returns `[B, S, H*dh]`.
+    /// `bias` (broadcastable to `[B, H, S, S]`) is added to the scores before the softmax.
+    pub fn attention(&mut self, q: &str, k: &str, v: &str, heads: usize, head_dim: usize, scale: Option<f32>, bias: Option<&str>) -> Value {
+        let g = &mut self.g;
+        let (h, d) = (heads as i64, head_dim as i64);
+        let qh = g.reshape(q, &[0, 0, h, d]);
+        let qh = g.transpose(&qh, &[0, 2, 1, 3]);
+        let kh = g.reshape(k, &[0, 0, h, d]);
+        let kt = g.transpose(&kh, &[0, 2, 3, 1]);
+        let vh = g.reshape(v, &[0, 0, h, d]);
+        let vh = g.transpose(&vh, &[0, 2, 1, 3]);
+        let mut scores = g.matmul(&qh, &kt);
+        if let Some(s) = scale {
+            let sc = g.scalar_f32(s);
+            scores = g.mul(&scores, &sc);
+        }
+        if let Some(b) = bias {
+            scores = g.add(&scores, b);
+        }
+        let p = g.softmax(&scores, -1);
+        let o = g.matmul(&p, &vh);
+        let o = g.transpose(&o, &[0, 2, 1, 3]);
+        g.reshape(&o, &[0, 0, h * d])
+    }
+}

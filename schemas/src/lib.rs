@@ -1,0 +1,15 @@
+//! The contracts between ddit's parts, as plain serde types.
+//!
+//! The JSON Schema files beside this crate (`*.schema.json`) are the source of truth for clients
+//! in any language; the types here mirror them, and `tests/schemas_agree.rs` proves they agree.
+//! This crate does no I/O.
+
+pub mod manifest;
+
+pub use manifest::{
+    Dim, FileEntry, Manifest, ModelInfo, ModelValues, Role, SchedulerValues, SegmentSpec, TensorDtype, TensorSpec,
+    TextLengths, TokenIds, VaeValues, MANIFEST_FORMAT_VERSION,
+};
+
+/// The JSON Schema of `manifest.json`, embedded so that tools can validate without the repository.
+pub const MANIFEST_SCHEMA: &str = include_str!("../manifest.schema.json");
