@@ -22,25 +22,51 @@ pub enum ExportError {
     },
 
     #[error("{path}: config key `{key}`: {message}")]
-    Config { path: PathBuf, key: String, message: String },
+    Config {
+        path: PathBuf,
+        key: String,
+        message: String,
+    },
 
     #[error("{path}: config key `{key}` = {value} is not used by D-DiT ({expected})")]
-    UnsupportedConfig { path: PathBuf, key: String, value: String, expected: String },
+    UnsupportedConfig {
+        path: PathBuf,
+        key: String,
+        value: String,
+        expected: String,
+    },
 
     #[error("missing tensor `{key}` in {component} (looked in {files})")]
-    MissingTensor { component: String, key: String, files: String },
+    MissingTensor {
+        component: String,
+        key: String,
+        files: String,
+    },
 
     #[error("tensor `{key}` in {path}: expected shape {expected:?}, found {actual:?}")]
-    WrongShape { key: String, path: PathBuf, expected: Vec<usize>, actual: Vec<usize> },
+    WrongShape {
+        key: String,
+        path: PathBuf,
+        expected: Vec<usize>,
+        actual: Vec<usize>,
+    },
 
     #[error("tensor `{key}` in {path}: unsupported dtype {dtype} (supported: F32, F16, BF16)")]
-    UnsupportedDtype { key: String, path: PathBuf, dtype: String },
+    UnsupportedDtype {
+        key: String,
+        path: PathBuf,
+        dtype: String,
+    },
 
     #[error("{path} is not a valid safetensors file (truncated or corrupt): {message}")]
     BadSafetensors { path: PathBuf, message: String },
 
     #[error("shard index {path}: tensor `{key}` is mapped to {shard}, which does not contain it")]
-    BadShardIndex { path: PathBuf, key: String, shard: String },
+    BadShardIndex {
+        path: PathBuf,
+        key: String,
+        shard: String,
+    },
 
     #[error("tokenizer {path}: {message}")]
     Tokenizer { path: PathBuf, message: String },
@@ -49,7 +75,11 @@ pub enum ExportError {
     Package { path: PathBuf, message: String },
 
     #[error("package file {path}: sha256 expected {expected}, found {actual}")]
-    HashMismatch { path: PathBuf, expected: String, actual: String },
+    HashMismatch {
+        path: PathBuf,
+        expected: String,
+        actual: String,
+    },
 
     #[error("invalid argument `{name}`: {message}")]
     Argument { name: String, message: String },
@@ -61,7 +91,10 @@ impl ExportError {
     pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         let path = path.into();
         if source.kind() == std::io::ErrorKind::NotFound {
-            ExportError::MissingFile { path, what: "not found".into() }
+            ExportError::MissingFile {
+                path,
+                what: "not found".into(),
+            }
         } else {
             ExportError::Io { path, source }
         }

@@ -4,10 +4,16 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
-use ddit_export::{convert, summary, verify, ExportOptions, StoreDtype, DEFAULT_EXTERNAL_THRESHOLD};
+use ddit_export::{
+    convert, summary, verify, ExportOptions, StoreDtype, DEFAULT_EXTERNAL_THRESHOLD,
+};
 
 #[derive(Parser)]
-#[command(name = "ddit-export", version, about = "Convert a D-DiT checkpoint into an ONNX model package")]
+#[command(
+    name = "ddit-export",
+    version,
+    about = "Convert a D-DiT checkpoint into an ONNX model package"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -89,7 +95,11 @@ fn main() -> ExitCode {
             o.external_data_threshold = external_data_threshold;
             o.mask_token = mask_token;
             o.name = name;
-            o.text_lengths = ddit_schemas::TextLengths { prompt: prompt_len, caption: caption_len, vqa: vqa_len };
+            o.text_lengths = ddit_schemas::TextLengths {
+                prompt: prompt_len,
+                caption: caption_len,
+                vqa: vqa_len,
+            };
             o.force = force;
             convert(&o).and_then(|_| verify(&out)).map(|m| {
                 println!("wrote {}", out.display());

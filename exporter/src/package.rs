@@ -4,8 +4,8 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use ddit_schemas::{
-    Dim as SDim, FileEntry, Manifest, ModelInfo, ModelValues, Role, SchedulerValues, SegmentSpec, TensorDtype,
-    TensorSpec, TextLengths, TokenIds, VaeValues, MANIFEST_FORMAT_VERSION,
+    Dim as SDim, FileEntry, Manifest, ModelInfo, ModelValues, Role, SchedulerValues, SegmentSpec,
+    TensorDtype, TensorSpec, TextLengths, TokenIds, VaeValues, MANIFEST_FORMAT_VERSION,
 };
 use sha2::{Digest, Sha256};
 
@@ -46,7 +46,11 @@ impl ExportOptions {
             external_data_threshold: DEFAULT_EXTERNAL_THRESHOLD,
             mask_token: None,
             name: None,
-            text_lengths: TextLengths { prompt: 256, caption: 128, vqa: 128 },
+            text_lengths: TextLengths {
+                prompt: 256,
+                caption: 128,
+                vqa: 128,
+            },
             force: false,
         }
     }
@@ -74,12 +78,18 @@ fn hex(bytes: &[u8]) -> String {
 
 fn file_entry(dir: &Path, name: &str) -> Result<FileEntry> {
     let (sha256, bytes) = sha256_file(&dir.join(name))?;
-    Ok(FileEntry { path: name.to_string(), sha256, bytes })
+    Ok(FileEntry {
+        path: name.to_string(),
+        sha256,
+        bytes,
+    })
 }
 
 /// The package identity: sha256 over the sorted `path sha256` lines of its files.
 pub fn package_hash<'a>(files: impl Iterator<Item = &'a FileEntry>) -> String {
-    let mut lines: Vec<String> = files.map(|f| format!("{} {}\n", f.path, f.sha256)).collect();
+    let mut lines: Vec<String> = files
+        .map(|f| format!("{} {}\n", f.path, f.sha256))
+        .collect();
     lines.sort();
     let mut h = Sha256::new();
     for l in lines {
@@ -108,14 +118,27 @@ fn spec(io: &Io) -> TensorSpec {
 }
 
 /// Writes one segment and returns its manifest entry.
-fn write_segment(out: &Path, g: &Graph, role: Role, blocks: Option<[u64; 2]>, threshold: u64) -> Result<SegmentSpec> {
+fn write_segment(
+    out: &Path,
+    g: &Graph,
+    role: Role,
+    blocks: Option<[u64; 2]>,
+    threshold: u64,
+) -> Result<SegmentSpec> {
     let name = g.name.clone();
     let onnx_name = format!("{name}.onnx");
     let data_name = format!("{name}.onnx.data");
     let external = g.weight_bytes() > threshold;
     let doc = format!("ddit segment `{name}` (role {role})");
     let bytes = if external {
-        model_bytes(g, Weights::External { data_path: &out.join(&data_name), location: &data_name }, &doc)?
+        model_bytes(
+            g,
+            Weights::External {
+                data_path: &out.join(&data_name),
+                location: &data_name,
+            },
+            &doc,
+        )?
     } else {
         model_bytes(g, Weights::Inline, &doc)?
     };
@@ -141,11 +164,17 @@ pub fn block_ranges(num_layers: usize, k: Option<usize>) -> Result<Vec<(usize, u
     let k = match k {
         None => num_layers,
         Some(0) => {
-            return Err(ExportError::Argument { name: "blocks-per-segment".into(), message: "must be at least 1".into() })
+            return Err(ExportError::Argument {
+                name: "blocks-per-segment".into(),
+                message: "must be at least 1".into(),
+            })
         }
         Some(k) => k.min(num_layers),
     };
-    Ok((0..num_layers).step_by(k).map(|s| (s, (s + k).min(num_layers))).collect())
+    Ok((0..num_layers)
+        .step_by(k)
+        .map(|s| (s, (s + k).min(num_layers)))
+        .collect())
 }
 
 /// Converts a checkpoint into a model package. Returns the manifest written.
@@ -155,7 +184,10 @@ pub fn convert(opts: &ExportOptions) -> Result<Manifest> {
     if out.join("manifest.json").exists() && !opts.force {
         return Err(ExportError::Argument {
             name: "out".into(),
-            message: format!("{} already holds a package (pass --force to replace it)", out.display()),
+            message: format!(
+                "{} already holds a package (pass --force to replace it)",
+                out.display()
+            ),
         });
     }
     std::fs::create_dir_all(out).map_err(|e| ExportError::io(out, e))?;
@@ -164,25 +196,79 @@ pub fn convert(opts: &ExportOptions) -> Result<Manifest> {
     let tw = &ck.transformer_weights;
     let thr = opts.external_data_threshold;
 
-    let mut segments = Vec::new();
     // Build one graph at a time and write it before building the next (bounded memory).
-    segments.push(write_segment(out, &t5::encoder(&ck.t5, &ck.t5_weights, store)?, Role::TextEncoder, None, thr)?);
-    segments.push(write_segment(out, &transformer::context_embedder(tc, tw, store)?, Role::ContextEmbedder, None, thr)?);
-    segments.push(write_segment(out, &transformer::timestep_embed(tc, tw, store)?, Role::TimestepEmbed, None, thr)?);
-    segments.push(write_segment(out, &transformer::patch_embed(tc, tw, store)?, Role::PatchEmbed, None, thr)?);
+    let mut segments = vec![write_segment(
+        out,
+        &t5::encoder(&ck.t5, &ck.t5_weights, store)?,
+        Role::TextEncoder,
+        None,
+        thr,
+    )?];
+    segments.push(write_segment(
+        out,
+        &transformer::context_embedder(tc, tw, store)?,
+        Role::ContextEmbedder,
+        None,
+        thr,
+    )?);
+    segments.push(write_segment(
+        out,
+        &transformer::timestep_embed(tc, tw, store)?,
+        Role::TimestepEmbed,
+        None,
+        thr,
+    )?);
+    segments.push(write_segment(
+        out,
+        &transformer::patch_embed(tc, tw, store)?,
+        Role::PatchEmbed,
+        None,
+        thr,
+    )?);
     let (null_graph, null_tokens) = transformer::null_image(tc, tw, store)?;
     segments.push(write_segment(out, &null_graph, Role::NullImage, None, thr)?);
     for (s, e) in block_ranges(tc.num_layers, opts.blocks_per_segment)? {
         let g = transformer::joint_blocks(tc, tw, store, s, e)?;
-        segments.push(write_segment(out, &g, Role::JointBlocks, Some([s as u64, e as u64]), thr)?);
+        segments.push(write_segment(
+            out,
+            &g,
+            Role::JointBlocks,
+            Some([s as u64, e as u64]),
+            thr,
+        )?);
     }
-    segments.push(write_segment(out, &transformer::image_head(tc, tw, store)?, Role::ImageHead, None, thr)?);
-    segments.push(write_segment(out, &transformer::text_head(tc, tw, store, ck.vocab_size)?, Role::TextHead, None, thr)?);
-    segments.push(write_segment(out, &vae::encoder(&ck.vae, &ck.vae_weights, store)?, Role::VaeEncoder, None, thr)?);
-    segments.push(write_segment(out, &vae::decoder(&ck.vae, &ck.vae_weights, store)?, Role::VaeDecoder, None, thr)?);
+    segments.push(write_segment(
+        out,
+        &transformer::image_head(tc, tw, store)?,
+        Role::ImageHead,
+        None,
+        thr,
+    )?);
+    segments.push(write_segment(
+        out,
+        &transformer::text_head(tc, tw, store, ck.vocab_size)?,
+        Role::TextHead,
+        None,
+        thr,
+    )?);
+    segments.push(write_segment(
+        out,
+        &vae::encoder(&ck.vae, &ck.vae_weights, store)?,
+        Role::VaeEncoder,
+        None,
+        thr,
+    )?);
+    segments.push(write_segment(
+        out,
+        &vae::decoder(&ck.vae, &ck.vae_weights, store)?,
+        Role::VaeDecoder,
+        None,
+        thr,
+    )?);
 
     let tok_dst = out.join("tokenizer.json");
-    std::fs::copy(&ck.tokenizer.path, &tok_dst).map_err(|e| ExportError::io(&ck.tokenizer.path, e))?;
+    std::fs::copy(&ck.tokenizer.path, &tok_dst)
+        .map_err(|e| ExportError::io(&ck.tokenizer.path, e))?;
     let tokenizer = file_entry(out, "tokenizer.json")?;
 
     let name = opts.name.clone().unwrap_or_else(|| {
@@ -247,29 +333,47 @@ pub fn convert(opts: &ExportOptions) -> Result<Manifest> {
 pub fn verify(pkg: &Path) -> Result<Manifest> {
     let mpath = pkg.join("manifest.json");
     let text = std::fs::read_to_string(&mpath).map_err(|e| ExportError::io(&mpath, e))?;
-    let raw: serde_json::Value =
-        serde_json::from_str(&text).map_err(|e| ExportError::Json { path: mpath.clone(), source: e })?;
+    let raw: serde_json::Value = serde_json::from_str(&text).map_err(|e| ExportError::Json {
+        path: mpath.clone(),
+        source: e,
+    })?;
     let version = raw.get("format_version").and_then(|v| v.as_u64());
     if version != Some(u64::from(MANIFEST_FORMAT_VERSION)) {
         return Err(ExportError::Package {
             path: mpath,
-            message: format!("format_version: expected {MANIFEST_FORMAT_VERSION}, found {version:?}"),
+            message: format!(
+                "format_version: expected {MANIFEST_FORMAT_VERSION}, found {version:?}"
+            ),
         });
     }
-    let m: Manifest = serde_json::from_value(raw).map_err(|e| ExportError::Json { path: mpath.clone(), source: e })?;
+    let m: Manifest = serde_json::from_value(raw).map_err(|e| ExportError::Json {
+        path: mpath.clone(),
+        source: e,
+    })?;
     for f in m.files() {
         if f.path.contains('/') || f.path.contains("..") {
-            return Err(ExportError::Package { path: mpath, message: format!("file path `{}` leaves the package", f.path) });
+            return Err(ExportError::Package {
+                path: mpath,
+                message: format!("file path `{}` leaves the package", f.path),
+            });
         }
         let p = pkg.join(&f.path);
         let (sha, bytes) = sha256_file(&p)?;
         if bytes != f.bytes || sha != f.sha256 {
-            return Err(ExportError::HashMismatch { path: p, expected: f.sha256.clone(), actual: sha });
+            return Err(ExportError::HashMismatch {
+                path: p,
+                expected: f.sha256.clone(),
+                actual: sha,
+            });
         }
     }
     let h = package_hash(m.files());
     if h != m.model.hash {
-        return Err(ExportError::HashMismatch { path: mpath, expected: m.model.hash.clone(), actual: h });
+        return Err(ExportError::HashMismatch {
+            path: mpath,
+            expected: m.model.hash.clone(),
+            actual: h,
+        });
     }
     Ok(m)
 }
@@ -278,7 +382,11 @@ pub fn verify(pkg: &Path) -> Result<Manifest> {
 pub fn summary(m: &Manifest) -> String {
     use std::fmt::Write;
     let mut s = String::new();
-    let _ = writeln!(s, "model {} ({} weights, opset {}), hash {}", m.model.name, m.model.weights_dtype, m.model.opset, m.model.hash);
+    let _ = writeln!(
+        s,
+        "model {} ({} weights, opset {}), hash {}",
+        m.model.name, m.model.weights_dtype, m.model.opset, m.model.hash
+    );
     let v = &m.values;
     let _ = writeln!(
         s,
@@ -286,16 +394,35 @@ pub fn summary(m: &Manifest) -> String {
         v.hidden_size, v.num_layers, v.num_heads, v.patch_size, v.latent_channels, v.vocab_size,
         v.tokens.mask_id, v.tokens.mask_token, v.tokens.pad_id, v.tokens.eos_id
     );
-    let _ = writeln!(s, "{:<24} {:<16} {:>14} {:>14}  files", "segment", "role", "parameters", "bytes");
+    let _ = writeln!(
+        s,
+        "{:<24} {:<16} {:>14} {:>14}  files",
+        "segment", "role", "parameters", "bytes"
+    );
     let (mut tp, mut tb) = (0u64, 0u64);
     for seg in &m.segments {
         let bytes: u64 = seg.files.iter().map(|f| f.bytes).sum();
         tp += seg.parameters;
         tb += bytes;
         let files: Vec<&str> = seg.files.iter().map(|f| f.path.as_str()).collect();
-        let _ = writeln!(s, "{:<24} {:<16} {:>14} {:>14}  {}", seg.name, seg.role.as_str(), seg.parameters, bytes, files.join(" + "));
+        let _ = writeln!(
+            s,
+            "{:<24} {:<16} {:>14} {:>14}  {}",
+            seg.name,
+            seg.role.as_str(),
+            seg.parameters,
+            bytes,
+            files.join(" + ")
+        );
     }
-    let _ = writeln!(s, "{:<24} {:<16} {:>14} {:>14}", "total", "", tp, tb + m.tokenizer.bytes);
+    let _ = writeln!(
+        s,
+        "{:<24} {:<16} {:>14} {:>14}",
+        "total",
+        "",
+        tp,
+        tb + m.tokenizer.bytes
+    );
     let _ = writeln!(s, "all {} file hashes verified", m.files().count());
     s
 }

@@ -7,8 +7,8 @@
 pub mod manifest;
 
 pub use manifest::{
-    Dim, FileEntry, Manifest, ModelInfo, ModelValues, Role, SchedulerValues, SegmentSpec, TensorDtype, TensorSpec,
-    TextLengths, TokenIds, VaeValues, MANIFEST_FORMAT_VERSION,
+    Dim, FileEntry, Manifest, ModelInfo, ModelValues, Role, SchedulerValues, SegmentSpec,
+    TensorDtype, TensorSpec, TextLengths, TokenIds, VaeValues, MANIFEST_FORMAT_VERSION,
 };
 
 /// The JSON Schema of `manifest.json`, embedded so that tools can validate without the repository.

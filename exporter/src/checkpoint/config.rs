@@ -15,8 +15,10 @@ pub struct ConfigFile {
 impl ConfigFile {
     pub fn read(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|e| ExportError::io(path, e))?;
-        let value: Value =
-            serde_json::from_str(&text).map_err(|e| ExportError::Json { path: path.to_path_buf(), source: e })?;
+        let value: Value = serde_json::from_str(&text).map_err(|e| ExportError::Json {
+            path: path.to_path_buf(),
+            source: e,
+        })?;
         if !value.is_object() {
             return Err(ExportError::Config {
                 path: path.to_path_buf(),
@@ -24,11 +26,18 @@ impl ConfigFile {
                 message: "expected a JSON object".into(),
             });
         }
-        Ok(Self { path: path.to_path_buf(), value })
+        Ok(Self {
+            path: path.to_path_buf(),
+            value,
+        })
     }
 
     fn err(&self, key: &str, message: impl Into<String>) -> ExportError {
-        ExportError::Config { path: self.path.clone(), key: key.into(), message: message.into() }
+        ExportError::Config {
+            path: self.path.clone(),
+            key: key.into(),
+            message: message.into(),
+        }
     }
 
     pub fn get(&self, key: &str) -> Option<&Value> {
@@ -54,27 +63,35 @@ impl ConfigFile {
     pub fn f64_or(&self, key: &str, default: f64) -> Result<f64> {
         match self.get(key) {
             None => Ok(default),
-            Some(v) => v.as_f64().ok_or_else(|| self.err(key, format!("expected a number, found {v}"))),
+            Some(v) => v
+                .as_f64()
+                .ok_or_else(|| self.err(key, format!("expected a number, found {v}"))),
         }
     }
 
     pub fn bool_or(&self, key: &str, default: bool) -> Result<bool> {
         match self.get(key) {
             None => Ok(default),
-            Some(v) => v.as_bool().ok_or_else(|| self.err(key, format!("expected true or false, found {v}"))),
+            Some(v) => v
+                .as_bool()
+                .ok_or_else(|| self.err(key, format!("expected true or false, found {v}"))),
         }
     }
 
     pub fn str_or<'a>(&'a self, key: &str, default: &'a str) -> Result<&'a str> {
         match self.get(key) {
             None => Ok(default),
-            Some(v) => v.as_str().ok_or_else(|| self.err(key, format!("expected a string, found {v}"))),
+            Some(v) => v
+                .as_str()
+                .ok_or_else(|| self.err(key, format!("expected a string, found {v}"))),
         }
     }
 
     pub fn usize_list(&self, key: &str) -> Result<Vec<usize>> {
         let v = self.get(key).ok_or_else(|| self.err(key, "missing"))?;
-        let arr = v.as_array().ok_or_else(|| self.err(key, format!("expected a list, found {v}")))?;
+        let arr = v
+            .as_array()
+            .ok_or_else(|| self.err(key, format!("expected a list, found {v}")))?;
         arr.iter()
             .map(|x| {
                 x.as_u64()
@@ -87,9 +104,15 @@ impl ConfigFile {
 
     pub fn str_list(&self, key: &str) -> Result<Vec<String>> {
         let v = self.get(key).ok_or_else(|| self.err(key, "missing"))?;
-        let arr = v.as_array().ok_or_else(|| self.err(key, format!("expected a list, found {v}")))?;
+        let arr = v
+            .as_array()
+            .ok_or_else(|| self.err(key, format!("expected a list, found {v}")))?;
         arr.iter()
-            .map(|x| x.as_str().map(str::to_string).ok_or_else(|| self.err(key, format!("expected strings, found {x}"))))
+            .map(|x| {
+                x.as_str()
+                    .map(str::to_string)
+                    .ok_or_else(|| self.err(key, format!("expected strings, found {x}")))
+            })
             .collect()
     }
 
@@ -154,7 +177,11 @@ impl TransformerConfig {
             hidden,
             joint_attention_dim: c.usize("joint_attention_dim")?,
             pos_embed_max_size: c.usize("pos_embed_max_size")?,
-            vocab_size: if c.get("vocab_size").is_some() { Some(c.usize("vocab_size")?) } else { None },
+            vocab_size: if c.get("vocab_size").is_some() {
+                Some(c.usize("vocab_size")?)
+            } else {
+                None
+            },
         })
     }
 }
@@ -245,7 +272,10 @@ pub struct VaeConfig {
 
 impl VaeConfig {
     pub fn from_file(c: &ConfigFile) -> Result<Self> {
-        for (key, want) in [("down_block_types", "DownEncoderBlock2D"), ("up_block_types", "UpDecoderBlock2D")] {
+        for (key, want) in [
+            ("down_block_types", "DownEncoderBlock2D"),
+            ("up_block_types", "UpDecoderBlock2D"),
+        ] {
             if c.get(key).is_some() {
                 for t in c.str_list(key)? {
                     if t != want {
@@ -262,7 +292,10 @@ impl VaeConfig {
         let groups = c.usize_or("norm_num_groups", 32)?;
         for &ch in &block_out_channels {
             if ch % groups != 0 {
-                return Err(c.err("norm_num_groups", format!("{groups} does not divide block channel count {ch}")));
+                return Err(c.err(
+                    "norm_num_groups",
+                    format!("{groups} does not divide block channel count {ch}"),
+                ));
             }
         }
         if block_out_channels.is_empty() {
@@ -306,12 +339,19 @@ impl SchedulerConfig {
             ));
         }
         if c.bool_or("use_dynamic_shifting", false)? {
-            return Err(c.unsupported("use_dynamic_shifting", &Value::Bool(true), "false (static shift)"));
+            return Err(c.unsupported(
+                "use_dynamic_shifting",
+                &Value::Bool(true),
+                "false (static shift)",
+            ));
         }
         let shift = c.f64_or("shift", 1.0)?;
         if shift <= 0.0 || !shift.is_finite() {
             return Err(c.err("shift", format!("must be positive, found {shift}")));
         }
-        Ok(Self { shift, num_train_timesteps: c.usize_or("num_train_timesteps", 1000)? })
+        Ok(Self {
+            shift,
+            num_train_timesteps: c.usize_or("num_train_timesteps", 1000)?,
+        })
     }
 }

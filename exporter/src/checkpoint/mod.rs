@@ -30,10 +30,19 @@ pub struct Checkpoint {
 impl Checkpoint {
     pub fn open(root: &Path, mask_token: Option<&str>) -> Result<Self> {
         if !root.is_dir() {
-            return Err(ExportError::MissingFile { path: root.to_path_buf(), what: "checkpoint folder".into() });
+            return Err(ExportError::MissingFile {
+                path: root.to_path_buf(),
+                what: "checkpoint folder".into(),
+            });
         }
         let index = ConfigFile::read(&root.join("model_index.json"))?;
-        for component in ["transformer", "text_encoder", "vae", "tokenizer", "scheduler"] {
+        for component in [
+            "transformer",
+            "text_encoder",
+            "vae",
+            "tokenizer",
+            "scheduler",
+        ] {
             if index.get(component).is_none() {
                 return Err(ExportError::Config {
                     path: index.path.clone(),
@@ -42,13 +51,17 @@ impl Checkpoint {
                 });
             }
         }
-        let transformer = TransformerConfig::from_file(&ConfigFile::read(&root.join("transformer/config.json"))?)?;
+        let transformer = TransformerConfig::from_file(&ConfigFile::read(
+            &root.join("transformer/config.json"),
+        )?)?;
         let t5 = T5Config::from_file(&ConfigFile::read(&root.join("text_encoder/config.json"))?)?;
         let vae = VaeConfig::from_file(&ConfigFile::read(&root.join("vae/config.json"))?)?;
-        let scheduler =
-            SchedulerConfig::from_file(&ConfigFile::read(&root.join("scheduler/scheduler_config.json"))?)?;
+        let scheduler = SchedulerConfig::from_file(&ConfigFile::read(
+            &root.join("scheduler/scheduler_config.json"),
+        )?)?;
         let tokenizer = TokenizerInfo::read(&root.join("tokenizer"), mask_token)?;
-        let transformer_weights = WeightStore::open(&root.join("transformer"), "diffusion_pytorch_model")?;
+        let transformer_weights =
+            WeightStore::open(&root.join("transformer"), "diffusion_pytorch_model")?;
         let t5_weights = WeightStore::open(&root.join("text_encoder"), "model")?;
         let vae_weights = WeightStore::open(&root.join("vae"), "diffusion_pytorch_model")?;
 
@@ -63,7 +76,9 @@ impl Checkpoint {
                 ),
             });
         }
-        let head_rows = transformer_weights.shape_of("text_proj_out.weight").map(|s| s[0]);
+        let head_rows = transformer_weights
+            .shape_of("text_proj_out.weight")
+            .map(|s| s[0]);
         let vocab_size = match (transformer.vocab_size, head_rows) {
             (Some(v), _) => v,
             (None, Some(rows)) => rows,
@@ -88,7 +103,10 @@ impl Checkpoint {
             return Err(ExportError::Config {
                 path: root.join("vae/config.json"),
                 key: "latent_channels".into(),
-                message: format!("is {} but the transformer takes {} channels", vae.latent_channels, transformer.in_channels),
+                message: format!(
+                    "is {} but the transformer takes {} channels",
+                    vae.latent_channels, transformer.in_channels
+                ),
             });
         }
         Ok(Self {

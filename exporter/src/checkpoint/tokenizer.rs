@@ -22,7 +22,10 @@ pub struct TokenizerInfo {
 fn token_name(v: Option<&Value>) -> Option<String> {
     match v? {
         Value::String(s) => Some(s.clone()),
-        Value::Object(o) => o.get("content").and_then(|c| c.as_str()).map(str::to_string),
+        Value::Object(o) => o
+            .get("content")
+            .and_then(|c| c.as_str())
+            .map(str::to_string),
         _ => None,
     }
 }
@@ -32,7 +35,12 @@ fn read_json(path: &Path) -> Result<Option<Value>> {
         return Ok(None);
     }
     let text = std::fs::read_to_string(path).map_err(|e| ExportError::io(path, e))?;
-    serde_json::from_str(&text).map(Some).map_err(|e| ExportError::Json { path: path.to_path_buf(), source: e })
+    serde_json::from_str(&text)
+        .map(Some)
+        .map_err(|e| ExportError::Json {
+            path: path.to_path_buf(),
+            source: e,
+        })
 }
 
 impl TokenizerInfo {
@@ -47,22 +55,33 @@ impl TokenizerInfo {
             } else {
                 "the tokenizer must be a tokenizers-format tokenizer.json"
             };
-            return Err(ExportError::MissingFile { path, what: what.into() });
+            return Err(ExportError::MissingFile {
+                path,
+                what: what.into(),
+            });
         }
         let tok = read_json(&path)?.unwrap_or(Value::Null);
-        let err = |message: String| ExportError::Tokenizer { path: path.clone(), message };
+        let err = |message: String| ExportError::Tokenizer {
+            path: path.clone(),
+            message,
+        };
         let mut vocab: HashMap<String, u32> = HashMap::new();
         match tok.pointer("/model/vocab") {
             Some(Value::Object(m)) => {
                 for (k, v) in m {
-                    let id = v.as_u64().ok_or_else(|| err(format!("vocab entry `{k}` has a non-integer id")))?;
+                    let id = v
+                        .as_u64()
+                        .ok_or_else(|| err(format!("vocab entry `{k}` has a non-integer id")))?;
                     vocab.insert(k.clone(), id as u32);
                 }
             }
             // Unigram (T5's sentencepiece model): a list of [piece, score].
             Some(Value::Array(a)) => {
                 for (i, e) in a.iter().enumerate() {
-                    let piece = e.get(0).and_then(|p| p.as_str()).ok_or_else(|| err(format!("vocab entry {i} is malformed")))?;
+                    let piece = e
+                        .get(0)
+                        .and_then(|p| p.as_str())
+                        .ok_or_else(|| err(format!("vocab entry {i} is malformed")))?;
                     vocab.insert(piece.to_string(), i as u32);
                 }
             }
@@ -70,7 +89,10 @@ impl TokenizerInfo {
         }
         if let Some(Value::Array(added)) = tok.get("added_tokens") {
             for t in added {
-                if let (Some(id), Some(content)) = (t.get("id").and_then(|v| v.as_u64()), t.get("content").and_then(|v| v.as_str())) {
+                if let (Some(id), Some(content)) = (
+                    t.get("id").and_then(|v| v.as_u64()),
+                    t.get("content").and_then(|v| v.as_str()),
+                ) {
                     vocab.insert(content.to_string(), id as u32);
                 }
             }

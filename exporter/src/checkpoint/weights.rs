@@ -30,7 +30,10 @@ impl MappedFile {
         // bounds-checked against the header validated below.
         #[allow(unsafe_code)]
         let map = unsafe { Mmap::map(&file) }.map_err(|e| ExportError::io(path, e))?;
-        let bad = |message: String| ExportError::BadSafetensors { path: path.to_path_buf(), message };
+        let bad = |message: String| ExportError::BadSafetensors {
+            path: path.to_path_buf(),
+            message,
+        };
         // Full validation: header, dtypes, offsets against the file length (catches truncation).
         let st = SafeTensors::deserialize(&map).map_err(|e| bad(e.to_string()))?;
         let base = map.as_ptr() as usize;
@@ -38,10 +41,21 @@ impl MappedFile {
         for (name, view) in st.tensors() {
             let data = view.data();
             let start = data.as_ptr() as usize - base;
-            tensors.insert(name, (view.dtype(), view.shape().to_vec(), start..start + data.len()));
+            tensors.insert(
+                name,
+                (
+                    view.dtype(),
+                    view.shape().to_vec(),
+                    start..start + data.len(),
+                ),
+            );
         }
         drop(st);
-        Ok(Self { path: path.to_path_buf(), map, tensors })
+        Ok(Self {
+            path: path.to_path_buf(),
+            map,
+            tensors,
+        })
     }
 }
 
@@ -68,9 +82,18 @@ impl TensorRef {
     pub fn to_f32(&self) -> Result<Vec<f32>> {
         let bytes = &self.file.map[self.range.clone()];
         let out = match self.dtype {
-            Dtype::F32 => bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
-            Dtype::F16 => bytes.chunks_exact(2).map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
-            Dtype::BF16 => bytes.chunks_exact(2).map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
+            Dtype::F32 => bytes
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect(),
+            Dtype::F16 => bytes
+                .chunks_exact(2)
+                .map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32())
+                .collect(),
+            Dtype::BF16 => bytes
+                .chunks_exact(2)
+                .map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32())
+                .collect(),
             other => {
                 return Err(ExportError::UnsupportedDtype {
                     key: self.key.clone(),
@@ -98,7 +121,10 @@ struct ShardIndex {
 impl WeightStore {
     /// Opens `dir/{stem}.safetensors`, or the shards listed in `dir/{stem}.safetensors.index.json`.
     pub fn open(dir: &Path, stem: &str) -> Result<Self> {
-        let component = dir.file_name().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+        let component = dir
+            .file_name()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default();
         let single = dir.join(format!("{stem}.safetensors"));
         let index_path = dir.join(format!("{stem}.safetensors.index.json"));
         let mut files = Vec::new();
@@ -110,9 +136,12 @@ impl WeightStore {
             }
             files.push(f);
         } else if index_path.exists() {
-            let text = std::fs::read_to_string(&index_path).map_err(|e| ExportError::io(&index_path, e))?;
-            let idx: ShardIndex =
-                serde_json::from_str(&text).map_err(|e| ExportError::Json { path: index_path.clone(), source: e })?;
+            let text = std::fs::read_to_string(&index_path)
+                .map_err(|e| ExportError::io(&index_path, e))?;
+            let idx: ShardIndex = serde_json::from_str(&text).map_err(|e| ExportError::Json {
+                path: index_path.clone(),
+                source: e,
+            })?;
             let mut shard_pos: HashMap<String, usize> = HashMap::new();
             for (key, shard) in &idx.weight_map {
                 if shard.contains('/') || shard.contains("..") {
@@ -143,10 +172,17 @@ impl WeightStore {
         } else {
             return Err(ExportError::MissingFile {
                 path: single,
-                what: format!("no weights for `{component}` (nor a shard index {})", index_path.display()),
+                what: format!(
+                    "no weights for `{component}` (nor a shard index {})",
+                    index_path.display()
+                ),
             });
         }
-        Ok(Self { component, files, index })
+        Ok(Self {
+            component,
+            files,
+            index,
+        })
     }
 
     pub fn contains(&self, key: &str) -> bool {
@@ -158,7 +194,11 @@ impl WeightStore {
     }
 
     fn files_desc(&self) -> String {
-        self.files.iter().map(|f| f.path.display().to_string()).collect::<Vec<_>>().join(", ")
+        self.files
+            .iter()
+            .map(|f| f.path.display().to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
     }
 
     /// The tensor `key`, checked against `expected` shape and for a supported dtype.

@@ -121,7 +121,11 @@ impl Graph {
     }
 
     pub fn input(&mut self, name: &str, dtype: DType, shape: Vec<Dim>) -> Value {
-        self.inputs.push(Io { name: name.to_string(), dtype, shape });
+        self.inputs.push(Io {
+            name: name.to_string(),
+            dtype,
+            shape,
+        });
         name.to_string()
     }
 
@@ -134,10 +138,20 @@ impl Graph {
             outputs: vec![name.to_string()],
             attrs: vec![],
         });
-        self.outputs.push(Io { name: name.to_string(), dtype, shape });
+        self.outputs.push(Io {
+            name: name.to_string(),
+            dtype,
+            shape,
+        });
     }
 
-    pub fn op_n(&mut self, op: &'static str, inputs: &[&str], attrs: Vec<(&'static str, Attr)>, n: usize) -> Vec<Value> {
+    pub fn op_n(
+        &mut self,
+        op: &'static str,
+        inputs: &[&str],
+        attrs: Vec<(&'static str, Attr)>,
+        n: usize,
+    ) -> Vec<Value> {
         let name = self.fresh(op);
         let outputs: Vec<Value> = (0..n).map(|i| format!("{name}:{i}")).collect();
         self.nodes.push(Node {
@@ -150,24 +164,54 @@ impl Graph {
         outputs
     }
 
-    pub fn op(&mut self, op: &'static str, inputs: &[&str], attrs: Vec<(&'static str, Attr)>) -> Value {
+    pub fn op(
+        &mut self,
+        op: &'static str,
+        inputs: &[&str],
+        attrs: Vec<(&'static str, Attr)>,
+    ) -> Value {
         self.op_n(op, inputs, attrs, 1).remove(0)
     }
 
-    pub fn initializer(&mut self, hint: &str, dims: Vec<i64>, dtype: DType, data: WeightData, is_param: bool) -> Value {
+    pub fn initializer(
+        &mut self,
+        hint: &str,
+        dims: Vec<i64>,
+        dtype: DType,
+        data: WeightData,
+        is_param: bool,
+    ) -> Value {
         let name = self.fresh(hint);
-        self.initializers.push(Initializer { name: name.clone(), dims, dtype, data, is_param });
+        self.initializers.push(Initializer {
+            name: name.clone(),
+            dims,
+            dtype,
+            data,
+            is_param,
+        });
         name
     }
 
     pub fn const_i64(&mut self, vals: &[i64]) -> Value {
         let bytes = vals.iter().flat_map(|v| v.to_le_bytes()).collect();
-        self.initializer("const_i64", vec![vals.len() as i64], DType::I64, WeightData::Bytes(bytes), false)
+        self.initializer(
+            "const_i64",
+            vec![vals.len() as i64],
+            DType::I64,
+            WeightData::Bytes(bytes),
+            false,
+        )
     }
 
     pub fn const_f32(&mut self, vals: &[f32], dims: Vec<i64>) -> Value {
         let bytes = vals.iter().flat_map(|v| v.to_le_bytes()).collect();
-        self.initializer("const_f32", dims, DType::F32, WeightData::Bytes(bytes), false)
+        self.initializer(
+            "const_f32",
+            dims,
+            DType::F32,
+            WeightData::Bytes(bytes),
+            false,
+        )
     }
 
     pub fn scalar_f32(&mut self, v: f32) -> Value {
@@ -175,7 +219,11 @@ impl Graph {
     }
 
     pub fn param_count(&self) -> u64 {
-        self.initializers.iter().filter(|i| i.is_param).map(|i| i.numel() as u64).sum()
+        self.initializers
+            .iter()
+            .filter(|i| i.is_param)
+            .map(|i| i.numel() as u64)
+            .sum()
     }
 
     pub fn weight_bytes(&self) -> u64 {
@@ -221,7 +269,11 @@ impl Graph {
     }
     /// `Shape(x)[start..end]` as a 1-D int64 tensor.
     pub fn shape_slice(&mut self, x: &str, start: i64, end: i64) -> Value {
-        self.op("Shape", &[x], vec![("start", Attr::Int(start)), ("end", Attr::Int(end))])
+        self.op(
+            "Shape",
+            &[x],
+            vec![("start", Attr::Int(start)), ("end", Attr::Int(end))],
+        )
     }
     pub fn sigmoid(&mut self, x: &str) -> Value {
         self.op("Sigmoid", &[x], vec![])
@@ -235,7 +287,15 @@ impl Graph {
     }
     /// Split along `axis` into `n` equal parts.
     pub fn split_equal(&mut self, x: &str, axis: i64, n: usize) -> Vec<Value> {
-        self.op_n("Split", &[x], vec![("axis", Attr::Int(axis)), ("num_outputs", Attr::Int(n as i64))], n)
+        self.op_n(
+            "Split",
+            &[x],
+            vec![
+                ("axis", Attr::Int(axis)),
+                ("num_outputs", Attr::Int(n as i64)),
+            ],
+            n,
+        )
     }
     /// GELU with the tanh approximation, written out (exact on every execution provider).
     pub fn gelu_tanh(&mut self, x: &str) -> Value {

@@ -17,7 +17,10 @@ const ALIGN: u64 = 4096;
 pub enum Weights<'a> {
     Inline,
     /// Into `data_path`, referenced from the model as `location`.
-    External { data_path: &'a Path, location: &'a str },
+    External {
+        data_path: &'a Path,
+        location: &'a str,
+    },
 }
 
 fn dtype_code(d: DType) -> i64 {
@@ -35,11 +38,14 @@ fn io_msg(io: &Io) -> Msg {
         shape.msg(f::shape::DIM, dim);
     }
     let mut tensor = Msg::new();
-    tensor.int(f::type_proto::ELEM_TYPE, dtype_code(io.dtype)).msg(f::type_proto::SHAPE, shape);
+    tensor
+        .int(f::type_proto::ELEM_TYPE, dtype_code(io.dtype))
+        .msg(f::type_proto::SHAPE, shape);
     let mut ty = Msg::new();
     ty.msg(f::type_proto::TENSOR_TYPE, tensor);
     let mut vi = Msg::new();
-    vi.string(f::value_info::NAME, &io.name).msg(f::value_info::TYPE, ty);
+    vi.string(f::value_info::NAME, &io.name)
+        .msg(f::value_info::TYPE, ty);
     vi
 }
 
@@ -51,13 +57,16 @@ fn attr_msg(name: &str, a: &Attr) -> Msg {
             m.int(f::attr::I, *v).int(f::attr::TYPE, f::attr::TYPE_INT);
         }
         Attr::Ints(vs) => {
-            m.packed_ints(f::attr::INTS, vs).int(f::attr::TYPE, f::attr::TYPE_INTS);
+            m.packed_ints(f::attr::INTS, vs)
+                .int(f::attr::TYPE, f::attr::TYPE_INTS);
         }
         Attr::Float(v) => {
-            m.float(f::attr::F, *v).int(f::attr::TYPE, f::attr::TYPE_FLOAT);
+            m.float(f::attr::F, *v)
+                .int(f::attr::TYPE, f::attr::TYPE_FLOAT);
         }
         Attr::Str(s) => {
-            m.string(f::attr::S, s).int(f::attr::TYPE, f::attr::TYPE_STRING);
+            m.string(f::attr::S, s)
+                .int(f::attr::TYPE, f::attr::TYPE_STRING);
         }
     }
     m
@@ -75,7 +84,8 @@ pub fn model_bytes(g: &Graph, weights: Weights<'_>, doc: &str) -> Result<Vec<u8>
         for o in &n.outputs {
             node.string(f::node::OUTPUT, o);
         }
-        node.string(f::node::NAME, &n.name).string(f::node::OP_TYPE, n.op);
+        node.string(f::node::NAME, &n.name)
+            .string(f::node::OP_TYPE, n.op);
         for (name, a) in &n.attrs {
             node.msg(f::node::ATTRIBUTE, attr_msg(name, a));
         }
@@ -85,9 +95,17 @@ pub fn model_bytes(g: &Graph, weights: Weights<'_>, doc: &str) -> Result<Vec<u8>
 
     let mut ext = match &weights {
         Weights::Inline => None,
-        Weights::External { data_path, location } => {
+        Weights::External {
+            data_path,
+            location,
+        } => {
             let file = File::create(data_path).map_err(|e| ExportError::io(*data_path, e))?;
-            Some((BufWriter::with_capacity(1 << 20, file), 0u64, *data_path, *location))
+            Some((
+                BufWriter::with_capacity(1 << 20, file),
+                0u64,
+                *data_path,
+                *location,
+            ))
         }
     };
     for init in &g.initializers {
@@ -114,9 +132,11 @@ pub fn model_bytes(g: &Graph, weights: Weights<'_>, doc: &str) -> Result<Vec<u8>
         match ext.as_mut() {
             Some((w, offset, data_path, location)) if init.is_param => {
                 let pad = (ALIGN - *offset % ALIGN) % ALIGN;
-                w.write_all(&vec![0u8; pad as usize]).map_err(|e| ExportError::io(*data_path, e))?;
+                w.write_all(&vec![0u8; pad as usize])
+                    .map_err(|e| ExportError::io(*data_path, e))?;
                 *offset += pad;
-                w.write_all(&bytes).map_err(|e| ExportError::io(*data_path, e))?;
+                w.write_all(&bytes)
+                    .map_err(|e| ExportError::io(*data_path, e))?;
                 for (k, v) in [
                     ("location", location.to_string()),
                     ("offset", offset.to_string()),
@@ -146,7 +166,9 @@ pub fn model_bytes(g: &Graph, weights: Weights<'_>, doc: &str) -> Result<Vec<u8>
     }
 
     let mut opset = Msg::new();
-    opset.string(f::opset::DOMAIN, "").int(f::opset::VERSION, i64::from(OPSET));
+    opset
+        .string(f::opset::DOMAIN, "")
+        .int(f::opset::VERSION, i64::from(OPSET));
     let mut model = Msg::new();
     model
         .int(f::model::IR_VERSION, IR_VERSION)
@@ -156,7 +178,8 @@ pub fn model_bytes(g: &Graph, weights: Weights<'_>, doc: &str) -> Result<Vec<u8>
         .msg(f::model::GRAPH, graph)
         .msg(f::model::OPSET_IMPORT, opset);
     let mut meta = Msg::new();
-    meta.string(f::entry::KEY, "ddit.segment").string(f::entry::VALUE, &g.name);
+    meta.string(f::entry::KEY, "ddit.segment")
+        .string(f::entry::VALUE, &g.name);
     model.msg(f::model::METADATA_PROPS, meta);
     Ok(model.into_bytes())
 }

@@ -38,7 +38,10 @@ pub struct Ctx<'a> {
 fn encode(vals: &[f32], store: StoreDtype) -> Vec<u8> {
     match store {
         StoreDtype::F32 => vals.iter().flat_map(|v| v.to_le_bytes()).collect(),
-        StoreDtype::F16 => vals.iter().flat_map(|v| f16::from_f32(*v).to_le_bytes()).collect(),
+        StoreDtype::F16 => vals
+            .iter()
+            .flat_map(|v| f16::from_f32(*v).to_le_bytes())
+            .collect(),
     }
 }
 
@@ -54,7 +57,11 @@ fn transpose2(vals: &[f32], rows: usize, cols: usize) -> Vec<f32> {
 
 impl<'a> Ctx<'a> {
     pub fn new(name: &str, w: &'a WeightStore, store: StoreDtype) -> Self {
-        Self { g: Graph::new(name), w, store }
+        Self {
+            g: Graph::new(name),
+            w,
+            store,
+        }
     }
 
     fn lazy(&mut self, t: TensorRef, dims: Vec<i64>, transpose: Option<(usize, usize)>) -> Value {
@@ -75,7 +82,10 @@ impl<'a> Ctx<'a> {
         let name = self.g.initializer(&hint, dims, dtype, data, true);
         match store {
             StoreDtype::F32 => name,
-            StoreDtype::F16 => self.g.op("Cast", &[&name], vec![("to", Attr::Int(DType::F32 as i64))]),
+            StoreDtype::F16 => {
+                self.g
+                    .op("Cast", &[&name], vec![("to", Attr::Int(DType::F32 as i64))])
+            }
         }
     }
 
@@ -97,7 +107,14 @@ impl<'a> Ctx<'a> {
     }
 
     /// `x @ W^T (+ b)` for torch `Linear(inp, out)` at `prefix`.
-    pub fn linear(&mut self, x: &str, prefix: &str, inp: usize, out: usize, bias: bool) -> Result<Value> {
+    pub fn linear(
+        &mut self,
+        x: &str,
+        prefix: &str,
+        inp: usize,
+        out: usize,
+        bias: bool,
+    ) -> Result<Value> {
         let w = self.param_t(&format!("{prefix}.weight"), out, inp)?;
         let y = self.g.matmul(x, &w);
         if bias {
@@ -120,15 +137,30 @@ impl<'a> Ctx<'a> {
     }
 
     /// torch `GroupNorm(groups, channels, eps)` on `[B, C, H, W]`, affine from `prefix`.
-    pub fn group_norm(&mut self, x: &str, prefix: &str, channels: usize, groups: usize, eps: f32) -> Result<Value> {
+    pub fn group_norm(
+        &mut self,
+        x: &str,
+        prefix: &str,
+        channels: usize,
+        groups: usize,
+        eps: f32,
+    ) -> Result<Value> {
         let g = &mut self.g;
         let orig = g.shape(x);
         let grouped = g.reshape(x, &[0, groups as i64, -1]);
         let axes = g.const_i64(&[2]);
-        let mean = g.op("ReduceMean", &[&grouped, &axes], vec![("keepdims", Attr::Int(1))]);
+        let mean = g.op(
+            "ReduceMean",
+            &[&grouped, &axes],
+            vec![("keepdims", Attr::Int(1))],
+        );
         let centred = g.sub(&grouped, &mean);
         let sq = g.mul(&centred, &centred);
-        let var = g.op("ReduceMean", &[&sq, &axes], vec![("keepdims", Attr::Int(1))]);
+        let var = g.op(
+            "ReduceMean",
+            &[&sq, &axes],
+            vec![("keepdims", Attr::Int(1))],
+        );
         let e = g.scalar_f32(eps);
         let ve = g.add(&var, &e);
         let sd = g.op("Sqrt", &[&ve], vec![]);
@@ -141,8 +173,16 @@ impl<'a> Ctx<'a> {
         Ok(self.g.add(&scaled, &beta))
     }
 
-    /// torch `Conv2d(cin, cout, k, stride, padding)` at `prefix`, with bias.
-    pub fn conv(&mut self, x: &str, prefix: &str, cin: usize, cout: usize, k: usize, stride: usize, pad: usize) -> Result<Value> {
+    /// torch `Conv2d(cin, cout, k, stride, padding)`, channels given as `(cin, cout)` at `prefix`, with bias.
+    pub fn conv(
+        &mut self,
+        x: &str,
+        prefix: &str,
+        (cin, cout): (usize, usize),
+        k: usize,
+        stride: usize,
+        pad: usize,
+    ) -> Result<Value> {
         let w = self.param(&format!("{prefix}.weight"), &[cout, cin, k, k])?;
         let b = self.param(&format!("{prefix}.bias"), &[cout])?;
         let (k, s, p) = (k as i64, stride as i64, pad as i64);
@@ -157,9 +197,17 @@ impl<'a> Ctx<'a> {
         ))
     }
 
-    /// Softmax attention over `[B, S, H*dh]` projections with `heads` heads; returns `[B, S, H*dh]`.
+    /// Softmax attention over `[B, S, H*dh]` projections with `(heads, head_dim)`; returns `[B, S, H*dh]`.
     /// `bias` (broadcastable to `[B, H, S, S]`) is added to the scores before the softmax.
-    pub fn attention(&mut self, q: &str, k: &str, v: &str, heads: usize, head_dim: usize, scale: Option<f32>, bias: Option<&str>) -> Value {
+    pub fn attention(
+        &mut self,
+        q: &str,
+        k: &str,
+        v: &str,
+        (heads, head_dim): (usize, usize),
+        scale: Option<f32>,
+        bias: Option<&str>,
+    ) -> Value {
         let g = &mut self.g;
         let (h, d) = (heads as i64, head_dim as i64);
         let qh = g.reshape(q, &[0, 0, h, d]);

@@ -36,7 +36,11 @@ fn rms_norm(c: &mut Ctx<'_>, x: &str, key: &str, d: usize, eps: f32) -> Result<V
     let g = &mut c.g;
     let sq = g.mul(x, x);
     let axes = g.const_i64(&[-1]);
-    let var = g.op("ReduceMean", &[&sq, &axes], vec![("keepdims", crate::onnx::Attr::Int(1))]);
+    let var = g.op(
+        "ReduceMean",
+        &[&sq, &axes],
+        vec![("keepdims", crate::onnx::Attr::Int(1))],
+    );
     let e = g.scalar_f32(eps);
     let ve = g.add(&var, &e);
     let r = g.op("Sqrt", &[&ve], vec![]);
@@ -50,10 +54,22 @@ pub fn encoder(cfg: &T5Config, w: &WeightStore, store: StoreDtype) -> Result<Gra
     let (d, h, dk) = (cfg.d_model, cfg.num_heads, cfg.d_kv);
     let inner = h * dk;
     let mut c = Ctx::new("text_encoder", w, store);
-    let ids = c.g.input("input_ids", DType::I64, vec![Dim::Sym("batch"), Dim::Sym("text_len")]);
-    let emb_key = if w.contains("shared.weight") { "shared.weight" } else { "encoder.embed_tokens.weight" };
+    let ids = c.g.input(
+        "input_ids",
+        DType::I64,
+        vec![Dim::Sym("batch"), Dim::Sym("text_len")],
+    );
+    let emb_key = if w.contains("shared.weight") {
+        "shared.weight"
+    } else {
+        "encoder.embed_tokens.weight"
+    };
     let table = c.param(emb_key, &[cfg.vocab_size, d])?;
-    let mut x = c.g.op("Gather", &[&table, &ids], vec![("axis", crate::onnx::Attr::Int(0))]);
+    let mut x = c.g.op(
+        "Gather",
+        &[&table, &ids],
+        vec![("axis", crate::onnx::Attr::Int(0))],
+    );
 
     // Relative position bias [1, H, L, L] from block 0's table.
     let rel_w = c.param(
@@ -64,7 +80,13 @@ pub fn encoder(cfg: &T5Config, w: &WeightStore, store: StoreDtype) -> Result<Gra
     let md = cfg.max_distance as i64;
     let g = &mut c.g;
     let table_bytes: Vec<u8> = buckets.iter().flat_map(|v| v.to_le_bytes()).collect();
-    let bt = g.initializer("t5_buckets", vec![buckets.len() as i64], DType::I64, WeightData::Bytes(table_bytes), false);
+    let bt = g.initializer(
+        "t5_buckets",
+        vec![buckets.len() as i64],
+        DType::I64,
+        WeightData::Bytes(table_bytes),
+        false,
+    );
     let len = g.shape_slice(&ids, 1, 2);
     let zero_axis = g.const_i64(&[0]);
     let len_s = g.op("Squeeze", &[&len, &zero_axis], vec![]);
@@ -81,8 +103,16 @@ pub fn encoder(cfg: &T5Config, w: &WeightStore, store: StoreDtype) -> Result<Gra
     let rel = g.op("Max", &[&rel, &lo], vec![]);
     let rel = g.op("Min", &[&rel, &hi], vec![]);
     let idx = g.add(&rel, &hi);
-    let bucket = g.op("Gather", &[&bt, &idx], vec![("axis", crate::onnx::Attr::Int(0))]);
-    let bias = g.op("Gather", &[&rel_w, &bucket], vec![("axis", crate::onnx::Attr::Int(0))]);
+    let bucket = g.op(
+        "Gather",
+        &[&bt, &idx],
+        vec![("axis", crate::onnx::Attr::Int(0))],
+    );
+    let bias = g.op(
+        "Gather",
+        &[&rel_w, &bucket],
+        vec![("axis", crate::onnx::Attr::Int(0))],
+    );
     let bias = g.transpose(&bias, &[2, 0, 1]);
     let bias = g.unsqueeze(&bias, &[0]);
 
@@ -94,7 +124,7 @@ pub fn encoder(cfg: &T5Config, w: &WeightStore, store: StoreDtype) -> Result<Gra
         let q = c.linear(&n, &format!("{a}.q"), d, inner, false)?;
         let k = c.linear(&n, &format!("{a}.k"), d, inner, false)?;
         let v = c.linear(&n, &format!("{a}.v"), d, inner, false)?;
-        let o = c.attention(&q, &k, &v, h, dk, None, Some(&bias));
+        let o = c.attention(&q, &k, &v, (h, dk), None, Some(&bias));
         let o = c.linear(&o, &format!("{a}.o"), inner, d, false)?;
         x = c.g.add(&x, &o);
         let n = rms_norm(&mut c, &x, &format!("{p}.1.layer_norm.weight"), d, cfg.eps)?;
@@ -117,7 +147,11 @@ pub fn encoder(cfg: &T5Config, w: &WeightStore, store: StoreDtype) -> Result<Gra
         &out,
         "hidden_states",
         DType::F32,
-        vec![Dim::Sym("batch"), Dim::Sym("text_len"), Dim::Fixed(d as i64)],
+        vec![
+            Dim::Sym("batch"),
+            Dim::Sym("text_len"),
+            Dim::Fixed(d as i64),
+        ],
     );
     Ok(c.g)
 }

@@ -20,11 +20,17 @@ fn hidden_dims(last: Dim) -> Vec<Dim> {
 pub fn timestep_freqs() -> Vec<f32> {
     let half = TIME_PROJ / 2;
     let neg_log = -(10000f64.ln()) as f32;
-    (0..half).map(|i| ((neg_log * i as f32) / half as f32).exp()).collect()
+    (0..half)
+        .map(|i| ((neg_log * i as f32) / half as f32).exp())
+        .collect()
 }
 
 /// `timestep [batch] -> temb [batch, D]`: sinusoid (cos first) -> Linear -> SiLU -> Linear.
-pub fn timestep_embed(cfg: &TransformerConfig, w: &WeightStore, store: StoreDtype) -> Result<Graph> {
+pub fn timestep_embed(
+    cfg: &TransformerConfig,
+    w: &WeightStore,
+    store: StoreDtype,
+) -> Result<Graph> {
     let d = cfg.hidden;
     let mut c = Ctx::new("timestep_embed", w, store);
     let t = c.g.input("timestep", DType::F32, vec![Dim::Sym("batch")]);
@@ -39,23 +45,42 @@ pub fn timestep_embed(cfg: &TransformerConfig, w: &WeightStore, store: StoreDtyp
     let h = c.linear(&emb, &format!("{p}.linear_1"), TIME_PROJ, d, true)?;
     let h = c.g.silu(&h);
     let out = c.linear(&h, &format!("{p}.linear_2"), d, d, true)?;
-    c.g.output(&out, "temb", DType::F32, vec![Dim::Sym("batch"), Dim::Fixed(d as i64)]);
+    c.g.output(
+        &out,
+        "temb",
+        DType::F32,
+        vec![Dim::Sym("batch"), Dim::Fixed(d as i64)],
+    );
     Ok(c.g)
 }
 
 /// `latents [batch, C, h, w] -> image tokens [batch, (h/p)(w/p), D]` with the centre-cropped
 /// sin-cos position table.
 pub fn patch_embed(cfg: &TransformerConfig, w: &WeightStore, store: StoreDtype) -> Result<Graph> {
-    let (d, p, ch, m) = (cfg.hidden, cfg.patch_size, cfg.in_channels, cfg.pos_embed_max_size);
+    let (d, p, ch, m) = (
+        cfg.hidden,
+        cfg.patch_size,
+        cfg.in_channels,
+        cfg.pos_embed_max_size,
+    );
     let mut c = Ctx::new("patch_embed", w, store);
     let x = c.g.input(
         "latents",
         DType::F32,
-        vec![Dim::Sym("batch"), Dim::Fixed(ch as i64), Dim::Sym("latent_height"), Dim::Sym("latent_width")],
+        vec![
+            Dim::Sym("batch"),
+            Dim::Fixed(ch as i64),
+            Dim::Sym("latent_height"),
+            Dim::Sym("latent_width"),
+        ],
     );
-    let y = c.conv(&x, "pos_embed.proj", ch, d, p, p, 0)?;
+    let y = c.conv(&x, "pos_embed.proj", (ch, d), p, p, 0)?;
     let mi = m as i64;
-    let table = c.param_as("pos_embed.pos_embed", &[1, m * m, d], &[1, mi, mi, d as i64])?;
+    let table = c.param_as(
+        "pos_embed.pos_embed",
+        &[1, m * m, d],
+        &[1, mi, mi, d as i64],
+    )?;
     let g = &mut c.g;
     let hw = g.shape_slice(&y, 2, 4);
     let mm = g.const_i64(&[mi, mi]);
@@ -69,42 +94,90 @@ pub fn patch_embed(cfg: &TransformerConfig, w: &WeightStore, store: StoreDtype) 
     let flat = g.reshape(&y, &[0, 0, -1]);
     let tokens = g.transpose(&flat, &[0, 2, 1]);
     let out = g.add(&tokens, &crop);
-    g.output(&out, "image_tokens", DType::F32, hidden_dims(Dim::Fixed(d as i64)));
+    g.output(
+        &out,
+        "image_tokens",
+        DType::F32,
+        hidden_dims(Dim::Fixed(d as i64)),
+    );
     Ok(c.g)
 }
 
 /// `T5 hidden [batch, text_len, J] -> text stream [batch, text_len, D]`.
-pub fn context_embedder(cfg: &TransformerConfig, w: &WeightStore, store: StoreDtype) -> Result<Graph> {
+pub fn context_embedder(
+    cfg: &TransformerConfig,
+    w: &WeightStore,
+    store: StoreDtype,
+) -> Result<Graph> {
     let (d, j) = (cfg.hidden, cfg.joint_attention_dim);
     let mut c = Ctx::new("context_embedder", w, store);
     let x = c.g.input(
         "hidden_states",
         DType::F32,
-        vec![Dim::Sym("batch"), Dim::Sym("text_len"), Dim::Fixed(j as i64)],
+        vec![
+            Dim::Sym("batch"),
+            Dim::Sym("text_len"),
+            Dim::Fixed(j as i64),
+        ],
     );
     let y = c.linear(&x, "context_embedder", j, d, true)?;
-    c.g.output(&y, "context", DType::F32, vec![Dim::Sym("batch"), Dim::Sym("text_len"), Dim::Fixed(d as i64)]);
+    c.g.output(
+        &y,
+        "context",
+        DType::F32,
+        vec![
+            Dim::Sym("batch"),
+            Dim::Sym("text_len"),
+            Dim::Fixed(d as i64),
+        ],
+    );
     Ok(c.g)
 }
 
 /// `temb [batch, D] -> null_image_embd repeated [batch, 8, D]`.
-pub fn null_image(cfg: &TransformerConfig, w: &WeightStore, store: StoreDtype) -> Result<(Graph, usize)> {
+pub fn null_image(
+    cfg: &TransformerConfig,
+    w: &WeightStore,
+    store: StoreDtype,
+) -> Result<(Graph, usize)> {
     let d = cfg.hidden;
-    let tokens = w.shape_of("null_image_embd").map(|s| if s.len() == 3 { s[1] } else { 8 }).unwrap_or(8);
+    let tokens = w
+        .shape_of("null_image_embd")
+        .map(|s| if s.len() == 3 { s[1] } else { 8 })
+        .unwrap_or(8);
     let mut c = Ctx::new("null_image", w, store);
-    let t = c.g.input("temb", DType::F32, vec![Dim::Sym("batch"), Dim::Fixed(d as i64)]);
+    let t = c.g.input(
+        "temb",
+        DType::F32,
+        vec![Dim::Sym("batch"), Dim::Fixed(d as i64)],
+    );
     let e = c.param("null_image_embd", &[1, tokens, d])?;
     let g = &mut c.g;
     let b = g.shape_slice(&t, 0, 1);
     let rest = g.const_i64(&[tokens as i64, d as i64]);
     let shape = g.concat(&[&b, &rest], 0);
     let out = g.op("Expand", &[&e, &shape], vec![]);
-    g.output(&out, "image_tokens", DType::F32, vec![Dim::Sym("batch"), Dim::Fixed(tokens as i64), Dim::Fixed(d as i64)]);
+    g.output(
+        &out,
+        "image_tokens",
+        DType::F32,
+        vec![
+            Dim::Sym("batch"),
+            Dim::Fixed(tokens as i64),
+            Dim::Fixed(d as i64),
+        ],
+    );
     Ok((c.g, tokens))
 }
 
 /// AdaLN modulation: `Linear(SiLU(temb))` split into `n` chunks of `[batch, 1, D]`.
-fn modulation(c: &mut Ctx<'_>, silu_temb: &str, prefix: &str, d: usize, n: usize) -> Result<Vec<Value>> {
+fn modulation(
+    c: &mut Ctx<'_>,
+    silu_temb: &str,
+    prefix: &str,
+    d: usize,
+    n: usize,
+) -> Result<Vec<Value>> {
     let m = c.linear(silu_temb, prefix, d, n * d, true)?;
     let m = c.g.unsqueeze(&m, &[1]);
     Ok(c.g.split_equal(&m, 2, n))
@@ -126,7 +199,14 @@ fn feed_forward(c: &mut Ctx<'_>, x: &str, prefix: &str, d: usize) -> Result<Valu
 }
 
 /// One joint block; returns the new (image, text) streams.
-fn joint_block(c: &mut Ctx<'_>, cfg: &TransformerConfig, i: usize, x: &str, y: &str, silu_temb: &str) -> Result<(Value, Value)> {
+fn joint_block(
+    c: &mut Ctx<'_>,
+    cfg: &TransformerConfig,
+    i: usize,
+    x: &str,
+    y: &str,
+    silu_temb: &str,
+) -> Result<(Value, Value)> {
     let d = cfg.hidden;
     let p = format!("transformer_blocks.{i}");
     let mx = modulation(c, silu_temb, &format!("{p}.norm1.linear"), d, 6)?;
@@ -145,11 +225,19 @@ fn joint_block(c: &mut Ctx<'_>, cfg: &TransformerConfig, i: usize, x: &str, y: &
     let ka = c.g.concat(&[&k, &kc], 1);
     let va = c.g.concat(&[&v, &vc], 1);
     let scale = 1.0 / (cfg.head_dim as f32).sqrt();
-    let o = c.attention(&qa, &ka, &va, cfg.num_heads, cfg.head_dim, Some(scale), None);
+    let o = c.attention(
+        &qa,
+        &ka,
+        &va,
+        (cfg.num_heads, cfg.head_dim),
+        Some(scale),
+        None,
+    );
     let nx = c.g.shape_slice(x, 1, 2);
     let ny = c.g.shape_slice(y, 1, 2);
     let sizes = c.g.concat(&[&nx, &ny], 0);
-    let parts = c.g.op_n("Split", &[&o, &sizes], vec![("axis", Attr::Int(1))], 2);
+    let parts =
+        c.g.op_n("Split", &[&o, &sizes], vec![("axis", Attr::Int(1))], 2);
     let ax = c.linear(&parts[0], &format!("{p}.attn.to_out.0"), d, d, true)?;
     let ay = c.linear(&parts[1], &format!("{p}.attn.to_add_out"), d, d, true)?;
 
@@ -167,13 +255,21 @@ fn joint_block(c: &mut Ctx<'_>, cfg: &TransformerConfig, i: usize, x: &str, y: &
 }
 
 /// Joint blocks `[start, end)`: (image, text, temb) -> (image, text).
-pub fn joint_blocks(cfg: &TransformerConfig, w: &WeightStore, store: StoreDtype, start: usize, end: usize) -> Result<Graph> {
+pub fn joint_blocks(
+    cfg: &TransformerConfig,
+    w: &WeightStore,
+    store: StoreDtype,
+    start: usize,
+    end: usize,
+) -> Result<Graph> {
     let d = cfg.hidden as i64;
     let mut c = Ctx::new(&format!("joint_blocks_{start}_{end}"), w, store);
-    let mut x = c.g.input("image_tokens", DType::F32, hidden_dims(Dim::Fixed(d)));
+    let mut x =
+        c.g.input("image_tokens", DType::F32, hidden_dims(Dim::Fixed(d)));
     let text_dims = vec![Dim::Sym("batch"), Dim::Sym("text_len"), Dim::Fixed(d)];
     let mut y = c.g.input("text_tokens", DType::F32, text_dims.clone());
-    let t = c.g.input("temb", DType::F32, vec![Dim::Sym("batch"), Dim::Fixed(d)]);
+    let t =
+        c.g.input("temb", DType::F32, vec![Dim::Sym("batch"), Dim::Fixed(d)]);
     let st = c.g.silu(&t);
     for i in start..end {
         c.g.push_scope(&format!("block{i}"));
@@ -183,7 +279,12 @@ pub fn joint_blocks(cfg: &TransformerConfig, w: &WeightStore, store: StoreDtype,
         x = nx;
         y = ny;
     }
-    c.g.output(&x, "image_tokens_out", DType::F32, hidden_dims(Dim::Fixed(d)));
+    c.g.output(
+        &x,
+        "image_tokens_out",
+        DType::F32,
+        hidden_dims(Dim::Fixed(d)),
+    );
     c.g.output(&y, "text_tokens_out", DType::F32, text_dims);
     Ok(c.g)
 }
@@ -193,8 +294,16 @@ pub fn joint_blocks(cfg: &TransformerConfig, w: &WeightStore, store: StoreDtype,
 pub fn image_head(cfg: &TransformerConfig, w: &WeightStore, store: StoreDtype) -> Result<Graph> {
     let (d, p, co) = (cfg.hidden, cfg.patch_size, cfg.out_channels);
     let mut c = Ctx::new("image_head", w, store);
-    let x = c.g.input("image_tokens", DType::F32, hidden_dims(Dim::Fixed(d as i64)));
-    let t = c.g.input("temb", DType::F32, vec![Dim::Sym("batch"), Dim::Fixed(d as i64)]);
+    let x = c.g.input(
+        "image_tokens",
+        DType::F32,
+        hidden_dims(Dim::Fixed(d as i64)),
+    );
+    let t = c.g.input(
+        "temb",
+        DType::F32,
+        vec![Dim::Sym("batch"), Dim::Fixed(d as i64)],
+    );
     let grid = c.g.input("grid_hw", DType::I64, vec![Dim::Fixed(2)]);
     let st = c.g.silu(&t);
     let m = modulation(&mut c, &st, "image_norm_out.linear", d, 2)?;
@@ -216,18 +325,45 @@ pub fn image_head(cfg: &TransformerConfig, w: &WeightStore, store: StoreDtype) -
         &out,
         "velocity",
         DType::F32,
-        vec![Dim::Sym("batch"), Dim::Fixed(co as i64), Dim::Sym("latent_height"), Dim::Sym("latent_width")],
+        vec![
+            Dim::Sym("batch"),
+            Dim::Fixed(co as i64),
+            Dim::Sym("latent_height"),
+            Dim::Sym("latent_width"),
+        ],
     );
     Ok(c.g)
 }
 
 /// `text stream -> logits [batch, text_len, V]`: LayerNorm (no affine) then Linear.
-pub fn text_head(cfg: &TransformerConfig, w: &WeightStore, store: StoreDtype, vocab: usize) -> Result<Graph> {
+pub fn text_head(
+    cfg: &TransformerConfig,
+    w: &WeightStore,
+    store: StoreDtype,
+    vocab: usize,
+) -> Result<Graph> {
     let d = cfg.hidden;
     let mut c = Ctx::new("text_head", w, store);
-    let y = c.g.input("text_tokens", DType::F32, vec![Dim::Sym("batch"), Dim::Sym("text_len"), Dim::Fixed(d as i64)]);
+    let y = c.g.input(
+        "text_tokens",
+        DType::F32,
+        vec![
+            Dim::Sym("batch"),
+            Dim::Sym("text_len"),
+            Dim::Fixed(d as i64),
+        ],
+    );
     let yn = c.layer_norm(&y, d, LN_EPS);
     let l = c.linear(&yn, "text_proj_out", d, vocab, true)?;
-    c.g.output(&l, "logits", DType::F32, vec![Dim::Sym("batch"), Dim::Sym("text_len"), Dim::Fixed(vocab as i64)]);
+    c.g.output(
+        &l,
+        "logits",
+        DType::F32,
+        vec![
+            Dim::Sym("batch"),
+            Dim::Sym("text_len"),
+            Dim::Fixed(vocab as i64),
+        ],
+    );
     Ok(c.g)
 }

@@ -1,0 +1,158 @@
+//! Shared helpers for the exporter's tests: fixtures, ONNX Runtime, comparisons.
+#![allow(dead_code, clippy::unwrap_used)]
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+use ddit_export::{convert, ExportOptions};
+use ddit_schemas::{Manifest, SegmentSpec};
+use ort::session::Session;
+use ort::value::Tensor;
+
+pub fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+pub fn fixtures() -> PathBuf {
+    workspace().join("tests/fixtures")
+}
+
+pub fn checkpoint(variant: &str) -> PathBuf {
+    fixtures().join(variant).join("checkpoint")
+}
+
+/// The ONNX Runtime environment, loaded from `ORT_DYLIB_PATH` or `.ddit/ort` (`scripts/ort.sh`).
+pub fn env() -> &'static ort::environment::Environment {
+    static ENV: OnceLock<ort::environment::Environment> = OnceLock::new();
+    ENV.get_or_init(|| {
+        let path = std::env::var_os("ORT_DYLIB_PATH")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| workspace().join(".ddit/ort/libonnxruntime.so.1.31.1"));
+        assert!(
+            path.exists(),
+            "ONNX Runtime not found at {}: run scripts/ort.sh",
+            path.display()
+        );
+        ort::init_from(&path)
+            .expect("load onnxruntime")
+            .build()
+            .expect("ort environment")
+    })
+}
+
+/// A golden tensor, as f32 (floats) or i64 (ids).
+#[derive(Clone)]
+pub enum Gold {
+    F32(Vec<usize>, Vec<f32>),
+    I64(Vec<usize>, Vec<i64>),
+}
+
+impl Gold {
+    pub fn f32(&self) -> (&[usize], &[f32]) {
+        match self {
+            Gold::F32(s, v) => (s, v),
+            Gold::I64(..) => panic!("expected f32"),
+        }
+    }
+}
+
+pub fn load_golden(path: &Path) -> HashMap<String, Gold> {
+    let bytes = std::fs::read(path).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    st.tensors()
+        .into_iter()
+        .map(|(k, v)| {
+            let shape = v.shape().to_vec();
+            let g = match v.dtype() {
+                safetensors::Dtype::F32 => Gold::F32(
+                    shape,
+                    v.data()
+                        .chunks_exact(4)
+                        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+                        .collect(),
+                ),
+                safetensors::Dtype::I64 => Gold::I64(
+                    shape,
+                    v.data()
+                        .chunks_exact(8)
+                        .map(|c| i64::from_le_bytes(c.try_into().unwrap()))
+                        .collect(),
+                ),
+                d => panic!("unexpected golden dtype {d:?}"),
+            };
+            (k, g)
+        })
+        .collect()
+}
+
+pub fn golden(variant: &str) -> HashMap<String, Gold> {
+    load_golden(&fixtures().join(variant).join("golden.safetensors"))
+}
+
+pub fn export(
+    variant: &str,
+    tweak: impl FnOnce(&mut ExportOptions),
+) -> (tempfile::TempDir, Manifest) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut o = ExportOptions::new(checkpoint(variant), dir.path().join("pkg"));
+    o.name = Some(variant.into());
+    tweak(&mut o);
+    let m = convert(&o).unwrap_or_else(|e| panic!("export {variant}: {e}"));
+    (dir, m)
+}
+
+/// Runs one segment on named inputs; returns its outputs in manifest order as (shape, data).
+pub fn run(
+    pkg: &Path,
+    seg: &SegmentSpec,
+    inputs: Vec<(&str, Gold)>,
+) -> Vec<(Vec<usize>, Vec<f32>)> {
+    let mut session: Session = Session::builder(env())
+        .unwrap()
+        .with_intra_threads(1)
+        .unwrap()
+        .commit_from_file(pkg.join(&seg.files[0].path))
+        .unwrap_or_else(|e| panic!("load {}: {e}", seg.name));
+    let feeds: Vec<(
+        std::borrow::Cow<'_, str>,
+        ort::session::SessionInputValue<'_>,
+    )> = inputs
+        .into_iter()
+        .map(|(name, g)| {
+            let v: ort::session::SessionInputValue<'_> = match g {
+                Gold::F32(s, d) => Tensor::from_array((s, d)).unwrap().into(),
+                Gold::I64(s, d) => Tensor::from_array((s, d)).unwrap().into(),
+            };
+            (std::borrow::Cow::Owned(name.to_string()), v)
+        })
+        .collect();
+    let out = session
+        .run(feeds)
+        .unwrap_or_else(|e| panic!("run {}: {e}", seg.name));
+    seg.outputs
+        .iter()
+        .map(|o| {
+            let (shape, data) = out[o.name.as_str()].try_extract_tensor::<f32>().unwrap();
+            (shape.iter().map(|&d| d as usize).collect(), data.to_vec())
+        })
+        .collect()
+}
+
+/// Max absolute error, after checking shapes agree.
+pub fn max_err(tag: &str, got: &(Vec<usize>, Vec<f32>), want: &Gold) -> f32 {
+    let (ws, wv) = want.f32();
+    assert_eq!(got.0.as_slice(), ws, "{tag}: shape");
+    got.1
+        .iter()
+        .zip(wv)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0, f32::max)
+}
+
+pub fn f32s(s: &[usize], v: Vec<f32>) -> Gold {
+    Gold::F32(s.to_vec(), v)
+}

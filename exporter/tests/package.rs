@@ -1,0 +1,119 @@
+//! The manifest contract and `inspect`'s hash verification.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use common::export;
+use ddit_export::{verify, ExportError};
+use ddit_schemas::{Dim, Role, TensorDtype};
+
+#[test]
+fn manifest_is_valid_against_schema_and_complete() {
+    let (dir, m) = export("tiny-f32", |o| o.blocks_per_segment = Some(3));
+    let text = std::fs::read_to_string(dir.path().join("pkg/manifest.json")).unwrap();
+    let value: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let schema: serde_json::Value = serde_json::from_str(ddit_schemas::MANIFEST_SCHEMA).unwrap();
+    let validator = jsonschema::validator_for(&schema).unwrap();
+    let errors: Vec<String> = validator
+        .iter_errors(&value)
+        .map(|e| format!("{e} at {}", e.instance_path()))
+        .collect();
+    assert!(errors.is_empty(), "{errors:#?}");
+
+    let v = &m.values;
+    assert_eq!(
+        (
+            v.tokens.mask_token.as_str(),
+            v.tokens.mask_id,
+            v.tokens.pad_id,
+            v.tokens.eos_id
+        ),
+        ("<extra_id_0>", 46, 0, 1)
+    );
+    assert_eq!(
+        (v.vocab_size, v.latent_channels, v.patch_size, v.hidden_size),
+        (47, 4, 2, 16)
+    );
+    assert_eq!(
+        (
+            v.vae.scaling_factor,
+            v.vae.shift_factor,
+            v.vae.downsample_factor
+        ),
+        (1.5305, 0.0609, 2)
+    );
+    assert_eq!(
+        (v.scheduler.shift, v.scheduler.num_train_timesteps),
+        (3.0, 1000)
+    );
+    assert_eq!(
+        (
+            v.text_lengths.prompt,
+            v.text_lengths.caption,
+            v.text_lengths.vqa
+        ),
+        (256, 128, 128)
+    );
+    for role in Role::ALL {
+        assert!(m.by_role(role).count() >= 1, "no segment for {role}");
+    }
+    let te = m.by_role(Role::TextEncoder).next().unwrap();
+    assert_eq!(te.inputs[0].dtype, TensorDtype::I64);
+    assert_eq!(
+        te.inputs[0].shape,
+        vec![Dim::Sym("batch".into()), Dim::Sym("text_len".into())]
+    );
+    let jb = m.by_role(Role::JointBlocks).next().unwrap();
+    assert_eq!(jb.inputs[0].shape[1], Dim::Sym("image_tokens".into()));
+    // Parameter counts add up to the checkpoint's (every transformer tensor is used once).
+    let exported: u64 = m
+        .segments
+        .iter()
+        .filter(|s| {
+            !matches!(
+                s.role,
+                Role::TextEncoder | Role::VaeEncoder | Role::VaeDecoder
+            )
+        })
+        .map(|s| s.parameters)
+        .sum();
+    let store = ddit_export::checkpoint::WeightStore::open(
+        &common::checkpoint("tiny-f32").join("transformer"),
+        "diffusion_pytorch_model",
+    )
+    .unwrap();
+    let in_checkpoint: usize = store
+        .keys()
+        .map(|k| store.shape_of(k).unwrap().iter().product::<usize>())
+        .sum();
+    assert_eq!(exported, in_checkpoint as u64);
+}
+
+#[test]
+fn inspect_detects_a_changed_file() {
+    let (dir, m) = export("tiny-f32", |_| {});
+    let pkg = dir.path().join("pkg");
+    verify(&pkg).unwrap();
+    let target = pkg.join(&m.by_role(Role::TextHead).next().unwrap().files[0].path);
+    let mut bytes = std::fs::read(&target).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0xff;
+    std::fs::write(&target, bytes).unwrap();
+    match verify(&pkg) {
+        Err(ExportError::HashMismatch { path, .. }) => assert_eq!(path, target),
+        other => panic!("expected a hash mismatch, got {other:?}"),
+    }
+}
+
+#[test]
+fn export_refuses_to_overwrite_without_force() {
+    let (dir, _) = export("tiny-f32", |_| {});
+    let mut o =
+        ddit_export::ExportOptions::new(common::checkpoint("tiny-f32"), dir.path().join("pkg"));
+    assert!(matches!(
+        ddit_export::convert(&o),
+        Err(ExportError::Argument { .. })
+    ));
+    o.force = true;
+    ddit_export::convert(&o).unwrap();
+}
