@@ -1,0 +1,272 @@
+"""Train the ddit demo model: a small D-DiT on the world of coloured shapes (see shapes.py).
+
+    /opt/ddit-venv/bin/python tools/train/train.py --out models/ddit-shapes
+
+Order: (1) a tiny AutoencoderKL on 32x32 renders; (2) the T5-style encoder and the D-DiT transformer
+with D-DiT's joint loss: flow matching on latents (text -> image, with 10% empty prompts for
+classifier-free guidance), masked-diffusion cross-entropy on captions (image -> text, image at
+timestep 0), and VQA examples with the question held fixed. There is no pretrained T5 here, so the
+text encoder is trained jointly (the real model freezes T5-XXL). Wall-clock budgets per phase keep
+the whole recipe under 60 minutes on 2 CPU cores. Seeds are fixed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+from transformers import T5Config, T5EncoderModel
+
+from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "reference"))
+import shapes  # noqa: E402
+from ddit_reference import DualDiffSD3Transformer2DModel  # noqa: E402
+
+PROMPT_LEN, CAPTION_LEN, VQA_LEN = 16, 16, 32
+
+
+def build_tokenizer() -> Tokenizer:
+    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2}
+    for w in shapes.vocabulary() + ["?"]:
+        vocab.setdefault(w, len(vocab))
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+    tok.add_special_tokens(["<pad>", "</s>", "<unk>", "<extra_id_0>"])
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    return tok
+
+
+class Data:
+    """Pre-rendered training scenes with their token canvases."""
+
+    def __init__(self, n: int, seed: int, tok: Tokenizer):
+        rng = random.Random(seed)
+        self.images = np.empty((n, 3, shapes.SIZE, shapes.SIZE), np.float32)
+        self.captions, self.vqa = [], []
+        self.pad, self.eos = tok.token_to_id("<pad>"), tok.token_to_id("</s>")
+        for i in range(n):
+            objs = shapes.sample_scene(rng)
+            self.images[i] = shapes.render(objs).transpose(2, 0, 1) / 127.5 - 1.0
+            self.captions.append(self.canvas(tok.encode(shapes.caption(objs)).ids, CAPTION_LEN))
+            rows = []
+            for q, a in shapes.qa_pairs(objs):
+                prompt = tok.encode(shapes.VQA_TEMPLATE.format(question=q)).ids[:-1]  # no trailing </s>
+                ans = tok.encode(a).ids
+                rows.append((self.canvas(prompt + ans, VQA_LEN), len(prompt)))
+            self.vqa.append(rows)
+        self.captions = torch.tensor(np.array(self.captions))
+
+    def canvas(self, ids: list[int], n: int) -> list[int]:
+        ids = ids[:n]
+        return ids + [self.pad] * (n - len(ids))
+
+
+def vae_model() -> AutoencoderKL:
+    return AutoencoderKL(
+        in_channels=3, out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+        block_out_channels=(32, 64, 64), layers_per_block=1, latent_channels=4, norm_num_groups=16,
+        sample_size=32, use_quant_conv=False, use_post_quant_conv=False,
+    )
+
+
+def log(f, **kv):
+    line = json.dumps(kv)
+    print(line, flush=True)
+    f.write(line + "\n")
+    f.flush()
+
+
+def train_vae(data: Data, minutes: float, logf) -> AutoencoderKL:
+    vae = vae_model()
+    opt = torch.optim.AdamW(vae.parameters(), lr=2e-3, weight_decay=0.0)
+    imgs = torch.from_numpy(data.images)
+    start, step = time.time(), 0
+    while time.time() - start < minutes * 60:
+        frac = (time.time() - start) / (minutes * 60)
+        for g in opt.param_groups:
+            g["lr"] = 2e-3 * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * frac)))
+        x = imgs[torch.randint(0, len(imgs), (64,))]
+        post = vae.encode(x).latent_dist
+        rec = vae.decode(post.sample()).sample
+        kl = post.kl().mean() / (3 * 32 * 32)
+        loss = F.mse_loss(rec, x) + 0.5 * F.l1_loss(rec, x) + 1e-4 * kl
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if step % 50 == 0:
+            log(logf, phase="vae", step=step, t=round(time.time() - start, 1), loss=loss.item(), kl=kl.item())
+        step += 1
+    vae.eval()
+    with torch.no_grad():
+        lat = torch.cat([vae.encode(imgs[i:i + 256]).latent_dist.mean for i in range(0, 2048, 256)])
+    shift, scale = lat.mean().item(), 1.0 / lat.std().item()
+    vae.register_to_config(shift_factor=round(shift, 4), scaling_factor=round(scale, 4))
+    log(logf, phase="vae_done", steps=step, shift_factor=shift, scaling_factor=scale)
+    return vae
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", type=Path, default=Path("models/ddit-shapes"))
+    ap.add_argument("--vae-minutes", type=float, default=7.0)
+    ap.add_argument("--ddit-minutes", type=float, default=50.0)
+    ap.add_argument("--scenes", type=int, default=24000)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    torch.manual_seed(args.seed)
+    random.seed(args.seed)
+    torch.set_num_threads(args.threads)
+    args.out.mkdir(parents=True, exist_ok=True)
+    logf = open(args.out / "training_log.jsonl", "w")
+    t0 = time.time()
+    tok = build_tokenizer()
+    data = Data(args.scenes, args.seed + 1, tok)
+    log(logf, phase="data", scenes=args.scenes, seconds=round(time.time() - t0, 1), vocab=tok.get_vocab_size())
+
+    vae = train_vae(data, args.vae_minutes, logf)
+    for p in vae.parameters():
+        p.requires_grad_(False)
+    sf, sh = vae.config.scaling_factor, vae.config.shift_factor
+    with torch.no_grad():
+        imgs = torch.from_numpy(data.images)
+        post = [vae.encode(imgs[i:i + 512]).latent_dist for i in range(0, len(imgs), 512)]
+        lat_mean = torch.cat([p.mean for p in post])
+        lat_std = torch.cat([p.std for p in post])
+
+    vocab = tok.get_vocab_size(with_added_tokens=True)
+    mask_id = tok.token_to_id("<extra_id_0>")
+    t5 = T5EncoderModel(T5Config(
+        vocab_size=vocab, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4,
+        relative_attention_num_buckets=8, relative_attention_max_distance=16,
+        feed_forward_proj="gated-gelu", layer_norm_epsilon=1e-6, dropout_rate=0.0,
+        is_encoder_decoder=False, use_cache=False, pad_token_id=0, eos_token_id=1,
+    ))
+    dit = DualDiffSD3Transformer2DModel(
+        sample_size=8, patch_size=1, in_channels=4, num_layers=4, attention_head_dim=32, num_attention_heads=4,
+        joint_attention_dim=64, caption_projection_dim=128, pooled_projection_dim=128, out_channels=4,
+        pos_embed_max_size=16, vocab_size=vocab,
+    )
+    params = list(t5.parameters()) + list(dit.parameters())
+    ema = [p.detach().clone() for p in params]
+    opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.01, betas=(0.9, 0.99))
+    empty = data.canvas(tok.encode("").ids, PROMPT_LEN)
+    bs = {"t2i": 48, "cap": 32, "vqa": 32}
+    start, step = time.time(), 0
+    budget = args.ddit_minutes * 60
+    while time.time() - start < budget:
+        frac = (time.time() - start) / budget
+        lr = 1e-3 * min(1.0, step / 300) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * frac)))
+        for g in opt.param_groups:
+            g["lr"] = lr
+        losses = {}
+        # text -> image: flow matching, timesteps logit-normal, 10% empty prompts.
+        idx = torch.randint(0, len(data.images), (bs["t2i"],))
+        z0 = ((lat_mean[idx] + lat_std[idx] * torch.randn_like(lat_mean[idx])) - sh) * sf
+        prompts = data.captions[idx].clone()
+        prompts[:, :] = torch.where(torch.rand(len(idx), 1) < 0.1, torch.tensor(empty), prompts)
+        sigma = torch.sigmoid(torch.randn(len(idx)))
+        noise = torch.randn_like(z0)
+        xt = sigma[:, None, None, None] * noise + (1 - sigma[:, None, None, None]) * z0
+        vel, _ = dit(xt, t5(input_ids=prompts).last_hidden_state, sigma * 1000)
+        losses["flow"] = F.mse_loss(vel, noise - z0)
+        # image -> text: masked diffusion on captions, clean image at timestep 0.
+        idx = torch.randint(0, len(data.images), (bs["cap"],))
+        z0 = (lat_mean[idx] - sh) * sf
+        ids = data.captions[idx]
+        ratio = torch.rand(len(idx), 1).clamp(min=0.05)
+        masked = torch.rand(ids.shape) < ratio
+        noisy = torch.where(masked, torch.full_like(ids, mask_id), ids)
+        _, logits = dit(z0, t5(input_ids=noisy).last_hidden_state, torch.zeros(len(idx)))
+        losses["caption"] = F.cross_entropy(logits[masked], ids[masked]) if masked.any() else logits.sum() * 0
+        # VQA: question fixed, answer (and the padding after it) masked.
+        idx = torch.randint(0, len(data.images), (bs["vqa"],))
+        z0 = (lat_mean[idx] - sh) * sf
+        rows = [random.choice(data.vqa[i]) for i in idx.tolist()]
+        ids = torch.tensor([r[0] for r in rows])
+        plen = torch.tensor([r[1] for r in rows])
+        answer_zone = torch.arange(VQA_LEN)[None, :] >= plen[:, None]
+        ratio = torch.rand(len(idx), 1).clamp(min=0.05)
+        masked = answer_zone & (torch.rand(ids.shape) < ratio)
+        noisy = torch.where(masked, torch.full_like(ids, mask_id), ids)
+        _, logits = dit(z0, t5(input_ids=noisy).last_hidden_state, torch.zeros(len(idx)))
+        losses["vqa"] = F.cross_entropy(logits[masked], ids[masked]) if masked.any() else logits.sum() * 0
+        loss = losses["flow"] + 0.5 * losses["caption"] + 0.5 * losses["vqa"]
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        decay = min(0.999, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for e, p in zip(ema, params):
+                e.mul_(decay).add_(p.detach(), alpha=1 - decay)
+        if step % 50 == 0:
+            log(logf, phase="ddit", step=step, t=round(time.time() - start, 1), lr=lr,
+                **{k: round(v.item(), 5) for k, v in losses.items()})
+        step += 1
+    with torch.no_grad():
+        for e, p in zip(ema, params):
+            p.copy_(e)
+    log(logf, phase="ddit_done", steps=step, total_minutes=round((time.time() - t0) / 60, 2))
+
+    out = args.out
+    dit.save_pretrained(out / "transformer")
+    t5.save_pretrained(out / "text_encoder")
+    vae.save_pretrained(out / "vae")
+    tdir = out / "tokenizer"
+    tdir.mkdir(parents=True, exist_ok=True)
+    tok.save(str(tdir / "tokenizer.json"))
+    (tdir / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "T5TokenizerFast", "pad_token": "<pad>", "eos_token": "</s>", "unk_token": "<unk>",
+        "additional_special_tokens": ["<extra_id_0>"], "model_max_length": 512}, indent=2))
+    (tdir / "special_tokens_map.json").write_text(json.dumps({
+        "pad_token": "<pad>", "eos_token": "</s>", "unk_token": "<unk>",
+        "additional_special_tokens": ["<extra_id_0>"]}, indent=2))
+    FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0).save_pretrained(out / "scheduler")
+    (out / "model_index.json").write_text(json.dumps({
+        "_class_name": "DualDiffSD3Pipeline", "_diffusers_version": "0.42.1",
+        "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+        "text_encoder": ["transformers", "T5EncoderModel"], "tokenizer": ["transformers", "T5TokenizerFast"],
+        "transformer": ["diffusers", "DualDiffSD3Transformer2DModel"], "vae": ["diffusers", "AutoencoderKL"],
+    }, indent=2))
+    plot(out)
+
+
+def plot(out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in open(out / "training_log.jsonl")]
+    fig, ax = plt.subplots(1, 2, figsize=(11, 4))
+    v = [r for r in rows if r.get("phase") == "vae"]
+    ax[0].plot([r["step"] for r in v], [r["loss"] for r in v])
+    ax[0].set_title("VAE reconstruction loss")
+    ax[0].set_yscale("log")
+    d = [r for r in rows if r.get("phase") == "ddit"]
+    for k in ("flow", "caption", "vqa"):
+        ax[1].plot([r["step"] for r in d], [r[k] for r in d], label=k)
+    ax[1].set_yscale("log")
+    ax[1].legend()
+    ax[1].set_title("D-DiT losses")
+    for a in ax:
+        a.set_xlabel("step")
+    fig.tight_layout()
+    fig.savefig(out / "loss_curves.png", dpi=90)
+
+
+if __name__ == "__main__":
+    main()
