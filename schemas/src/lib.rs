@@ -4,8 +4,12 @@
 //! in any language; the types here mirror them, and `tests/schemas_agree.rs` proves they agree.
 //! This crate does no I/O.
 
+pub mod job;
 pub mod manifest;
+pub mod result;
 
+pub use job::{CaptionParams, GenerateParams, Job, TaskParams, VqaParams};
+pub use result::{ErrorInfo, ErrorKind, JobResult, Metrics, ModelRef, Output, Status};
 pub use manifest::{
     Dim, FileEntry, Manifest, ModelInfo, ModelValues, Role, SchedulerValues, SegmentSpec,
     TensorDtype, TensorSpec, TextLengths, TokenIds, VaeValues, MANIFEST_FORMAT_VERSION,
@@ -13,3 +17,9 @@ pub use manifest::{
 
 /// The JSON Schema of `manifest.json`, embedded so that tools can validate without the repository.
 pub const MANIFEST_SCHEMA: &str = include_str!("../manifest.schema.json");
+
+/// The JSON Schema of a job.
+pub const JOB_SCHEMA: &str = include_str!("../job.schema.json");
+
+/// The JSON Schema of a result.
+pub const RESULT_SCHEMA: &str = include_str!("../result.schema.json");
