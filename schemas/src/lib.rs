@@ -9,11 +9,11 @@ pub mod manifest;
 pub mod result;
 
 pub use job::{CaptionParams, GenerateParams, Job, TaskParams, VqaParams};
-pub use result::{ErrorInfo, ErrorKind, JobResult, Metrics, ModelRef, Output, Status};
 pub use manifest::{
     Dim, FileEntry, Manifest, ModelInfo, ModelValues, Role, SchedulerValues, SegmentSpec,
     TensorDtype, TensorSpec, TextLengths, TokenIds, VaeValues, MANIFEST_FORMAT_VERSION,
 };
+pub use result::{ErrorInfo, ErrorKind, JobResult, Metrics, ModelRef, Output, Status};
 
 /// The JSON Schema of `manifest.json`, embedded so that tools can validate without the repository.
 pub const MANIFEST_SCHEMA: &str = include_str!("../manifest.schema.json");

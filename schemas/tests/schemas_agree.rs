@@ -9,7 +9,10 @@ fn validator(schema: &str) -> jsonschema::Validator {
 }
 
 fn assert_valid(v: &jsonschema::Validator, value: &Value) {
-    let errs: Vec<String> = v.iter_errors(value).map(|e| format!("{e} at {}", e.instance_path())).collect();
+    let errs: Vec<String> = v
+        .iter_errors(value)
+        .map(|e| format!("{e} at {}", e.instance_path()))
+        .collect();
     assert!(errs.is_empty(), "{value}: {errs:#?}");
 }
 
@@ -49,20 +52,38 @@ fn invalid_jobs_fail_both() {
     ];
     for j in bad {
         assert!(!v.is_valid(&j), "schema accepted {j}");
-        assert!(serde_json::from_value::<Job>(j.clone()).is_err(), "serde accepted {j}");
+        assert!(
+            serde_json::from_value::<Job>(j.clone()).is_err(),
+            "serde accepted {j}"
+        );
     }
 }
 
 fn results() -> Vec<JobResult> {
-    let model = ModelRef { name: "m".into(), hash: "ab".into() };
+    let model = ModelRef {
+        name: "m".into(),
+        hash: "ab".into(),
+    };
     vec![
         JobResult {
             job_id: "g-1".into(),
             status: Status::Succeeded,
             task: Some("generate".into()),
-            outputs: vec![Output { uri: "s3://out/p/g-1/0.png".into(), width: 32, height: 32, sha256: "0".repeat(64), seed: 3 }],
+            outputs: vec![Output {
+                uri: "s3://out/p/g-1/0.png".into(),
+                width: 32,
+                height: 32,
+                sha256: "0".repeat(64),
+                seed: 3,
+            }],
             text: None,
-            metrics: Some(Metrics { queue_ms: 5, run_ms: 100, steps: 28, batch_size: 4, execution_provider: "cpu".into() }),
+            metrics: Some(Metrics {
+                queue_ms: 5,
+                run_ms: 100,
+                steps: 28,
+                batch_size: 4,
+                execution_provider: "cpu".into(),
+            }),
             error: None,
             model: model.clone(),
             finished_at: "2026-11-30T00:00:00Z".into(),
@@ -74,7 +95,11 @@ fn results() -> Vec<JobResult> {
             outputs: vec![],
             text: None,
             metrics: None,
-            error: Some(ErrorInfo { kind: ErrorKind::InvalidInput, message: "bad png".into(), retryable: false }),
+            error: Some(ErrorInfo {
+                kind: ErrorKind::InvalidInput,
+                message: "bad png".into(),
+                retryable: false,
+            }),
             model: model.clone(),
             finished_at: "2026-11-30T00:00:00Z".into(),
         },
@@ -105,7 +130,12 @@ fn results_serialise_to_schema_valid_json() {
 #[test]
 fn every_error_kind_and_status_is_in_the_schema() {
     let schema: Value = serde_json::from_str(RESULT_SCHEMA).unwrap();
-    let kinds = schema.pointer("/properties/error/properties/kind/enum").unwrap().as_array().unwrap().len();
+    let kinds = schema
+        .pointer("/properties/error/properties/kind/enum")
+        .unwrap()
+        .as_array()
+        .unwrap()
+        .len();
     let all = [
         ErrorKind::InvalidJob,
         ErrorKind::InvalidInput,
@@ -123,7 +153,11 @@ fn every_error_kind_and_status_is_in_the_schema() {
 #[test]
 fn manifest_schema_lists_every_role() {
     let schema: Value = serde_json::from_str(MANIFEST_SCHEMA).unwrap();
-    let roles = schema.pointer("/properties/segments/items/properties/role/enum").unwrap().as_array().unwrap();
+    let roles = schema
+        .pointer("/properties/segments/items/properties/role/enum")
+        .unwrap()
+        .as_array()
+        .unwrap();
     assert_eq!(roles.len(), Role::ALL.len());
     for r in Role::ALL {
         assert!(roles.contains(&json!(r.as_str())), "{r}");

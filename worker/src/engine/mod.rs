@@ -1,0 +1,200 @@
+//! The engine: a verified model package and one ONNX Runtime session per segment.
+//!
+//! Sessions need `&mut self` to run, so an engine belongs to one inference thread; a worker with
+//! several inference threads holds several engines. Every method is batch-first.
+
+pub mod package;
+pub mod providers;
+pub mod session;
+pub mod tensor;
+
+use std::path::Path;
+
+use ddit_schemas::{Manifest, Role};
+
+pub use package::Package;
+pub use providers::{parse_providers, EngineConfig, Provider, TensorRtOptions};
+use session::{Input, Segment};
+pub use tensor::Tensor;
+
+use crate::error::{Result, WorkerError};
+use crate::sampler::{FlowModel, MaskedModel};
+
+pub struct Engine {
+    pub manifest: Manifest,
+    provider: &'static str,
+    text_encoder: Segment,
+    context_embedder: Segment,
+    timestep_embed: Segment,
+    patch_embed: Segment,
+    joint_blocks: Vec<Segment>,
+    image_head: Segment,
+    text_head: Segment,
+    vae_encoder: Segment,
+    vae_decoder: Segment,
+    pub tokenizer_path: std::path::PathBuf,
+}
+
+fn take(v: &mut Vec<Tensor>, what: &str) -> Result<Tensor> {
+    if v.is_empty() {
+        return Err(WorkerError::Internal(format!("{what}: missing output")));
+    }
+    Ok(v.remove(0))
+}
+
+impl Engine {
+    /// Verifies the package and creates every session. Fails before serving on any mismatch.
+    pub fn load(dir: &Path, cfg: &EngineConfig) -> Result<Self> {
+        let pkg = Package::open(dir)?;
+        let env = session::environment(cfg)?;
+        let hash = pkg.manifest.model.hash.clone();
+        let load_role = |role: Role| -> Result<Segment> {
+            let spec = pkg
+                .manifest
+                .by_role(role)
+                .next()
+                .ok_or_else(|| WorkerError::Package {
+                    path: dir.display().to_string(),
+                    message: format!("no {role} segment"),
+                })?;
+            Segment::load(env, cfg, &pkg.path_of(spec), spec, &hash)
+        };
+        let joint_blocks = pkg
+            .manifest
+            .by_role(Role::JointBlocks)
+            .map(|s| Segment::load(env, cfg, &pkg.path_of(s), s, &hash))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            text_encoder: load_role(Role::TextEncoder)?,
+            context_embedder: load_role(Role::ContextEmbedder)?,
+            timestep_embed: load_role(Role::TimestepEmbed)?,
+            patch_embed: load_role(Role::PatchEmbed)?,
+            image_head: load_role(Role::ImageHead)?,
+            text_head: load_role(Role::TextHead)?,
+            vae_encoder: load_role(Role::VaeEncoder)?,
+            vae_decoder: load_role(Role::VaeDecoder)?,
+            joint_blocks,
+            provider: cfg.primary(),
+            tokenizer_path: pkg.tokenizer_path(),
+            manifest: pkg.manifest,
+        })
+    }
+
+    /// The execution provider running the graphs (`cpu`, `cuda`, `tensorrt`).
+    pub fn provider(&self) -> &'static str {
+        self.provider
+    }
+
+    /// Token ids `[B][L]` (equal lengths) -> text stream `[B, L, D]` (T5 then context embedder).
+    pub fn encode_text(&mut self, ids: &[Vec<i64>]) -> Result<Tensor> {
+        let l = ids.first().map(Vec::len).unwrap_or(0);
+        if ids.iter().any(|r| r.len() != l) || l == 0 {
+            return Err(WorkerError::Internal(
+                "encode_text needs equal, non-zero lengths".into(),
+            ));
+        }
+        let data: Vec<i64> = ids.iter().flatten().copied().collect();
+        let mut h = self.text_encoder.run(vec![Input::I64 {
+            shape: vec![ids.len(), l],
+            data,
+        }])?;
+        let h = take(&mut h, "text_encoder")?;
+        take(
+            &mut self.context_embedder.run(vec![Input::F32(&h)])?,
+            "context_embedder",
+        )
+    }
+
+    /// Timesteps (0..num_train_timesteps scale) -> temb `[B, D]`.
+    pub fn time_embed(&mut self, t: &[f32]) -> Result<Tensor> {
+        let t = Tensor::new(vec![t.len()], t.to_vec())?;
+        take(
+            &mut self.timestep_embed.run(vec![Input::F32(&t)])?,
+            "timestep_embed",
+        )
+    }
+
+    /// Latents `[B, C, h, w]` (model space) -> image stream `[B, tokens, D]`.
+    pub fn patch_embed(&mut self, latents: &Tensor) -> Result<Tensor> {
+        take(
+            &mut self.patch_embed.run(vec![Input::F32(latents)])?,
+            "patch_embed",
+        )
+    }
+
+    /// Every joint block, across all block files.
+    pub fn blocks(&mut self, x: Tensor, y: Tensor, temb: &Tensor) -> Result<(Tensor, Tensor)> {
+        let (mut x, mut y) = (x, y);
+        for seg in &mut self.joint_blocks {
+            let mut out = seg.run(vec![Input::F32(&x), Input::F32(&y), Input::F32(temb)])?;
+            x = take(&mut out, "joint_blocks")?;
+            y = take(&mut out, "joint_blocks")?;
+        }
+        Ok((x, y))
+    }
+
+    /// Image stream -> velocity `[B, C, h, w]` for a latent grid of `grid` patches.
+    pub fn image_head(
+        &mut self,
+        x: &Tensor,
+        temb: &Tensor,
+        grid: (usize, usize),
+    ) -> Result<Tensor> {
+        let g = Input::I64 {
+            shape: vec![2],
+            data: vec![grid.0 as i64, grid.1 as i64],
+        };
+        take(
+            &mut self
+                .image_head
+                .run(vec![Input::F32(x), Input::F32(temb), g])?,
+            "image_head",
+        )
+    }
+
+    /// Text stream -> logits `[B, L, V]`.
+    pub fn text_head(&mut self, y: &Tensor) -> Result<Tensor> {
+        take(&mut self.text_head.run(vec![Input::F32(y)])?, "text_head")
+    }
+
+    /// Image in [-1, 1] `[B, 3, H, W]` -> (posterior mean, logvar), VAE space.
+    pub fn vae_encode(&mut self, image: &Tensor) -> Result<(Tensor, Tensor)> {
+        let mut out = self.vae_encoder.run(vec![Input::F32(image)])?;
+        Ok((
+            take(&mut out, "vae_encoder")?,
+            take(&mut out, "vae_encoder")?,
+        ))
+    }
+
+    /// VAE-space latent -> image in [-1, 1].
+    pub fn vae_decode(&mut self, z: &Tensor) -> Result<Tensor> {
+        take(
+            &mut self.vae_decoder.run(vec![Input::F32(z)])?,
+            "vae_decoder",
+        )
+    }
+}
+
+impl FlowModel for Engine {
+    fn velocity(
+        &mut self,
+        latents: &Tensor,
+        context: &Tensor,
+        timesteps: &[f32],
+    ) -> Result<Tensor> {
+        let p = self.manifest.values.patch_size as usize;
+        let grid = (latents.shape[2] / p, latents.shape[3] / p);
+        let temb = self.time_embed(timesteps)?;
+        let x = self.patch_embed(latents)?;
+        let (x, _) = self.blocks(x, context.clone(), &temb)?;
+        self.image_head(&x, &temb, grid)
+    }
+}
+
+impl MaskedModel for Engine {
+    fn logits(&mut self, image_tokens: &Tensor, temb: &Tensor, ids: &[Vec<i64>]) -> Result<Tensor> {
+        let y = self.encode_text(ids)?;
+        let (_, y) = self.blocks(image_tokens.clone(), y, temb)?;
+        self.text_head(&y)
+    }
+}

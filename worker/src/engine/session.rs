@@ -1,0 +1,201 @@
+//! One ONNX Runtime session per segment, fed by name from the manifest.
+
+use std::borrow::Cow;
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+use ddit_schemas::{SegmentSpec, TensorDtype};
+use ort::environment::Environment;
+use ort::session::{Session, SessionInputValue};
+use ort::value::Tensor as OrtTensor;
+use ort::value::TensorElementType;
+
+use super::providers::EngineConfig;
+use super::tensor::Tensor;
+use crate::error::{Result, WorkerError};
+
+/// The file name of the ONNX Runtime library ddit is built against.
+pub const ORT_LIBRARY: &str = "libonnxruntime.so.1.31.1";
+
+/// Where the library is looked for when neither `--ort-library` nor `ORT_DYLIB_PATH` is set:
+/// next to the executable, `.ddit/ort/` of the current folder or of the workspace the binary was
+/// built in (`scripts/ort.sh` puts it there), then `/usr/local/lib` and `/usr/lib`.
+pub fn default_library_candidates() -> Vec<PathBuf> {
+    let mut c = Vec::new();
+    if let Ok(exe) = std::env::current_exe() {
+        if let Some(dir) = exe.parent() {
+            c.push(dir.join(ORT_LIBRARY));
+            // target/{debug,release}/ -> workspace root
+            if let Some(root) = dir.parent().and_then(Path::parent) {
+                c.push(root.join(".ddit/ort").join(ORT_LIBRARY));
+            }
+            if let Some(root) = dir.parent().and_then(Path::parent).and_then(Path::parent) {
+                c.push(root.join(".ddit/ort").join(ORT_LIBRARY));
+            }
+        }
+    }
+    c.push(PathBuf::from(".ddit/ort").join(ORT_LIBRARY));
+    c.push(
+        PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("../.ddit/ort")
+            .join(ORT_LIBRARY),
+    );
+    c.push(PathBuf::from("/usr/local/lib").join(ORT_LIBRARY));
+    c.push(PathBuf::from("/usr/lib").join(ORT_LIBRARY));
+    c
+}
+
+/// Loads ONNX Runtime once per process.
+pub fn environment(cfg: &EngineConfig) -> Result<&'static Environment> {
+    static ENV: OnceLock<std::result::Result<Environment, String>> = OnceLock::new();
+    let res = ENV.get_or_init(|| {
+        let path = cfg
+            .ort_library
+            .clone()
+            .or_else(|| std::env::var_os("ORT_DYLIB_PATH").map(PathBuf::from))
+            .or_else(|| default_library_candidates().into_iter().find(|p| p.exists()))
+            .ok_or_else(|| {
+                format!("{ORT_LIBRARY} not found: set ORT_DYLIB_PATH or --ort-library, or run scripts/ort.sh")
+            })?;
+        if !path.exists() {
+            return Err(format!("{} does not exist", path.display()));
+        }
+        ort::init_from(&path)
+            .map_err(|e| format!("loading {}: {e}", path.display()))?
+            .with_name("ddit")
+            .build()
+            .map_err(|e| format!("creating the environment: {e}"))
+    });
+    res.as_ref().map_err(|m| WorkerError::Runtime {
+        context: "onnxruntime".into(),
+        message: m.clone(),
+    })
+}
+
+/// An input value for a segment.
+pub enum Input<'a> {
+    F32(&'a Tensor),
+    I64 { shape: Vec<usize>, data: Vec<i64> },
+}
+
+pub struct Segment {
+    pub name: String,
+    session: Session,
+    inputs: Vec<String>,
+    outputs: Vec<String>,
+}
+
+fn element(d: TensorDtype) -> TensorElementType {
+    match d {
+        TensorDtype::F32 => TensorElementType::Float32,
+        TensorDtype::F16 => TensorElementType::Float16,
+        TensorDtype::I64 => TensorElementType::Int64,
+    }
+}
+
+impl Segment {
+    /// Creates the session and checks its I/O names and element types against the manifest.
+    pub fn load(
+        env: &Environment,
+        cfg: &EngineConfig,
+        path: &Path,
+        spec: &SegmentSpec,
+        model_hash: &str,
+    ) -> Result<Self> {
+        let ctx = |what: &str| format!("segment {} ({}): {what}", spec.name, path.display());
+        let builder = Session::builder(env).map_err(|e| WorkerError::runtime(ctx("builder"), e))?;
+        let builder = builder
+            .with_intra_threads(cfg.intra_threads.max(1))
+            .map_err(|e| WorkerError::runtime(ctx("intra-op threads"), e))?;
+        let builder = builder
+            .with_inter_threads(1)
+            .map_err(|e| WorkerError::runtime(ctx("inter-op threads"), e))?;
+        let mut builder = builder
+            .with_execution_providers(cfg.dispatch(model_hash))
+            .map_err(|e| WorkerError::Provider {
+                provider: cfg.primary().to_string(),
+                message: e.to_string(),
+            })?;
+        let session = builder
+            .commit_from_file(path)
+            .map_err(|e| WorkerError::runtime(ctx("load"), e))?;
+        let mismatch = |m: String| WorkerError::Package {
+            path: path.display().to_string(),
+            message: m,
+        };
+        let check = |kind: &str,
+                     got: Vec<(String, Option<TensorElementType>)>,
+                     want: &[ddit_schemas::TensorSpec]| {
+            if got.len() != want.len() {
+                return Err(mismatch(format!(
+                    "{kind}: the graph has {}, the manifest {}",
+                    got.len(),
+                    want.len()
+                )));
+            }
+            for ((name, ty), w) in got.iter().zip(want) {
+                if *name != w.name || *ty != Some(element(w.dtype)) {
+                    return Err(mismatch(format!(
+                        "{kind} `{name}` ({ty:?}) does not match the manifest's `{}` ({:?})",
+                        w.name, w.dtype
+                    )));
+                }
+            }
+            Ok(())
+        };
+        let io = |outlets: &[ort::value::Outlet]| {
+            outlets
+                .iter()
+                .map(|o| (o.name().to_string(), o.dtype().tensor_type()))
+                .collect::<Vec<_>>()
+        };
+        check("inputs", io(session.inputs()), &spec.inputs)?;
+        check("outputs", io(session.outputs()), &spec.outputs)?;
+        Ok(Self {
+            name: spec.name.clone(),
+            inputs: spec.inputs.iter().map(|t| t.name.clone()).collect(),
+            outputs: spec.outputs.iter().map(|t| t.name.clone()).collect(),
+            session,
+        })
+    }
+
+    /// Runs the segment; inputs in manifest order; returns every output in manifest order.
+    pub fn run(&mut self, inputs: Vec<Input<'_>>) -> Result<Vec<Tensor>> {
+        let ctx = |what: &str| format!("segment {}: {what}", self.name);
+        if inputs.len() != self.inputs.len() {
+            return Err(WorkerError::Internal(ctx(&format!(
+                "{} inputs given, {} expected",
+                inputs.len(),
+                self.inputs.len()
+            ))));
+        }
+        let mut feeds: Vec<(Cow<'_, str>, SessionInputValue<'_>)> =
+            Vec::with_capacity(inputs.len());
+        for (name, inp) in self.inputs.iter().zip(inputs) {
+            let v: SessionInputValue<'_> = match inp {
+                Input::F32(t) => OrtTensor::from_array((t.shape.clone(), t.data.clone()))
+                    .map_err(|e| WorkerError::runtime(ctx(name), e))?
+                    .into(),
+                Input::I64 { shape, data } => OrtTensor::from_array((shape, data))
+                    .map_err(|e| WorkerError::runtime(ctx(name), e))?
+                    .into(),
+            };
+            feeds.push((Cow::Owned(name.clone()), v));
+        }
+        let out = self
+            .session
+            .run(feeds)
+            .map_err(|e| WorkerError::runtime(ctx("run"), e))?;
+        let mut res = Vec::with_capacity(self.outputs.len());
+        for name in &self.outputs {
+            let (shape, data) = out[name.as_str()]
+                .try_extract_tensor::<f32>()
+                .map_err(|e| WorkerError::runtime(ctx(name), e))?;
+            res.push(Tensor {
+                shape: shape.iter().map(|&d| d.max(0) as usize).collect(),
+                data: data.to_vec(),
+            });
+        }
+        Ok(res)
+    }
+}

@@ -1,0 +1,170 @@
+//! Images in and out: guarded decoding (PNG, JPEG, WebP), D-DiT's preprocessing, PNG encoding.
+
+use std::io::Cursor;
+
+use image::{imageops::FilterType, DynamicImage, ImageFormat, ImageReader, Limits, RgbImage};
+
+use crate::engine::Tensor;
+use crate::error::{Result, WorkerError};
+
+/// Decoding limits: a decompression bomb is refused before it is decoded.
+#[derive(Debug, Clone, Copy)]
+pub struct ImageLimits {
+    pub max_bytes: usize,
+    pub max_pixels: u64,
+    pub max_side: u32,
+}
+
+impl Default for ImageLimits {
+    fn default() -> Self {
+        Self {
+            max_bytes: 32 << 20,
+            max_pixels: 40_000_000,
+            max_side: 16_384,
+        }
+    }
+}
+
+/// Decodes PNG, JPEG or WebP bytes into RGB, refusing anything over `limits`.
+pub fn decode(bytes: &[u8], source: &str, limits: ImageLimits) -> Result<RgbImage> {
+    let bad = |m: String| WorkerError::InvalidInput {
+        source_ref: source.to_string(),
+        message: m,
+    };
+    if bytes.len() > limits.max_bytes {
+        return Err(bad(format!(
+            "{} bytes exceeds the limit of {}",
+            bytes.len(),
+            limits.max_bytes
+        )));
+    }
+    let reader = ImageReader::new(Cursor::new(bytes))
+        .with_guessed_format()
+        .map_err(|e| bad(e.to_string()))?;
+    match reader.format() {
+        Some(ImageFormat::Png | ImageFormat::Jpeg | ImageFormat::WebP) => {}
+        Some(f) => return Err(bad(format!("unsupported format {f:?} (PNG, JPEG or WebP)"))),
+        None => return Err(bad("not a PNG, JPEG or WebP image".into())),
+    }
+    let (w, h) = reader
+        .into_dimensions()
+        .map_err(|e| bad(format!("cannot read the header: {e}")))?;
+    if w == 0
+        || h == 0
+        || w > limits.max_side
+        || h > limits.max_side
+        || u64::from(w) * u64::from(h) > limits.max_pixels
+    {
+        return Err(bad(format!(
+            "{w}x{h} pixels exceeds the limits ({} pixels, {} per side)",
+            limits.max_pixels, limits.max_side
+        )));
+    }
+    let mut reader = ImageReader::new(Cursor::new(bytes))
+        .with_guessed_format()
+        .map_err(|e| bad(e.to_string()))?;
+    let mut l = Limits::default();
+    l.max_image_width = Some(limits.max_side);
+    l.max_image_height = Some(limits.max_side);
+    l.max_alloc = Some(limits.max_pixels * 16);
+    reader.limits(l);
+    let img = reader
+        .decode()
+        .map_err(|e| bad(format!("cannot decode: {e}")))?;
+    Ok(img.to_rgb8())
+}
+
+/// D-DiT's image transform: resize the shorter side to `size` (bicubic), centre-crop to
+/// `size`×`size`, scale to [-1, 1]. Returns `[1, 3, size, size]`.
+pub fn preprocess(img: &RgbImage, size: u32) -> Tensor {
+    let (w, h) = img.dimensions();
+    let scale = f64::from(size) / f64::from(w.min(h));
+    let nw = ((f64::from(w) * scale).round() as u32).max(size);
+    let nh = ((f64::from(h) * scale).round() as u32).max(size);
+    let resized = if (nw, nh) == (w, h) {
+        img.clone()
+    } else {
+        image::imageops::resize(img, nw, nh, FilterType::CatmullRom)
+    };
+    let left = (nw - size) / 2;
+    let top = (nh - size) / 2;
+    let s = size as usize;
+    let mut data = vec![0.0f32; 3 * s * s];
+    for y in 0..s {
+        for x in 0..s {
+            let p = resized.get_pixel(left + x as u32, top + y as u32);
+            for c in 0..3 {
+                data[c * s * s + y * s + x] = f32::from(p[c]) / 127.5 - 1.0;
+            }
+        }
+    }
+    Tensor {
+        shape: vec![1, 3, s, s],
+        data,
+    }
+}
+
+/// An image in [-1, 1] `[1, 3, H, W]` (one row of a batch) to RGB8, as diffusers does:
+/// `(x / 2 + 0.5).clamp(0, 1) * 255`, rounded.
+pub fn to_rgb(t: &Tensor) -> Result<RgbImage> {
+    let (h, w) = (t.shape[2], t.shape[3]);
+    let mut img = RgbImage::new(w as u32, h as u32);
+    for y in 0..h {
+        for x in 0..w {
+            let mut px = [0u8; 3];
+            for (c, v) in px.iter_mut().enumerate() {
+                let f = (t.data[c * h * w + y * w + x] / 2.0 + 0.5).clamp(0.0, 1.0);
+                *v = (f * 255.0).round() as u8;
+            }
+            img.put_pixel(x as u32, y as u32, image::Rgb(px));
+        }
+    }
+    Ok(img)
+}
+
+pub fn encode_png(img: &RgbImage) -> Result<Vec<u8>> {
+    let mut out = Cursor::new(Vec::new());
+    DynamicImage::ImageRgb8(img.clone())
+        .write_to(&mut out, ImageFormat::Png)
+        .map_err(|e| WorkerError::Internal(format!("png encode: {e}")))?;
+    Ok(out.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn png(w: u32, h: u32) -> Vec<u8> {
+        encode_png(&RgbImage::from_pixel(w, h, image::Rgb([10, 200, 30]))).unwrap_or_default()
+    }
+
+    #[test]
+    fn decodes_and_round_trips() {
+        let img =
+            decode(&png(40, 20), "t", ImageLimits::default()).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(img.dimensions(), (40, 20));
+        let t = preprocess(&img, 16);
+        assert_eq!(t.shape, vec![1, 3, 16, 16]);
+        let back = to_rgb(&t).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(back.get_pixel(8, 8).0, [10, 200, 30]);
+    }
+
+    #[test]
+    fn refuses_bombs_garbage_and_other_formats() {
+        let limits = ImageLimits {
+            max_bytes: 1 << 20,
+            max_pixels: 1000,
+            max_side: 100,
+        };
+        let err = decode(&png(64, 64), "big", limits)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(err.contains("exceeds"), "{err}");
+        assert!(decode(b"not an image", "g", limits).is_err());
+        assert!(decode(b"GIF89a....", "gif", limits).is_err());
+        let mut truncated = png(20, 20);
+        truncated.truncate(truncated.len() / 2);
+        assert!(decode(&truncated, "t", ImageLimits::default()).is_err());
+    }
+}

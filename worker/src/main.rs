@@ -1,0 +1,408 @@
+//! `ddit-worker`: local commands (generate, caption, vqa, batch). Every flag also reads
+//! `DDIT_<FLAG>` from the environment.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{bail, Context};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use ddit_schemas::{CaptionParams, GenerateParams, Job, JobResult, Status, TaskParams, VqaParams};
+use ddit_worker::engine::{parse_providers, Engine, EngineConfig, TensorRtOptions};
+use ddit_worker::image_io::ImageLimits;
+use ddit_worker::local::{finished_ids, FileSource, FolderSink, ResultFile};
+use ddit_worker::runner::{
+    Hooks, ImageSink, Incoming, JobSource, LatentMode, Runner, RunnerConfig,
+};
+use ddit_worker::tasks::input::LocalFetcher;
+use ddit_worker::text::TextCodec;
+
+#[derive(Parser)]
+#[command(
+    name = "ddit-worker",
+    version,
+    about = "Serve D-DiT: text to image, captioning and VQA"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum CaptionLatent {
+    Sample,
+    Mean,
+}
+
+/// Model and engine settings shared by every command.
+#[derive(Args, Clone)]
+struct EngineArgs {
+    /// Model package folder (written by `ddit-export convert`).
+    #[arg(long, env = "DDIT_MODEL")]
+    model: PathBuf,
+    /// Execution providers in order of preference: cpu, cuda[:DEVICE], tensorrt[:DEVICE].
+    /// A requested GPU provider that cannot register is an error, never a silent CPU run.
+    #[arg(long, default_value = "cpu", env = "DDIT_PROVIDERS")]
+    providers: String,
+    /// Intra-op threads per inference session.
+    #[arg(long, default_value_t = default_threads(), env = "DDIT_INTRA_THREADS")]
+    intra_threads: usize,
+    /// TensorRT: build fp16 engines.
+    #[arg(long, env = "DDIT_TRT_FP16")]
+    trt_fp16: bool,
+    /// TensorRT: engine and timing cache root (a subfolder per model hash).
+    #[arg(long, env = "DDIT_TRT_CACHE_DIR")]
+    trt_cache_dir: Option<PathBuf>,
+    /// Path of libonnxruntime.so (else ORT_DYLIB_PATH, else the standard places).
+    #[arg(long, env = "DDIT_ORT_LIBRARY")]
+    ort_library: Option<PathBuf>,
+    /// Captioning latent: sample the VAE posterior (D-DiT) or take its mean.
+    #[arg(
+        long,
+        value_enum,
+        default_value = "sample",
+        env = "DDIT_CAPTION_LATENT"
+    )]
+    caption_latent: CaptionLatent,
+    /// Largest input image file accepted, in bytes.
+    #[arg(long, default_value_t = 32 << 20, env = "DDIT_MAX_IMAGE_BYTES")]
+    max_image_bytes: usize,
+    /// Largest input image accepted, in pixels (width x height).
+    #[arg(long, default_value_t = 40_000_000, env = "DDIT_MAX_IMAGE_PIXELS")]
+    max_image_pixels: u64,
+    /// Log filter (tracing EnvFilter syntax), e.g. `info` or `ddit_worker=debug`.
+    #[arg(long, default_value = "warn", env = "DDIT_LOG")]
+    log: String,
+}
+
+fn default_threads() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Text to image: writes a PNG.
+    Generate {
+        #[command(flatten)]
+        engine: EngineArgs,
+        #[arg(long, env = "DDIT_PROMPT")]
+        prompt: String,
+        #[arg(long, env = "DDIT_NEGATIVE_PROMPT")]
+        negative_prompt: Option<String>,
+        /// Sampling steps (default 28).
+        #[arg(long, env = "DDIT_STEPS")]
+        steps: Option<u32>,
+        /// Classifier-free guidance scale (default 7.0).
+        #[arg(long, env = "DDIT_GUIDANCE")]
+        guidance: Option<f32>,
+        #[arg(long, env = "DDIT_WIDTH")]
+        width: Option<u32>,
+        #[arg(long, env = "DDIT_HEIGHT")]
+        height: Option<u32>,
+        #[arg(long, env = "DDIT_SEED")]
+        seed: Option<u64>,
+        /// Images to generate; image i uses seed + i and is written as FILE-i.png for i > 0.
+        #[arg(long, env = "DDIT_NUM_IMAGES")]
+        num_images: Option<u32>,
+        /// Output PNG file.
+        #[arg(long, env = "DDIT_OUT")]
+        out: PathBuf,
+    },
+    /// Image to text: prints the caption.
+    Caption {
+        #[command(flatten)]
+        engine: EngineArgs,
+        /// Image file (PNG, JPEG or WebP).
+        #[arg(long, env = "DDIT_IMAGE")]
+        image: String,
+        /// Sampling steps (default 64).
+        #[arg(long, env = "DDIT_STEPS")]
+        steps: Option<u32>,
+        /// Canvas length in tokens (default: the model's caption length).
+        #[arg(long, env = "DDIT_LENGTH")]
+        length: Option<u32>,
+        /// Text the caption must start with.
+        #[arg(long, env = "DDIT_PROMPT")]
+        prompt: Option<String>,
+        #[arg(long, env = "DDIT_SEED")]
+        seed: Option<u64>,
+    },
+    /// Visual question answering: prints the answer.
+    Vqa {
+        #[command(flatten)]
+        engine: EngineArgs,
+        #[arg(long, env = "DDIT_IMAGE")]
+        image: String,
+        #[arg(long, env = "DDIT_QUESTION")]
+        question: String,
+        /// Sampling steps (default 32).
+        #[arg(long, env = "DDIT_STEPS")]
+        steps: Option<u32>,
+        #[arg(long, env = "DDIT_SEED")]
+        seed: Option<u64>,
+    },
+    /// Runs a JSONL file of jobs; writes OUT/results.jsonl and OUT/{job_id}/{n}.png. Resumable.
+    Batch {
+        #[command(flatten)]
+        engine: EngineArgs,
+        /// Jobs, one JSON object per line (schemas/job.schema.json).
+        #[arg(long, env = "DDIT_JOBS")]
+        jobs: PathBuf,
+        /// Output folder.
+        #[arg(long, env = "DDIT_OUT")]
+        out: PathBuf,
+        /// Most rows (images or canvases) in one forward pass.
+        #[arg(long, default_value_t = 8, env = "DDIT_MAX_BATCH")]
+        max_batch: usize,
+        /// Hide the progress bar even on a terminal.
+        #[arg(long, env = "DDIT_NO_PROGRESS")]
+        no_progress: bool,
+    },
+}
+
+fn init_logging(filter: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_new(filter)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+fn load(e: &EngineArgs) -> anyhow::Result<(Engine, TextCodec, RunnerConfig)> {
+    init_logging(&e.log);
+    let cfg = EngineConfig {
+        providers: parse_providers(&e.providers)?,
+        intra_threads: e.intra_threads,
+        tensorrt: TensorRtOptions {
+            fp16: e.trt_fp16,
+            cache_dir: e.trt_cache_dir.clone(),
+        },
+        ort_library: e.ort_library.clone(),
+    };
+    let engine = Engine::load(&e.model, &cfg)
+        .with_context(|| format!("loading model package {}", e.model.display()))?;
+    let codec = TextCodec::load(
+        &engine.tokenizer_path,
+        engine.manifest.values.tokens.clone(),
+    )?;
+    let rc = RunnerConfig {
+        max_batch: 8,
+        caption_latent: match e.caption_latent {
+            CaptionLatent::Sample => LatentMode::Sample,
+            CaptionLatent::Mean => LatentMode::Mean,
+        },
+        image_limits: ImageLimits {
+            max_bytes: e.max_image_bytes,
+            ..ImageLimits::default()
+        }
+        .with_pixels(e.max_image_pixels),
+    };
+    Ok((engine, codec, rc))
+}
+
+trait WithPixels {
+    fn with_pixels(self, p: u64) -> Self;
+}
+impl WithPixels for ImageLimits {
+    fn with_pixels(mut self, p: u64) -> Self {
+        self.max_pixels = p;
+        self
+    }
+}
+
+/// Runs one job in-process and returns its result.
+struct One {
+    job: Option<Job>,
+    result: Option<JobResult>,
+}
+impl JobSource for One {
+    fn next_job(&mut self, _wait: bool) -> Option<Incoming> {
+        self.job.take().map(|j| Incoming::Job(Box::new(j)))
+    }
+}
+impl Hooks for One {
+    fn result(&mut self, r: JobResult) {
+        self.result = Some(r);
+    }
+}
+
+/// Writes image i to `out` (i = 0) or `out-i.png`.
+struct FileSink {
+    out: PathBuf,
+}
+impl ImageSink for FileSink {
+    fn put(
+        &mut self,
+        _job_id: &str,
+        index: u32,
+        png: &[u8],
+        _seed: u64,
+    ) -> ddit_worker::Result<String> {
+        let path = if index == 0 {
+            self.out.clone()
+        } else {
+            let stem = self
+                .out
+                .file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            self.out.with_file_name(format!("{stem}-{index}.png"))
+        };
+        std::fs::write(&path, png)
+            .map_err(|e| ddit_worker::WorkerError::io(format!("writing {}", path.display()), e))?;
+        Ok(path.display().to_string())
+    }
+}
+
+fn run_one(e: &EngineArgs, task: TaskParams, out: Option<PathBuf>) -> anyhow::Result<JobResult> {
+    let (mut engine, codec, rc) = load(e)?;
+    let job = Job {
+        job_id: "local".into(),
+        task,
+        deadline: None,
+        submitted_at: None,
+    };
+    let mut one = One {
+        job: Some(job),
+        result: None,
+    };
+    let mut sink = FileSink {
+        out: out.unwrap_or_else(|| PathBuf::from("out.png")),
+    };
+    let mut src = One {
+        job: one.job.take(),
+        result: None,
+    };
+    Runner::new(&mut engine, &codec, &LocalFetcher, rc).run(&mut src, &mut sink, &mut one);
+    let r = one.result.context("no result")?;
+    if r.status != Status::Succeeded {
+        let msg = r
+            .error
+            .as_ref()
+            .map(|e| e.message.clone())
+            .unwrap_or_else(|| format!("{:?}", r.status));
+        bail!("{msg}");
+    }
+    Ok(r)
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.cmd {
+        Cmd::Generate {
+            engine,
+            prompt,
+            negative_prompt,
+            steps,
+            guidance,
+            width,
+            height,
+            seed,
+            num_images,
+            out,
+        } => {
+            let p = GenerateParams {
+                prompt,
+                negative_prompt,
+                steps,
+                guidance,
+                width,
+                height,
+                seed,
+                num_images,
+            };
+            let r = run_one(&engine, TaskParams::Generate(p), Some(out))?;
+            for o in r.outputs {
+                println!(
+                    "{} {}x{} seed {} sha256 {}",
+                    o.uri, o.width, o.height, o.seed, o.sha256
+                );
+            }
+        }
+        Cmd::Caption {
+            engine,
+            image,
+            steps,
+            length,
+            prompt,
+            seed,
+        } => {
+            let r = run_one(
+                &engine,
+                TaskParams::Caption(CaptionParams {
+                    image,
+                    steps,
+                    length,
+                    prompt,
+                    seed,
+                }),
+                None,
+            )?;
+            println!("{}", r.text.unwrap_or_default());
+        }
+        Cmd::Vqa {
+            engine,
+            image,
+            question,
+            steps,
+            seed,
+        } => {
+            let r = run_one(
+                &engine,
+                TaskParams::Vqa(VqaParams {
+                    image,
+                    question,
+                    steps,
+                    seed,
+                }),
+                None,
+            )?;
+            println!("{}", r.text.unwrap_or_default());
+        }
+        Cmd::Batch {
+            engine,
+            jobs,
+            out,
+            max_batch,
+            no_progress,
+        } => {
+            if max_batch == 0 {
+                bail!("--max-batch must be at least 1");
+            }
+            let (mut eng, codec, mut rc) = load(&engine)?;
+            rc.max_batch = max_batch;
+            std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+            let results = out.join("results.jsonl");
+            let done = finished_ids(&results)?;
+            let mut source = FileSource::open(&jobs, &done)?;
+            let mut file = ResultFile::open(&results, source.total, !no_progress)?;
+            let mut sink = FolderSink { dir: out.clone() };
+            let start = std::time::Instant::now();
+            Runner::new(&mut eng, &codec, &LocalFetcher, rc).run(&mut source, &mut sink, &mut file);
+            file.finish();
+            let c = file.counts;
+            eprintln!(
+                "{} jobs in {:.1}s: {} succeeded, {} failed, {} expired, {} skipped (already done or duplicate); results in {}",
+                source.total,
+                start.elapsed().as_secs_f64(),
+                c.succeeded,
+                c.failed,
+                c.expired,
+                source.skipped,
+                results.display()
+            );
+        }
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    match run(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
