@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# The whole test suite, as CI runs it (.ci/run calls exactly this).
+# Installs what it needs (ONNX Runtime's library from PyPI), then: fmt, clippy, tests.
+# No test needs Python, a GPU or a network beyond the package registries.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
+
+echo "== onnxruntime"
+ORT_DYLIB_PATH="$(scripts/ort.sh)"
+export ORT_DYLIB_PATH
+echo "$ORT_DYLIB_PATH"
+
+echo "== cargo fmt --check"
+cargo fmt --all --check
+
+echo "== cargo clippy"
+cargo clippy --workspace --all-targets -- -D warnings
+
+echo "== cargo test"
+cargo test --workspace
