@@ -14,7 +14,11 @@ fn bin() -> Command {
 }
 
 fn results(path: &std::path::Path) -> Vec<JobResult> {
-    std::fs::read_to_string(path).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+    std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
 }
 
 #[test]
@@ -26,11 +30,16 @@ fn batch_records_bad_jobs_and_resumes() {
     for i in 0..4 {
         lines.push(format!(r#"{{"job_id":"g{i}","task":"generate","params":{{"prompt":"a red circle","steps":2,"seed":{i}}}}}"#));
     }
-    lines.push(r#"{"job_id":"c0","task":"caption","params":{"image":"IMG","steps":3}}"#.replace("IMG", img.to_str().unwrap()));
+    lines.push(
+        r#"{"job_id":"c0","task":"caption","params":{"image":"IMG","steps":3}}"#
+            .replace("IMG", img.to_str().unwrap()),
+    );
     lines.push(r#"{"job_id":"v0","task":"vqa","params":{"image":"IMG","question":"what colour is the square?","steps":3}}"#.replace("IMG", img.to_str().unwrap()));
     lines.push(r#"{"job_id":"broken","task":"generate","params":{"prompt":"p","bogus":1}}"#.into());
     lines.push("this is not json".into());
-    lines.push(r#"{"job_id":"g0","task":"generate","params":{"prompt":"duplicate id","steps":2}}"#.into());
+    lines.push(
+        r#"{"job_id":"g0","task":"generate","params":{"prompt":"duplicate id","steps":2}}"#.into(),
+    );
     let jobs = dir.path().join("jobs.jsonl");
     // First run: only the first three lines.
     std::fs::write(&jobs, lines[..3].join("\n")).unwrap();
@@ -71,13 +80,19 @@ fn batch_records_bad_jobs_and_resumes() {
     for o in &by("g3").outputs {
         let png = std::fs::read(out.join(&o.uri)).unwrap();
         use sha2::Digest;
-        let sha: String = sha2::Sha256::digest(&png).iter().map(|b| format!("{b:02x}")).collect();
+        let sha: String = sha2::Sha256::digest(&png)
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
         assert_eq!(sha, o.sha256);
     }
     // Every line validates against the result schema.
     let schema: serde_json::Value = serde_json::from_str(ddit_schemas::RESULT_SCHEMA).unwrap();
     let v = jsonschema::validator_for(&schema).unwrap();
-    for line in std::fs::read_to_string(out.join("results.jsonl")).unwrap().lines() {
+    for line in std::fs::read_to_string(out.join("results.jsonl"))
+        .unwrap()
+        .lines()
+    {
         let value: serde_json::Value = serde_json::from_str(line).unwrap();
         assert!(v.is_valid(&value), "{line}");
     }
@@ -88,7 +103,16 @@ fn single_commands_print_results_and_read_env_flags() {
     let dir = tempfile::tempdir().unwrap();
     let png = dir.path().join("g.png");
     let o = bin()
-        .args(["generate", "--prompt", "a red circle", "--seed", "3", "--steps", "2", "--out"])
+        .args([
+            "generate",
+            "--prompt",
+            "a red circle",
+            "--seed",
+            "3",
+            "--steps",
+            "2",
+            "--out",
+        ])
         .arg(&png)
         .env("DDIT_MODEL", common::package())
         .output()
@@ -103,14 +127,29 @@ fn single_commands_print_results_and_read_env_flags() {
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let o = bin()
-        .args(["vqa", "--question", "what colour is it?", "--steps", "3", "--image"])
+        .args([
+            "vqa",
+            "--question",
+            "what colour is it?",
+            "--steps",
+            "3",
+            "--image",
+        ])
         .arg(&png)
         .env("DDIT_MODEL", common::package())
         .output()
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     // A bad image is a clean error and a non-zero exit.
-    let o = bin().args(["caption", "--image", "/nonexistent.png"]).env("DDIT_MODEL", common::package()).output().unwrap();
+    let o = bin()
+        .args(["caption", "--image", "/nonexistent.png"])
+        .env("DDIT_MODEL", common::package())
+        .output()
+        .unwrap();
     assert!(!o.status.success());
-    assert!(String::from_utf8_lossy(&o.stderr).contains("input not found"), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("input not found"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
 }

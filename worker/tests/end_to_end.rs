@@ -11,14 +11,30 @@ use serde_json::json;
 
 fn mixed_jobs(img: &str) -> Vec<Incoming> {
     vec![
-        job(json!({"job_id": "g1", "task": "generate", "params": {"prompt": "a red circle", "steps": 3, "seed": 1}})),
-        job(json!({"job_id": "g2", "task": "generate", "params": {"prompt": "a blue square left of a red star", "steps": 3, "seed": 2, "num_images": 2}})),
-        job(json!({"job_id": "g3", "task": "generate", "params": {"prompt": "two objects", "steps": 3, "seed": 3, "width": 24, "height": 12}})),
-        job(json!({"job_id": "c1", "task": "caption", "params": {"image": img, "steps": 6, "seed": 4}})),
-        job(json!({"job_id": "c2", "task": "caption", "params": {"image": img, "steps": 6, "seed": 5, "prompt": "a red"}})),
-        job(json!({"job_id": "c3", "task": "caption", "params": {"image": img, "steps": 3, "seed": 6, "length": 6}})),
-        job(json!({"job_id": "v1", "task": "vqa", "params": {"image": img, "question": "what colour is the square?", "steps": 5, "seed": 7}})),
-        job(json!({"job_id": "v2", "task": "vqa", "params": {"image": img, "question": "how many objects are there?", "steps": 5, "seed": 8}})),
+        job(
+            json!({"job_id": "g1", "task": "generate", "params": {"prompt": "a red circle", "steps": 3, "seed": 1}}),
+        ),
+        job(
+            json!({"job_id": "g2", "task": "generate", "params": {"prompt": "a blue square left of a red star", "steps": 3, "seed": 2, "num_images": 2}}),
+        ),
+        job(
+            json!({"job_id": "g3", "task": "generate", "params": {"prompt": "two objects", "steps": 3, "seed": 3, "width": 24, "height": 12}}),
+        ),
+        job(
+            json!({"job_id": "c1", "task": "caption", "params": {"image": img, "steps": 6, "seed": 4}}),
+        ),
+        job(
+            json!({"job_id": "c2", "task": "caption", "params": {"image": img, "steps": 6, "seed": 5, "prompt": "a red"}}),
+        ),
+        job(
+            json!({"job_id": "c3", "task": "caption", "params": {"image": img, "steps": 3, "seed": 6, "length": 6}}),
+        ),
+        job(
+            json!({"job_id": "v1", "task": "vqa", "params": {"image": img, "question": "what colour is the square?", "steps": 5, "seed": 7}}),
+        ),
+        job(
+            json!({"job_id": "v2", "task": "vqa", "params": {"image": img, "question": "how many objects are there?", "steps": 5, "seed": 8}}),
+        ),
     ]
 }
 
@@ -26,11 +42,25 @@ fn fingerprint(rs: &[JobResult], sink: &common::MemSink) -> Vec<String> {
     let mut v: Vec<String> = rs
         .iter()
         .map(|r| {
-            let outs: Vec<String> = r.outputs.iter().map(|o| format!("{}:{}x{}", o.sha256, o.width, o.height)).collect();
-            format!("{} {:?} {:?} {}", r.job_id, r.status, r.text, outs.join(","))
+            let outs: Vec<String> = r
+                .outputs
+                .iter()
+                .map(|o| format!("{}:{}x{}", o.sha256, o.width, o.height))
+                .collect();
+            format!(
+                "{} {:?} {:?} {}",
+                r.job_id,
+                r.status,
+                r.text,
+                outs.join(",")
+            )
         })
         .collect();
-    let mut imgs: Vec<String> = sink.0.iter().map(|(j, i, b)| format!("{j}/{i}:{}", b.len())).collect();
+    let mut imgs: Vec<String> = sink
+        .0
+        .iter()
+        .map(|(j, i, b)| format!("{j}/{i}:{}", b.len()))
+        .collect();
     imgs.sort();
     v.extend(imgs);
     v
@@ -52,10 +82,16 @@ fn every_task_gives_outputs_of_the_right_shape() {
     }
     let by = |id: &str| rs.iter().find(|r| r.job_id == id).unwrap();
     assert_eq!(by("g1").outputs.len(), 1);
-    assert_eq!((by("g1").outputs[0].width, by("g1").outputs[0].height), (16, 16));
+    assert_eq!(
+        (by("g1").outputs[0].width, by("g1").outputs[0].height),
+        (16, 16)
+    );
     assert_eq!(by("g2").outputs.len(), 2);
     assert_eq!(by("g2").outputs[1].seed, 3);
-    assert_eq!((by("g3").outputs[0].width, by("g3").outputs[0].height), (24, 12));
+    assert_eq!(
+        (by("g3").outputs[0].width, by("g3").outputs[0].height),
+        (24, 12)
+    );
     for (_, _, png) in &sink.0 {
         let d = image::load_from_memory(png).unwrap();
         assert!(d.width() > 0);
@@ -64,7 +100,11 @@ fn every_task_gives_outputs_of_the_right_shape() {
     for id in ["c1", "c2", "c3", "v1", "v2"] {
         assert!(by(id).text.is_some(), "{id}");
     }
-    assert!(by("c2").text.as_deref().unwrap().starts_with("a red"), "{:?}", by("c2").text);
+    assert!(
+        by("c2").text.as_deref().unwrap().starts_with("a red"),
+        "{:?}",
+        by("c2").text
+    );
     // Batching: the three generation jobs (four images) shared forward passes.
     assert!(by("g1").metrics.as_ref().unwrap().batch_size >= 3);
     assert!(!hooks.progress.is_empty());
@@ -87,7 +127,9 @@ fn batched_results_equal_unbatched() {
     write_png(&img, 32);
     let (a, sa, _) = run_jobs(mixed_jobs(img.to_str().unwrap()), 1);
     let (b, sb, _) = run_jobs(mixed_jobs(img.to_str().unwrap()), 8);
-    assert!(a.iter().all(|r| r.metrics.as_ref().unwrap().batch_size == 1));
+    assert!(a
+        .iter()
+        .all(|r| r.metrics.as_ref().unwrap().batch_size == 1));
     assert!(b.iter().any(|r| r.metrics.as_ref().unwrap().batch_size > 1));
     assert_eq!(fingerprint(&a, &sa), fingerprint(&b, &sb));
     // PNG bytes too, not just their hashes.
@@ -99,8 +141,14 @@ fn batched_results_equal_unbatched() {
 }
 
 fn failure(rs: &[JobResult], id: &str) -> (Status, ErrorKind, String) {
-    let r = rs.iter().find(|r| r.job_id == id).unwrap_or_else(|| panic!("no result for {id}"));
-    let e = r.error.as_ref().unwrap_or_else(|| panic!("{id} has no error: {r:?}"));
+    let r = rs
+        .iter()
+        .find(|r| r.job_id == id)
+        .unwrap_or_else(|| panic!("no result for {id}"));
+    let e = r
+        .error
+        .as_ref()
+        .unwrap_or_else(|| panic!("{id} has no error: {r:?}"));
     (r.status, e.kind, e.message.clone())
 }
 
@@ -118,24 +166,45 @@ fn bad_inputs_fail_alone_with_named_fields() {
     big.save(&bomb).unwrap();
     let jobs = vec![
         job(json!({"job_id": "steps", "task": "generate", "params": {"prompt": "p", "steps": 0}})),
-        job(json!({"job_id": "guid", "task": "generate", "params": {"prompt": "p", "guidance": 99.0}})),
+        job(
+            json!({"job_id": "guid", "task": "generate", "params": {"prompt": "p", "guidance": 99.0}}),
+        ),
         job(json!({"job_id": "width", "task": "generate", "params": {"prompt": "p", "width": 18}})),
-        job(json!({"job_id": "huge", "task": "generate", "params": {"prompt": "p", "height": 4096}})),
+        job(
+            json!({"job_id": "huge", "task": "generate", "params": {"prompt": "p", "height": 4096}}),
+        ),
         job(json!({"job_id": "n", "task": "generate", "params": {"prompt": "p", "num_images": 9}})),
         job(json!({"job_id": "empty", "task": "generate", "params": {"prompt": "  "}})),
-        job(json!({"job_id": "missing", "task": "caption", "params": {"image": dir.path().join("nope.png")}})),
+        job(
+            json!({"job_id": "missing", "task": "caption", "params": {"image": dir.path().join("nope.png")}}),
+        ),
         job(json!({"job_id": "garbage", "task": "caption", "params": {"image": garbage}})),
         job(json!({"job_id": "bomb", "task": "caption", "params": {"image": bomb}})),
-        job(json!({"job_id": "b64", "task": "caption", "params": {"image": "data:image/png;base64,@@@"}})),
+        job(
+            json!({"job_id": "b64", "task": "caption", "params": {"image": "data:image/png;base64,@@@"}}),
+        ),
         job(json!({"job_id": "s3", "task": "caption", "params": {"image": "s3://bucket/key.png"}})),
-        job(json!({"job_id": "scheme", "task": "caption", "params": {"image": "http://example/x.png"}})),
+        job(
+            json!({"job_id": "scheme", "task": "caption", "params": {"image": "http://example/x.png"}}),
+        ),
         job(json!({"job_id": "len", "task": "caption", "params": {"image": good, "length": 2000}})),
-        job(json!({"job_id": "longq", "task": "vqa", "params": {"image": good, "question": "what ".repeat(60)}})),
-        job(json!({"job_id": "late", "task": "generate", "params": {"prompt": "p"}, "deadline": "2001-01-01T00:00:00Z"})),
-        job(json!({"job_id": "baddate", "task": "generate", "params": {"prompt": "p"}, "deadline": "tomorrow"})),
+        job(
+            json!({"job_id": "longq", "task": "vqa", "params": {"image": good, "question": "what ".repeat(60)}}),
+        ),
+        job(
+            json!({"job_id": "late", "task": "generate", "params": {"prompt": "p"}, "deadline": "2001-01-01T00:00:00Z"}),
+        ),
+        job(
+            json!({"job_id": "baddate", "task": "generate", "params": {"prompt": "p"}, "deadline": "tomorrow"}),
+        ),
         job(json!({"job_id": "bad id!", "task": "generate", "params": {"prompt": "p"}})),
-        Incoming::Unparseable { job_id: "line-3".into(), error: WorkerError::invalid("job", "expected value") },
-        job(json!({"job_id": "ok", "task": "generate", "params": {"prompt": "a red circle", "steps": 2}})),
+        Incoming::Unparseable {
+            job_id: "line-3".into(),
+            error: WorkerError::invalid("job", "expected value"),
+        },
+        job(
+            json!({"job_id": "ok", "task": "generate", "params": {"prompt": "a red circle", "steps": 2}}),
+        ),
     ];
     let (rs, _, _) = run_jobs(jobs, 4);
     assert_eq!(rs.len(), 19);
@@ -162,7 +231,10 @@ fn bad_inputs_fail_alone_with_named_fields() {
         let (status, k, msg) = failure(&rs, id);
         assert_eq!(status, Status::Failed, "{id}");
         assert_eq!(k, kind, "{id}: {msg}");
-        assert!(msg.contains(needle), "{id}: `{msg}` does not name `{needle}`");
+        assert!(
+            msg.contains(needle),
+            "{id}: `{msg}` does not name `{needle}`"
+        );
     }
     assert!(failure(&rs, "steps").2.contains("1..=1000"));
     let late = rs.iter().find(|r| r.job_id == "late").unwrap();
@@ -174,7 +246,10 @@ fn bad_inputs_fail_alone_with_named_fields() {
 #[test]
 fn canceled_job_ends_with_a_canceled_result() {
     let (mut e, c) = common::engine();
-    let mut hooks = common::Collect { cancel: vec!["slow".into()], ..Default::default() };
+    let mut hooks = common::Collect {
+        cancel: vec!["slow".into()],
+        ..Default::default()
+    };
     let mut src = common::VecSource(
         vec![
             job(json!({"job_id": "slow", "task": "generate", "params": {"prompt": "p", "steps": 50}})),
@@ -183,10 +258,23 @@ fn canceled_job_ends_with_a_canceled_result() {
         .into_iter(),
     );
     let mut sink = common::MemSink::default();
-    ddit_worker::runner::Runner::new(&mut e, &c, &ddit_worker::tasks::input::LocalFetcher, Default::default())
-        .run(&mut src, &mut sink, &mut hooks);
+    ddit_worker::runner::Runner::new(
+        &mut e,
+        &c,
+        &ddit_worker::tasks::input::LocalFetcher,
+        Default::default(),
+    )
+    .run(&mut src, &mut sink, &mut hooks);
     let slow = hooks.results.iter().find(|r| r.job_id == "slow").unwrap();
     assert_eq!(slow.status, Status::Canceled);
     assert!(slow.outputs.is_empty());
-    assert_eq!(hooks.results.iter().find(|r| r.job_id == "fast").unwrap().status, Status::Succeeded);
+    assert_eq!(
+        hooks
+            .results
+            .iter()
+            .find(|r| r.job_id == "fast")
+            .unwrap()
+            .status,
+        Status::Succeeded
+    );
 }

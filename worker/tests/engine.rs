@@ -42,7 +42,10 @@ fn a_changed_segment_is_refused() {
     b[n - 1] ^= 1;
     std::fs::write(&f, b).unwrap();
     let e = load_err(&p, &EngineConfig::default());
-    assert!(matches!(e, WorkerError::Package { .. }) && e.to_string().contains("sha256"), "{e}");
+    assert!(
+        matches!(e, WorkerError::Package { .. }) && e.to_string().contains("sha256"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -57,7 +60,9 @@ fn a_missing_segment_is_refused() {
 fn another_manifest_version_is_refused() {
     let (_d, p) = copy_pkg();
     let m = p.join("manifest.json");
-    let text = std::fs::read_to_string(&m).unwrap().replace("\"format_version\": 1", "\"format_version\": 2");
+    let text = std::fs::read_to_string(&m)
+        .unwrap()
+        .replace("\"format_version\": 1", "\"format_version\": 2");
     std::fs::write(&m, text).unwrap();
     let e = load_err(&p, &EngineConfig::default());
     assert!(e.to_string().contains("format_version"), "{e}");
@@ -67,7 +72,8 @@ fn another_manifest_version_is_refused() {
 fn a_manifest_whose_signature_disagrees_with_the_graph_is_refused() {
     let (_d, p) = copy_pkg();
     let m = p.join("manifest.json");
-    let mut v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&m).unwrap()).unwrap();
+    let mut v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&m).unwrap()).unwrap();
     for s in v["segments"].as_array_mut().unwrap() {
         if s["role"] == "text_head" {
             s["inputs"][0]["name"] = "renamed".into();
@@ -81,8 +87,14 @@ fn a_manifest_whose_signature_disagrees_with_the_graph_is_refused() {
 #[test]
 fn requested_gpu_provider_that_cannot_register_is_an_error() {
     // The CPU build of ONNX Runtime has no CUDA or TensorRT: asking for them must fail loudly.
-    for p in [Provider::Cuda { device: 0 }, Provider::TensorRt { device: 0 }] {
-        let cfg = EngineConfig { providers: vec![p.clone(), Provider::Cpu], ..EngineConfig::default() };
+    for p in [
+        Provider::Cuda { device: 0 },
+        Provider::TensorRt { device: 0 },
+    ] {
+        let cfg = EngineConfig {
+            providers: vec![p.clone(), Provider::Cpu],
+            ..EngineConfig::default()
+        };
         match load_err(common::package(), &cfg) {
             WorkerError::Provider { provider, .. } => assert_eq!(provider, p.name()),
             e => panic!("{e}"),

@@ -8,7 +8,8 @@ use ddit_worker::sampler::rng::JobRng;
 
 #[test]
 fn flow_schedule_matches_diffusers() {
-    let text = std::fs::read_to_string(common::workspace().join("tests/fixtures/scheduler.json")).unwrap();
+    let text =
+        std::fs::read_to_string(common::workspace().join("tests/fixtures/scheduler.json")).unwrap();
     let all: serde_json::Value = serde_json::from_str(&text).unwrap();
     let mut checked = 0;
     for (name, c) in all.as_object().unwrap() {
@@ -16,8 +17,18 @@ fn flow_schedule_matches_diffusers() {
         let shift = c["shift"].as_f64().unwrap();
         let t = c["num_train_timesteps"].as_u64().unwrap() as usize;
         let (sigmas, timesteps) = schedule(steps, shift, t);
-        let want_s: Vec<f32> = c["sigmas"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap() as f32).collect();
-        let want_t: Vec<f32> = c["timesteps"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap() as f32).collect();
+        let want_s: Vec<f32> = c["sigmas"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_f64().unwrap() as f32)
+            .collect();
+        let want_t: Vec<f32> = c["timesteps"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_f64().unwrap() as f32)
+            .collect();
         assert_eq!(sigmas, want_s, "{name}: sigmas");
         assert_eq!(timesteps, want_t, "{name}: timesteps");
         checked += 1;

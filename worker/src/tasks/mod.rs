@@ -158,7 +158,7 @@ pub fn plan(job: &Job, m: &Manifest) -> Result<Plan> {
             }
             let side = |field: &str, v: Option<u32>| -> Result<u32> {
                 let v = v.unwrap_or(g.native);
-                if v < g.multiple || v > g.max || v % g.multiple != 0 {
+                if v < g.multiple || v > g.max || !v.is_multiple_of(g.multiple) {
                     return Err(WorkerError::invalid(
                         field,
                         format!(

@@ -11,7 +11,10 @@ use ddit_worker::tasks::input::LocalFetcher;
 use ddit_worker::text::TextCodec;
 
 pub fn workspace() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
 }
 
 /// The `tiny-f32` fixture exported once (blocks split 2 + 2), kept for the whole test binary.
@@ -20,10 +23,17 @@ pub fn package() -> &'static Path {
     let (_, p) = PKG.get_or_init(|| {
         let dir = tempfile::tempdir().unwrap();
         let pkg = dir.path().join("pkg");
-        let mut o = ddit_export::ExportOptions::new(workspace().join("tests/fixtures/tiny-f32/checkpoint"), &pkg);
+        let mut o = ddit_export::ExportOptions::new(
+            workspace().join("tests/fixtures/tiny-f32/checkpoint"),
+            &pkg,
+        );
         o.blocks_per_segment = Some(2);
         o.name = Some("tiny-f32".into());
-        o.text_lengths = ddit_schemas::TextLengths { prompt: 12, caption: 10, vqa: 40 };
+        o.text_lengths = ddit_schemas::TextLengths {
+            prompt: 12,
+            caption: 10,
+            vqa: 40,
+        };
         ddit_export::convert(&o).unwrap();
         (dir, pkg)
     });
@@ -65,7 +75,13 @@ impl Hooks for Collect {
 #[derive(Default)]
 pub struct MemSink(pub Vec<(String, u32, Vec<u8>)>);
 impl ImageSink for MemSink {
-    fn put(&mut self, job_id: &str, index: u32, png: &[u8], _seed: u64) -> ddit_worker::Result<String> {
+    fn put(
+        &mut self,
+        job_id: &str,
+        index: u32,
+        png: &[u8],
+        _seed: u64,
+    ) -> ddit_worker::Result<String> {
         self.0.push((job_id.to_string(), index, png.to_vec()));
         Ok(format!("mem://{job_id}/{index}.png"))
     }
@@ -78,7 +94,10 @@ pub fn job(v: serde_json::Value) -> Incoming {
 /// Runs jobs through a fresh engine; returns results sorted by job id, and the images.
 pub fn run_jobs(jobs: Vec<Incoming>, max_batch: usize) -> (Vec<JobResult>, MemSink, Collect) {
     let (mut e, c) = engine();
-    let cfg = RunnerConfig { max_batch, ..RunnerConfig::default() };
+    let cfg = RunnerConfig {
+        max_batch,
+        ..RunnerConfig::default()
+    };
     let mut src = VecSource(jobs.into_iter());
     let mut sink = MemSink::default();
     let mut hooks = Collect::default();
