@@ -12,6 +12,7 @@ pub mod image_io;
 pub mod local;
 pub mod runner;
 pub mod sampler;
+pub mod service;
 pub mod tasks;
 pub mod text;
 

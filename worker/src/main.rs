@@ -142,6 +142,13 @@ enum Cmd {
         #[arg(long, env = "DDIT_SEED")]
         seed: Option<u64>,
     },
+    /// The queue worker: jobs from AMQP, images to S3, results and progress to Redis.
+    Serve {
+        #[command(flatten)]
+        engine: EngineArgs,
+        #[command(flatten)]
+        serve: Box<ServeArgs>,
+    },
     /// Runs a JSONL file of jobs; writes OUT/results.jsonl and OUT/{job_id}/{n}.png. Resumable.
     Batch {
         #[command(flatten)]
@@ -159,6 +166,86 @@ enum Cmd {
         #[arg(long, env = "DDIT_NO_PROGRESS")]
         no_progress: bool,
     },
+}
+
+/// Settings of `serve`. S3 credentials come from the standard AWS variables
+/// (`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_SESSION_TOKEN`); they are never logged.
+#[derive(Args, Clone)]
+struct ServeArgs {
+    /// AMQP URL (the password is never logged).
+    #[arg(
+        long,
+        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f",
+        env = "DDIT_AMQP_URL",
+        hide_env_values = true
+    )]
+    amqp_url: String,
+    /// Work queue (a durable quorum queue, declared if absent).
+    #[arg(long, default_value = "ddit.jobs", env = "DDIT_QUEUE")]
+    queue: String,
+    /// Unacknowledged deliveries per worker.
+    #[arg(long, default_value_t = 8, env = "DDIT_PREFETCH")]
+    prefetch: u16,
+    /// Deliveries after which a message is dead-lettered (quorum `x-delivery-limit`).
+    #[arg(long, default_value_t = 5, env = "DDIT_DELIVERY_LIMIT")]
+    delivery_limit: u32,
+    /// Dead-letter exchange (fanout); its queue is `{exchange}.queue` unless set.
+    #[arg(long, default_value = "ddit.dlx", env = "DDIT_DEAD_LETTER_EXCHANGE")]
+    dead_letter_exchange: String,
+    #[arg(long, env = "DDIT_DEAD_LETTER_QUEUE")]
+    dead_letter_queue: Option<String>,
+    /// S3 endpoint, e.g. http://127.0.0.1:3900 (unset: AWS).
+    #[arg(long, env = "DDIT_S3_ENDPOINT")]
+    s3_endpoint: Option<String>,
+    #[arg(long, default_value = "us-east-1", env = "DDIT_S3_REGION")]
+    s3_region: String,
+    /// Bucket for generated images.
+    #[arg(long, env = "DDIT_S3_BUCKET")]
+    s3_bucket: String,
+    /// Key prefix: images go to `{prefix}/{job_id}/{n}.png`.
+    #[arg(long, default_value = "ddit", env = "DDIT_S3_PREFIX")]
+    s3_prefix: String,
+    /// Path-style addressing (local S3 servers).
+    #[arg(long, env = "DDIT_S3_PATH_STYLE")]
+    s3_path_style: bool,
+    /// Extra buckets input images may be read from (comma-separated; the output bucket always may).
+    #[arg(long, value_delimiter = ',', env = "DDIT_S3_INPUT_BUCKETS")]
+    s3_input_buckets: Vec<String>,
+    /// Redis URL.
+    #[arg(
+        long,
+        default_value = "redis://127.0.0.1:6379",
+        env = "DDIT_REDIS_URL",
+        hide_env_values = true
+    )]
+    redis_url: String,
+    /// Redis key prefix.
+    #[arg(long, default_value = "ddit", env = "DDIT_REDIS_PREFIX")]
+    redis_prefix: String,
+    /// Seconds a result is kept in Redis.
+    #[arg(long, default_value_t = 7 * 24 * 3600, env = "DDIT_RESULT_TTL")]
+    result_ttl: u64,
+    /// Inference threads (each with its own sessions).
+    #[arg(long, default_value_t = 1, env = "DDIT_INFERENCE_THREADS")]
+    inference_threads: usize,
+    /// Most rows in one forward pass.
+    #[arg(long, default_value_t = 8, env = "DDIT_MAX_BATCH")]
+    max_batch: usize,
+    /// Seconds allowed to finish in-flight jobs after SIGTERM/SIGINT; the rest are requeued.
+    #[arg(long, default_value_t = 30, env = "DDIT_SHUTDOWN_DEADLINE")]
+    shutdown_deadline: u64,
+    /// HTTP address for /healthz, /readyz, /metrics.
+    #[arg(long, default_value = "0.0.0.0:9090", env = "DDIT_LISTEN")]
+    listen: std::net::SocketAddr,
+    /// Least milliseconds between two progress events of one job.
+    #[arg(long, default_value_t = 500, env = "DDIT_PROGRESS_INTERVAL_MS")]
+    progress_interval_ms: u64,
+    /// OTLP/HTTP traces endpoint, e.g. http://collector:4318/v1/traces (unset: no export).
+    #[arg(long, env = "DDIT_OTLP_ENDPOINT")]
+    otlp_endpoint: Option<String>,
+    /// Name of this worker (AMQP connection name, consumer tag).
+    #[arg(long, default_value = "ddit-worker", env = "DDIT_WORKER_NAME")]
+    worker_name: String,
 }
 
 fn init_logging(filter: &str) {
@@ -290,6 +377,7 @@ fn run_one(e: &EngineArgs, task: TaskParams, out: Option<PathBuf>) -> anyhow::Re
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.cmd {
+        Cmd::Serve { engine, serve } => serve_cmd(engine, *serve)?,
         Cmd::Generate {
             engine,
             prompt,
@@ -395,6 +483,96 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+fn engine_config(e: &EngineArgs) -> anyhow::Result<EngineConfig> {
+    Ok(EngineConfig {
+        providers: parse_providers(&e.providers)?,
+        intra_threads: e.intra_threads,
+        tensorrt: TensorRtOptions {
+            fp16: e.trt_fp16,
+            cache_dir: e.trt_cache_dir.clone(),
+        },
+        ort_library: e.ort_library.clone(),
+    })
+}
+
+fn serve_cmd(e: EngineArgs, s: ServeArgs) -> anyhow::Result<()> {
+    use ddit_worker::service::{
+        self, amqp::AmqpConfig, redis::RedisConfig, s3::S3Config, ServeConfig,
+    };
+    let mut telemetry =
+        service::telemetry::init_telemetry(&e.log, s.otlp_endpoint.as_deref(), &s.worker_name)?;
+    let cfg = ServeConfig {
+        amqp: AmqpConfig {
+            url: s.amqp_url,
+            queue: s.queue,
+            prefetch: s.prefetch.max(1),
+            delivery_limit: s.delivery_limit.max(1),
+            dead_letter_queue: s
+                .dead_letter_queue
+                .unwrap_or_else(|| format!("{}.queue", s.dead_letter_exchange)),
+            dead_letter_exchange: s.dead_letter_exchange,
+        },
+        s3: S3Config {
+            endpoint: s.s3_endpoint,
+            region: s.s3_region,
+            bucket: s.s3_bucket,
+            prefix: s.s3_prefix,
+            path_style: s.s3_path_style,
+            input_buckets: s.s3_input_buckets,
+            max_input_bytes: e.max_image_bytes,
+        },
+        redis: RedisConfig {
+            url: s.redis_url,
+            prefix: s.redis_prefix,
+            result_ttl_secs: s.result_ttl,
+        },
+        model: e.model.clone(),
+        engine: engine_config(&e)?,
+        runner: RunnerConfig {
+            max_batch: s.max_batch.max(1),
+            caption_latent: match e.caption_latent {
+                CaptionLatent::Sample => LatentMode::Sample,
+                CaptionLatent::Mean => LatentMode::Mean,
+            },
+            image_limits: ImageLimits {
+                max_bytes: e.max_image_bytes,
+                max_pixels: e.max_image_pixels,
+                ..ImageLimits::default()
+            },
+        },
+        inference_threads: s.inference_threads.max(1),
+        shutdown_deadline: std::time::Duration::from_secs(s.shutdown_deadline),
+        listen: s.listen,
+        progress_interval: std::time::Duration::from_millis(s.progress_interval_ms),
+        name: s.worker_name,
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let res = rt.block_on(service::serve(cfg, shutdown_signal()));
+    telemetry.shutdown();
+    // Inference threads may still be finishing a job that was requeued; the process ends here.
+    rt.shutdown_timeout(std::time::Duration::from_secs(1));
+    res.map_err(Into::into)
+}
+
+/// Resolves on SIGTERM or SIGINT.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!("cannot listen for SIGTERM: {e}");
+            return std::future::pending().await;
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM"),
+        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT"),
+    }
 }
 
 fn main() -> ExitCode {

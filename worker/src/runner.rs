@@ -75,6 +75,8 @@ pub trait Hooks {
         false
     }
     fn result(&mut self, result: JobResult);
+    /// One batched forward pass took `seconds` for `rows` rows (`kind`: generate or masked).
+    fn step(&mut self, _kind: &'static str, _rows: usize, _seconds: f64) {}
 }
 
 enum Work {
@@ -474,12 +476,18 @@ impl<'a> Runner<'a> {
         let mut failed: BTreeMap<usize, WorkerError> = BTreeMap::new();
         for (key, rows) in groups {
             for chunk in rows.chunks(self.cfg.max_batch.max(1)) {
+                let t0 = Instant::now();
+                let kind = match key {
+                    GroupKey::Generate { .. } => "generate",
+                    GroupKey::Masked { .. } => "masked",
+                };
                 let res = match key {
                     GroupKey::Generate { .. } => self.forward_generate(chunk),
                     GroupKey::Masked { .. } => self.forward_masked(chunk),
                 };
                 match res {
                     Ok(()) => {
+                        hooks.step(kind, chunk.len(), t0.elapsed().as_secs_f64());
                         for &(ai, _) in chunk {
                             let a = &mut self.active[ai];
                             a.batch_max = a.batch_max.max(chunk.len() as u32);

@@ -1,0 +1,263 @@
+//! `ddit-worker serve` against real RabbitMQ, Redis and Garage on loopback.
+#![allow(clippy::unwrap_used)]
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use ddit_e2e::*;
+use ddit_schemas::{ErrorKind, Status};
+use futures_util::StreamExt;
+use serde_json::json;
+use sha2::Digest;
+
+fn png_bytes() -> Vec<u8> {
+    let mut img = image::RgbImage::from_pixel(24, 24, image::Rgb([255, 255, 255]));
+    for y in 6..14 {
+        for x in 6..14 {
+            img.put_pixel(x, y, image::Rgb([220, 40, 40]));
+        }
+    }
+    let mut out = std::io::Cursor::new(Vec::new());
+    img.write_to(&mut out, image::ImageFormat::Png).unwrap();
+    out.into_inner()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fifty_mixed_jobs_give_fifty_results_with_images_in_s3() {
+    let names = Names::new("mixed");
+    let dir = tempfile::tempdir().unwrap();
+    let model = export_model(dir.path());
+    let s3 = s3_client().await;
+    let input_key = format!("{}/inputs/red.png", names.s3_prefix);
+    s3.put_object()
+        .bucket(bucket())
+        .key(&input_key)
+        .body(png_bytes().into())
+        .send()
+        .await
+        .unwrap();
+    let input = format!("s3://{}/{input_key}", bucket());
+
+    let mut worker = Worker::start(&names, &model, dir.path(), "w1", &[]);
+    worker.wait_ready(Duration::from_secs(60));
+
+    // Progress events on pub/sub.
+    let client = redis::Client::open(var("DDIT_REDIS_URL", "redis://127.0.0.1:6379")).unwrap();
+    let mut pubsub = client.get_async_pubsub().await.unwrap();
+    pubsub
+        .psubscribe(format!("{}:progress:*", names.redis_prefix))
+        .await
+        .unwrap();
+    pubsub
+        .subscribe(format!("{}:results", names.redis_prefix))
+        .await
+        .unwrap();
+
+    let mut bodies = Vec::new();
+    let mut ids = Vec::new();
+    for i in 0..50 {
+        let id = format!("job-{i:02}");
+        let job = match i % 3 {
+            0 => {
+                json!({"job_id": id, "task": "generate", "params": {"prompt": "a red circle", "steps": 4, "seed": i, "num_images": 1 + (i % 2)}})
+            }
+            1 => {
+                json!({"job_id": id, "task": "caption", "params": {"image": input, "steps": 4, "seed": i}})
+            }
+            _ => {
+                json!({"job_id": id, "task": "vqa", "params": {"image": input, "question": "what colour is it?", "steps": 4, "seed": i}})
+            }
+        };
+        bodies.push(serde_json::to_vec(&job).unwrap());
+        ids.push(id);
+    }
+    // Poison messages: not JSON, and a job with an unknown task; a missing input object.
+    bodies.push(b"{ this is not json".to_vec());
+    bodies.push(
+        serde_json::to_vec(&json!({"job_id": "poison-task", "task": "paint", "params": {}}))
+            .unwrap(),
+    );
+    bodies.push(
+        serde_json::to_vec(&json!({"job_id": "missing-input", "task": "caption",
+            "params": {"image": format!("s3://{}/{}/nope.png", bucket(), names.s3_prefix)}}))
+        .unwrap(),
+    );
+    // A duplicate publish of a job: still exactly one result.
+    bodies.push(bodies[0].clone());
+    publish(&names, &bodies).await;
+
+    let results = wait_results(&names, &ids, Duration::from_secs(240)).await;
+    assert_eq!(
+        results.len(),
+        50,
+        "worker log:\n{}",
+        std::fs::read_to_string(&worker.log).unwrap_or_default()
+    );
+    let mut images = 0;
+    for r in &results {
+        assert_eq!(r.status, Status::Succeeded, "{}: {:?}", r.job_id, r.error);
+        assert_eq!(r.model.name, "tiny-f32");
+        if r.task.as_deref() == Some("generate") {
+            assert!(!r.outputs.is_empty());
+            for o in &r.outputs {
+                let key = o.uri.strip_prefix(&format!("s3://{}/", bucket())).unwrap();
+                assert!(key.starts_with(&names.s3_prefix), "{key}");
+                let obj = s3
+                    .get_object()
+                    .bucket(bucket())
+                    .key(key)
+                    .send()
+                    .await
+                    .unwrap();
+                assert_eq!(obj.content_type(), Some("image/png"));
+                assert!(obj.metadata().unwrap().contains_key("model-hash"));
+                let bytes = obj.body.collect().await.unwrap().into_bytes();
+                let sha: String = sha2::Sha256::digest(&bytes)
+                    .iter()
+                    .map(|b| format!("{b:02x}"))
+                    .collect();
+                assert_eq!(sha, o.sha256);
+                let img =
+                    image::load_from_memory_with_format(&bytes, image::ImageFormat::Png).unwrap();
+                assert_eq!((img.width(), img.height()), (o.width, o.height));
+                images += 1;
+            }
+        } else {
+            assert!(r.text.is_some(), "{}", r.job_id);
+        }
+    }
+    assert_eq!(images, 17 + 8);
+
+    // Poison and bad inputs: failed results, and their messages in the dead-letter queue.
+    let bad = wait_results(
+        &names,
+        &["poison-task".to_string(), "missing-input".to_string()],
+        Duration::from_secs(30),
+    )
+    .await;
+    assert_eq!(bad.len(), 2);
+    for r in &bad {
+        assert_eq!(r.status, Status::Failed);
+    }
+    let by: HashMap<_, _> = bad.iter().map(|r| (r.job_id.clone(), r)).collect();
+    assert_eq!(
+        by["poison-task"].error.as_ref().unwrap().kind,
+        ErrorKind::InvalidJob
+    );
+    assert_eq!(
+        by["missing-input"].error.as_ref().unwrap().kind,
+        ErrorKind::InputNotFound
+    );
+    let mut dlq = 0;
+    for _ in 0..50 {
+        dlq = queue_depth(&names, &names.dlq).await;
+        if dlq >= 3 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(dlq, 3, "not JSON, unknown task, missing input");
+    assert_eq!(queue_depth(&names, &names.queue).await, 0);
+
+    // One notification per stored result, and progress events were published.
+    let mut notified: HashMap<String, u32> = HashMap::new();
+    let mut progress = 0;
+    let mut stream = pubsub.on_message();
+    while let Ok(Some(msg)) = tokio::time::timeout(Duration::from_millis(500), stream.next()).await
+    {
+        let payload: String = msg.get_payload().unwrap();
+        if msg.get_channel_name().ends_with(":results") {
+            *notified.entry(payload).or_default() += 1;
+        } else {
+            progress += 1;
+        }
+    }
+    drop(stream);
+    for id in &ids {
+        assert_eq!(notified.get(id), Some(&1), "{id}");
+    }
+    assert!(progress > 0);
+
+    // HTTP: health, readiness and metrics.
+    assert_eq!(http_get(worker.port, "/healthz").unwrap().0, 200);
+    assert_eq!(http_get(worker.port, "/readyz").unwrap().0, 200);
+    let (code, metrics) = http_get(worker.port, "/metrics").unwrap();
+    assert_eq!(code, 200);
+    for m in [
+        "ddit_jobs_total{task=\"generate\",status=\"succeeded\"} 17",
+        "ddit_step_seconds_bucket",
+        "ddit_queue_wait_seconds",
+        "ddit_batch_size",
+        "ddit_jobs_in_flight 0",
+        "ddit_execution_provider{provider=\"cpu\"} 1",
+    ] {
+        assert!(metrics.contains(m), "metrics lack `{m}`:\n{metrics}");
+    }
+
+    // SIGTERM: a clean exit.
+    worker.sigterm();
+    let status = tokio::task::spawn_blocking(move || {
+        let s = worker.child.wait().unwrap();
+        (s, worker)
+    })
+    .await
+    .unwrap();
+    assert!(
+        status.0.success(),
+        "exit {:?}: {}",
+        status.0,
+        std::fs::read_to_string(&status.1.log).unwrap_or_default()
+    );
+    cleanup(&names).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_killed_mid_job_loses_nothing() {
+    let names = Names::new("kill");
+    let dir = tempfile::tempdir().unwrap();
+    let model = export_model(dir.path());
+    let mut a = Worker::start(&names, &model, dir.path(), "a", &[]);
+    let mut b = Worker::start(&names, &model, dir.path(), "b", &[]);
+    a.wait_ready(Duration::from_secs(60));
+    b.wait_ready(Duration::from_secs(60));
+    let ids: Vec<String> = (0..16).map(|i| format!("long-{i:02}")).collect();
+    let bodies: Vec<Vec<u8>> = ids
+        .iter()
+        .enumerate()
+        .map(|(i, id)| serde_json::to_vec(&json!({"job_id": id, "task": "generate", "params": {"prompt": "a blue square", "steps": 150, "seed": i}})).unwrap())
+        .collect();
+    publish(&names, &bodies).await;
+    // Kill A once it is mid-job (it holds unacknowledged deliveries).
+    let mut killed = false;
+    for _ in 0..200 {
+        if let Some((_, m)) = http_get(a.port, "/metrics") {
+            if m.lines()
+                .any(|l| l.starts_with("ddit_jobs_in_flight ") && !l.ends_with(" 0"))
+            {
+                a.kill9();
+                killed = true;
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(killed, "worker A never had a job in flight");
+    let results = wait_results(&names, &ids, Duration::from_secs(300)).await;
+    assert_eq!(
+        results.len(),
+        16,
+        "worker B log:\n{}",
+        std::fs::read_to_string(&b.log).unwrap_or_default()
+    );
+    for r in &results {
+        assert_eq!(r.status, Status::Succeeded, "{}: {:?}", r.job_id, r.error);
+    }
+    // Exactly one final result each: one key per job, and nothing left in either queue.
+    assert_eq!(queue_depth(&names, &names.queue).await, 0);
+    assert_eq!(queue_depth(&names, &names.dlq).await, 0);
+    let (_, m) = http_get(b.port, "/metrics").unwrap();
+    assert!(m.contains("ddit_redeliveries_total"), "{m}");
+    b.sigterm();
+    let _ = tokio::task::spawn_blocking(move || b.child.wait()).await;
+    cleanup(&names).await;
+}

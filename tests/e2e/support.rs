@@ -1,0 +1,362 @@
+//! Support for the end-to-end tests: unique names per test, the exported fixture model, a
+//! worker process, and clients for the real RabbitMQ, Redis and S3 servers on loopback.
+//!
+//! The services must be running (`scripts/services.sh up`, which `scripts/test.sh` calls);
+//! connection settings come from the variables `scripts/services.sh env` prints, with the same
+//! defaults.
+#![allow(clippy::unwrap_used, clippy::missing_panics_doc)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use ddit_schemas::JobResult;
+use ddit_worker::service::amqp::{self, AmqpConfig};
+
+pub fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+pub fn var(name: &str, default: &str) -> String {
+    std::env::var(name).unwrap_or_else(|_| default.to_string())
+}
+
+/// Names unique to one test run: queue, dead-letter exchange, Redis and S3 prefixes.
+#[derive(Clone, Debug)]
+pub struct Names {
+    pub id: String,
+    pub queue: String,
+    pub dlx: String,
+    pub dlq: String,
+    pub redis_prefix: String,
+    pub s3_prefix: String,
+}
+
+impl Names {
+    pub fn new(test: &str) -> Self {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos();
+        let id = format!("{test}-{}-{nanos:x}", std::process::id());
+        Self {
+            queue: format!("e2e.{id}"),
+            dlx: format!("e2e.{id}.dlx"),
+            dlq: format!("e2e.{id}.dlq"),
+            redis_prefix: format!("e2e:{id}"),
+            s3_prefix: format!("e2e/{id}"),
+            id,
+        }
+    }
+
+    pub fn amqp(&self) -> AmqpConfig {
+        AmqpConfig {
+            url: var("DDIT_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/%2f"),
+            queue: self.queue.clone(),
+            prefetch: 4,
+            delivery_limit: 5,
+            dead_letter_exchange: self.dlx.clone(),
+            dead_letter_queue: self.dlq.clone(),
+        }
+    }
+}
+
+/// The `tiny-f32` fixture exported into `dir`.
+pub fn export_model(dir: &Path) -> PathBuf {
+    let pkg = dir.join("pkg");
+    let mut o = ddit_export::ExportOptions::new(
+        workspace().join("tests/fixtures/tiny-f32/checkpoint"),
+        &pkg,
+    );
+    o.blocks_per_segment = Some(2);
+    o.name = Some("tiny-f32".into());
+    o.text_lengths = ddit_schemas::TextLengths {
+        prompt: 12,
+        caption: 10,
+        vqa: 40,
+    };
+    ddit_export::convert(&o).unwrap();
+    pkg
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+pub fn bucket() -> String {
+    var("DDIT_S3_BUCKET", "ddit-test")
+}
+
+/// A `ddit-worker serve` process.
+pub struct Worker {
+    pub child: Child,
+    pub port: u16,
+    pub log: PathBuf,
+}
+
+impl Worker {
+    pub fn start(names: &Names, model: &Path, log_dir: &Path, label: &str, extra: &[&str]) -> Self {
+        let port = free_port();
+        let log = log_dir.join(format!("{label}.log"));
+        let bin = workspace()
+            .join("target")
+            .join(if cfg!(debug_assertions) {
+                "debug"
+            } else {
+                "release"
+            })
+            .join("ddit-worker");
+        assert!(
+            bin.exists(),
+            "{} missing: build the workspace first",
+            bin.display()
+        );
+        let child = Command::new(bin)
+            .arg("serve")
+            .arg("--model")
+            .arg(model)
+            .args([
+                "--queue",
+                &names.queue,
+                "--dead-letter-exchange",
+                &names.dlx,
+                "--dead-letter-queue",
+                &names.dlq,
+            ])
+            .args([
+                "--redis-prefix",
+                &names.redis_prefix,
+                "--s3-prefix",
+                &names.s3_prefix,
+                "--s3-path-style",
+            ])
+            .args([
+                "--s3-endpoint",
+                &var("DDIT_S3_ENDPOINT", "http://127.0.0.1:3900"),
+            ])
+            .args([
+                "--s3-bucket",
+                &bucket(),
+                "--prefetch",
+                "4",
+                "--max-batch",
+                "4",
+                "--intra-threads",
+                "1",
+            ])
+            .args([
+                "--listen",
+                &format!("127.0.0.1:{port}"),
+                "--worker-name",
+                label,
+                "--log",
+                "info",
+            ])
+            .args(extra)
+            .env(
+                "AWS_ACCESS_KEY_ID",
+                var("AWS_ACCESS_KEY_ID", "GK0ddit0000000000000000001"),
+            )
+            .env(
+                "AWS_SECRET_ACCESS_KEY",
+                var(
+                    "AWS_SECRET_ACCESS_KEY",
+                    "0ddit0test0secret000000000000000000000000000000000000000000000001",
+                ),
+            )
+            .env(
+                "DDIT_AMQP_URL",
+                var("DDIT_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/%2f"),
+            )
+            .env(
+                "DDIT_REDIS_URL",
+                var("DDIT_REDIS_URL", "redis://127.0.0.1:6379"),
+            )
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        Self { child, port, log }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.port)
+    }
+
+    /// Waits until `/readyz` answers 200.
+    pub fn wait_ready(&mut self, timeout: Duration) {
+        let start = Instant::now();
+        while start.elapsed() < timeout {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                panic!(
+                    "worker exited early ({status}): {}",
+                    std::fs::read_to_string(&self.log).unwrap_or_default()
+                );
+            }
+            if http_get(self.port, "/readyz").is_some_and(|(code, _)| code == 200) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        panic!(
+            "worker not ready: {}",
+            std::fs::read_to_string(&self.log).unwrap_or_default()
+        );
+    }
+
+    pub fn sigterm(&self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+    }
+
+    pub fn kill9(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-9", &self.child.id().to_string()])
+            .status();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A tiny HTTP/1.0 GET on loopback: (status, body).
+pub fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").ok()?;
+    let mut buf = String::new();
+    s.read_to_string(&mut buf).ok()?;
+    let code = buf.split_whitespace().nth(1)?.parse().ok()?;
+    let body = buf
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    Some((code, body))
+}
+
+pub async fn s3_client() -> aws_sdk_s3::Client {
+    let creds = aws_sdk_s3::config::Credentials::new(
+        var("AWS_ACCESS_KEY_ID", "GK0ddit0000000000000000001"),
+        var(
+            "AWS_SECRET_ACCESS_KEY",
+            "0ddit0test0secret000000000000000000000000000000000000000000000001",
+        ),
+        None,
+        None,
+        "e2e",
+    );
+    let conf = aws_sdk_s3::config::Builder::new()
+        .behavior_version(aws_sdk_s3::config::BehaviorVersion::latest())
+        .region(aws_sdk_s3::config::Region::new("us-east-1"))
+        .endpoint_url(var("DDIT_S3_ENDPOINT", "http://127.0.0.1:3900"))
+        .credentials_provider(creds)
+        .force_path_style(true)
+        .build();
+    aws_sdk_s3::Client::from_conf(conf)
+}
+
+pub async fn redis() -> redis::aio::MultiplexedConnection {
+    let c = redis::Client::open(var("DDIT_REDIS_URL", "redis://127.0.0.1:6379")).unwrap();
+    c.get_multiplexed_async_connection().await.unwrap()
+}
+
+/// Publishes jobs with publisher confirms, declaring the topology first.
+pub async fn publish(names: &Names, bodies: &[Vec<u8>]) {
+    let cfg = names.amqp();
+    let conn = amqp::connect(&cfg, "e2e-client").await.unwrap();
+    let ch = conn.create_channel().await.unwrap();
+    amqp::declare(&ch, &cfg).await.unwrap();
+    for b in bodies {
+        amqp::publish_job(
+            &ch,
+            &cfg.queue,
+            b,
+            Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"),
+        )
+        .await
+        .unwrap();
+    }
+    let _ = conn.close(200, "done".into()).await;
+}
+
+/// Messages waiting in a queue.
+pub async fn queue_depth(names: &Names, queue: &str) -> u32 {
+    let cfg = names.amqp();
+    let conn = amqp::connect(&cfg, "e2e-inspect").await.unwrap();
+    let ch = conn.create_channel().await.unwrap();
+    let q = ch
+        .queue_declare(
+            queue.into(),
+            lapin::options::QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            lapin::types::FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let n = q.message_count();
+    let _ = conn.close(200, "done".into()).await;
+    n
+}
+
+/// Waits for results of `ids` in Redis; returns them (missing ones are absent).
+pub async fn wait_results(names: &Names, ids: &[String], timeout: Duration) -> Vec<JobResult> {
+    use redis::AsyncCommands;
+    let mut r = redis().await;
+    let start = Instant::now();
+    loop {
+        let keys: Vec<String> = ids
+            .iter()
+            .map(|i| format!("{}:result:{i}", names.redis_prefix))
+            .collect();
+        let vals: Vec<Option<String>> = r.mget(&keys).await.unwrap();
+        let got: Vec<JobResult> = vals
+            .iter()
+            .flatten()
+            .map(|v| serde_json::from_str(v).unwrap())
+            .collect();
+        if got.len() == ids.len() || start.elapsed() > timeout {
+            return got;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+pub async fn cleanup(names: &Names) {
+    use redis::AsyncCommands;
+    let mut r = redis().await;
+    let keys: Vec<String> = r
+        .keys(format!("{}:*", names.redis_prefix))
+        .await
+        .unwrap_or_default();
+    if !keys.is_empty() {
+        let _: () = r.del(keys).await.unwrap_or(());
+    }
+    let cfg = names.amqp();
+    if let Ok(conn) = amqp::connect(&cfg, "e2e-cleanup").await {
+        if let Ok(ch) = conn.create_channel().await {
+            for q in [&names.queue, &names.dlq] {
+                let _ = ch.queue_delete(q.as_str().into(), Default::default()).await;
+            }
+            let _ = ch
+                .exchange_delete(names.dlx.as_str().into(), Default::default())
+                .await;
+        }
+        let _ = conn.close(200, "done".into()).await;
+    }
+}

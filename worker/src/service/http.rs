@@ -1,0 +1,90 @@
+//! `/healthz`, `/readyz` and `/metrics`.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::routing::get;
+use axum::Router;
+
+use super::metrics::Metrics;
+use super::redis::ResultStore;
+use super::s3::S3Store;
+use crate::error::{Result, WorkerError};
+
+pub struct AppState {
+    pub model_ready: AtomicBool,
+    pub broker: std::sync::Mutex<Option<Arc<lapin::Connection>>>,
+    pub redis: ResultStore,
+    pub s3: S3Store,
+    pub metrics: Arc<Metrics>,
+}
+
+async fn healthz() -> &'static str {
+    "ok\n"
+}
+
+async fn readyz(State(s): State<Arc<AppState>>) -> (StatusCode, String) {
+    let mut problems = Vec::new();
+    if !s.model_ready.load(Ordering::SeqCst) {
+        problems.push("model not loaded".to_string());
+    }
+    let broker_ok = s
+        .broker
+        .lock()
+        .ok()
+        .and_then(|c| c.as_ref().map(|c| c.status().connected()))
+        .unwrap_or(false);
+    if !broker_ok {
+        problems.push("broker not connected".to_string());
+    }
+    if let Err(e) = s.redis.ping().await {
+        problems.push(e.to_string());
+    }
+    if let Err(e) = s.s3.ping().await {
+        problems.push(e.to_string());
+    }
+    if problems.is_empty() {
+        (StatusCode::OK, "ready\n".into())
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, problems.join("\n") + "\n")
+    }
+}
+
+async fn metrics(
+    State(s): State<Arc<AppState>>,
+) -> ([(axum::http::header::HeaderName, &'static str); 1], String) {
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        s.metrics.encode(),
+    )
+}
+
+/// Binds `addr` and serves until the runtime stops. Returns the bound address.
+pub async fn spawn(addr: SocketAddr, state: Arc<AppState>) -> Result<SocketAddr> {
+    let app = Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .with_state(state);
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| WorkerError::Config {
+            name: "listen".into(),
+            message: format!("{addr}: {e}"),
+        })?;
+    let bound = listener
+        .local_addr()
+        .map_err(|e| WorkerError::io("listen address", e))?;
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app).await {
+            tracing::error!("http server: {e}");
+        }
+    });
+    Ok(bound)
+}

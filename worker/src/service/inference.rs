@@ -1,0 +1,147 @@
+//! Inference threads: each owns an engine (its own ONNX Runtime sessions) and a runner, fed by a
+//! bounded channel. The async side never runs a model, so AMQP heartbeats and acks stay on time.
+
+use std::collections::HashSet;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use ddit_schemas::{Job, JobResult};
+use tokio::sync::mpsc;
+
+use super::s3::S3Io;
+use crate::engine::{Engine, EngineConfig};
+use crate::runner::{Hooks, Incoming, JobSource, Runner, RunnerConfig};
+use crate::text::TextCodec;
+
+/// What inference threads report to the async side.
+pub enum Event {
+    Ready,
+    LoadFailed(String),
+    Result(Box<JobResult>),
+    Progress {
+        job_id: String,
+        step: usize,
+        total: usize,
+    },
+    Step {
+        kind: &'static str,
+        rows: usize,
+        seconds: f64,
+    },
+}
+
+/// Job ids a client asked to cancel (kept current by the async side).
+pub type CancelSet = Arc<Mutex<HashSet<String>>>;
+
+struct ChannelSource {
+    rx: Arc<tokio::sync::Mutex<mpsc::Receiver<Job>>>,
+}
+
+impl JobSource for ChannelSource {
+    fn next_job(&mut self, wait: bool) -> Option<Incoming> {
+        if wait {
+            let mut rx = self.rx.blocking_lock();
+            rx.blocking_recv().map(|j| Incoming::Job(Box::new(j)))
+        } else {
+            // Never wait for another thread's blocking receive while jobs are running here.
+            let mut rx = self.rx.try_lock().ok()?;
+            rx.try_recv().ok().map(|j| Incoming::Job(Box::new(j)))
+        }
+    }
+}
+
+struct EventHooks {
+    tx: mpsc::UnboundedSender<Event>,
+    canceled: CancelSet,
+}
+
+impl Hooks for EventHooks {
+    fn progress(&mut self, job_id: &str, step: usize, total: usize) {
+        let _ = self.tx.send(Event::Progress {
+            job_id: job_id.to_string(),
+            step,
+            total,
+        });
+    }
+    fn canceled(&mut self, job_id: &str) -> bool {
+        self.canceled
+            .lock()
+            .map(|s| s.contains(job_id))
+            .unwrap_or(false)
+    }
+    fn result(&mut self, r: JobResult) {
+        let _ = self.tx.send(Event::Result(Box::new(r)));
+    }
+    fn step(&mut self, kind: &'static str, rows: usize, seconds: f64) {
+        let _ = self.tx.send(Event::Step {
+            kind,
+            rows,
+            seconds,
+        });
+    }
+}
+
+pub struct Pool {
+    pub jobs: mpsc::Sender<Job>,
+    pub threads: Vec<JoinHandle<()>>,
+}
+
+pub struct PoolConfig {
+    pub threads: usize,
+    pub model: PathBuf,
+    pub engine: EngineConfig,
+    pub runner: RunnerConfig,
+    pub capacity: usize,
+}
+
+pub fn start(
+    cfg: PoolConfig,
+    io: S3Io,
+    canceled: CancelSet,
+    events: mpsc::UnboundedSender<Event>,
+) -> Pool {
+    let (tx, rx) = mpsc::channel::<Job>(cfg.capacity.max(1));
+    let rx = Arc::new(tokio::sync::Mutex::new(rx));
+    let threads = (0..cfg.threads.max(1))
+        .map(|i| {
+            let rx = rx.clone();
+            let events = events.clone();
+            let canceled = canceled.clone();
+            let fetcher = io.clone();
+            let mut sink = io.clone();
+            let model = cfg.model.clone();
+            let ecfg = cfg.engine.clone();
+            let rcfg = cfg.runner.clone();
+            std::thread::Builder::new()
+                .name(format!("ddit-inference-{i}"))
+                .spawn(move || {
+                    let loaded = Engine::load(&model, &ecfg).and_then(|e| {
+                        let codec =
+                            TextCodec::load(&e.tokenizer_path, e.manifest.values.tokens.clone())?;
+                        Ok((e, codec))
+                    });
+                    let (mut engine, codec) = match loaded {
+                        Ok(x) => x,
+                        Err(e) => {
+                            let _ = events.send(Event::LoadFailed(e.to_string()));
+                            return;
+                        }
+                    };
+                    let _ = events.send(Event::Ready);
+                    let mut source = ChannelSource { rx };
+                    let mut hooks = EventHooks {
+                        tx: events,
+                        canceled,
+                    };
+                    Runner::new(&mut engine, &codec, &fetcher, rcfg).run(
+                        &mut source,
+                        &mut sink,
+                        &mut hooks,
+                    );
+                })
+                .unwrap_or_else(|e| panic!("cannot spawn an inference thread: {e}"))
+        })
+        .collect();
+    Pool { jobs: tx, threads }
+}
