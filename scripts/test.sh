@@ -11,6 +11,11 @@ ORT_DYLIB_PATH="$(scripts/ort.sh)"
 export ORT_DYLIB_PATH
 echo "$ORT_DYLIB_PATH"
 
+echo "== services (RabbitMQ, Redis, Garage S3 on loopback)"
+scripts/services.sh up
+# shellcheck disable=SC1091
+source .ddit/services/env
+
 echo "== cargo fmt --check"
 cargo fmt --all --check
 
@@ -18,4 +23,6 @@ echo "== cargo clippy"
 cargo clippy --workspace --all-targets -- -D warnings
 
 echo "== cargo test"
+# The end-to-end tests start the real ddit-worker binary: build it first.
+cargo build --workspace --bins
 cargo test --workspace

@@ -220,6 +220,12 @@ async fn a_worker_killed_mid_job_loses_nothing() {
     let mut b = Worker::start(&names, &model, dir.path(), "b", &[]);
     a.wait_ready(Duration::from_secs(60));
     b.wait_ready(Duration::from_secs(60));
+    let client = redis::Client::open(var("DDIT_REDIS_URL", "redis://127.0.0.1:6379")).unwrap();
+    let mut pubsub = client.get_async_pubsub().await.unwrap();
+    pubsub
+        .subscribe(format!("{}:results", names.redis_prefix))
+        .await
+        .unwrap();
     let ids: Vec<String> = (0..16).map(|i| format!("long-{i:02}")).collect();
     let bodies: Vec<Vec<u8>> = ids
         .iter()
@@ -255,8 +261,28 @@ async fn a_worker_killed_mid_job_loses_nothing() {
     // Exactly one final result each: one key per job, and nothing left in either queue.
     assert_eq!(queue_depth(&names, &names.queue).await, 0);
     assert_eq!(queue_depth(&names, &names.dlq).await, 0);
+    // B took over A's unacknowledged deliveries.
     let (_, m) = http_get(b.port, "/metrics").unwrap();
-    assert!(m.contains("ddit_redeliveries_total"), "{m}");
+    let redelivered: f64 = m
+        .lines()
+        .find(|l| l.starts_with("ddit_redeliveries_total "))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0);
+    assert!(redelivered >= 1.0, "no redelivery reached worker B:\n{m}");
+    // One stored result (one notification) per job.
+    let mut notified: HashMap<String, u32> = HashMap::new();
+    let mut stream = pubsub.on_message();
+    while let Ok(Some(msg)) = tokio::time::timeout(Duration::from_millis(500), stream.next()).await
+    {
+        *notified
+            .entry(msg.get_payload::<String>().unwrap())
+            .or_default() += 1;
+    }
+    drop(stream);
+    for id in &ids {
+        assert_eq!(notified.get(id), Some(&1), "{id}: {notified:?}");
+    }
     b.sigterm();
     let _ = tokio::task::spawn_blocking(move || b.child.wait()).await;
     cleanup(&names).await;

@@ -88,13 +88,18 @@ def log(f, **kv):
     f.flush()
 
 
-def train_vae(data: Data, minutes: float, logf) -> AutoencoderKL:
+def progress(step: int, steps: int, start: float, minutes: float) -> float:
+    """Fraction of the budget used: steps, or wall-clock time when the machine is busier."""
+    return max(step / steps, (time.time() - start) / (minutes * 60))
+
+
+def train_vae(data: Data, minutes: float, steps: int, logf) -> AutoencoderKL:
     vae = vae_model()
     opt = torch.optim.AdamW(vae.parameters(), lr=2e-3, weight_decay=0.0)
     imgs = torch.from_numpy(data.images)
     start, step = time.time(), 0
-    while time.time() - start < minutes * 60:
-        frac = (time.time() - start) / (minutes * 60)
+    while progress(step, steps, start, minutes) < 1.0:
+        frac = progress(step, steps, start, minutes)
         for g in opt.param_groups:
             g["lr"] = 2e-3 * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * frac)))
         x = imgs[torch.randint(0, len(imgs), (64,))]
@@ -122,6 +127,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("models/ddit-shapes"))
     ap.add_argument("--vae-minutes", type=float, default=7.0)
     ap.add_argument("--ddit-minutes", type=float, default=50.0)
+    ap.add_argument("--vae-steps", type=int, default=1200, help="about 7 minutes on 2 idle cores")
+    ap.add_argument("--ddit-steps", type=int, default=6000, help="about 50 minutes on 2 idle cores")
     ap.add_argument("--scenes", type=int, default=24000)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
@@ -136,7 +143,7 @@ def main() -> None:
     data = Data(args.scenes, args.seed + 1, tok)
     log(logf, phase="data", scenes=args.scenes, seconds=round(time.time() - t0, 1), vocab=tok.get_vocab_size())
 
-    vae = train_vae(data, args.vae_minutes, logf)
+    vae = train_vae(data, args.vae_minutes, args.vae_steps, logf)
     for p in vae.parameters():
         p.requires_grad_(False)
     sf, sh = vae.config.scaling_factor, vae.config.shift_factor
@@ -165,9 +172,8 @@ def main() -> None:
     empty = data.canvas(tok.encode("").ids, PROMPT_LEN)
     bs = {"t2i": 48, "cap": 32, "vqa": 32}
     start, step = time.time(), 0
-    budget = args.ddit_minutes * 60
-    while time.time() - start < budget:
-        frac = (time.time() - start) / budget
+    while progress(step, args.ddit_steps, start, args.ddit_minutes) < 1.0:
+        frac = progress(step, args.ddit_steps, start, args.ddit_minutes)
         lr = 1e-3 * min(1.0, step / 300) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * frac)))
         for g in opt.param_groups:
             g["lr"] = lr

@@ -8,6 +8,7 @@
 
 pub mod engine;
 pub mod error;
+pub mod eval;
 pub mod image_io;
 pub mod local;
 pub mod runner;

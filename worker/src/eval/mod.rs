@@ -1,0 +1,311 @@
+//! ShapesEval: captioning, VQA and generation scores of a model on the held-out shapes scenes,
+//! run through the same runner as jobs.
+
+pub mod scene;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use ddit_schemas::{CaptionParams, GenerateParams, Job, JobResult, Status, TaskParams, VqaParams};
+use image::RgbImage;
+use serde::Deserialize;
+
+use crate::engine::Engine;
+use crate::error::{Result, WorkerError};
+use crate::runner::{Hooks, ImageSink, Incoming, JobSource, Runner, RunnerConfig};
+use crate::tasks::input::LocalFetcher;
+use crate::text::TextCodec;
+use scene::{detect, judge, parse_caption, Judgement};
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct Qa {
+    pub question: String,
+    pub answer: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct Scene {
+    pub id: u64,
+    pub image: String,
+    pub caption: String,
+    pub qa: Vec<Qa>,
+}
+
+/// Reads `DIR/scenes.jsonl`.
+pub fn load_set(dir: &Path) -> Result<Vec<Scene>> {
+    let p = dir.join("scenes.jsonl");
+    let text = std::fs::read_to_string(&p)
+        .map_err(|e| WorkerError::io(format!("reading {}", p.display()), e))?;
+    text.lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| {
+            serde_json::from_str(l).map_err(|e| WorkerError::Config {
+                name: "set".into(),
+                message: format!("{}: {e}", p.display()),
+            })
+        })
+        .collect()
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct Scores {
+    pub scenes: usize,
+    pub caption_exact: f64,
+    pub caption_colour: f64,
+    pub caption_shape: f64,
+    pub caption_position: f64,
+    pub vqa: f64,
+    pub vqa_questions: usize,
+    pub generation: f64,
+    pub gen_count: f64,
+    pub gen_colour: f64,
+    pub gen_shape: f64,
+    pub gen_position: f64,
+}
+
+impl Scores {
+    pub fn table(&self) -> String {
+        let rows = [
+            ("caption exact match", self.caption_exact),
+            ("caption colour", self.caption_colour),
+            ("caption shape", self.caption_shape),
+            ("caption position", self.caption_position),
+            ("vqa accuracy", self.vqa),
+            ("generation (all correct)", self.generation),
+            ("generation count", self.gen_count),
+            ("generation colour", self.gen_colour),
+            ("generation shape", self.gen_shape),
+            ("generation position", self.gen_position),
+        ];
+        let mut s = format!(
+            "ShapesEval on {} scenes ({} questions)\n",
+            self.scenes, self.vqa_questions
+        );
+        for (k, v) in rows {
+            s.push_str(&format!("{k:<28} {v:.3}\n"));
+        }
+        s.push_str(&format!(
+            "caption_exact={:.3} vqa={:.3} generation={:.3}\n",
+            self.caption_exact, self.vqa, self.generation
+        ));
+        s
+    }
+}
+
+/// Caption attributes, slot by slot: (colour, shape, position) correctness fractions.
+fn caption_attributes(pred: &str, reference: &str) -> (f64, f64, f64) {
+    let (Some(r), Some(p)) = (parse_caption(reference), parse_caption(pred)) else {
+        return (0.0, 0.0, 0.0);
+    };
+    let n = r.objects.len() as f64;
+    let colour = r
+        .objects
+        .iter()
+        .enumerate()
+        .filter(|(i, o)| p.objects.get(*i).is_some_and(|q| q.colour == o.colour))
+        .count() as f64
+        / n;
+    let shape = r
+        .objects
+        .iter()
+        .enumerate()
+        .filter(|(i, o)| p.objects.get(*i).is_some_and(|q| q.shape == o.shape))
+        .count() as f64
+        / n;
+    let position = f64::from(u8::from(
+        r.relation == p.relation && r.objects.len() == p.objects.len(),
+    ));
+    (colour, shape, position)
+}
+
+struct Src(std::vec::IntoIter<Incoming>);
+impl JobSource for Src {
+    fn next_job(&mut self, _wait: bool) -> Option<Incoming> {
+        self.0.next()
+    }
+}
+#[derive(Default)]
+struct Collect(HashMap<String, JobResult>);
+impl Hooks for Collect {
+    fn result(&mut self, r: JobResult) {
+        self.0.insert(r.job_id.clone(), r);
+    }
+}
+#[derive(Default)]
+struct Pngs(HashMap<String, Vec<u8>>);
+impl ImageSink for Pngs {
+    fn put(&mut self, job_id: &str, _index: u32, png: &[u8], _seed: u64) -> Result<String> {
+        self.0.insert(job_id.to_string(), png.to_vec());
+        Ok(format!("mem://{job_id}"))
+    }
+}
+
+pub struct EvalOptions {
+    pub limit: Option<usize>,
+    pub runner: RunnerConfig,
+    pub seed: u64,
+}
+
+/// Runs every scene: a caption job, one VQA job per question, one generation job from the
+/// caption. Returns the scores and the generated images with their prompts.
+pub fn run(
+    engine: &mut Engine,
+    codec: &TextCodec,
+    set: &Path,
+    opts: EvalOptions,
+) -> Result<(Scores, Vec<(String, RgbImage)>)> {
+    let mut scenes = load_set(set)?;
+    if let Some(n) = opts.limit {
+        scenes.truncate(n);
+    }
+    let img = |s: &Scene| -> String { set.join(&s.image).display().to_string() };
+    let mut jobs = Vec::new();
+    for s in &scenes {
+        let seed = opts.seed.wrapping_add(s.id);
+        jobs.push(Job {
+            job_id: format!("cap-{}", s.id),
+            task: TaskParams::Caption(CaptionParams {
+                image: img(s),
+                seed: Some(seed),
+                ..Default::default()
+            }),
+            deadline: None,
+            submitted_at: None,
+        });
+        for (k, q) in s.qa.iter().enumerate() {
+            jobs.push(Job {
+                job_id: format!("vqa-{}-{k}", s.id),
+                task: TaskParams::Vqa(VqaParams {
+                    image: img(s),
+                    question: q.question.clone(),
+                    seed: Some(seed),
+                    ..Default::default()
+                }),
+                deadline: None,
+                submitted_at: None,
+            });
+        }
+        jobs.push(Job {
+            job_id: format!("gen-{}", s.id),
+            task: TaskParams::Generate(GenerateParams {
+                prompt: s.caption.clone(),
+                seed: Some(seed),
+                ..Default::default()
+            }),
+            deadline: None,
+            submitted_at: None,
+        });
+    }
+    let mut src = Src(jobs
+        .into_iter()
+        .map(|j| Incoming::Job(Box::new(j)))
+        .collect::<Vec<_>>()
+        .into_iter());
+    let mut hooks = Collect::default();
+    let mut sink = Pngs::default();
+    Runner::new(engine, codec, &LocalFetcher, opts.runner).run(&mut src, &mut sink, &mut hooks);
+
+    let text_of = |id: &str| -> Option<String> {
+        hooks
+            .0
+            .get(id)
+            .filter(|r| r.status == Status::Succeeded)
+            .and_then(|r| r.text.clone())
+    };
+    let mut sc = Scores {
+        scenes: scenes.len(),
+        ..Scores::default()
+    };
+    let mut images = Vec::new();
+    let (mut j_all, mut j_count, mut j_colour, mut j_shape, mut j_pos) = (0.0, 0.0, 0.0, 0.0, 0.0);
+    for s in &scenes {
+        let cap = text_of(&format!("cap-{}", s.id)).unwrap_or_default();
+        sc.caption_exact += f64::from(u8::from(cap == s.caption));
+        let (c, sh, p) = caption_attributes(&cap, &s.caption);
+        sc.caption_colour += c;
+        sc.caption_shape += sh;
+        sc.caption_position += p;
+        for (k, q) in s.qa.iter().enumerate() {
+            let a = text_of(&format!("vqa-{}-{k}", s.id)).unwrap_or_default();
+            sc.vqa += f64::from(u8::from(a.trim() == q.answer));
+            sc.vqa_questions += 1;
+        }
+        let want = parse_caption(&s.caption);
+        let judged = match (sink.0.get(&format!("gen-{}", s.id)), &want) {
+            (Some(png), Some(w)) => match image::load_from_memory(png) {
+                Ok(im) => {
+                    let rgb = im.to_rgb8();
+                    let j = judge(w, &detect(&rgb, 6));
+                    images.push((s.caption.clone(), rgb));
+                    j
+                }
+                Err(_) => Judgement::default(),
+            },
+            _ => Judgement::default(),
+        };
+        j_all += f64::from(u8::from(judged.correct()));
+        j_count += f64::from(u8::from(judged.count));
+        j_colour += f64::from(u8::from(judged.colour));
+        j_shape += f64::from(u8::from(judged.shape));
+        j_pos += f64::from(u8::from(judged.position));
+    }
+    let n = scenes.len().max(1) as f64;
+    sc.caption_exact /= n;
+    sc.caption_colour /= n;
+    sc.caption_shape /= n;
+    sc.caption_position /= n;
+    sc.vqa /= sc.vqa_questions.max(1) as f64;
+    sc.generation = j_all / n;
+    sc.gen_count = j_count / n;
+    sc.gen_colour = j_colour / n;
+    sc.gen_shape = j_shape / n;
+    sc.gen_position = j_pos / n;
+    Ok((sc, images))
+}
+
+/// A grid of images (scaled ×4), at most `cols` per row, and the prompts in reading order.
+pub fn contact_sheet(images: &[(String, RgbImage)], cols: usize) -> (RgbImage, String) {
+    let scale = 4u32;
+    let (w, h) = images
+        .first()
+        .map(|(_, i)| (i.width() * scale, i.height() * scale))
+        .unwrap_or((1, 1));
+    let cols = cols.max(1);
+    let rows = images.len().div_ceil(cols).max(1);
+    let pad = 4;
+    let mut sheet = RgbImage::from_pixel(
+        cols as u32 * (w + pad) + pad,
+        rows as u32 * (h + pad) + pad,
+        image::Rgb([200, 200, 200]),
+    );
+    let mut legend = String::new();
+    for (k, (prompt, im)) in images.iter().enumerate() {
+        let (cx, cy) = (
+            (k % cols) as u32 * (w + pad) + pad,
+            (k / cols) as u32 * (h + pad) + pad,
+        );
+        let big = image::imageops::resize(im, w, h, image::imageops::FilterType::Nearest);
+        image::imageops::overlay(&mut sheet, &big, i64::from(cx), i64::from(cy));
+        legend.push_str(&format!(
+            "row {} col {}: {prompt}\n",
+            k / cols + 1,
+            k % cols + 1
+        ));
+    }
+    (sheet, legend)
+}
+
+/// Where the sheet and legend go.
+pub fn write_sheet(out: &Path, images: &[(String, RgbImage)]) -> Result<(PathBuf, PathBuf)> {
+    std::fs::create_dir_all(out)
+        .map_err(|e| WorkerError::io(format!("creating {}", out.display()), e))?;
+    let (sheet, legend) = contact_sheet(images, 8);
+    let png = out.join("contact_sheet.png");
+    sheet
+        .save(&png)
+        .map_err(|e| WorkerError::Internal(format!("saving {}: {e}", png.display())))?;
+    let txt = out.join("contact_sheet.txt");
+    std::fs::write(&txt, legend)
+        .map_err(|e| WorkerError::io(format!("writing {}", txt.display()), e))?;
+    Ok((png, txt))
+}
