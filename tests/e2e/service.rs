@@ -38,7 +38,14 @@ async fn fifty_mixed_jobs_give_fifty_results_with_images_in_s3() {
         .unwrap();
     let input = format!("s3://{}/{input_key}", bucket());
 
-    let mut worker = Worker::start(&names, &model, dir.path(), "w1", &[]);
+    // A small pixel limit so that an "oversized" input is cheap to make.
+    let mut worker = Worker::start(
+        &names,
+        &model,
+        dir.path(),
+        "w1",
+        &["--max-image-pixels", "10000"],
+    );
     worker.wait_ready(Duration::from_secs(60));
 
     // Progress events on pub/sub.
@@ -82,7 +89,23 @@ async fn fifty_mixed_jobs_give_fifty_results_with_images_in_s3() {
             "params": {"image": format!("s3://{}/{}/nope.png", bucket(), names.s3_prefix)}}))
         .unwrap(),
     );
-    // A duplicate publish of a job: still exactly one result.
+    // An out-of-range parameter, an oversized image, a bucket outside the allowed list.
+    bodies.push(serde_json::to_vec(&json!({"job_id": "bad-steps", "task": "generate", "params": {"prompt": "p", "steps": 5000}})).unwrap());
+    let big_key = format!("{}/inputs/big.png", names.s3_prefix);
+    let mut big = std::io::Cursor::new(Vec::new());
+    image::RgbImage::new(200, 200)
+        .write_to(&mut big, image::ImageFormat::Png)
+        .unwrap();
+    s3.put_object()
+        .bucket(bucket())
+        .key(&big_key)
+        .body(big.into_inner().into())
+        .send()
+        .await
+        .unwrap();
+    bodies.push(serde_json::to_vec(&json!({"job_id": "too-big", "task": "caption", "params": {"image": format!("s3://{}/{big_key}", bucket())}})).unwrap());
+    bodies.push(serde_json::to_vec(&json!({"job_id": "other-bucket", "task": "vqa", "params": {"image": "s3://someone-else/x.png", "question": "q?"}})).unwrap());
+    // A duplicate publish of a job: computed once (the metrics below count 17 generate jobs), one result.
     bodies.push(bodies[0].clone());
     publish(&names, &bodies).await;
 
@@ -151,12 +174,15 @@ async fn fifty_mixed_jobs_give_fifty_results_with_images_in_s3() {
     let mut dlq = 0;
     for _ in 0..50 {
         dlq = queue_depth(&names, &names.dlq).await;
-        if dlq >= 3 {
+        if dlq >= 6 {
             break;
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    assert_eq!(dlq, 3, "not JSON, unknown task, missing input");
+    assert_eq!(
+        dlq, 6,
+        "not JSON, unknown task, missing input, out of range, too big, other bucket"
+    );
     assert_eq!(queue_depth(&names, &names.queue).await, 0);
 
     // One notification per stored result, and progress events were published.

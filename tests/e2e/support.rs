@@ -103,6 +103,17 @@ pub struct Worker {
 
 impl Worker {
     pub fn start(names: &Names, model: &Path, log_dir: &Path, label: &str, extra: &[&str]) -> Self {
+        Self::start_with_env(names, model, log_dir, label, extra, &[])
+    }
+
+    pub fn start_with_env(
+        names: &Names,
+        model: &Path,
+        log_dir: &Path,
+        label: &str,
+        extra: &[&str],
+        envs: &[(&str, &str)],
+    ) -> Self {
         let port = free_port();
         let log = log_dir.join(format!("{label}.log"));
         let bin = workspace()
@@ -179,6 +190,7 @@ impl Worker {
                 "DDIT_REDIS_URL",
                 var("DDIT_REDIS_URL", "redis://127.0.0.1:6379"),
             )
+            .envs(envs.iter().map(|(k, v)| (k.to_string(), v.to_string())))
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
@@ -188,6 +200,10 @@ impl Worker {
 
     pub fn url(&self, path: &str) -> String {
         format!("http://127.0.0.1:{}{path}", self.port)
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
     /// Waits until `/readyz` answers 200.

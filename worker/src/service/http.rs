@@ -49,6 +49,7 @@ async fn readyz(State(s): State<Arc<AppState>>) -> (StatusCode, String) {
     if problems.is_empty() {
         (StatusCode::OK, "ready\n".into())
     } else {
+        tracing::warn!("not ready: {}", problems.join("; "));
         (StatusCode::SERVICE_UNAVAILABLE, problems.join("\n") + "\n")
     }
 }

@@ -326,7 +326,11 @@ pub async fn serve(cfg: ServeConfig, shutdown: impl Future<Output = ()>) -> Resu
     })
     .await?;
     let s3 = S3Store::connect(cfg.s3.clone()).await?;
-    with_backoff("reach s3", 10, || s3.ping()).await?;
+    // S3 trouble (a wrong key, an outage) keeps the worker unready, not dead: /readyz says why,
+    // and jobs that need S3 are retried and requeued.
+    if let Err(e) = s3.ping().await {
+        tracing::error!("s3 bucket {} not reachable: {e}", cfg.s3.bucket);
+    }
 
     let state = Arc::new(http::AppState {
         model_ready: false.into(),

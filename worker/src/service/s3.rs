@@ -81,12 +81,20 @@ impl S3Store {
     }
 
     pub async fn ping(&self) -> Result<()> {
-        self.client
-            .head_bucket()
-            .bucket(&self.cfg.bucket)
-            .send()
-            .await
-            .map_err(|e| unavailable("head_bucket", e))?;
+        self.client.head_bucket().bucket(&self.cfg.bucket).send().await.map_err(|e| {
+            // HEAD answers carry no error body: the status code is the reason.
+            let status = e.raw_response().map(|r| r.status().as_u16());
+            let why = match status {
+                Some(403) => "HTTP 403 Forbidden: the access key or secret is wrong, or lacks access to the bucket".to_string(),
+                Some(404) => "HTTP 404: the bucket does not exist".to_string(),
+                Some(code) => format!("HTTP {code}"),
+                None => "no response".to_string(),
+            };
+            WorkerError::Unavailable {
+                what: format!("s3 bucket {}", self.cfg.bucket),
+                message: format!("{why} ({})", aws_sdk_s3::error::DisplayErrorContext(&e)),
+            }
+        })?;
         Ok(())
     }
 
@@ -109,13 +117,16 @@ impl S3Store {
                 Ok(_) => return Ok(format!("s3://{}/{key}", self.cfg.bucket)),
                 Err(e) => {
                     tracing::warn!(attempt, key, "s3 put failed: {e}");
-                    last = Some(e.to_string());
+                    last = Some(aws_sdk_s3::error::DisplayErrorContext(&e).to_string());
                 }
             }
             tokio::time::sleep(delay).await;
             delay *= 2;
         }
-        Err(unavailable("put_object", last.unwrap_or_default()))
+        Err(WorkerError::Unavailable {
+            what: "s3 put_object".into(),
+            message: last.unwrap_or_default(),
+        })
     }
 
     pub async fn get(&self, uri: &str) -> Result<Vec<u8>> {

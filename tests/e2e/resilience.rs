@@ -1,0 +1,168 @@
+//! Failure handling: a broker restart, SIGTERM under load, wrong S3 credentials.
+//! These tests share the broker, so they run one at a time (a lock), in their own test binary.
+#![allow(clippy::unwrap_used)]
+
+use std::process::Command;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use ddit_e2e::*;
+use ddit_schemas::Status;
+use serde_json::json;
+
+static SERIAL: Mutex<()> = Mutex::new(());
+
+fn generate_jobs(prefix: &str, n: usize, steps: u32) -> (Vec<String>, Vec<Vec<u8>>) {
+    let ids: Vec<String> = (0..n).map(|i| format!("{prefix}-{i:02}")).collect();
+    let bodies = ids
+        .iter()
+        .enumerate()
+        .map(|(i, id)| {
+            serde_json::to_vec(&json!({"job_id": id, "task": "generate", "params": {"prompt": "a red circle", "steps": steps, "seed": i}}))
+                .unwrap()
+        })
+        .collect();
+    (ids, bodies)
+}
+
+fn in_flight(port: u16) -> u64 {
+    http_get(port, "/metrics")
+        .and_then(|(_, m)| {
+            m.lines()
+                .find(|l| l.starts_with("ddit_jobs_in_flight "))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+fn rabbitmqctl(args: &[&str]) {
+    let out = Command::new("rabbitmqctl").args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "rabbitmqctl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broker_restart_mid_run_loses_nothing() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let names = Names::new("restart");
+    let dir = tempfile::tempdir().unwrap();
+    let model = export_model(dir.path());
+    let mut w = Worker::start(&names, &model, dir.path(), "w", &[]);
+    w.wait_ready(Duration::from_secs(60));
+    let (ids, bodies) = generate_jobs("rs", 30, 120);
+    publish(&names, &bodies).await;
+    // Restart the broker once the worker is busy.
+    for _ in 0..200 {
+        if in_flight(w.port) > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    rabbitmqctl(&["stop_app"]);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    rabbitmqctl(&["start_app"]);
+    rabbitmqctl(&["await_startup"]);
+    let results = wait_results(&names, &ids, Duration::from_secs(300)).await;
+    assert_eq!(results.len(), 30, "worker log:\n{}", w.log_text());
+    assert!(results.iter().all(|r| r.status == Status::Succeeded));
+    w.wait_ready(Duration::from_secs(60));
+    assert_eq!(queue_depth(&names, &names.queue).await, 0);
+    cleanup(&names).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_under_load_exits_within_the_deadline_and_loses_nothing() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let names = Names::new("sigterm");
+    let dir = tempfile::tempdir().unwrap();
+    let model = export_model(dir.path());
+    let mut w = Worker::start(
+        &names,
+        &model,
+        dir.path(),
+        "w",
+        &["--shutdown-deadline", "2"],
+    );
+    w.wait_ready(Duration::from_secs(60));
+    let (ids, bodies) = generate_jobs("st", 12, 600);
+    publish(&names, &bodies).await;
+    for _ in 0..400 {
+        if in_flight(w.port) > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert!(in_flight(w.port) > 0);
+    let t0 = Instant::now();
+    w.sigterm();
+    let (status, w) = tokio::task::spawn_blocking(move || (w.child.wait().unwrap(), w))
+        .await
+        .unwrap();
+    let took = t0.elapsed();
+    assert!(status.success(), "exit {status:?}:\n{}", w.log_text());
+    assert!(
+        took < Duration::from_secs(5),
+        "took {took:?} with a 2 s deadline"
+    );
+    assert!(w.log_text().contains("shutting down"), "{}", w.log_text());
+    // Whatever was not finished was requeued: a second worker completes every job.
+    let mut w2 = Worker::start(&names, &model, dir.path(), "w2", &[]);
+    w2.wait_ready(Duration::from_secs(60));
+    let results = wait_results(&names, &ids, Duration::from_secs(300)).await;
+    assert_eq!(results.len(), 12, "worker 2 log:\n{}", w2.log_text());
+    assert!(results.iter().all(|r| r.status == Status::Succeeded));
+    cleanup(&names).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrong_s3_credentials_make_readyz_fail_with_a_reason() {
+    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let names = Names::new("creds");
+    let dir = tempfile::tempdir().unwrap();
+    let model = export_model(dir.path());
+    let mut w = Worker::start_with_env(
+        &names,
+        &model,
+        dir.path(),
+        "w",
+        &[],
+        &[(
+            "AWS_SECRET_ACCESS_KEY",
+            "0000000000000000000000000000000000000000000000000000000000000000",
+        )],
+    );
+    let mut code = 0;
+    for _ in 0..200 {
+        if let Some(status) = w.child.try_wait().unwrap() {
+            panic!(
+                "worker exited ({status}) instead of staying unready:\n{}",
+                w.log_text()
+            );
+        }
+        if let Some((c, body)) = http_get(w.port, "/readyz") {
+            code = c;
+            if c == 503 && body.contains("s3") {
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(code, 503);
+    assert_eq!(http_get(w.port, "/healthz").unwrap().0, 200);
+    let log = w.log_text();
+    assert!(
+        log.contains("not ready") && log.to_lowercase().contains("s3"),
+        "{log}"
+    );
+    assert!(
+        log.contains("403")
+            || log.contains("Forbidden")
+            || log.contains("AccessDenied")
+            || log.contains("signature"),
+        "{log}"
+    );
+    cleanup(&names).await;
+}
