@@ -119,7 +119,7 @@ pub fn detect(img: &RgbImage, min_area: usize) -> Vec<Detected> {
             area: pix.len(),
         });
     }
-    out.sort_by(|a, b| b.area.cmp(&a.area));
+    out.sort_by_key(|d| std::cmp::Reverse(d.area));
     out
 }
 
