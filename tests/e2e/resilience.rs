@@ -3,14 +3,13 @@
 #![allow(clippy::unwrap_used)]
 
 use std::process::Command;
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use ddit_e2e::*;
 use ddit_schemas::Status;
 use serde_json::json;
 
-static SERIAL: Mutex<()> = Mutex::new(());
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 fn generate_jobs(prefix: &str, n: usize, steps: u32) -> (Vec<String>, Vec<Vec<u8>>) {
     let ids: Vec<String> = (0..n).map(|i| format!("{prefix}-{i:02}")).collect();
@@ -46,7 +45,7 @@ fn rabbitmqctl(args: &[&str]) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn broker_restart_mid_run_loses_nothing() {
-    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _g = SERIAL.lock().await;
     let names = Names::new("restart");
     let dir = tempfile::tempdir().unwrap();
     let model = export_model(dir.path());
@@ -75,7 +74,7 @@ async fn broker_restart_mid_run_loses_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_under_load_exits_within_the_deadline_and_loses_nothing() {
-    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _g = SERIAL.lock().await;
     let names = Names::new("sigterm");
     let dir = tempfile::tempdir().unwrap();
     let model = export_model(dir.path());
@@ -119,7 +118,7 @@ async fn sigterm_under_load_exits_within_the_deadline_and_loses_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wrong_s3_credentials_make_readyz_fail_with_a_reason() {
-    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _g = SERIAL.lock().await;
     let names = Names::new("creds");
     let dir = tempfile::tempdir().unwrap();
     let model = export_model(dir.path());
