@@ -313,3 +313,101 @@ async fn a_worker_killed_mid_job_loses_nothing() {
     let _ = tokio::task::spawn_blocking(move || b.child.wait()).await;
     cleanup(&names).await;
 }
+
+/// A minimal OTLP/HTTP collector: keeps the body of every POST.
+async fn collector() -> (u16, std::sync::Arc<tokio::sync::Mutex<Vec<Vec<u8>>>>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let bodies = std::sync::Arc::new(tokio::sync::Mutex::new(Vec::new()));
+    let store = bodies.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let store = store.clone();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 8192];
+                loop {
+                    let n = s.read(&mut chunk).await.unwrap_or(0);
+                    if n == 0 {
+                        break;
+                    }
+                    buf.extend_from_slice(&chunk[..n]);
+                    if let Some(pos) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                        let head = String::from_utf8_lossy(&buf[..pos]).to_lowercase();
+                        let len: usize = head
+                            .lines()
+                            .find_map(|l| {
+                                l.strip_prefix("content-length:")
+                                    .map(|v| v.trim().parse().unwrap_or(0))
+                            })
+                            .unwrap_or(0);
+                        if buf.len() >= pos + 4 + len {
+                            store
+                                .lock()
+                                .await
+                                .push(buf[pos + 4..pos + 4 + len].to_vec());
+                            let _ = s
+                                .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")
+                                .await;
+                            buf.clear();
+                        }
+                    }
+                }
+            });
+        }
+    });
+    (port, bodies)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn traceparent_continues_the_callers_trace_over_otlp() {
+    let names = Names::new("otlp");
+    let dir = tempfile::tempdir().unwrap();
+    let model = export_model(dir.path());
+    let (port, bodies) = collector().await;
+    let endpoint = format!("http://127.0.0.1:{port}/v1/traces");
+    let mut w = Worker::start(
+        &names,
+        &model,
+        dir.path(),
+        "w",
+        &["--otlp-endpoint", &endpoint],
+    );
+    w.wait_ready(Duration::from_secs(60));
+    // `publish` sets traceparent 00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01.
+    let body = serde_json::to_vec(&json!({"job_id": "traced", "task": "generate", "params": {"prompt": "a red circle", "steps": 2}})).unwrap();
+    publish(&names, &[body]).await;
+    assert_eq!(
+        wait_results(&names, &["traced".to_string()], Duration::from_secs(60))
+            .await
+            .len(),
+        1
+    );
+    w.sigterm();
+    let (status, w) = tokio::task::spawn_blocking(move || (w.child.wait().unwrap(), w))
+        .await
+        .unwrap();
+    assert!(status.success(), "{}", w.log_text());
+    let trace_id: Vec<u8> = (0..16)
+        .map(|i| {
+            u8::from_str_radix(&"4bf92f3577b34da6a3ce929d0e0e4736"[2 * i..2 * i + 2], 16).unwrap()
+        })
+        .collect();
+    let got = bodies.lock().await;
+    assert!(
+        !got.is_empty(),
+        "no OTLP export reached the collector:\n{}",
+        w.log_text()
+    );
+    assert!(
+        got.iter()
+            .any(|b| b.windows(16).any(|x| x == trace_id.as_slice())),
+        "exported spans do not carry the caller's trace id"
+    );
+    assert!(
+        got.iter().any(|b| b.windows(6).any(|x| x == b"traced")),
+        "no span carries the job id"
+    );
+    cleanup(&names).await;
+}

@@ -142,6 +142,11 @@ enum Cmd {
         #[arg(long, env = "DDIT_SEED")]
         seed: Option<u64>,
     },
+    /// Scores a model on an evaluation set.
+    Eval {
+        #[command(subcommand)]
+        what: EvalCmd,
+    },
     /// The queue worker: jobs from AMQP, images to S3, results and progress to Redis.
     Serve {
         #[command(flatten)]
@@ -165,6 +170,29 @@ enum Cmd {
         /// Hide the progress bar even on a terminal.
         #[arg(long, env = "DDIT_NO_PROGRESS")]
         no_progress: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum EvalCmd {
+    /// ShapesEval: caption exact match and attributes, VQA accuracy, generation (scene checker).
+    Shapes {
+        #[command(flatten)]
+        engine: EngineArgs,
+        /// The set folder (scenes.jsonl and PNGs), e.g. models/shapes-eval.
+        #[arg(long, env = "DDIT_SET")]
+        set: PathBuf,
+        /// Only the first N scenes.
+        #[arg(long, env = "DDIT_LIMIT")]
+        limit: Option<usize>,
+        /// Where the contact sheet of generated images goes.
+        #[arg(long, default_value = ".ddit/eval", env = "DDIT_OUT")]
+        out: PathBuf,
+        #[arg(long, default_value_t = 16, env = "DDIT_MAX_BATCH")]
+        max_batch: usize,
+        /// Base seed (scene i uses seed + i).
+        #[arg(long, default_value_t = 0, env = "DDIT_SEED")]
+        seed: u64,
     },
 }
 
@@ -274,28 +302,22 @@ fn load(e: &EngineArgs) -> anyhow::Result<(Engine, TextCodec, RunnerConfig)> {
         &engine.tokenizer_path,
         engine.manifest.values.tokens.clone(),
     )?;
-    let rc = RunnerConfig {
-        max_batch: 8,
+    let rc = runner_config(e, 8);
+    Ok((engine, codec, rc))
+}
+
+fn runner_config(e: &EngineArgs, max_batch: usize) -> RunnerConfig {
+    RunnerConfig {
+        max_batch: max_batch.max(1),
         caption_latent: match e.caption_latent {
             CaptionLatent::Sample => LatentMode::Sample,
             CaptionLatent::Mean => LatentMode::Mean,
         },
         image_limits: ImageLimits {
             max_bytes: e.max_image_bytes,
+            max_pixels: e.max_image_pixels,
             ..ImageLimits::default()
-        }
-        .with_pixels(e.max_image_pixels),
-    };
-    Ok((engine, codec, rc))
-}
-
-trait WithPixels {
-    fn with_pixels(self, p: u64) -> Self;
-}
-impl WithPixels for ImageLimits {
-    fn with_pixels(mut self, p: u64) -> Self {
-        self.max_pixels = p;
-        self
+        },
     }
 }
 
@@ -378,6 +400,39 @@ fn run_one(e: &EngineArgs, task: TaskParams, out: Option<PathBuf>) -> anyhow::Re
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.cmd {
         Cmd::Serve { engine, serve } => serve_cmd(engine, *serve)?,
+        Cmd::Eval {
+            what:
+                EvalCmd::Shapes {
+                    engine,
+                    set,
+                    limit,
+                    out,
+                    max_batch,
+                    seed,
+                },
+        } => {
+            let (mut eng, codec, mut rc) = load(&engine)?;
+            rc.max_batch = max_batch.max(1);
+            let start = std::time::Instant::now();
+            let (scores, images) = ddit_worker::eval::run(
+                &mut eng,
+                &codec,
+                &set,
+                ddit_worker::eval::EvalOptions {
+                    limit,
+                    runner: rc,
+                    seed,
+                },
+            )?;
+            let (sheet, legend) = ddit_worker::eval::write_sheet(&out, &images)?;
+            eprintln!(
+                "evaluated in {:.1}s; contact sheet {} (prompts in {})",
+                start.elapsed().as_secs_f64(),
+                sheet.display(),
+                legend.display()
+            );
+            print!("{}", scores.table());
+        }
         Cmd::Generate {
             engine,
             prompt,
@@ -530,18 +585,7 @@ fn serve_cmd(e: EngineArgs, s: ServeArgs) -> anyhow::Result<()> {
         },
         model: e.model.clone(),
         engine: engine_config(&e)?,
-        runner: RunnerConfig {
-            max_batch: s.max_batch.max(1),
-            caption_latent: match e.caption_latent {
-                CaptionLatent::Sample => LatentMode::Sample,
-                CaptionLatent::Mean => LatentMode::Mean,
-            },
-            image_limits: ImageLimits {
-                max_bytes: e.max_image_bytes,
-                max_pixels: e.max_image_pixels,
-                ..ImageLimits::default()
-            },
-        },
+        runner: runner_config(&e, s.max_batch),
         inference_threads: s.inference_threads.max(1),
         shutdown_deadline: std::time::Duration::from_secs(s.shutdown_deadline),
         listen: s.listen,
