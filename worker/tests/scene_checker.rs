@@ -15,7 +15,7 @@ fn checker_scores_ground_truth_renders() {
         let img = image::open(set.join(&s.image)).unwrap().to_rgb8();
         let want =
             parse_caption(&s.caption).unwrap_or_else(|| panic!("unparsed caption {}", s.caption));
-        let got = detect(&img, 6);
+        let got = detect(&img, (img.width() * img.height()) as usize / 50);
         let j = judge(&want, &got);
         if j.correct() {
             correct += 1;

@@ -235,7 +235,7 @@ pub fn run(
             (Some(png), Some(w)) => match image::load_from_memory(png) {
                 Ok(im) => {
                     let rgb = im.to_rgb8();
-                    let j = judge(w, &detect(&rgb, 6));
+                    let j = judge(w, &detect(&rgb, (rgb.width() * rgb.height()) as usize / 50));
                     images.push((s.caption.clone(), rgb));
                     j
                 }

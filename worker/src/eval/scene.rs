@@ -104,6 +104,11 @@ pub fn detect(img: &RgbImage, min_area: usize) -> Vec<Detected> {
         let top = corner(x0, y0) + corner(x1 + 1 - k, y0);
         let bottom = corner(x0, y1 + 1 - k) + corner(x1 + 1 - k, y1 + 1 - k);
         let full = 2 * k * k;
+        // Noise is not an object: a shape fills a good part of its box.
+        let fill = pix.len() as f32 / ((x1 - x0 + 1) * (y1 - y0 + 1)) as f32;
+        if fill < 0.4 {
+            continue;
+        }
         let shape = if top * 2 > full && bottom * 2 > full {
             "square"
         } else if bottom * 2 > full && top * 4 <= full {
