@@ -150,6 +150,25 @@ mod tests {
     }
 
     #[test]
+    fn decodes_jpeg_and_webp() {
+        let img = RgbImage::from_pixel(20, 12, image::Rgb([200, 30, 30]));
+        for fmt in [ImageFormat::Jpeg, ImageFormat::WebP] {
+            let mut buf = Cursor::new(Vec::new());
+            DynamicImage::ImageRgb8(img.clone())
+                .write_to(&mut buf, fmt)
+                .unwrap_or_else(|e| panic!("{fmt:?}: {e}"));
+            let back = decode(buf.get_ref(), "t", ImageLimits::default())
+                .unwrap_or_else(|e| panic!("{fmt:?}: {e}"));
+            assert_eq!(back.dimensions(), (20, 12), "{fmt:?}");
+            let p = back.get_pixel(10, 6).0;
+            assert!(
+                (i32::from(p[0]) - 200).abs() < 12 && p[1] < 50,
+                "{fmt:?}: {p:?}"
+            );
+        }
+    }
+
+    #[test]
     fn refuses_bombs_garbage_and_other_formats() {
         let limits = ImageLimits {
             max_bytes: 1 << 20,
