@@ -6,6 +6,7 @@
 
 pub mod job;
 pub mod manifest;
+pub mod progress;
 pub mod result;
 
 pub use job::{CaptionParams, GenerateParams, Job, TaskParams, VqaParams};
@@ -13,6 +14,7 @@ pub use manifest::{
     Dim, FileEntry, Manifest, ModelInfo, ModelValues, Role, SchedulerValues, SegmentSpec,
     TensorDtype, TensorSpec, TextLengths, TokenIds, VaeValues, MANIFEST_FORMAT_VERSION,
 };
+pub use progress::Progress;
 pub use result::{ErrorInfo, ErrorKind, JobResult, Metrics, ModelRef, Output, Status};
 
 /// The JSON Schema of `manifest.json`, embedded so that tools can validate without the repository.
@@ -23,3 +25,6 @@ pub const JOB_SCHEMA: &str = include_str!("../job.schema.json");
 
 /// The JSON Schema of a result.
 pub const RESULT_SCHEMA: &str = include_str!("../result.schema.json");
+
+/// The JSON Schema of a progress event.
+pub const PROGRESS_SCHEMA: &str = include_str!("../progress.schema.json");

@@ -164,3 +164,19 @@ fn manifest_schema_lists_every_role() {
         assert_eq!(serde_json::to_value(r).unwrap(), json!(r.as_str()));
     }
 }
+
+#[test]
+fn progress_events_agree() {
+    let v = validator(PROGRESS_SCHEMA);
+    let p = Progress {
+        job_id: "j".into(),
+        step: 3,
+        total: 28,
+    };
+    let value = serde_json::to_value(&p).unwrap();
+    assert_valid(&v, &value);
+    assert_eq!(serde_json::from_value::<Progress>(value).unwrap(), p);
+    let bad = json!({"job_id": "j", "step": -1, "total": 2});
+    assert!(!v.is_valid(&bad));
+    assert!(serde_json::from_value::<Progress>(bad).is_err());
+}

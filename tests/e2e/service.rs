@@ -195,6 +195,8 @@ async fn fifty_mixed_jobs_give_fifty_results_with_images_in_s3() {
         if msg.get_channel_name().ends_with(":results") {
             *notified.entry(payload).or_default() += 1;
         } else {
+            let event: ddit_schemas::Progress = serde_json::from_str(&payload).unwrap();
+            assert!(ids.contains(&event.job_id));
             progress += 1;
         }
     }

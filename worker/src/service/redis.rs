@@ -102,7 +102,13 @@ impl ResultStore {
 
     pub async fn publish_progress(&self, job_id: &str, step: usize, total: usize) -> Result<()> {
         let mut c = self.conn.clone();
-        let msg = serde_json::json!({"job_id": job_id, "step": step, "total": total}).to_string();
+        let event = ddit_schemas::Progress {
+            job_id: job_id.to_string(),
+            step: step as u64,
+            total: total as u64,
+        };
+        let msg =
+            serde_json::to_string(&event).map_err(|e| WorkerError::Internal(e.to_string()))?;
         let _: i64 = c
             .publish(self.progress_channel(job_id), msg)
             .await
