@@ -1,0 +1,55 @@
+//! A small ShapesEval slice on the committed demo model: a guard against sampler regressions.
+//! Thresholds sit well below the model's measured scores (see the README), so only a real
+//! regression fails it.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use ddit_worker::engine::{Engine, EngineConfig};
+use ddit_worker::eval::{run, EvalOptions};
+use ddit_worker::runner::RunnerConfig;
+use ddit_worker::text::TextCodec;
+
+#[test]
+fn shapes_eval_slice() {
+    let root = common::workspace();
+    let dir = tempfile::tempdir().unwrap();
+    let pkg = dir.path().join("pkg");
+    let mut o = ddit_export::ExportOptions::new(root.join("models/ddit-shapes"), &pkg);
+    o.name = Some("ddit-shapes".into());
+    o.text_lengths = ddit_schemas::TextLengths {
+        prompt: 16,
+        caption: 16,
+        vqa: 32,
+    };
+    ddit_export::convert(&o).unwrap();
+    let mut engine = Engine::load(&pkg, &EngineConfig::default()).unwrap();
+    let codec = TextCodec::load(
+        &engine.tokenizer_path,
+        engine.manifest.values.tokens.clone(),
+    )
+    .unwrap();
+    let opts = EvalOptions {
+        limit: Some(24),
+        runner: RunnerConfig {
+            max_batch: 16,
+            ..RunnerConfig::default()
+        },
+        seed: 0,
+    };
+    let (scores, images) =
+        run(&mut engine, &codec, &root.join("models/shapes-eval"), opts).unwrap();
+    print!("{}", scores.table());
+    assert_eq!(images.len(), 24);
+    assert!(
+        scores.caption_exact >= 0.15,
+        "caption exact {:.3}",
+        scores.caption_exact
+    );
+    assert!(scores.vqa >= 0.6, "vqa {:.3}", scores.vqa);
+    assert!(
+        scores.generation >= 0.5,
+        "generation {:.3}",
+        scores.generation
+    );
+}
