@@ -82,7 +82,8 @@ pub trait Hooks {
 enum Work {
     Generate {
         states: Vec<FlowState>,
-        context: Tensor,
+        /// Text streams `[1, L, D]` of the negative and the positive prompt, encoded once per job.
+        context: [Tensor; 2],
         plan: GeneratePlan,
     },
     Masked {
@@ -131,6 +132,31 @@ enum GroupKey {
         tokens: Vec<usize>,
         canvas: usize,
     },
+}
+
+/// A result without outputs: failed (with the error), expired or canceled.
+pub fn ended_result(
+    model: &ModelRef,
+    job_id: &str,
+    task: Option<&str>,
+    status: Status,
+    err: Option<&WorkerError>,
+) -> JobResult {
+    JobResult {
+        job_id: job_id.to_string(),
+        status,
+        task: task.map(str::to_string),
+        outputs: vec![],
+        text: None,
+        metrics: None,
+        error: err.map(|e| ErrorInfo {
+            kind: e.kind(),
+            message: e.to_string(),
+            retryable: e.kind().retryable(),
+        }),
+        model: model.clone(),
+        finished_at: now_rfc3339(),
+    }
 }
 
 pub fn now_rfc3339() -> String {
@@ -182,21 +208,7 @@ impl<'a> Runner<'a> {
         status: Status,
         err: Option<&WorkerError>,
     ) -> JobResult {
-        JobResult {
-            job_id: job_id.to_string(),
-            status,
-            task: task.map(str::to_string),
-            outputs: vec![],
-            text: None,
-            metrics: None,
-            error: err.map(|e| ErrorInfo {
-                kind: e.kind(),
-                message: e.to_string(),
-                retryable: e.kind().retryable(),
-            }),
-            model: self.model_ref(),
-            finished_at: now_rfc3339(),
-        }
+        ended_result(&self.model_ref(), job_id, task, status, err)
     }
 
     /// Runs until the source is exhausted and every admitted job has its result.
@@ -298,8 +310,9 @@ impl<'a> Runner<'a> {
             .codec
             .encode_padded(&p.negative_prompt, len, "params.negative_prompt")?;
         let pos = self.codec.encode_padded(&p.prompt, len, "params.prompt")?;
-        // [uncond, cond], encoded once per job.
-        let context = self.engine.encode_text(&[neg, pos])?;
+        // [uncond, cond], encoded once per job and kept as rows for batching.
+        let both = self.engine.encode_text(&[neg, pos])?;
+        let context = [both.row(0), both.row(1)];
         let f = v.vae.downsample_factor as usize;
         let shape = [
             v.latent_channels as usize,
@@ -420,7 +433,7 @@ impl<'a> Runner<'a> {
                     .first()
                     .map(|s| s.latents.shape.clone())
                     .unwrap_or_default(),
-                text: context.shape.clone(),
+                text: context[0].shape.clone(),
             },
             Work::Masked {
                 state,
@@ -533,6 +546,7 @@ impl<'a> Runner<'a> {
         let mut latents = Vec::with_capacity(2 * n);
         let mut ctx_rows = Vec::with_capacity(2 * n);
         let mut ts = Vec::with_capacity(2 * n);
+        // Batched as [uncond rows..., cond rows...]; rows are borrowed, copied once by `cat`.
         for half in 0..2 {
             for &(ai, si) in rows {
                 let Work::Generate {
@@ -541,13 +555,13 @@ impl<'a> Runner<'a> {
                 else {
                     return Err(WorkerError::Internal("mixed batch".into()));
                 };
-                latents.push(states[si].latents.clone());
-                ctx_rows.push(context.row(half));
+                latents.push(&states[si].latents);
+                ctx_rows.push(&context[half]);
                 ts.push(states[si].timestep());
             }
         }
-        let lat = Tensor::cat(&latents.iter().collect::<Vec<_>>())?;
-        let ctx = Tensor::cat(&ctx_rows.iter().collect::<Vec<_>>())?;
+        let lat = Tensor::cat(&latents)?;
+        let ctx = Tensor::cat(&ctx_rows)?;
         let v = self.engine.velocity(&lat, &ctx, &ts)?;
         let m = v.row_len();
         for (k, &(ai, si)) in rows.iter().enumerate() {

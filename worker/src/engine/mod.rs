@@ -123,14 +123,17 @@ impl Engine {
     }
 
     /// Every joint block, across all block files.
-    pub fn blocks(&mut self, x: Tensor, y: Tensor, temb: &Tensor) -> Result<(Tensor, Tensor)> {
-        let (mut x, mut y) = (x, y);
+    pub fn blocks(&mut self, x: &Tensor, y: &Tensor, temb: &Tensor) -> Result<(Tensor, Tensor)> {
+        let mut state: Option<(Tensor, Tensor)> = None;
         for seg in &mut self.joint_blocks {
-            let mut out = seg.run(vec![Input::F32(&x), Input::F32(&y), Input::F32(temb)])?;
-            x = take(&mut out, "joint_blocks")?;
-            y = take(&mut out, "joint_blocks")?;
+            let (xi, yi) = state.as_ref().map_or((x, y), |(a, b)| (a, b));
+            let mut out = seg.run(vec![Input::F32(xi), Input::F32(yi), Input::F32(temb)])?;
+            state = Some((
+                take(&mut out, "joint_blocks")?,
+                take(&mut out, "joint_blocks")?,
+            ));
         }
-        Ok((x, y))
+        state.ok_or_else(|| WorkerError::Internal("no joint-block segment".into()))
     }
 
     /// Image stream -> velocity `[B, C, h, w]` for a latent grid of `grid` patches.
@@ -186,7 +189,7 @@ impl FlowModel for Engine {
         let grid = (latents.shape[2] / p, latents.shape[3] / p);
         let temb = self.time_embed(timesteps)?;
         let x = self.patch_embed(latents)?;
-        let (x, _) = self.blocks(x, context.clone(), &temb)?;
+        let (x, _) = self.blocks(&x, context, &temb)?;
         self.image_head(&x, &temb, grid)
     }
 }
@@ -194,7 +197,7 @@ impl FlowModel for Engine {
 impl MaskedModel for Engine {
     fn logits(&mut self, image_tokens: &Tensor, temb: &Tensor, ids: &[Vec<i64>]) -> Result<Tensor> {
         let y = self.encode_text(ids)?;
-        let (_, y) = self.blocks(image_tokens.clone(), y, temb)?;
+        let (_, y) = self.blocks(image_tokens, &y, temb)?;
         self.text_head(&y)
     }
 }

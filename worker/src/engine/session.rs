@@ -7,8 +7,8 @@ use std::sync::OnceLock;
 use ddit_schemas::{SegmentSpec, TensorDtype};
 use ort::environment::Environment;
 use ort::session::{Session, SessionInputValue};
-use ort::value::Tensor as OrtTensor;
 use ort::value::TensorElementType;
+use ort::value::TensorRef;
 
 use super::providers::EngineConfig;
 use super::tensor::Tensor;
@@ -171,14 +171,17 @@ impl Segment {
         }
         let mut feeds: Vec<(Cow<'_, str>, SessionInputValue<'_>)> =
             Vec::with_capacity(inputs.len());
-        for (name, inp) in self.inputs.iter().zip(inputs) {
+        for (name, inp) in self.inputs.iter().zip(&inputs) {
             let v: SessionInputValue<'_> = match inp {
-                Input::F32(t) => OrtTensor::from_array((t.shape.clone(), t.data.clone()))
+                // Views over the caller's buffers: no copy of activations per step.
+                Input::F32(t) => TensorRef::from_array_view((t.shape.clone(), t.data.as_slice()))
                     .map_err(|e| WorkerError::runtime(ctx(name), e))?
                     .into(),
-                Input::I64 { shape, data } => OrtTensor::from_array((shape, data))
-                    .map_err(|e| WorkerError::runtime(ctx(name), e))?
-                    .into(),
+                Input::I64 { shape, data } => {
+                    TensorRef::from_array_view((shape.clone(), data.as_slice()))
+                        .map_err(|e| WorkerError::runtime(ctx(name), e))?
+                        .into()
+                }
             };
             feeds.push((Cow::Owned(name.clone()), v));
         }

@@ -24,7 +24,7 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use ddit_schemas::{ErrorInfo, ErrorKind, Job, JobResult, ModelRef, Status};
+use ddit_schemas::{Job, JobResult, ModelRef, Status};
 use futures_util::StreamExt;
 use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicCancelOptions, BasicNackOptions, BasicRejectOptions};
@@ -34,7 +34,7 @@ use tracing::Instrument;
 
 use crate::engine::{EngineConfig, Package};
 use crate::error::{Result, WorkerError};
-use crate::runner::{now_rfc3339, RunnerConfig};
+use crate::runner::{ended_result, RunnerConfig};
 use amqp::AmqpConfig;
 use inference::{Event, PoolConfig};
 use metrics::{JobLabels, Metrics, StepLabels};
@@ -85,7 +85,7 @@ fn job_id_of(data: &[u8]) -> Option<String> {
 }
 
 /// Retries `f` with exponential backoff (0.2 s doubling, `tries` attempts).
-async fn with_backoff<T, F, Fut>(what: &str, tries: u32, mut f: F) -> Result<T>
+pub(crate) async fn with_backoff<T, F, Fut>(what: &str, tries: u32, mut f: F) -> Result<T>
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<T>>,
@@ -107,22 +107,8 @@ where
 }
 
 impl Service {
-    fn failed(&self, job_id: &str, task: Option<String>, e: &WorkerError) -> JobResult {
-        JobResult {
-            job_id: job_id.to_string(),
-            status: Status::Failed,
-            task,
-            outputs: vec![],
-            text: None,
-            metrics: None,
-            error: Some(ErrorInfo {
-                kind: e.kind(),
-                message: e.to_string(),
-                retryable: e.kind().retryable(),
-            }),
-            model: self.model.clone(),
-            finished_at: now_rfc3339(),
-        }
+    fn failed(&self, job_id: &str, task: Option<&str>, e: &WorkerError) -> JobResult {
+        ended_result(&self.model, job_id, task, Status::Failed, Some(e))
     }
 
     async fn nack_requeue(acker: &Acker) {
@@ -177,7 +163,7 @@ impl Service {
         if let Err(e) = crate::tasks::validate_job_id(&job.job_id) {
             let r = self.failed(
                 &format!("delivery-{}", d.delivery_tag),
-                Some(job.task.name().into()),
+                Some(job.task.name()),
                 &e,
             );
             return self.dead_letter(&d, &r).await;
@@ -485,9 +471,4 @@ async fn handle_event(svc: &mut Service, ev: Event) {
         }
         Event::Ready | Event::LoadFailed(_) => {}
     }
-}
-
-/// An error kind as a Prometheus label (bounded set).
-pub fn kind_label(k: ErrorKind) -> &'static str {
-    k.as_str()
 }

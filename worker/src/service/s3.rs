@@ -3,8 +3,6 @@
 //! Output keys are deterministic, `{prefix}/{job_id}/{n}.png`, so a retried job overwrites
 //! rather than duplicates. Objects carry `image/png` and metadata (seed, model hash, job id).
 
-use std::time::Duration;
-
 use aws_sdk_s3::config::{BehaviorVersion, Credentials, Region};
 use aws_sdk_s3::primitives::ByteStream;
 use aws_sdk_s3::Client;
@@ -98,11 +96,9 @@ impl S3Store {
         Ok(())
     }
 
-    /// Uploads with retries (exponential backoff: 0.2, 0.4, 0.8 s).
+    /// Uploads, retried with the service's backoff (4 attempts from 0.2 s, doubling).
     pub async fn put_png(&self, key: &str, png: &[u8], meta: &[(&str, String)]) -> Result<String> {
-        let mut delay = Duration::from_millis(200);
-        let mut last = None;
-        for attempt in 0..4 {
+        super::with_backoff("s3 put_object", 4, || async {
             let mut req = self
                 .client
                 .put_object()
@@ -113,20 +109,10 @@ impl S3Store {
             for (k, v) in meta {
                 req = req.metadata(*k, v);
             }
-            match req.send().await {
-                Ok(_) => return Ok(format!("s3://{}/{key}", self.cfg.bucket)),
-                Err(e) => {
-                    tracing::warn!(attempt, key, "s3 put failed: {e}");
-                    last = Some(aws_sdk_s3::error::DisplayErrorContext(&e).to_string());
-                }
-            }
-            tokio::time::sleep(delay).await;
-            delay *= 2;
-        }
-        Err(WorkerError::Unavailable {
-            what: "s3 put_object".into(),
-            message: last.unwrap_or_default(),
+            req.send().await.map_err(|e| unavailable("put_object", e))?;
+            Ok(format!("s3://{}/{key}", self.cfg.bucket))
         })
+        .await
     }
 
     pub async fn get(&self, uri: &str) -> Result<Vec<u8>> {
