@@ -11,7 +11,10 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 STATE="${DDIT_SERVICES_DIR:-$ROOT/.ddit/services}"
 GARAGE_ROOT="${GARAGE_ROOT:-/opt/garage}"
 GARAGE="$GARAGE_ROOT/bin/garage"
-CONF="$STATE/garage.toml"
+# Garage's config and data live outside the checkout, so every clone on the machine (CI's fresh clone
+# included) finds and administers the same single-node instance.
+GARAGE_STATE="${GARAGE_STATE:-/var/lib/ddit-garage}"
+CONF="$GARAGE_STATE/garage.toml"
 # Fixed test credentials (loopback only): a Garage key id is GK + 24 hex digits.
 KEY_ID="GK0ddit0000000000000000001"
 KEY_SECRET="0ddit0test0secret000000000000000000000000000000000000000000000001"
@@ -52,11 +55,11 @@ garage_install() {
 }
 
 garage_conf() {
-  mkdir -p "$STATE/meta" "$STATE/data"
+  mkdir -p "$GARAGE_STATE/meta" "$GARAGE_STATE/data"
   [[ -f "$CONF" ]] && return 0
   cat > "$CONF" <<CONF
-metadata_dir = "$STATE/meta"
-data_dir = "$STATE/data"
+metadata_dir = "$GARAGE_STATE/meta"
+data_dir = "$GARAGE_STATE/data"
 db_engine = "sqlite"
 replication_factor = 1
 rpc_bind_addr = "127.0.0.1:3901"
@@ -78,9 +81,9 @@ garage_up() {
   garage_conf
   if ! port_open 3900; then
     log "starting garage"
-    nohup "$GARAGE" -c "$CONF" server > "$STATE/garage.log" 2>&1 &
-    echo $! > "$STATE/garage.pid"
-    wait_port 3900 60 || { cat "$STATE/garage.log" >&2; return 1; }
+    nohup "$GARAGE" -c "$CONF" server > "$GARAGE_STATE/garage.log" 2>&1 &
+    echo $! > "$GARAGE_STATE/garage.pid"
+    wait_port 3900 60 || { cat "$GARAGE_STATE/garage.log" >&2; return 1; }
   fi
   local g=("$GARAGE" -c "$CONF")
   for _ in $(seq 1 30); do "${g[@]}" status >/dev/null 2>&1 && break; sleep 1; done
@@ -125,7 +128,7 @@ case "${1:-up}" in
     for p in 6379 5672 3900; do if port_open $p; then echo "127.0.0.1:$p open"; else echo "127.0.0.1:$p closed"; fi; done
     ;;
   down)
-    if [[ -f "$STATE/garage.pid" ]]; then kill "$(cat "$STATE/garage.pid")" 2>/dev/null || true; rm -f "$STATE/garage.pid"; fi
+    if [[ -f "$GARAGE_STATE/garage.pid" ]]; then kill "$(cat "$GARAGE_STATE/garage.pid")" 2>/dev/null || true; rm -f "$GARAGE_STATE/garage.pid"; fi
     ;;
   env) print_env ;;
   *) echo "usage: $0 up|status|down|env" >&2; exit 2 ;;
