@@ -363,22 +363,24 @@ pub async fn serve(cfg: ServeConfig, shutdown: impl Future<Output = ()>) -> Resu
     }
     state.model_ready.store(true, Ordering::SeqCst);
 
-    let conn = Arc::new(
-        with_backoff("connect to the broker", 10, || {
-            amqp::connect(&cfg.amqp, &cfg.name)
-        })
-        .await?,
-    );
-    let ch = conn
-        .create_channel()
-        .await
-        .map_err(|e| WorkerError::Unavailable {
-            what: "amqp channel".into(),
-            message: e.to_string(),
-        })?;
-    amqp::declare(&ch, &cfg.amqp).await?;
+    // Connect, declare and consume as one retried unit: a hard broker error during set-up (for
+    // example two workers declaring the same quorum queue at once) closes the connection, so each
+    // attempt starts from a fresh connection.
     let tag = format!("{}-{}", cfg.name, std::process::id());
-    let mut consumer = amqp::consume(&ch, &cfg.amqp, &tag).await?;
+    let (conn, ch, mut consumer) = with_backoff("connect to the broker", 10, || async {
+        let conn = amqp::connect(&cfg.amqp, &cfg.name).await?;
+        let ch = conn
+            .create_channel()
+            .await
+            .map_err(|e| WorkerError::Unavailable {
+                what: "amqp channel".into(),
+                message: e.to_string(),
+            })?;
+        amqp::declare(&ch, &cfg.amqp).await?;
+        let consumer = amqp::consume(&ch, &cfg.amqp, &tag).await?;
+        Ok((Arc::new(conn), ch, consumer))
+    })
+    .await?;
     if let Ok(mut b) = state.broker.lock() {
         *b = Some(conn.clone());
     }
