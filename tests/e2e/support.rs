@@ -94,6 +94,77 @@ pub fn bucket() -> String {
     var("DDIT_S3_BUCKET", "ddit-test")
 }
 
+/// The built `ddit-worker` binary (the e2e tests run the real thing).
+pub fn worker_bin() -> PathBuf {
+    let bin = workspace()
+        .join("target")
+        .join(if cfg!(debug_assertions) {
+            "debug"
+        } else {
+            "release"
+        })
+        .join("ddit-worker");
+    assert!(
+        bin.exists(),
+        "{} missing: build the workspace first",
+        bin.display()
+    );
+    bin
+}
+
+/// Connection variables of the loopback services (credentials, AMQP, Redis, S3).
+pub fn service_env() -> Vec<(String, String)> {
+    [
+        ("AWS_ACCESS_KEY_ID", "GK0ddit0000000000000000001"),
+        (
+            "AWS_SECRET_ACCESS_KEY",
+            "0ddit0test0secret000000000000000000000000000000000000000000000001",
+        ),
+        ("AWS_REGION", "us-east-1"),
+        ("DDIT_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/%2f"),
+        ("DDIT_REDIS_URL", "redis://127.0.0.1:6379"),
+        ("DDIT_S3_ENDPOINT", "http://127.0.0.1:3900"),
+        ("DDIT_S3_BUCKET", "ddit-test"),
+    ]
+    .into_iter()
+    .map(|(k, d)| (k.to_string(), var(k, d)))
+    .collect()
+}
+
+/// A client command (`submit`, `fetch-model`, ...) wired to this test's queue, prefixes and the
+/// loopback services.
+pub fn client_command(names: &Names, sub: &str) -> Command {
+    let mut c = Command::new(worker_bin());
+    c.arg(sub).envs(service_env()).envs([
+        ("DDIT_QUEUE", names.queue.as_str()),
+        ("DDIT_DEAD_LETTER_EXCHANGE", names.dlx.as_str()),
+        ("DDIT_DEAD_LETTER_QUEUE", names.dlq.as_str()),
+        ("DDIT_REDIS_PREFIX", names.redis_prefix.as_str()),
+        ("DDIT_S3_PREFIX", names.s3_prefix.as_str()),
+        ("DDIT_S3_PATH_STYLE", "true"),
+    ]);
+    c
+}
+
+/// The sum of a Prometheus counter or gauge over the series whose labels contain every `labels`
+/// pair, from a worker's `/metrics`.
+pub fn metric_sum(exposition: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    exposition
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            let (n, rest) = series.split_once('{').unwrap_or((series, ""));
+            (n == name
+                && labels
+                    .iter()
+                    .all(|(k, v)| rest.contains(&format!("{k}=\"{v}\""))))
+            .then(|| value.parse::<f64>().ok())
+            .flatten()
+        })
+        .sum()
+}
+
 /// A `ddit-worker serve` process.
 pub struct Worker {
     pub child: Child,
@@ -116,20 +187,7 @@ impl Worker {
     ) -> Self {
         let port = free_port();
         let log = log_dir.join(format!("{label}.log"));
-        let bin = workspace()
-            .join("target")
-            .join(if cfg!(debug_assertions) {
-                "debug"
-            } else {
-                "release"
-            })
-            .join("ddit-worker");
-        assert!(
-            bin.exists(),
-            "{} missing: build the workspace first",
-            bin.display()
-        );
-        let child = Command::new(bin)
+        let child = Command::new(worker_bin())
             .arg("serve")
             .arg("--model")
             .arg(model)
@@ -171,25 +229,7 @@ impl Worker {
                 "info",
             ])
             .args(extra)
-            .env(
-                "AWS_ACCESS_KEY_ID",
-                var("AWS_ACCESS_KEY_ID", "GK0ddit0000000000000000001"),
-            )
-            .env(
-                "AWS_SECRET_ACCESS_KEY",
-                var(
-                    "AWS_SECRET_ACCESS_KEY",
-                    "0ddit0test0secret000000000000000000000000000000000000000000000001",
-                ),
-            )
-            .env(
-                "DDIT_AMQP_URL",
-                var("DDIT_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/%2f"),
-            )
-            .env(
-                "DDIT_REDIS_URL",
-                var("DDIT_REDIS_URL", "redis://127.0.0.1:6379"),
-            )
+            .envs(service_env())
             .envs(envs.iter().map(|(k, v)| (k.to_string(), v.to_string())))
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap())

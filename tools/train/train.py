@@ -5,8 +5,17 @@
 Order: (1) a tiny AutoencoderKL on 32x32 renders; (2) the T5-style encoder and the D-DiT transformer
 with D-DiT's joint loss: flow matching on latents (text -> image, with 10% empty prompts for
 classifier-free guidance), masked-diffusion cross-entropy on captions (image -> text, image at
-timestep 0), and VQA examples with the question held fixed. There is no pretrained T5 here, so the
-text encoder is trained jointly (the real model freezes T5-XXL). Wall-clock budgets per phase keep
+timestep 0), and VQA examples with the question held fixed.
+
+Captions sit at a random offset in their canvas during training. D-DiT's text stream has no absolute
+positions (T5 relative attention only, no attention mask), so a fully masked canvas looks the same at
+every position: the model cannot know where "position 0" is until a first token is drawn. A model
+trained on captions that always start at position 0 then scatters them (leading padding, words out
+of order). Training on shifted captions teaches the shift-invariant distribution the architecture can
+actually represent, and the decoder drops leading padding. The T5 relative-position buckets are wide
+enough (64 buckets, 32 per direction, exact up to 16) that every offset inside a canvas is distinct.
+
+There is no pretrained T5 here, so the text encoder is trained jointly (the real model freezes T5-XXL). Wall-clock budgets per phase keep
 the whole recipe under 60 minutes on 2 CPU cores. Seeds are fixed.
 """
 
@@ -66,6 +75,15 @@ class Data:
                 rows.append((self.canvas(prompt + ans, VQA_LEN), len(prompt)))
             self.vqa.append(rows)
         self.captions = torch.tensor(np.array(self.captions))
+        # Padding after each caption (and its </s>): the room it has to move right.
+        self.caption_room = (self.captions == self.pad).sum(1)
+
+    def shifted(self, idx: torch.Tensor) -> torch.Tensor:
+        """Caption canvases of `idx`, each moved right by a random offset within its padding."""
+        ids = self.captions[idx]
+        off = (torch.rand(len(idx)) * (self.caption_room[idx] + 1).float()).long()
+        src = (torch.arange(ids.shape[1])[None, :] - off[:, None]) % ids.shape[1]
+        return ids.gather(1, src)
 
     def canvas(self, ids: list[int], n: int) -> list[int]:
         ids = ids[:n]
@@ -132,6 +150,8 @@ def main() -> None:
     ap.add_argument("--scenes", type=int, default=24000)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--vae-from", type=Path, default=None,
+                    help="reuse a trained VAE folder (skips phase 1; its minutes count towards the budget)")
     args = ap.parse_args()
     torch.manual_seed(args.seed)
     random.seed(args.seed)
@@ -141,9 +161,15 @@ def main() -> None:
     t0 = time.time()
     tok = build_tokenizer()
     data = Data(args.scenes, args.seed + 1, tok)
-    log(logf, phase="data", scenes=args.scenes, seconds=round(time.time() - t0, 1), vocab=tok.get_vocab_size())
+    log(logf, phase="data", scenes=args.scenes, seconds=round(time.time() - t0, 1), vocab=tok.get_vocab_size(),
+        args={k: str(v) for k, v in vars(args).items()})
 
-    vae = train_vae(data, args.vae_minutes, args.vae_steps, logf)
+    if args.vae_from is not None:
+        vae = AutoencoderKL.from_pretrained(args.vae_from).eval()
+        log(logf, phase="vae_reused", source=str(args.vae_from), shift_factor=vae.config.shift_factor,
+            scaling_factor=vae.config.scaling_factor)
+    else:
+        vae = train_vae(data, args.vae_minutes, args.vae_steps, logf)
     for p in vae.parameters():
         p.requires_grad_(False)
     sf, sh = vae.config.scaling_factor, vae.config.shift_factor
@@ -157,7 +183,7 @@ def main() -> None:
     mask_id = tok.token_to_id("<extra_id_0>")
     t5 = T5EncoderModel(T5Config(
         vocab_size=vocab, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4,
-        relative_attention_num_buckets=8, relative_attention_max_distance=16,
+        relative_attention_num_buckets=64, relative_attention_max_distance=64,
         feed_forward_proj="gated-gelu", layer_norm_epsilon=1e-6, dropout_rate=0.0,
         is_encoder_decoder=False, use_cache=False, pad_token_id=0, eos_token_id=1,
     ))
@@ -170,7 +196,7 @@ def main() -> None:
     ema = [p.detach().clone() for p in params]
     opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.01, betas=(0.9, 0.99))
     empty = data.canvas(tok.encode("").ids, PROMPT_LEN)
-    bs = {"t2i": 48, "cap": 32, "vqa": 32}
+    bs = {"t2i": 40, "cap": 48, "vqa": 32}
     start, step = time.time(), 0
     while progress(step, args.ddit_steps, start, args.ddit_minutes) < 1.0:
         frac = progress(step, args.ddit_steps, start, args.ddit_minutes)
@@ -188,10 +214,11 @@ def main() -> None:
         xt = sigma[:, None, None, None] * noise + (1 - sigma[:, None, None, None]) * z0
         vel, _ = dit(xt, t5(input_ids=prompts).last_hidden_state, sigma * 1000)
         losses["flow"] = F.mse_loss(vel, noise - z0)
-        # image -> text: masked diffusion on captions, clean image at timestep 0.
+        # image -> text: masked diffusion on captions (shifted, see the module doc), clean image at
+        # timestep 0, latent drawn from the posterior as the sampler does.
         idx = torch.randint(0, len(data.images), (bs["cap"],))
-        z0 = (lat_mean[idx] - sh) * sf
-        ids = data.captions[idx]
+        z0 = ((lat_mean[idx] + lat_std[idx] * torch.randn_like(lat_mean[idx])) - sh) * sf
+        ids = data.shifted(idx)
         ratio = torch.rand(len(idx), 1).clamp(min=0.05)
         masked = torch.rand(ids.shape) < ratio
         noisy = torch.where(masked, torch.full_like(ids, mask_id), ids)
@@ -199,7 +226,7 @@ def main() -> None:
         losses["caption"] = F.cross_entropy(logits[masked], ids[masked]) if masked.any() else logits.sum() * 0
         # VQA: question fixed, answer (and the padding after it) masked.
         idx = torch.randint(0, len(data.images), (bs["vqa"],))
-        z0 = (lat_mean[idx] - sh) * sf
+        z0 = ((lat_mean[idx] + lat_std[idx] * torch.randn_like(lat_mean[idx])) - sh) * sf
         rows = [random.choice(data.vqa[i]) for i in idx.tolist()]
         ids = torch.tensor([r[0] for r in rows])
         plen = torch.tensor([r[1] for r in rows])
@@ -209,7 +236,7 @@ def main() -> None:
         noisy = torch.where(masked, torch.full_like(ids, mask_id), ids)
         _, logits = dit(z0, t5(input_ids=noisy).last_hidden_state, torch.zeros(len(idx)))
         losses["vqa"] = F.cross_entropy(logits[masked], ids[masked]) if masked.any() else logits.sum() * 0
-        loss = losses["flow"] + 0.5 * losses["caption"] + 0.5 * losses["vqa"]
+        loss = losses["flow"] + losses["caption"] + 0.5 * losses["vqa"]
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

@@ -14,6 +14,7 @@ use ddit_worker::runner::{
     Hooks, ImageSink, Incoming, JobSource, LatentMode, Runner, RunnerConfig,
 };
 use ddit_worker::tasks::input::LocalFetcher;
+use ddit_worker::service::s3::S3Config;
 use ddit_worker::text::TextCodec;
 
 #[derive(Parser)]
@@ -154,6 +155,38 @@ enum Cmd {
         #[command(flatten)]
         serve: Box<ServeArgs>,
     },
+    /// Bulk client: uploads a folder or JSONL manifest of inputs, publishes their jobs (publisher
+    /// confirms, at most --ahead unanswered), collects results from Redis into one JSONL. Resumable.
+    Submit(Box<SubmitArgs>),
+    /// Downloads a model package from S3 and verifies every file against its manifest (init containers).
+    FetchModel {
+        /// s3://bucket/prefix holding manifest.json and the files it lists.
+        #[arg(long = "from", env = "DDIT_MODEL_URL")]
+        from: String,
+        /// Destination folder (replaced only once the new package verifies).
+        #[arg(long, env = "DDIT_MODEL")]
+        out: PathBuf,
+        #[command(flatten)]
+        s3: S3ConnArgs,
+    },
+    /// Verifies a model package folder and uploads it to S3 (manifest last).
+    PushModel {
+        /// The package folder (made by ddit-export).
+        #[arg(long, env = "DDIT_MODEL")]
+        model: PathBuf,
+        /// s3://bucket/prefix to upload to.
+        #[arg(long, env = "DDIT_MODEL_URL")]
+        to: String,
+        #[command(flatten)]
+        s3: S3ConnArgs,
+    },
+    /// HTTP GET; exits 0 on a 2xx answer (container health checks).
+    Probe {
+        #[arg(long, default_value = "http://127.0.0.1:9090/readyz")]
+        url: String,
+        #[arg(long, default_value_t = 3000)]
+        timeout_ms: u64,
+    },
     /// Runs a JSONL file of jobs; writes OUT/results.jsonl and OUT/{job_id}/{n}.png. Resumable.
     Batch {
         #[command(flatten)]
@@ -194,12 +227,21 @@ enum EvalCmd {
         #[arg(long, default_value_t = 0, env = "DDIT_SEED")]
         seed: u64,
     },
+    /// Scores images generated elsewhere (`{images}/gen_{id:04}.png`, e.g. by the PyTorch
+    /// reference sampler) with the same scene checker as `eval shapes`.
+    ShapesImages {
+        #[arg(long, env = "DDIT_SET")]
+        set: PathBuf,
+        #[arg(long, env = "DDIT_IMAGES")]
+        images: PathBuf,
+        #[arg(long, env = "DDIT_LIMIT")]
+        limit: Option<usize>,
+    },
 }
 
-/// Settings of `serve`. S3 credentials come from the standard AWS variables
-/// (`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_SESSION_TOKEN`); they are never logged.
+/// The broker and queue (shared by `serve` and `submit`; both declare the queue identically).
 #[derive(Args, Clone)]
-struct ServeArgs {
+struct AmqpArgs {
     /// AMQP URL (the password is never logged).
     #[arg(
         long,
@@ -211,9 +253,6 @@ struct ServeArgs {
     /// Work queue (a durable quorum queue, declared if absent).
     #[arg(long, default_value = "ddit.jobs", env = "DDIT_QUEUE")]
     queue: String,
-    /// Unacknowledged deliveries per worker.
-    #[arg(long, default_value_t = 8, env = "DDIT_PREFETCH")]
-    prefetch: u16,
     /// Deliveries after which a message is dead-lettered (quorum `x-delivery-limit`).
     #[arg(long, default_value_t = 5, env = "DDIT_DELIVERY_LIMIT")]
     delivery_limit: u32,
@@ -222,23 +261,68 @@ struct ServeArgs {
     dead_letter_exchange: String,
     #[arg(long, env = "DDIT_DEAD_LETTER_QUEUE")]
     dead_letter_queue: Option<String>,
+}
+
+impl AmqpArgs {
+    fn config(self, prefetch: u16) -> ddit_worker::service::amqp::AmqpConfig {
+        ddit_worker::service::amqp::AmqpConfig {
+            url: self.amqp_url,
+            queue: self.queue,
+            prefetch: prefetch.max(1),
+            delivery_limit: self.delivery_limit.max(1),
+            dead_letter_queue: self
+                .dead_letter_queue
+                .unwrap_or_else(|| format!("{}.queue", self.dead_letter_exchange)),
+            dead_letter_exchange: self.dead_letter_exchange,
+        }
+    }
+}
+
+/// Where S3 is. Credentials come from the standard AWS variables (`AWS_ACCESS_KEY_ID`,
+/// `AWS_SECRET_ACCESS_KEY`, `AWS_SESSION_TOKEN`); they are never logged.
+#[derive(Args, Clone)]
+struct S3ConnArgs {
     /// S3 endpoint, e.g. http://127.0.0.1:3900 (unset: AWS).
     #[arg(long, env = "DDIT_S3_ENDPOINT")]
     s3_endpoint: Option<String>,
     #[arg(long, default_value = "us-east-1", env = "DDIT_S3_REGION")]
     s3_region: String,
-    /// Bucket for generated images.
-    #[arg(long, env = "DDIT_S3_BUCKET")]
-    s3_bucket: String,
-    /// Key prefix: images go to `{prefix}/{job_id}/{n}.png`.
-    #[arg(long, default_value = "ddit", env = "DDIT_S3_PREFIX")]
-    s3_prefix: String,
     /// Path-style addressing (local S3 servers).
     #[arg(long, env = "DDIT_S3_PATH_STYLE")]
     s3_path_style: bool,
-    /// Extra buckets input images may be read from (comma-separated; the output bucket always may).
-    #[arg(long, value_delimiter = ',', env = "DDIT_S3_INPUT_BUCKETS")]
-    s3_input_buckets: Vec<String>,
+}
+
+impl S3ConnArgs {
+    fn config(self, bucket: String, prefix: String, max_input_bytes: usize) -> S3Config {
+        S3Config {
+            endpoint: self.s3_endpoint,
+            region: self.s3_region,
+            bucket,
+            prefix,
+            path_style: self.s3_path_style,
+            input_buckets: vec![],
+            max_input_bytes,
+        }
+    }
+}
+
+/// The bucket and key prefix of a fleet.
+#[derive(Args, Clone)]
+struct S3Args {
+    #[command(flatten)]
+    conn: S3ConnArgs,
+    /// Bucket for generated images (and, for `submit`, uploaded inputs).
+    #[arg(long, env = "DDIT_S3_BUCKET")]
+    s3_bucket: String,
+    /// Key prefix: images go to `{prefix}/{job_id}/{n}.png`, submitted inputs to
+    /// `{prefix}/inputs/{batch}/`.
+    #[arg(long, default_value = "ddit", env = "DDIT_S3_PREFIX")]
+    s3_prefix: String,
+}
+
+/// Where results live.
+#[derive(Args, Clone)]
+struct RedisArgs {
     /// Redis URL.
     #[arg(
         long,
@@ -250,6 +334,23 @@ struct ServeArgs {
     /// Redis key prefix.
     #[arg(long, default_value = "ddit", env = "DDIT_REDIS_PREFIX")]
     redis_prefix: String,
+}
+
+/// Settings of `serve`.
+#[derive(Args, Clone)]
+struct ServeArgs {
+    #[command(flatten)]
+    amqp: AmqpArgs,
+    /// Unacknowledged deliveries per worker.
+    #[arg(long, default_value_t = 8, env = "DDIT_PREFETCH")]
+    prefetch: u16,
+    #[command(flatten)]
+    s3: S3Args,
+    /// Extra buckets input images may be read from (comma-separated; the output bucket always may).
+    #[arg(long, value_delimiter = ',', env = "DDIT_S3_INPUT_BUCKETS")]
+    s3_input_buckets: Vec<String>,
+    #[command(flatten)]
+    redis: RedisArgs,
     /// Seconds a result is kept in Redis.
     #[arg(long, default_value_t = 7 * 24 * 3600, env = "DDIT_RESULT_TTL")]
     result_ttl: u64,
@@ -274,6 +375,55 @@ struct ServeArgs {
     /// Name of this worker (AMQP connection name, consumer tag).
     #[arg(long, default_value = "ddit-worker", env = "DDIT_WORKER_NAME")]
     worker_name: String,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum SubmitTask {
+    Caption,
+    Vqa,
+    Generate,
+}
+
+/// Settings of `submit`.
+#[derive(Args, Clone)]
+struct SubmitArgs {
+    /// A folder of images (.png, .jpg, .webp) or a JSONL manifest (one item per line: `image`,
+    /// `question`, `prompt`, `task`, `id`, and optional `steps`, `seed`, ...).
+    #[arg(long, env = "DDIT_INPUT")]
+    input: PathBuf,
+    /// Task of items that name none.
+    #[arg(long, value_enum, default_value = "caption", env = "DDIT_TASK")]
+    task: SubmitTask,
+    /// Question of VQA items that carry none.
+    #[arg(long, env = "DDIT_QUESTION")]
+    question: Option<String>,
+    /// Output JSONL (one line per item: `item` plus the result). Its journal is `{out}.submitted`.
+    #[arg(long, env = "DDIT_OUT")]
+    out: PathBuf,
+    /// Most jobs published and not yet answered (flow control).
+    #[arg(long, default_value_t = 64, env = "DDIT_AHEAD")]
+    ahead: usize,
+    /// Names the jobs (`{batch}-{hash of item}`); default: derived from the input path and task.
+    #[arg(long, env = "DDIT_BATCH")]
+    batch: Option<String>,
+    /// Milliseconds between two reads of the results in flight.
+    #[arg(long, default_value_t = 200, env = "DDIT_POLL_MS")]
+    poll_ms: u64,
+    /// Stop with an error when a job has had no result for this many seconds (0: wait forever).
+    /// The journal is kept: a rerun keeps waiting for the same jobs.
+    #[arg(long, default_value_t = 0, env = "DDIT_RESULT_TIMEOUT")]
+    result_timeout: u64,
+    /// Hide the progress bar even on a terminal.
+    #[arg(long, env = "DDIT_NO_PROGRESS")]
+    no_progress: bool,
+    #[command(flatten)]
+    amqp: AmqpArgs,
+    #[command(flatten)]
+    s3: S3Args,
+    #[command(flatten)]
+    redis: RedisArgs,
+    #[arg(long, default_value = "warn", env = "DDIT_LOG")]
+    log: String,
 }
 
 fn init_logging(filter: &str) {
@@ -400,6 +550,47 @@ fn run_one(e: &EngineArgs, task: TaskParams, out: Option<PathBuf>) -> anyhow::Re
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.cmd {
         Cmd::Serve { engine, serve } => serve_cmd(engine, *serve)?,
+        Cmd::Submit(args) => submit_cmd(*args)?,
+        Cmd::FetchModel { from, out, s3 } => {
+            init_logging("warn");
+            let (bucket, _) = ddit_worker::client::model_store::parse_s3_url(&from)?;
+            let fetched = client_runtime()?.block_on(async {
+                let store =
+                    ddit_worker::service::s3::S3Store::connect(s3.config(bucket, String::new(), 0))
+                        .await?;
+                ddit_worker::client::model_store::fetch(&store, &from, &out).await
+            })?;
+            match fetched {
+                ddit_worker::client::model_store::Fetched::Downloaded { files, hash } => eprintln!(
+                    "fetched {from} into {}: {files} files verified, model hash {hash}",
+                    out.display()
+                ),
+                ddit_worker::client::model_store::Fetched::AlreadyPresent { hash } => eprintln!(
+                    "{} already holds model {hash}; nothing downloaded",
+                    out.display()
+                ),
+            }
+        }
+        Cmd::PushModel { model, to, s3 } => {
+            init_logging("warn");
+            let (bucket, _) = ddit_worker::client::model_store::parse_s3_url(&to)?;
+            let hash = client_runtime()?.block_on(async {
+                let store =
+                    ddit_worker::service::s3::S3Store::connect(s3.config(bucket, String::new(), 0))
+                        .await?;
+                ddit_worker::client::model_store::push(&store, &model, &to).await
+            })?;
+            eprintln!("pushed {} to {to}: model hash {hash}", model.display());
+        }
+        Cmd::Probe { url, timeout_ms } => {
+            let (code, body) = ddit_worker::client::probe::get(
+                &url,
+                std::time::Duration::from_millis(timeout_ms.max(1)),
+            )?;
+            if !(200..300).contains(&code) {
+                bail!("{url}: HTTP {code} {body}");
+            }
+        }
         Cmd::Eval {
             what:
                 EvalCmd::Shapes {
@@ -432,6 +623,16 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 legend.display()
             );
             print!("{}", scores.table());
+        }
+        Cmd::Eval {
+            what: EvalCmd::ShapesImages { set, images, limit },
+        } => {
+            let sc = ddit_worker::eval::score_generated(&set, &images, limit)?;
+            println!(
+                "generation on {} scenes: all {:.3} count {:.3} colour {:.3} shape {:.3} position {:.3}",
+                sc.scenes, sc.generation, sc.gen_count, sc.gen_colour, sc.gen_shape, sc.gen_position
+            );
+            println!("generation={:.3}", sc.generation);
         }
         Cmd::Generate {
             engine,
@@ -553,34 +754,18 @@ fn engine_config(e: &EngineArgs) -> anyhow::Result<EngineConfig> {
 }
 
 fn serve_cmd(e: EngineArgs, s: ServeArgs) -> anyhow::Result<()> {
-    use ddit_worker::service::{
-        self, amqp::AmqpConfig, redis::RedisConfig, s3::S3Config, ServeConfig,
-    };
+    use ddit_worker::service::{self, redis::RedisConfig, ServeConfig};
     let mut telemetry =
         service::telemetry::init_telemetry(&e.log, s.otlp_endpoint.as_deref(), &s.worker_name)?;
     let cfg = ServeConfig {
-        amqp: AmqpConfig {
-            url: s.amqp_url,
-            queue: s.queue,
-            prefetch: s.prefetch.max(1),
-            delivery_limit: s.delivery_limit.max(1),
-            dead_letter_queue: s
-                .dead_letter_queue
-                .unwrap_or_else(|| format!("{}.queue", s.dead_letter_exchange)),
-            dead_letter_exchange: s.dead_letter_exchange,
-        },
+        amqp: s.amqp.config(s.prefetch),
         s3: S3Config {
-            endpoint: s.s3_endpoint,
-            region: s.s3_region,
-            bucket: s.s3_bucket,
-            prefix: s.s3_prefix,
-            path_style: s.s3_path_style,
             input_buckets: s.s3_input_buckets,
-            max_input_bytes: e.max_image_bytes,
+            ..s.s3.conn.config(s.s3.s3_bucket, s.s3.s3_prefix, e.max_image_bytes)
         },
         redis: RedisConfig {
-            url: s.redis_url,
-            prefix: s.redis_prefix,
+            url: s.redis.redis_url,
+            prefix: s.redis.redis_prefix,
             result_ttl_secs: s.result_ttl,
         },
         model: e.model.clone(),
@@ -601,6 +786,53 @@ fn serve_cmd(e: EngineArgs, s: ServeArgs) -> anyhow::Result<()> {
     // Inference threads may still be finishing a job that was requeued; the process ends here.
     rt.shutdown_timeout(std::time::Duration::from_secs(1));
     res.map_err(Into::into)
+}
+
+fn client_runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?)
+}
+
+fn submit_cmd(a: SubmitArgs) -> anyhow::Result<()> {
+    use ddit_worker::client::submit::{self, DefaultTask, SubmitConfig};
+    init_logging(&a.log);
+    let cfg = SubmitConfig {
+        input: a.input,
+        task: match a.task {
+            SubmitTask::Caption => DefaultTask::Caption,
+            SubmitTask::Vqa => DefaultTask::Vqa,
+            SubmitTask::Generate => DefaultTask::Generate,
+        },
+        question: a.question,
+        out: a.out,
+        ahead: a.ahead.max(1),
+        batch: a.batch,
+        amqp: a.amqp.config(1),
+        s3: a.s3.conn.config(a.s3.s3_bucket, a.s3.s3_prefix, 0),
+        redis_url: a.redis.redis_url,
+        redis_prefix: a.redis.redis_prefix,
+        poll: std::time::Duration::from_millis(a.poll_ms.max(10)),
+        result_timeout: (a.result_timeout > 0)
+            .then(|| std::time::Duration::from_secs(a.result_timeout)),
+        show_progress: !a.no_progress,
+    };
+    let out = cfg.out.clone();
+    let summary = client_runtime()?.block_on(submit::run(cfg))?;
+    eprintln!(
+        "submit: {} items, {} done before, {} recovered from redis, {} resumed, {} published; {} succeeded, {} failed -> {}",
+        summary.items,
+        summary.done_before,
+        summary.recovered,
+        summary.resumed,
+        summary.published,
+        summary.succeeded,
+        summary.failed,
+        out.display()
+    );
+    println!("{}", serde_json::to_string(&summary)?);
+    Ok(())
 }
 
 /// Resolves on SIGTERM or SIGINT.

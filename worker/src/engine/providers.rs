@@ -109,10 +109,15 @@ impl EngineConfig {
         self.providers.first().map(Provider::name).unwrap_or("cpu")
     }
 
-    /// The TensorRT cache folder for one model: `{cache_dir}/{model_hash}`. TensorRT itself keys
-    /// engines by GPU architecture and TensorRT version inside it.
-    pub fn trt_cache_for(&self, model_hash: &str) -> Option<PathBuf> {
-        self.tensorrt.cache_dir.as_ref().map(|d| d.join(model_hash))
+    /// The TensorRT cache folder for one model on one GPU:
+    /// `{cache_dir}/{model_hash}/{gpu_arch}-trt{version}` (e.g. `…/3f2a…/sm90-trt10.13.3`). A cache
+    /// on a shared volume is then never read by a different model, GPU generation or TensorRT
+    /// release, whose engines would be rejected or, worse, rebuilt over the others' files.
+    pub fn trt_cache_for(&self, model_hash: &str, device: i32) -> Option<PathBuf> {
+        self.tensorrt.cache_dir.as_ref().map(|d| {
+            d.join(model_hash)
+                .join(format!("{}-trt{}", gpu_arch(device), tensorrt_version()))
+        })
     }
 
     /// The ort dispatch list, each GPU provider set to fail loudly.
@@ -129,7 +134,10 @@ impl EngineConfig {
                     let mut trt = ep::TensorRT::default()
                         .with_device_id(*device)
                         .with_fp16(self.tensorrt.fp16);
-                    if let Some(dir) = self.trt_cache_for(model_hash) {
+                    if let Some(dir) = self.trt_cache_for(model_hash, *device) {
+                        if let Err(e) = std::fs::create_dir_all(&dir) {
+                            tracing::warn!("tensorrt cache {}: {e}", dir.display());
+                        }
                         let d = dir.display().to_string();
                         trt = trt
                             .with_engine_cache(true)
@@ -142,6 +150,83 @@ impl EngineConfig {
             })
             .collect()
     }
+}
+
+/// The GPU's architecture as `sm{major}{minor}`: `DDIT_GPU_ARCH` when set (e.g. from a node
+/// label), else `nvidia-smi`'s compute capability for `device`, else `sm-unknown`.
+pub fn gpu_arch(device: i32) -> String {
+    if let Some(a) = std::env::var("DDIT_GPU_ARCH")
+        .ok()
+        .filter(|a| !a.trim().is_empty())
+    {
+        return sanitize(&a);
+    }
+    std::process::Command::new("nvidia-smi")
+        .args([
+            "--query-gpu=compute_cap",
+            "--format=csv,noheader",
+            "-i",
+            &device.to_string(),
+        ])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .and_then(|o| compute_cap_to_arch(&String::from_utf8_lossy(&o.stdout)))
+        .unwrap_or_else(|| "sm-unknown".into())
+}
+
+/// `"9.0\n"` -> `sm90`.
+pub fn compute_cap_to_arch(text: &str) -> Option<String> {
+    let (major, minor) = text.lines().next()?.trim().split_once('.')?;
+    let (major, minor) = (major.parse::<u32>().ok()?, minor.parse::<u32>().ok()?);
+    Some(format!("sm{major}{minor}"))
+}
+
+/// The TensorRT version: `DDIT_TRT_VERSION`, else `TRT_VERSION` (set by NVIDIA's TensorRT
+/// images), else the newest `libnvinfer.so.X.Y.Z` on `LD_LIBRARY_PATH` and the usual library
+/// folders, else `unknown`.
+pub fn tensorrt_version() -> String {
+    for var in ["DDIT_TRT_VERSION", "TRT_VERSION"] {
+        if let Some(v) = std::env::var(var).ok().filter(|v| !v.trim().is_empty()) {
+            return sanitize(&v);
+        }
+    }
+    let mut dirs: Vec<PathBuf> = std::env::var("LD_LIBRARY_PATH")
+        .unwrap_or_default()
+        .split(':')
+        .filter(|d| !d.is_empty())
+        .map(PathBuf::from)
+        .collect();
+    dirs.extend(
+        ["/usr/lib/x86_64-linux-gnu", "/usr/local/tensorrt/lib", "/usr/lib64"].map(PathBuf::from),
+    );
+    let names = dirs
+        .iter()
+        .filter_map(|d| std::fs::read_dir(d).ok())
+        .flatten()
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned());
+    newest_nvinfer(names).unwrap_or_else(|| "unknown".into())
+}
+
+/// The highest `X.Y.Z` among `libnvinfer.so.X.Y.Z` names.
+pub fn newest_nvinfer(names: impl IntoIterator<Item = String>) -> Option<String> {
+    names
+        .into_iter()
+        .filter_map(|n| {
+            let v = n.strip_prefix("libnvinfer.so.")?.to_string();
+            let parts: Vec<u32> = v.split('.').map(|p| p.parse().ok()).collect::<Option<_>>()?;
+            (parts.len() >= 2).then_some((parts, v))
+        })
+        .max()
+        .map(|(_, v)| v)
+}
+
+fn sanitize(s: &str) -> String {
+    s.trim()
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() || c == '.' || c == '-' { c } else { '_' })
+        .collect()
 }
 
 #[cfg(test)]
@@ -169,11 +254,23 @@ mod tests {
     }
 
     #[test]
-    fn trt_cache_is_keyed_by_model_hash() {
+    fn trt_cache_is_keyed_by_model_gpu_and_tensorrt() {
         let mut c = EngineConfig::default();
-        assert_eq!(c.trt_cache_for("abc"), None);
-        c.tensorrt.cache_dir = Some("/cache".into());
-        assert_eq!(c.trt_cache_for("abc"), Some(PathBuf::from("/cache/abc")));
+        assert_eq!(c.trt_cache_for("abc", 0), None);
+        let root = tempfile::tempdir().expect("tmp");
+        c.tensorrt.cache_dir = Some(root.path().to_path_buf());
+        // The architecture and version come from the environment here (no GPU on CI).
+        std::env::set_var("DDIT_GPU_ARCH", "sm90");
+        std::env::set_var("DDIT_TRT_VERSION", "10.13.3");
+        assert_eq!(
+            c.trt_cache_for("abc", 0),
+            Some(root.path().join("abc").join("sm90-trt10.13.3"))
+        );
+        std::env::set_var("DDIT_GPU_ARCH", "sm89");
+        assert_eq!(
+            c.trt_cache_for("abc", 1),
+            Some(root.path().join("abc").join("sm89-trt10.13.3"))
+        );
         c.providers = vec![
             Provider::TensorRt { device: 0 },
             Provider::Cuda { device: 0 },
@@ -181,5 +278,25 @@ mod tests {
         ];
         assert_eq!(c.primary(), "tensorrt");
         assert_eq!(c.dispatch("abc").len(), 3);
+        // Registering the TensorRT provider prepares its cache folder.
+        assert!(root.path().join("abc").join("sm89-trt10.13.3").is_dir());
+    }
+
+    #[test]
+    fn gpu_arch_and_tensorrt_version_parsing() {
+        assert_eq!(compute_cap_to_arch("9.0\n").as_deref(), Some("sm90"));
+        assert_eq!(compute_cap_to_arch("8.6").as_deref(), Some("sm86"));
+        assert_eq!(compute_cap_to_arch("N/A"), None);
+        let names = [
+            "libnvinfer.so",
+            "libnvinfer.so.10",
+            "libnvinfer.so.10.9.0",
+            "libnvinfer.so.10.13.3",
+            "libnvinfer_plugin.so.10.13.3",
+            "libnvinfer.so.10.13.x",
+        ]
+        .map(String::from);
+        assert_eq!(newest_nvinfer(names).as_deref(), Some("10.13.3"));
+        assert_eq!(sanitize(" 10.13/3 "), "10.13_3");
     }
 }

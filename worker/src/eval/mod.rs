@@ -217,7 +217,7 @@ pub fn run(
         ..Scores::default()
     };
     let mut images = Vec::new();
-    let (mut j_all, mut j_count, mut j_colour, mut j_shape, mut j_pos) = (0.0, 0.0, 0.0, 0.0, 0.0);
+    let mut tally = GenTally::default();
     for s in &scenes {
         let cap = text_of(&format!("cap-{}", s.id)).unwrap_or_default();
         sc.caption_exact += f64::from(u8::from(cap == s.caption));
@@ -230,24 +230,17 @@ pub fn run(
             sc.vqa += f64::from(u8::from(a.trim() == q.answer));
             sc.vqa_questions += 1;
         }
-        let want = parse_caption(&s.caption);
-        let judged = match (sink.0.get(&format!("gen-{}", s.id)), &want) {
-            (Some(png), Some(w)) => match image::load_from_memory(png) {
-                Ok(im) => {
-                    let rgb = im.to_rgb8();
-                    let j = judge(w, &detect(&rgb, (rgb.width() * rgb.height()) as usize / 50));
+    let judged = match sink.0.get(&format!("gen-{}", s.id)) {
+            Some(png) => {
+                let (j, rgb) = judge_png(png, &s.caption);
+                if let Some(rgb) = rgb {
                     images.push((s.caption.clone(), rgb));
-                    j
                 }
-                Err(_) => Judgement::default(),
-            },
-            _ => Judgement::default(),
+                j
+            }
+            None => Judgement::default(),
         };
-        j_all += f64::from(u8::from(judged.correct()));
-        j_count += f64::from(u8::from(judged.count));
-        j_colour += f64::from(u8::from(judged.colour));
-        j_shape += f64::from(u8::from(judged.shape));
-        j_pos += f64::from(u8::from(judged.position));
+        tally.add(&judged);
     }
     let n = scenes.len().max(1) as f64;
     sc.caption_exact /= n;
@@ -255,12 +248,73 @@ pub fn run(
     sc.caption_shape /= n;
     sc.caption_position /= n;
     sc.vqa /= sc.vqa_questions.max(1) as f64;
-    sc.generation = j_all / n;
-    sc.gen_count = j_count / n;
-    sc.gen_colour = j_colour / n;
-    sc.gen_shape = j_shape / n;
-    sc.gen_position = j_pos / n;
+    tally.fill(&mut sc, n);
     Ok((sc, images))
+}
+
+/// Judges one generated PNG against the scene its prompt describes.
+fn judge_png(png: &[u8], caption: &str) -> (Judgement, Option<RgbImage>) {
+    let Some(want) = parse_caption(caption) else {
+        return (Judgement::default(), None);
+    };
+    match image::load_from_memory(png) {
+        Ok(im) => {
+            let rgb = im.to_rgb8();
+            let j = judge(&want, &detect(&rgb, (rgb.width() * rgb.height()) as usize / 50));
+            (j, Some(rgb))
+        }
+        Err(_) => (Judgement::default(), None),
+    }
+}
+
+#[derive(Default)]
+struct GenTally {
+    all: f64,
+    count: f64,
+    colour: f64,
+    shape: f64,
+    position: f64,
+}
+
+impl GenTally {
+    fn add(&mut self, j: &Judgement) {
+        self.all += f64::from(u8::from(j.correct()));
+        self.count += f64::from(u8::from(j.count));
+        self.colour += f64::from(u8::from(j.colour));
+        self.shape += f64::from(u8::from(j.shape));
+        self.position += f64::from(u8::from(j.position));
+    }
+
+    fn fill(&self, sc: &mut Scores, n: f64) {
+        sc.generation = self.all / n;
+        sc.gen_count = self.count / n;
+        sc.gen_colour = self.colour / n;
+        sc.gen_shape = self.shape / n;
+        sc.gen_position = self.position / n;
+    }
+}
+
+/// Generation scores of images generated elsewhere, with the same scene checker: `images` holds
+/// `gen_{id:04}.png` for each scene (the PyTorch reference sampler writes them:
+/// `tools/reference/eval_shapes.py --images DIR`). A missing image scores zero.
+pub fn score_generated(set: &Path, images: &Path, limit: Option<usize>) -> Result<Scores> {
+    let mut scenes = load_set(set)?;
+    if let Some(n) = limit {
+        scenes.truncate(n);
+    }
+    let mut tally = GenTally::default();
+    for s in &scenes {
+        let p = images.join(format!("gen_{:04}.png", s.id));
+        if let Ok(png) = std::fs::read(&p) {
+            tally.add(&judge_png(&png, &s.caption).0);
+        }
+    }
+    let mut sc = Scores {
+        scenes: scenes.len(),
+        ..Scores::default()
+    };
+    tally.fill(&mut sc, scenes.len().max(1) as f64);
+    Ok(sc)
 }
 
 /// A grid of images (scaled ×4), at most `cols` per row, and the prompts in reading order.

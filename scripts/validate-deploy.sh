@@ -1,0 +1,67 @@
+#!/usr/bin/env bash
+# Offline validation of deploy/ (no cluster, no Docker engine needed):
+#   1. the Kubernetes manifests, rendered with kustomize (kubectl's built-in) for the CPU base and
+#      the GPU overlay, against the Kubernetes 1.33 schemas (kubernetes-validate from PyPI, strict)
+#      and KEDA's schemas (@kubernetes-models/keda from npm), plus the fleet's own rules;
+#   2. deploy/compose.yaml with `docker compose config` (or Debian's docker-compose when the
+#      compose plugin is absent; both parse and validate without an engine);
+#   3. the Grafana dashboard is valid JSON with the panels it promises.
+# Installs its tools on first use into .ddit/deploy-tools. Called by scripts/test.sh.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+TOOLS="$PWD/.ddit/deploy-tools"
+mkdir -p "$TOOLS"
+log() { echo "validate-deploy: $*" >&2; }
+
+as_root() { if [[ $(id -u) -eq 0 ]]; then "$@"; else sudo "$@"; fi; }
+
+# --- tools
+if ! "$TOOLS/venv/bin/python" -c "import kubernetes_validate, yaml" 2>/dev/null; then
+  log "installing kubernetes-validate (PyPI)"
+  python3 -m venv "$TOOLS/venv"
+  "$TOOLS/venv/bin/pip" install --quiet --disable-pip-version-check \
+    kubernetes-validate==1.37.0 PyYAML==6.0.3
+fi
+if [[ ! -d "$TOOLS/node/node_modules/@kubernetes-models/keda" ]]; then
+  log "installing @kubernetes-models/keda (npm)"
+  npm install --silent --no-audit --no-fund --prefix "$TOOLS/node" @kubernetes-models/keda@0.4.2 >&2
+fi
+if ! command -v kubectl >/dev/null; then
+  log "kubectl (for kustomize) is not installed: install kubectl >= 1.27 and rerun"
+  exit 1
+fi
+COMPOSE=()
+if docker compose version >/dev/null 2>&1; then
+  COMPOSE=(docker compose)
+else
+  if ! command -v docker-compose >/dev/null; then
+    log "installing docker-compose (Debian)"
+    as_root apt-get update -qq >&2 || true
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends docker-compose >&2
+  fi
+  COMPOSE=(docker-compose)
+fi
+
+# --- Kubernetes
+OUT="$TOOLS/rendered"
+rm -rf "$OUT" && mkdir -p "$OUT"
+kubectl kustomize deploy/k8s/base > "$OUT/cpu.yaml"
+kubectl kustomize deploy/k8s/overlays/gpu > "$OUT/gpu.yaml"
+DDIT_KEDA_MODELS="$TOOLS/node/node_modules" \
+  "$TOOLS/venv/bin/python" tools/deploy/validate_k8s.py "$OUT/cpu.yaml" "$OUT/gpu.yaml"
+
+# --- compose
+"${COMPOSE[@]}" -p ddit -f deploy/compose.yaml config -q
+"${COMPOSE[@]}" -p ddit -f deploy/compose.yaml --profile monitoring config --services | sort | tr '\n' ' ' >&2
+echo >&2
+log "compose.yaml: valid (${COMPOSE[*]})"
+
+# --- Grafana dashboard
+python3 - <<'PY'
+import json
+d = json.load(open("deploy/grafana/ddit-worker.json"))
+ids = [p["id"] for p in d["panels"]]
+assert len(ids) == len(set(ids)), "duplicate panel ids"
+assert all(t["expr"] for p in d["panels"] for t in p["targets"]), "empty query"
+print(f"validate-deploy: grafana dashboard: {len(ids)} panels, valid JSON")
+PY
