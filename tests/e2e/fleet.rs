@@ -16,7 +16,11 @@ use ddit_e2e::{
 /// A 48x48 PNG: a coloured square on white, different per `i`.
 fn write_png(path: &Path, i: u32) {
     let mut img = image::RgbImage::from_pixel(48, 48, image::Rgb([255, 255, 255]));
-    let colour = image::Rgb([(i * 37 % 256) as u8, (i * 91 % 256) as u8, (i * 53 % 256) as u8]);
+    let colour = image::Rgb([
+        (i * 37 % 256) as u8,
+        (i * 91 % 256) as u8,
+        (i * 53 % 256) as u8,
+    ]);
     let off = i % 16;
     for y in 8 + off..24 + off {
         for x in 8..24 + off {
@@ -36,11 +40,13 @@ fn result_lines(out: &Path) -> Vec<serde_json::Value> {
 
 fn submit(names: &Names, input: &Path, out: &Path, ahead: &str) -> Command {
     let mut c = client_command(names, "submit");
-    c.args(["--input"])
-        .arg(input)
-        .arg("--out")
-        .arg(out)
-        .args(["--ahead", ahead, "--poll-ms", "100", "--no-progress"]);
+    c.args(["--input"]).arg(input).arg("--out").arg(out).args([
+        "--ahead",
+        ahead,
+        "--poll-ms",
+        "100",
+        "--no-progress",
+    ]);
     c
 }
 
@@ -79,7 +85,7 @@ async fn submit_captions_40_images_with_two_workers_across_an_interruption() {
     // Run 1: killed (SIGKILL, a crash) once part of the results are in.
     let mut first = submit(&names, &images, &out, "2")
         .stdout(Stdio::null())
-        .stderr(Stdio::piped())
+        .stderr(Stdio::null())
         .spawn()
         .unwrap();
     let start = Instant::now();
@@ -97,12 +103,11 @@ async fn submit_captions_40_images_with_two_workers_across_an_interruption() {
     first.kill().unwrap();
     first.wait().unwrap();
     let before = result_lines(&out).len();
-    let journal: HashSet<String> =
-        std::fs::read_to_string(format!("{}.submitted", out.display()))
-            .unwrap()
-            .lines()
-            .map(str::to_string)
-            .collect();
+    let journal: HashSet<String> = std::fs::read_to_string(format!("{}.submitted", out.display()))
+        .unwrap()
+        .lines()
+        .map(str::to_string)
+        .collect();
     assert!(
         (12..40).contains(&before),
         "interrupted with {before} results"
@@ -117,10 +122,17 @@ async fn submit_captions_40_images_with_two_workers_across_an_interruption() {
         String::from_utf8_lossy(&second.stderr)
     );
     let s = summary_of(&second.stdout);
+    eprintln!(
+        "interrupted with {before} results and {} journaled; resumed run: {s}",
+        journal.len()
+    );
     assert_eq!(s["items"], 40);
     assert_eq!(s["done_before"].as_u64().unwrap() as usize, before);
     // Nothing the first run published is published again; only the never-submitted rest is.
-    assert_eq!(s["published"].as_u64().unwrap() as usize, 40 - journal.len());
+    assert_eq!(
+        s["published"].as_u64().unwrap() as usize,
+        40 - journal.len()
+    );
     assert_eq!(
         (s["resumed"].as_u64().unwrap() + s["recovered"].as_u64().unwrap()) as usize,
         journal.len() - before
@@ -232,10 +244,9 @@ async fn the_python_client_example_captions_answers_and_generates() {
             String::from_utf8_lossy(&o.stdout),
             String::from_utf8_lossy(&o.stderr)
         );
-        let r: serde_json::Value = serde_json::from_str(
-            String::from_utf8_lossy(&o.stdout).lines().last().unwrap(),
-        )
-        .unwrap();
+        let r: serde_json::Value =
+            serde_json::from_str(String::from_utf8_lossy(&o.stdout).lines().last().unwrap())
+                .unwrap();
         assert_eq!(r["status"], "succeeded", "{r}");
         r
     };

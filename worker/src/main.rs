@@ -13,8 +13,8 @@ use ddit_worker::local::{finished_ids, FileSource, FolderSink, ResultFile};
 use ddit_worker::runner::{
     Hooks, ImageSink, Incoming, JobSource, LatentMode, Runner, RunnerConfig,
 };
-use ddit_worker::tasks::input::LocalFetcher;
 use ddit_worker::service::s3::S3Config;
+use ddit_worker::tasks::input::LocalFetcher;
 use ddit_worker::text::TextCodec;
 
 #[derive(Parser)]
@@ -552,33 +552,23 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Serve { engine, serve } => serve_cmd(engine, *serve)?,
         Cmd::Submit(args) => submit_cmd(*args)?,
         Cmd::FetchModel { from, out, s3 } => {
-            init_logging("warn");
-            let (bucket, _) = ddit_worker::client::model_store::parse_s3_url(&from)?;
-            let fetched = client_runtime()?.block_on(async {
-                let store =
-                    ddit_worker::service::s3::S3Store::connect(s3.config(bucket, String::new(), 0))
-                        .await?;
-                ddit_worker::client::model_store::fetch(&store, &from, &out).await
-            })?;
-            match fetched {
-                ddit_worker::client::model_store::Fetched::Downloaded { files, hash } => eprintln!(
+            use ddit_worker::client::model_store::{fetch, Fetched};
+            let (url, dest) = (from.clone(), out.clone());
+            match with_model_store(&from, s3, |st| async move { fetch(&st, &url, &dest).await })? {
+                Fetched::Downloaded { files, hash } => eprintln!(
                     "fetched {from} into {}: {files} files verified, model hash {hash}",
                     out.display()
                 ),
-                ddit_worker::client::model_store::Fetched::AlreadyPresent { hash } => eprintln!(
+                Fetched::AlreadyPresent { hash } => eprintln!(
                     "{} already holds model {hash}; nothing downloaded",
                     out.display()
                 ),
             }
         }
         Cmd::PushModel { model, to, s3 } => {
-            init_logging("warn");
-            let (bucket, _) = ddit_worker::client::model_store::parse_s3_url(&to)?;
-            let hash = client_runtime()?.block_on(async {
-                let store =
-                    ddit_worker::service::s3::S3Store::connect(s3.config(bucket, String::new(), 0))
-                        .await?;
-                ddit_worker::client::model_store::push(&store, &model, &to).await
+            let (url, dir) = (to.clone(), model.clone());
+            let hash = with_model_store(&to, s3, |st| async move {
+                ddit_worker::client::model_store::push(&st, &dir, &url).await
             })?;
             eprintln!("pushed {} to {to}: model hash {hash}", model.display());
         }
@@ -761,7 +751,9 @@ fn serve_cmd(e: EngineArgs, s: ServeArgs) -> anyhow::Result<()> {
         amqp: s.amqp.config(s.prefetch),
         s3: S3Config {
             input_buckets: s.s3_input_buckets,
-            ..s.s3.conn.config(s.s3.s3_bucket, s.s3.s3_prefix, e.max_image_bytes)
+            ..s.s3
+                .conn
+                .config(s.s3.s3_bucket, s.s3.s3_prefix, e.max_image_bytes)
         },
         redis: RedisConfig {
             url: s.redis.redis_url,
@@ -786,6 +778,22 @@ fn serve_cmd(e: EngineArgs, s: ServeArgs) -> anyhow::Result<()> {
     // Inference threads may still be finishing a job that was requeued; the process ends here.
     rt.shutdown_timeout(std::time::Duration::from_secs(1));
     res.map_err(Into::into)
+}
+
+/// Runs `f` with an S3 client for the bucket of `url` (`s3://bucket/prefix`).
+fn with_model_store<T, F, Fut>(url: &str, s3: S3ConnArgs, f: F) -> anyhow::Result<T>
+where
+    F: FnOnce(ddit_worker::service::s3::S3Store) -> Fut,
+    Fut: std::future::Future<Output = ddit_worker::Result<T>>,
+{
+    init_logging("warn");
+    let (bucket, _) = ddit_worker::client::model_store::parse_s3_url(url)?;
+    let out = client_runtime()?.block_on(async {
+        let store =
+            ddit_worker::service::s3::S3Store::connect(s3.config(bucket, String::new(), 0)).await?;
+        f(store).await
+    })?;
+    Ok(out)
 }
 
 fn client_runtime() -> anyhow::Result<tokio::runtime::Runtime> {

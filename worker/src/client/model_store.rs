@@ -21,10 +21,12 @@ use crate::service::s3::S3Store;
 
 /// `s3://bucket/prefix` split into bucket and prefix (no trailing slash).
 pub fn parse_s3_url(url: &str) -> Result<(String, String)> {
-    let rest = url.strip_prefix("s3://").ok_or_else(|| WorkerError::Config {
-        name: "s3 url".into(),
-        message: format!("`{url}` does not start with s3://"),
-    })?;
+    let rest = url
+        .strip_prefix("s3://")
+        .ok_or_else(|| WorkerError::Config {
+            name: "s3 url".into(),
+            message: format!("`{url}` does not start with s3://"),
+        })?;
     let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
     if bucket.is_empty() {
         return Err(WorkerError::Config {
@@ -59,14 +61,12 @@ pub async fn push(store: &S3Store, dir: &Path, url: &str) -> Result<String> {
     names.push("manifest.json".into());
     for name in names {
         let path = dir.join(&name);
-        let body = ByteStream::from_path(&path)
-            .await
-            .map_err(|e| {
-                WorkerError::io(
-                    format!("reading {}", path.display()),
-                    std::io::Error::other(e.to_string()),
-                )
-            })?;
+        let body = ByteStream::from_path(&path).await.map_err(|e| {
+            WorkerError::io(
+                format!("reading {}", path.display()),
+                std::io::Error::other(e.to_string()),
+            )
+        })?;
         let k = key(&prefix, &name);
         store
             .client
@@ -158,14 +158,7 @@ pub async fn fetch(store: &S3Store, url: &str, out: &Path) -> Result<Fetched> {
     std::fs::create_dir_all(&partial)
         .map_err(|e| WorkerError::io(format!("creating {}", partial.display()), e))?;
     let mpath = partial.join("manifest.json");
-    download_verified(
-        store,
-        &bucket,
-        &key(&prefix, "manifest.json"),
-        &mpath,
-        None,
-    )
-    .await?;
+    download_verified(store, &bucket, &key(&prefix, "manifest.json"), &mpath, None).await?;
     let text = std::fs::read_to_string(&mpath)
         .map_err(|e| WorkerError::io(format!("reading {}", mpath.display()), e))?;
     let manifest: Manifest = serde_json::from_str(&text).map_err(|e| WorkerError::Package {

@@ -9,10 +9,12 @@ use crate::error::{Result, WorkerError};
 
 /// Splits `http://host:port/path` into (`host:port`, `/path`).
 pub fn split_url(url: &str) -> Result<(String, String)> {
-    let rest = url.strip_prefix("http://").ok_or_else(|| WorkerError::Config {
-        name: "url".into(),
-        message: format!("`{url}` is not an http:// URL"),
-    })?;
+    let rest = url
+        .strip_prefix("http://")
+        .ok_or_else(|| WorkerError::Config {
+            name: "url".into(),
+            message: format!("`{url}` is not an http:// URL"),
+        })?;
     let (authority, path) = match rest.find('/') {
         Some(i) => (&rest[..i], &rest[i..]),
         None => (rest, "/"),
@@ -102,7 +104,8 @@ mod tests {
             for code in ["200 OK", "503 Service Unavailable"] {
                 let (mut c, _) = l.accept().expect("accept");
                 let mut req = [0u8; 512];
-                let _ = c.read(&mut req);
+                let n = c.read(&mut req).unwrap_or(0);
+                assert!(n > 0, "a request arrived");
                 let _ = write!(c, "HTTP/1.1 {code}\r\nContent-Length: 5\r\n\r\nbody\n");
             }
         });

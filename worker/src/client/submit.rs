@@ -153,7 +153,12 @@ fn params_for(
     where_: &str,
 ) -> Result<TaskParams> {
     let need_image = |img: Option<String>| {
-        img.ok_or_else(|| bad_input(format!("{where_}: image"), format!("a {task} item needs an image")))
+        img.ok_or_else(|| {
+            bad_input(
+                format!("{where_}: image"),
+                format!("a {task} item needs an image"),
+            )
+        })
     };
     Ok(match task {
         "caption" => TaskParams::Caption(CaptionParams {
@@ -180,7 +185,10 @@ fn params_for(
         }),
         "generate" => TaskParams::Generate(GenerateParams {
             prompt: line.prompt.clone().ok_or_else(|| {
-                bad_input(format!("{where_}: prompt"), "a generate item needs a prompt")
+                bad_input(
+                    format!("{where_}: prompt"),
+                    "a generate item needs a prompt",
+                )
             })?,
             negative_prompt: line.negative_prompt.clone(),
             steps: line.steps,
@@ -238,9 +246,9 @@ pub fn load_items(cfg: &SubmitConfig, batch: &str) -> Result<Vec<Item>> {
             .filter_map(|e| e.ok().map(|e| e.path()))
             .filter(|p| {
                 p.is_file()
-                    && p.extension()
-                        .and_then(|x| x.to_str())
-                        .is_some_and(|x| IMAGE_EXTENSIONS.contains(&x.to_ascii_lowercase().as_str()))
+                    && p.extension().and_then(|x| x.to_str()).is_some_and(|x| {
+                        IMAGE_EXTENSIONS.contains(&x.to_ascii_lowercase().as_str())
+                    })
             })
             .collect();
         files.sort();
@@ -267,19 +275,26 @@ pub fn load_items(cfg: &SubmitConfig, batch: &str) -> Result<Vec<Item>> {
         }
     } else {
         let base = input.parent().unwrap_or(Path::new(".")).to_path_buf();
-        let f = File::open(input).map_err(|e| bad_input("input", format!("{}: {e}", input.display())))?;
+        let f = File::open(input)
+            .map_err(|e| bad_input("input", format!("{}: {e}", input.display())))?;
         for (n, line) in BufReader::new(f).lines().enumerate() {
-            let line = line.map_err(|e| WorkerError::io(format!("reading {}", input.display()), e))?;
+            let line =
+                line.map_err(|e| WorkerError::io(format!("reading {}", input.display()), e))?;
             if line.trim().is_empty() {
                 continue;
             }
             let where_ = format!("{} line {}", input.display(), n + 1);
             let l: ManifestLine = serde_json::from_str(&line)
                 .map_err(|e| bad_input(where_.clone(), e.to_string()))?;
-            let task = l.task.clone().unwrap_or_else(|| cfg.task.as_str().to_string());
+            let task = l
+                .task
+                .clone()
+                .unwrap_or_else(|| cfg.task.as_str().to_string());
             let (image, local) = match &l.image {
                 None => (None, None),
-                Some(i) if i.starts_with("s3://") || i.starts_with("data:") => (Some(i.clone()), None),
+                Some(i) if i.starts_with("s3://") || i.starts_with("data:") => {
+                    (Some(i.clone()), None)
+                }
                 Some(i) => {
                     let p = base.join(i);
                     if !p.is_file() {
@@ -291,16 +306,18 @@ pub fn load_items(cfg: &SubmitConfig, batch: &str) -> Result<Vec<Item>> {
                     (Some(String::new()), Some(p))
                 }
             };
-            let name = l
-                .id
-                .clone()
-                .or_else(|| l.image.clone().filter(|i| !i.starts_with("data:")))
-                .unwrap_or_else(|| format!("line-{}", n + 1));
+            let name =
+                l.id.clone()
+                    .or_else(|| l.image.clone().filter(|i| !i.starts_with("data:")))
+                    .unwrap_or_else(|| format!("line-{}", n + 1));
             let params = params_for(&task, image, &l, cfg.question.as_deref(), &where_)?;
             push(name, params, local)?;
         }
         if items.is_empty() {
-            return Err(bad_input("input", format!("{} holds no items", input.display())));
+            return Err(bad_input(
+                "input",
+                format!("{} holds no items", input.display()),
+            ));
         }
     }
     Ok(items)
@@ -312,7 +329,8 @@ fn finished(out: &Path) -> Result<HashSet<String>> {
     if !out.exists() {
         return Ok(ids);
     }
-    let f = File::open(out).map_err(|e| WorkerError::io(format!("reading {}", out.display()), e))?;
+    let f =
+        File::open(out).map_err(|e| WorkerError::io(format!("reading {}", out.display()), e))?;
     for line in BufReader::new(f).lines() {
         let line = line.map_err(|e| WorkerError::io(format!("reading {}", out.display()), e))?;
         if let Some(id) = serde_json::from_str::<serde_json::Value>(&line)
@@ -350,7 +368,8 @@ fn open_append(path: &Path) -> Result<File> {
         .append(true)
         .open(path)
         .map_err(|e| WorkerError::io(format!("opening {}", path.display()), e))?;
-    let bytes = std::fs::read(path).map_err(|e| WorkerError::io(format!("reading {}", path.display()), e))?;
+    let bytes = std::fs::read(path)
+        .map_err(|e| WorkerError::io(format!("reading {}", path.display()), e))?;
     if !bytes.is_empty() && bytes.last() != Some(&b'\n') {
         f.write_all(b"\n")
             .map_err(|e| WorkerError::io(format!("writing {}", path.display()), e))?;
@@ -426,10 +445,8 @@ pub async fn run(cfg: SubmitConfig) -> Result<Summary> {
         }
     }
     let bar = if cfg.show_progress && std::io::stderr().is_terminal() {
-        let b = ProgressBar::with_draw_target(
-            Some(summary.items as u64),
-            ProgressDrawTarget::stderr(),
-        );
+        let b =
+            ProgressBar::with_draw_target(Some(summary.items as u64), ProgressDrawTarget::stderr());
         b.set_style(
             ProgressStyle::with_template("{bar:40} {pos}/{len} {elapsed_precise} eta {eta} {msg}")
                 .unwrap_or_else(|_| ProgressStyle::default_bar()),
@@ -585,7 +602,13 @@ async fn upload(s3: &S3Store, batch: &str, name: &str, path: &Path) -> Result<St
         .unwrap_or_else(|| "image".into());
     let safe: String = file_name
         .chars()
-        .map(|c| if c.is_ascii_alphanumeric() || "._-".contains(c) { c } else { '_' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "._-".contains(c) {
+                c
+            } else {
+                '_'
+            }
+        })
         .collect();
     let p = s3.cfg.prefix.trim_matches('/');
     let h = &hex(&Sha256::digest(name.as_bytes()))[..12];
@@ -610,7 +633,9 @@ async fn upload(s3: &S3Store, batch: &str, name: &str, path: &Path) -> Result<St
                 .body(body)
                 .send()
                 .await
-                .map_err(|e| unavailable("s3 put_object", aws_sdk_s3::error::DisplayErrorContext(&e)))?;
+                .map_err(|e| {
+                    unavailable("s3 put_object", aws_sdk_s3::error::DisplayErrorContext(&e))
+                })?;
             Ok(())
         }
     })
@@ -710,15 +735,21 @@ mod tests {
         for (line, field) in [
             ("{\"image\": \"missing.png\"}", "line 1: image"),
             ("{\"task\": \"generate\"}", "line 1: prompt"),
-            ("{\"task\": \"paint\", \"image\": \"a.jpg\"}", "line 1: task"),
+            (
+                "{\"task\": \"paint\", \"image\": \"a.jpg\"}",
+                "line 1: task",
+            ),
             ("{\"imagee\": \"a.jpg\"}", "line 1"),
         ] {
             std::fs::write(&m, line).expect("write");
             let e = load_items(&cfg(&m, DefaultTask::Caption), "t").expect_err(line);
             assert!(e.to_string().contains(field), "{line}: {e}");
         }
-        std::fs::write(&m, "{\"id\":\"x\",\"image\":\"a.jpg\"}\n{\"id\":\"x\",\"image\":\"b.png\"}\n")
-            .expect("write");
+        std::fs::write(
+            &m,
+            "{\"id\":\"x\",\"image\":\"a.jpg\"}\n{\"id\":\"x\",\"image\":\"b.png\"}\n",
+        )
+        .expect("write");
         let e = load_items(&cfg(&m, DefaultTask::Caption), "t").expect_err("dup");
         assert!(e.to_string().contains("twice"), "{e}");
     }

@@ -198,7 +198,12 @@ pub fn tensorrt_version() -> String {
         .map(PathBuf::from)
         .collect();
     dirs.extend(
-        ["/usr/lib/x86_64-linux-gnu", "/usr/local/tensorrt/lib", "/usr/lib64"].map(PathBuf::from),
+        [
+            "/usr/lib/x86_64-linux-gnu",
+            "/usr/local/tensorrt/lib",
+            "/usr/lib64",
+        ]
+        .map(PathBuf::from),
     );
     let names = dirs
         .iter()
@@ -215,7 +220,10 @@ pub fn newest_nvinfer(names: impl IntoIterator<Item = String>) -> Option<String>
         .into_iter()
         .filter_map(|n| {
             let v = n.strip_prefix("libnvinfer.so.")?.to_string();
-            let parts: Vec<u32> = v.split('.').map(|p| p.parse().ok()).collect::<Option<_>>()?;
+            let parts: Vec<u32> = v
+                .split('.')
+                .map(|p| p.parse().ok())
+                .collect::<Option<_>>()?;
             (parts.len() >= 2).then_some((parts, v))
         })
         .max()
@@ -225,7 +233,13 @@ pub fn newest_nvinfer(names: impl IntoIterator<Item = String>) -> Option<String>
 fn sanitize(s: &str) -> String {
     s.trim()
         .chars()
-        .map(|c| if c.is_ascii_alphanumeric() || c == '.' || c == '-' { c } else { '_' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '.' || c == '-' {
+                c
+            } else {
+                '_'
+            }
+        })
         .collect()
 }
 

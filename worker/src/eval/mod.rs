@@ -1,6 +1,7 @@
 //! ShapesEval: captioning, VQA and generation scores of a model on the held-out shapes scenes,
 //! run through the same runner as jobs.
 
+pub mod font;
 pub mod scene;
 
 use std::collections::HashMap;
@@ -230,7 +231,7 @@ pub fn run(
             sc.vqa += f64::from(u8::from(a.trim() == q.answer));
             sc.vqa_questions += 1;
         }
-    let judged = match sink.0.get(&format!("gen-{}", s.id)) {
+        let judged = match sink.0.get(&format!("gen-{}", s.id)) {
             Some(png) => {
                 let (j, rgb) = judge_png(png, &s.caption);
                 if let Some(rgb) = rgb {
@@ -260,7 +261,10 @@ fn judge_png(png: &[u8], caption: &str) -> (Judgement, Option<RgbImage>) {
     match image::load_from_memory(png) {
         Ok(im) => {
             let rgb = im.to_rgb8();
-            let j = judge(&want, &detect(&rgb, (rgb.width() * rgb.height()) as usize / 50));
+            let j = judge(
+                &want,
+                &detect(&rgb, (rgb.width() * rgb.height()) as usize / 50),
+            );
             (j, Some(rgb))
         }
         Err(_) => (Judgement::default(), None),
@@ -317,29 +321,46 @@ pub fn score_generated(set: &Path, images: &Path, limit: Option<usize>) -> Resul
     Ok(sc)
 }
 
-/// A grid of images (scaled ×4), at most `cols` per row, and the prompts in reading order.
+/// A grid of images (scaled ×4), at most `cols` per row, each with its prompt printed under it;
+/// also the prompts as text in reading order.
 pub fn contact_sheet(images: &[(String, RgbImage)], cols: usize) -> (RgbImage, String) {
     let scale = 4u32;
     let (w, h) = images
         .first()
         .map(|(_, i)| (i.width() * scale, i.height() * scale))
         .unwrap_or((1, 1));
+    let per_line = (w / font::CHAR_W).max(1) as usize;
+    let text_lines = images
+        .iter()
+        .map(|(p, _)| font::wrap(p, per_line).len())
+        .max()
+        .unwrap_or(0) as u32;
+    let cell_h = h + 3 + text_lines * font::LINE_H;
     let cols = cols.max(1);
     let rows = images.len().div_ceil(cols).max(1);
     let pad = 4;
     let mut sheet = RgbImage::from_pixel(
         cols as u32 * (w + pad) + pad,
-        rows as u32 * (h + pad) + pad,
-        image::Rgb([200, 200, 200]),
+        rows as u32 * (cell_h + pad) + pad,
+        image::Rgb([235, 235, 235]),
     );
     let mut legend = String::new();
     for (k, (prompt, im)) in images.iter().enumerate() {
         let (cx, cy) = (
             (k % cols) as u32 * (w + pad) + pad,
-            (k / cols) as u32 * (h + pad) + pad,
+            (k / cols) as u32 * (cell_h + pad) + pad,
         );
         let big = image::imageops::resize(im, w, h, image::imageops::FilterType::Nearest);
         image::imageops::overlay(&mut sheet, &big, i64::from(cx), i64::from(cy));
+        for (l, line) in font::wrap(prompt, per_line).iter().enumerate() {
+            font::draw_text(
+                &mut sheet,
+                cx,
+                cy + h + 3 + l as u32 * font::LINE_H,
+                line,
+                image::Rgb([20, 20, 20]),
+            );
+        }
         legend.push_str(&format!(
             "row {} col {}: {prompt}\n",
             k / cols + 1,
@@ -362,4 +383,40 @@ pub fn write_sheet(out: &Path, images: &[(String, RgbImage)]) -> Result<(PathBuf
     std::fs::write(&txt, legend)
         .map_err(|e| WorkerError::io(format!("writing {}", txt.display()), e))?;
     Ok((png, txt))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn contact_sheet_prints_each_prompt_under_its_image() {
+        let red = RgbImage::from_pixel(32, 32, image::Rgb([220, 40, 40]));
+        let blue = RgbImage::from_pixel(32, 32, image::Rgb([40, 80, 220]));
+        let images = vec![
+            ("a red square".to_string(), red),
+            (
+                "a blue square left of a yellow circle".to_string(),
+                blue.clone(),
+            ),
+            ("a blue circle".to_string(), blue),
+        ];
+        let (sheet, legend) = contact_sheet(&images, 2);
+        // 128-px cells, 21 characters per line: the longest prompt takes two lines.
+        let cell_h = 128 + 3 + 2 * font::LINE_H;
+        assert_eq!(sheet.dimensions(), (2 * 132 + 4, 2 * (cell_h + 4) + 4));
+        let dark_in = |x0: u32, y0: u32| {
+            (y0..y0 + 2 * font::LINE_H)
+                .flat_map(|y| (x0..x0 + 128).map(move |x| (x, y)))
+                .filter(|&(x, y)| sheet.get_pixel(x, y).0 == [20, 20, 20])
+                .count()
+        };
+        // Text under the first, second and third image; none under the empty fourth cell.
+        assert!(dark_in(4, 4 + 131) > 30);
+        assert!(dark_in(136, 4 + 131 + font::LINE_H) > 30);
+        assert!(dark_in(4, cell_h + 8 + 131) > 30);
+        assert_eq!(dark_in(136, cell_h + 8 + 131), 0);
+        assert_eq!(legend.lines().count(), 3);
+        assert!(legend.starts_with("row 1 col 1: a red square"));
+    }
 }

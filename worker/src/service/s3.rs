@@ -60,8 +60,14 @@ impl S3Store {
             ));
         }
         let shared = loader.load().await;
+        // Checksums only where the API requires them: file uploads then go as one signed body
+        // rather than `aws-chunked` with a trailer, which not every S3 server accepts (Garage
+        // answers "Invalid payload signature").
         let conf = aws_sdk_s3::config::Builder::from(&shared)
             .force_path_style(cfg.path_style)
+            .request_checksum_calculation(
+                aws_sdk_s3::config::RequestChecksumCalculation::WhenRequired,
+            )
             .build();
         Ok(Self {
             client: Client::from_conf(conf),
