@@ -60,10 +60,7 @@ async fn submit_captions_40_images_with_two_workers_across_an_interruption() {
     let names = Names::new("submit40");
     let dir = tempfile::tempdir().unwrap();
     let model = export_model(dir.path());
-    let mut a = Worker::start(&names, &model, dir.path(), "a", &[]);
-    let mut b = Worker::start(&names, &model, dir.path(), "b", &[]);
-    a.wait_ready(Duration::from_secs(60));
-    b.wait_ready(Duration::from_secs(60));
+    let (a, b) = Worker::start_pair(&names, &model, dir.path());
     // The probe subcommand (container health checks) agrees with /readyz.
     let probe = Command::new(ddit_e2e::worker_bin())
         .args(["probe", "--url", &a.url("/readyz")])

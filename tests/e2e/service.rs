@@ -244,10 +244,7 @@ async fn a_worker_killed_mid_job_loses_nothing() {
     let names = Names::new("kill");
     let dir = tempfile::tempdir().unwrap();
     let model = export_model(dir.path());
-    let mut a = Worker::start(&names, &model, dir.path(), "a", &[]);
-    let mut b = Worker::start(&names, &model, dir.path(), "b", &[]);
-    a.wait_ready(Duration::from_secs(60));
-    b.wait_ready(Duration::from_secs(60));
+    let (mut a, mut b) = Worker::start_pair(&names, &model, dir.path());
     let client = redis::Client::open(var("DDIT_REDIS_URL", "redis://127.0.0.1:6379")).unwrap();
     let mut pubsub = client.get_async_pubsub().await.unwrap();
     pubsub

@@ -238,6 +238,15 @@ impl Worker {
         Self { child, port, log }
     }
 
+    /// Two workers on the same queue, both ready.
+    pub fn start_pair(names: &Names, model: &Path, log_dir: &Path) -> (Self, Self) {
+        let mut a = Self::start(names, model, log_dir, "a", &[]);
+        let mut b = Self::start(names, model, log_dir, "b", &[]);
+        a.wait_ready(Duration::from_secs(60));
+        b.wait_ready(Duration::from_secs(60));
+        (a, b)
+    }
+
     pub fn url(&self, path: &str) -> String {
         format!("http://127.0.0.1:{}{path}", self.port)
     }
