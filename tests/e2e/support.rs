@@ -297,20 +297,13 @@ impl Drop for Worker {
     }
 }
 
-/// A tiny HTTP/1.0 GET on loopback: (status, body).
+/// A GET on loopback through the worker's own probe client: (status, body).
 pub fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    write!(s, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").ok()?;
-    let mut buf = String::new();
-    s.read_to_string(&mut buf).ok()?;
-    let code = buf.split_whitespace().nth(1)?.parse().ok()?;
-    let body = buf
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    Some((code, body))
+    ddit_worker::client::probe::get(
+        &format!("http://127.0.0.1:{port}{path}"),
+        Duration::from_secs(5),
+    )
+    .ok()
 }
 
 pub async fn s3_client() -> aws_sdk_s3::Client {

@@ -578,7 +578,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 std::time::Duration::from_millis(timeout_ms.max(1)),
             )?;
             if !(200..300).contains(&code) {
-                bail!("{url}: HTTP {code} {body}");
+                bail!("{url}: HTTP {code} {}", body.lines().next().unwrap_or(""));
             }
         }
         Cmd::Eval {

@@ -15,14 +15,13 @@ fn shapes_eval_slice() {
     let root = common::workspace();
     let dir = tempfile::tempdir().unwrap();
     let pkg = dir.path().join("pkg");
-    let mut o = ddit_export::ExportOptions::new(root.join("models/ddit-shapes"), &pkg);
-    o.name = Some("ddit-shapes".into());
-    o.text_lengths = ddit_schemas::TextLengths {
-        prompt: 16,
-        caption: 16,
-        vqa: 32,
-    };
-    ddit_export::convert(&o).unwrap();
+    common::export(
+        &root.join("models/ddit-shapes"),
+        &pkg,
+        "ddit-shapes",
+        [16, 16, 32],
+        None,
+    );
     let mut engine = Engine::load(&pkg, &EngineConfig::default()).unwrap();
     let codec = TextCodec::load(
         &engine.tokenizer_path,

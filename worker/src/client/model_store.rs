@@ -11,7 +11,6 @@
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use aws_sdk_s3::primitives::ByteStream;
 use ddit_schemas::Manifest;
 use sha2::{Digest, Sha256};
 
@@ -60,28 +59,9 @@ pub async fn push(store: &S3Store, dir: &Path, url: &str) -> Result<String> {
     let mut names: Vec<String> = pkg.manifest.files().map(|f| f.path.clone()).collect();
     names.push("manifest.json".into());
     for name in names {
-        let path = dir.join(&name);
-        let body = ByteStream::from_path(&path).await.map_err(|e| {
-            WorkerError::io(
-                format!("reading {}", path.display()),
-                std::io::Error::other(e.to_string()),
-            )
-        })?;
-        let k = key(&prefix, &name);
         store
-            .client
-            .put_object()
-            .bucket(&bucket)
-            .key(&k)
-            .body(body)
-            .send()
-            .await
-            .map_err(|e| {
-                unavailable(
-                    format!("s3 put s3://{bucket}/{k}"),
-                    aws_sdk_s3::error::DisplayErrorContext(&e),
-                )
-            })?;
+            .put_file(&bucket, &key(&prefix, &name), &dir.join(&name), None)
+            .await?;
     }
     Ok(pkg.manifest.model.hash)
 }
@@ -125,7 +105,7 @@ async fn download_verified(
     file.sync_all()
         .map_err(|e| WorkerError::io(format!("syncing {}", path.display()), e))?;
     if let Some((sha, size)) = expect {
-        let got: String = hash.finalize().iter().map(|b| format!("{b:02x}")).collect();
+        let got = crate::engine::hex(&hash.finalize());
         if bytes != size || got != sha {
             return Err(WorkerError::Package {
                 path: format!("s3://{bucket}/{k}"),

@@ -33,7 +33,7 @@ pub fn split_url(url: &str) -> Result<(String, String)> {
     Ok((authority, path.to_string()))
 }
 
-/// GETs `url`; returns the status code and the first line of the body.
+/// GETs `url`; returns the status code and the body (at most 1 MiB).
 pub fn get(url: &str, timeout: Duration) -> Result<(u16, String)> {
     let (authority, path) = split_url(url)?;
     let unavailable = |e: std::io::Error| WorkerError::Unavailable {
@@ -58,9 +58,7 @@ pub fn get(url: &str, timeout: Duration) -> Result<(u16, String)> {
     )
     .map_err(unavailable)?;
     let mut buf = Vec::new();
-    s.take(64 * 1024)
-        .read_to_end(&mut buf)
-        .map_err(unavailable)?;
+    s.take(1 << 20).read_to_end(&mut buf).map_err(unavailable)?;
     let text = String::from_utf8_lossy(&buf);
     let status = text
         .lines()
@@ -73,7 +71,7 @@ pub fn get(url: &str, timeout: Duration) -> Result<(u16, String)> {
         })?;
     let body = text
         .split_once("\r\n\r\n")
-        .map(|(_, b)| b.lines().next().unwrap_or("").to_string())
+        .map(|(_, b)| b.to_string())
         .unwrap_or_default();
     Ok((status, body))
 }
@@ -111,7 +109,7 @@ mod tests {
         });
         let url = format!("http://{addr}/readyz");
         let ok = get(&url, Duration::from_secs(5)).expect("first");
-        assert_eq!(ok, (200, "body".to_string()));
+        assert_eq!((ok.0, ok.1.trim()), (200, "body"));
         let bad = get(&url, Duration::from_secs(5)).expect("second");
         assert_eq!(bad.0, 503);
         t.join().expect("server");

@@ -16,12 +16,11 @@
 //!   result exists without recomputing.
 
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::{BufRead, BufReader, IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use aws_sdk_s3::primitives::ByteStream;
 use ddit_schemas::{CaptionParams, GenerateParams, Job, JobResult, TaskParams, VqaParams};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use redis::AsyncCommands;
@@ -125,10 +124,6 @@ fn bad_input(where_: impl Into<String>, message: impl Into<String>) -> WorkerErr
     }
 }
 
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
 /// The default batch name: a hash of the absolute input path and the default task.
 pub fn default_batch(input: &Path, task: DefaultTask) -> String {
     let abs = std::fs::canonicalize(input).unwrap_or_else(|_| input.to_path_buf());
@@ -136,13 +131,13 @@ pub fn default_batch(input: &Path, task: DefaultTask) -> String {
     h.update(abs.to_string_lossy().as_bytes());
     h.update([0]);
     h.update(task.as_str().as_bytes());
-    format!("sub-{}", &hex(&h.finalize())[..12])
+    format!("sub-{}", &crate::engine::hex(&h.finalize())[..12])
 }
 
 /// `{batch}-{first 16 hex of sha256(item name)}`: stable across reruns, valid as a job id.
 pub fn job_id_for(batch: &str, name: &str) -> String {
     let h = Sha256::digest(name.as_bytes());
-    format!("{batch}-{}", &hex(&h)[..16])
+    format!("{batch}-{}", &crate::engine::hex(&h)[..16])
 }
 
 fn params_for(
@@ -361,22 +356,6 @@ fn read_journal(path: &Path) -> Result<HashSet<String>> {
         .collect())
 }
 
-/// An append-only file whose torn last line (if any) is terminated first.
-fn open_append(path: &Path) -> Result<File> {
-    let mut f = OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(path)
-        .map_err(|e| WorkerError::io(format!("opening {}", path.display()), e))?;
-    let bytes = std::fs::read(path)
-        .map_err(|e| WorkerError::io(format!("reading {}", path.display()), e))?;
-    if !bytes.is_empty() && bytes.last() != Some(&b'\n') {
-        f.write_all(b"\n")
-            .map_err(|e| WorkerError::io(format!("writing {}", path.display()), e))?;
-    }
-    Ok(f)
-}
-
 /// What one run did (also printed as the last line on stderr).
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
 pub struct Summary {
@@ -479,8 +458,8 @@ pub async fn run(cfg: SubmitConfig) -> Result<Summary> {
         .map_err(|e| unavailable("amqp channel", e))?;
     amqp::declare(&ch, &cfg.amqp).await?;
 
-    let mut out = open_append(&cfg.out)?;
-    let mut journal = open_append(&jpath)?;
+    let mut out = crate::local::open_append(&cfg.out)?;
+    let mut journal = crate::local::open_append(&jpath)?;
     let result_key = |id: &str| format!("{}:result:{id}", cfg.redis_prefix);
     // job id -> (item name, when it was published or found in flight)
     let mut in_flight: HashMap<String, (String, Instant)> = HashMap::new();
@@ -611,36 +590,14 @@ async fn upload(s3: &S3Store, batch: &str, name: &str, path: &Path) -> Result<St
         })
         .collect();
     let p = s3.cfg.prefix.trim_matches('/');
-    let h = &hex(&Sha256::digest(name.as_bytes()))[..12];
+    let h = &crate::engine::hex(&Sha256::digest(name.as_bytes()))[..12];
     let key = if p.is_empty() {
         format!("inputs/{batch}/{h}-{safe}")
     } else {
         format!("{p}/inputs/{batch}/{h}-{safe}")
     };
-    let bucket = s3.cfg.bucket.clone();
-    let ct = content_type(path);
-    crate::service::with_backoff("s3 put input", 4, || {
-        let (key, bucket) = (key.clone(), bucket.clone());
-        async move {
-            let body = ByteStream::from_path(path)
-                .await
-                .map_err(|e| bad_input("input", format!("{}: {e}", path.display())))?;
-            s3.client
-                .put_object()
-                .bucket(&bucket)
-                .key(&key)
-                .content_type(ct)
-                .body(body)
-                .send()
-                .await
-                .map_err(|e| {
-                    unavailable("s3 put_object", aws_sdk_s3::error::DisplayErrorContext(&e))
-                })?;
-            Ok(())
-        }
-    })
-    .await?;
-    Ok(format!("s3://{bucket}/{key}"))
+    s3.put_file(&s3.cfg.bucket, &key, path, Some(content_type(path)))
+        .await
 }
 
 #[cfg(test)]

@@ -12,7 +12,7 @@ use std::path::Path;
 
 use ddit_schemas::{Manifest, Role};
 
-pub use package::Package;
+pub use package::{hex, Package};
 pub use providers::{parse_providers, EngineConfig, Provider, TensorRtOptions};
 use session::{Input, Segment};
 pub use tensor::Tensor;

@@ -119,6 +119,26 @@ pub fn finished_ids(results: &Path) -> Result<HashSet<String>> {
     Ok(ids)
 }
 
+/// Opens a JSONL file for appending; a torn last line (a crash mid-write) is terminated first,
+/// so the next line starts on its own.
+pub fn open_append(path: &Path) -> Result<File> {
+    let mut file = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .read(true)
+        .open(path)
+        .map_err(|e| WorkerError::io(format!("opening {}", path.display()), e))?;
+    if file.metadata().map(|m| m.len()).unwrap_or(0) > 0 {
+        let bytes = std::fs::read(path)
+            .map_err(|e| WorkerError::io(format!("reading {}", path.display()), e))?;
+        if bytes.last() != Some(&b'\n') {
+            file.write_all(b"\n")
+                .map_err(|e| WorkerError::io(format!("writing {}", path.display()), e))?;
+        }
+    }
+    Ok(file)
+}
+
 /// Appends results, one JSON line each, flushed as they come; drives the progress bar.
 pub struct ResultFile {
     file: File,
@@ -136,22 +156,7 @@ pub struct Counts {
 
 impl ResultFile {
     pub fn open(path: &Path, total: usize, show_progress: bool) -> Result<Self> {
-        let mut file = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .read(true)
-            .open(path)
-            .map_err(|e| WorkerError::io(format!("opening {}", path.display()), e))?;
-        // Terminate a torn last line so the next result starts on its own line.
-        let len = file.metadata().map(|m| m.len()).unwrap_or(0);
-        if len > 0 {
-            let bytes = std::fs::read(path)
-                .map_err(|e| WorkerError::io(format!("reading {}", path.display()), e))?;
-            if bytes.last() != Some(&b'\n') {
-                file.write_all(b"\n")
-                    .map_err(|e| WorkerError::io(format!("writing {}", path.display()), e))?;
-            }
-        }
+        let file = open_append(path)?;
         let bar = if show_progress && std::io::stderr().is_terminal() {
             let b = ProgressBar::with_draw_target(Some(total as u64), ProgressDrawTarget::stderr());
             b.set_style(

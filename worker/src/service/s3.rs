@@ -121,6 +121,37 @@ impl S3Store {
         .await
     }
 
+    /// Uploads a local file to `s3://{bucket}/{key}`, retried with the service's backoff;
+    /// returns its `s3://` URI. The body streams from disk (model files can be large).
+    pub async fn put_file(
+        &self,
+        bucket: &str,
+        key: &str,
+        path: &std::path::Path,
+        content_type: Option<&str>,
+    ) -> Result<String> {
+        super::with_backoff("s3 put_object", 4, || async {
+            let body = ByteStream::from_path(path).await.map_err(|e| {
+                WorkerError::io(
+                    format!("reading {}", path.display()),
+                    std::io::Error::other(e.to_string()),
+                )
+            })?;
+            let mut req = self.client.put_object().bucket(bucket).key(key).body(body);
+            if let Some(ct) = content_type {
+                req = req.content_type(ct);
+            }
+            req.send().await.map_err(|e| {
+                unavailable(
+                    &format!("put s3://{bucket}/{key}"),
+                    aws_sdk_s3::error::DisplayErrorContext(&e),
+                )
+            })?;
+            Ok(format!("s3://{bucket}/{key}"))
+        })
+        .await
+    }
+
     pub async fn get(&self, uri: &str) -> Result<Vec<u8>> {
         let rest = uri.strip_prefix("s3://").unwrap_or(uri);
         let (bucket, key) = rest.split_once('/').ok_or_else(|| {

@@ -23,21 +23,35 @@ pub fn package() -> &'static Path {
     let (_, p) = PKG.get_or_init(|| {
         let dir = tempfile::tempdir().unwrap();
         let pkg = dir.path().join("pkg");
-        let mut o = ddit_export::ExportOptions::new(
-            workspace().join("tests/fixtures/tiny-f32/checkpoint"),
+        export(
+            &workspace().join("tests/fixtures/tiny-f32/checkpoint"),
             &pkg,
+            "tiny-f32",
+            [12, 10, 40],
+            Some(2),
         );
-        o.blocks_per_segment = Some(2);
-        o.name = Some("tiny-f32".into());
-        o.text_lengths = ddit_schemas::TextLengths {
-            prompt: 12,
-            caption: 10,
-            vqa: 40,
-        };
-        ddit_export::convert(&o).unwrap();
         (dir, pkg)
     });
     p
+}
+
+/// Exports `checkpoint` into `out` with text lengths [prompt, caption, vqa].
+pub fn export(
+    checkpoint: &Path,
+    out: &Path,
+    name: &str,
+    [prompt, caption, vqa]: [u64; 3],
+    blocks_per_segment: Option<usize>,
+) {
+    let mut o = ddit_export::ExportOptions::new(checkpoint.to_path_buf(), out);
+    o.blocks_per_segment = blocks_per_segment;
+    o.name = Some(name.into());
+    o.text_lengths = ddit_schemas::TextLengths {
+        prompt,
+        caption,
+        vqa,
+    };
+    ddit_export::convert(&o).unwrap();
 }
 
 pub fn engine() -> (Engine, TextCodec) {
