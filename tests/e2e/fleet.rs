@@ -125,15 +125,20 @@ async fn submit_captions_40_images_with_two_workers_across_an_interruption() {
     );
     assert_eq!(s["items"], 40);
     assert_eq!(s["done_before"].as_u64().unwrap() as usize, before);
-    // Nothing the first run published is published again; only the never-submitted rest is.
-    assert_eq!(
-        s["published"].as_u64().unwrap() as usize,
-        40 - journal.len()
+    // Every item is accounted for exactly once, and nothing the first run journaled (confirmed)
+    // is published again. The kill may land while one publish awaits its confirm: that job is
+    // not journaled, so the rerun either finds its result in Redis (recovered) or publishes it
+    // again (the documented at-most-one duplicate of a crash).
+    let n = |k: &str| s[k].as_u64().unwrap() as usize;
+    assert_eq!(n("published") + n("recovered") + n("resumed"), 40 - before);
+    let never_confirmed = 40 - journal.len();
+    assert!(
+        n("published") == never_confirmed || n("published") + 1 == never_confirmed,
+        "published {} with {} journaled",
+        n("published"),
+        journal.len()
     );
-    assert_eq!(
-        (s["resumed"].as_u64().unwrap() + s["recovered"].as_u64().unwrap()) as usize,
-        journal.len() - before
-    );
+    let duplicate = usize::from(n("published") == never_confirmed);
 
     // Exactly 40 results, one per image, all captions.
     let lines = result_lines(&out);
@@ -154,7 +159,8 @@ async fn submit_captions_40_images_with_two_workers_across_an_interruption() {
         assert!(l["text"].is_string(), "{l}");
     }
 
-    // Each job ran once across both workers (no job was submitted, hence computed, twice).
+    // Each job ran once across both workers (no finished job was submitted again), bar the one
+    // possible unconfirmed duplicate, which a worker recomputes only if it arrives mid-run.
     let mut computed = 0.0;
     for w in [&a, &b] {
         let (_, m) = http_get(w.port, "/metrics").unwrap();
@@ -164,7 +170,10 @@ async fn submit_captions_40_images_with_two_workers_across_an_interruption() {
             &[("task", "caption"), ("status", "succeeded")],
         );
     }
-    assert_eq!(computed, 40.0);
+    assert!(
+        computed >= 40.0 && computed <= 40.0 + duplicate as f64,
+        "computed {computed}"
+    );
 
     // Run 3: everything is done; nothing is published.
     let third = submit(&names, &images, &out, "8").output().unwrap();

@@ -101,9 +101,15 @@ mod tests {
         let t = std::thread::spawn(move || {
             for code in ["200 OK", "503 Service Unavailable"] {
                 let (mut c, _) = l.accept().expect("accept");
-                let mut req = [0u8; 512];
-                let n = c.read(&mut req).unwrap_or(0);
-                assert!(n > 0, "a request arrived");
+                // Read the whole request before answering: closing a socket with unread
+                // bytes resets the connection.
+                let mut req = Vec::new();
+                let mut buf = [0u8; 512];
+                while !req.ends_with(b"\r\n\r\n") {
+                    let n = c.read(&mut buf).unwrap_or(0);
+                    assert!(n > 0, "a request arrived");
+                    req.extend_from_slice(&buf[..n]);
+                }
                 let _ = write!(c, "HTTP/1.1 {code}\r\nContent-Length: 5\r\n\r\nbody\n");
             }
         });

@@ -113,21 +113,11 @@ impl EngineConfig {
     /// `{cache_dir}/{model_hash}/{gpu_arch}-trt{version}` (e.g. `…/3f2a…/sm90-trt10.13.3`). A cache
     /// on a shared volume is then never read by a different model, GPU generation or TensorRT
     /// release, whose engines would be rejected or, worse, rebuilt over the others' files.
-    /// The architecture and version are detected once per process and device (every segment's
-    /// session asks), not once per session.
     pub fn trt_cache_for(&self, model_hash: &str, device: i32) -> Option<PathBuf> {
-        use std::collections::HashMap;
-        use std::sync::{Mutex, OnceLock};
-        static ARCH: OnceLock<Mutex<HashMap<i32, String>>> = OnceLock::new();
-        static TRT: OnceLock<String> = OnceLock::new();
-        let dir = self.tensorrt.cache_dir.as_ref()?;
-        let arch = ARCH
-            .get_or_init(|| Mutex::new(HashMap::new()))
-            .lock()
-            .map(|mut m| m.entry(device).or_insert_with(|| gpu_arch(device)).clone())
-            .unwrap_or_else(|_| gpu_arch(device));
-        let version = TRT.get_or_init(tensorrt_version);
-        Some(dir.join(model_hash).join(format!("{arch}-trt{version}")))
+        self.tensorrt.cache_dir.as_ref().map(|d| {
+            d.join(model_hash)
+                .join(format!("{}-trt{}", gpu_arch(device), tensorrt_version()))
+        })
     }
 
     /// The ort dispatch list, each GPU provider set to fail loudly.
