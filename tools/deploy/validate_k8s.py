@@ -52,6 +52,11 @@ def fleet_rules(docs: list[dict], source: str) -> list[str]:
                     errs.append(f"{source}: Deployment/{name}: container {c['name']} has no {probe}")
             if "resources" not in c or "requests" not in c["resources"]:
                 errs.append(f"{source}: Deployment/{name}: container {c['name']} has no resource requests")
+        gpu = any("nvidia.com/gpu" in c.get("resources", {}).get("limits", {}) for c in spec["containers"])
+        for c in spec["containers"] + spec.get("initContainers", []):
+            tag = c.get("image", "").rsplit(":", 1)[-1]
+            if gpu and tag.startswith("cpu"):
+                errs.append(f"{source}: Deployment/{name}: requests a GPU but runs the CPU image {c['image']}")
         if not spec.get("initContainers"):
             errs.append(f"{source}: Deployment/{name}: no init container fetches the model package")
     for so in by_kind.get("ScaledObject", []):
