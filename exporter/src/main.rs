@@ -59,6 +59,10 @@ enum Cmd {
         /// Default VQA canvas length (tokens).
         #[arg(long, default_value_t = 128, env = "DDIT_VQA_LEN")]
         vqa_len: u64,
+        /// Default caption prompt prefix recorded in the manifest (default: the checkpoint's
+        /// model_index.json `caption_prompt`, if any; "" records none).
+        #[arg(long, env = "DDIT_CAPTION_PROMPT")]
+        caption_prompt: Option<String>,
         /// Replace a package already in --out.
         #[arg(long, env = "DDIT_FORCE")]
         force: bool,
@@ -84,6 +88,7 @@ fn main() -> ExitCode {
             prompt_len,
             caption_len,
             vqa_len,
+            caption_prompt,
             force,
         } => {
             let mut o = ExportOptions::new(checkpoint, out.clone());
@@ -100,6 +105,7 @@ fn main() -> ExitCode {
                 caption: caption_len,
                 vqa: vqa_len,
             };
+            o.caption_prompt = caption_prompt;
             o.force = force;
             convert(&o).and_then(|_| verify(&out)).map(|m| {
                 println!("wrote {}", out.display());

@@ -32,6 +32,9 @@ pub struct ExportOptions {
     pub mask_token: Option<String>,
     pub name: Option<String>,
     pub text_lengths: TextLengths,
+    /// Default caption prompt prefix: `None` takes the checkpoint's (`model_index.json`
+    /// `caption_prompt`), `Some("")` records none.
+    pub caption_prompt: Option<String>,
     /// Replace an existing package in `out`.
     pub force: bool,
 }
@@ -51,6 +54,7 @@ impl ExportOptions {
                 caption: 128,
                 vqa: 128,
             },
+            caption_prompt: None,
             force: false,
         }
     }
@@ -315,6 +319,11 @@ pub fn convert(opts: &ExportOptions) -> Result<Manifest> {
                 num_train_timesteps: ck.scheduler.num_train_timesteps as u64,
             },
             text_lengths: opts.text_lengths.clone(),
+            caption_prompt: opts
+                .caption_prompt
+                .clone()
+                .or_else(|| ck.caption_prompt.clone())
+                .filter(|s| !s.trim().is_empty()),
         },
         tokenizer,
         segments,
@@ -393,6 +402,16 @@ pub fn summary(m: &Manifest) -> String {
         "hidden {} x {} layers, {} heads, patch {}, {} latent channels, vocab {}, mask id {} ({}), pad {}, eos {}",
         v.hidden_size, v.num_layers, v.num_heads, v.patch_size, v.latent_channels, v.vocab_size,
         v.tokens.mask_id, v.tokens.mask_token, v.tokens.pad_id, v.tokens.eos_id
+    );
+    let _ = writeln!(
+        s,
+        "text canvases: prompt {}, caption {}, vqa {} tokens; caption prompt {}",
+        v.text_lengths.prompt,
+        v.text_lengths.caption,
+        v.text_lengths.vqa,
+        v.caption_prompt
+            .as_deref()
+            .map_or("none".to_string(), |p| format!("{p:?}"))
     );
     let _ = writeln!(
         s,

@@ -3,32 +3,13 @@
 
 mod common;
 
+use common::{copy_checkpoint, edit_config};
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use ddit_export::{convert, ExportError, ExportOptions};
 use safetensors::tensor::{Dtype, TensorView};
-
-/// A writable copy of a fixture checkpoint.
-fn copy_checkpoint(variant: &str) -> (tempfile::TempDir, PathBuf) {
-    let dir = tempfile::tempdir().unwrap();
-    let dst = dir.path().join("ckpt");
-    copy_dir(&common::checkpoint(variant), &dst);
-    (dir, dst)
-}
-
-fn copy_dir(src: &Path, dst: &Path) {
-    std::fs::create_dir_all(dst).unwrap();
-    for e in std::fs::read_dir(src).unwrap() {
-        let e = e.unwrap();
-        let to = dst.join(e.file_name());
-        if e.file_type().unwrap().is_dir() {
-            copy_dir(&e.path(), &to);
-        } else {
-            std::fs::copy(e.path(), to).unwrap();
-        }
-    }
-}
 
 fn export_err(ckpt: &Path) -> ExportError {
     let out = ckpt.parent().unwrap().join("pkg");
@@ -60,13 +41,6 @@ fn rewrite(path: &Path, edit: impl FnOnce(&mut HashMap<String, (Dtype, Vec<usize
 
 fn transformer_file(ckpt: &Path) -> PathBuf {
     ckpt.join("transformer/diffusion_pytorch_model.safetensors")
-}
-
-fn edit_config(path: &Path, key: &str, value: serde_json::Value) {
-    let mut v: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
-    v[key] = value;
-    std::fs::write(path, serde_json::to_string_pretty(&v).unwrap()).unwrap();
 }
 
 #[test]
@@ -291,4 +265,21 @@ fn zero_blocks_per_segment_is_an_argument_error() {
     let mut o = ExportOptions::new(&ck, ck.parent().unwrap().join("pkg"));
     o.blocks_per_segment = Some(0);
     assert!(matches!(convert(&o), Err(ExportError::Argument { .. })));
+}
+
+#[test]
+fn caption_prompt_must_be_a_string() {
+    let (_d, ck) = copy_checkpoint("tiny-f32");
+    edit_config(
+        &ck.join("model_index.json"),
+        "caption_prompt",
+        serde_json::json!(5),
+    );
+    match export_err(&ck) {
+        ExportError::Config { key, path, .. } => {
+            assert_eq!(key, "caption_prompt");
+            assert!(path.ends_with("model_index.json"));
+        }
+        e => panic!("{e:?}"),
+    }
 }

@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::export;
+use common::{copy_checkpoint, edit_config, export};
 use ddit_export::{verify, ExportError};
 use ddit_schemas::{Dim, Role, TensorDtype};
 
@@ -116,4 +116,36 @@ fn export_refuses_to_overwrite_without_force() {
     ));
     o.force = true;
     ddit_export::convert(&o).unwrap();
+}
+
+#[test]
+fn caption_prompt_comes_from_the_checkpoint_unless_overridden() {
+    let (dir, ck) = copy_checkpoint("tiny-f32");
+    let convert = |sub: &str, prompt: Option<&str>| {
+        let mut o = ddit_export::ExportOptions::new(&ck, dir.path().join(sub));
+        o.caption_prompt = prompt.map(String::from);
+        ddit_export::convert(&o).unwrap().values.caption_prompt
+    };
+    // The published D-DiT has none.
+    assert_eq!(convert("plain", None), None);
+    edit_config(
+        &ck.join("model_index.json"),
+        "caption_prompt",
+        serde_json::json!("Describe the image."),
+    );
+    assert_eq!(
+        convert("from-checkpoint", None).as_deref(),
+        Some("Describe the image.")
+    );
+    assert_eq!(convert("none", Some("")), None);
+    assert_eq!(
+        convert("flag", Some("a photo of")).as_deref(),
+        Some("a photo of")
+    );
+    // Recorded in manifest.json, which still validates against the schema.
+    let text = std::fs::read_to_string(dir.path().join("flag/manifest.json")).unwrap();
+    let value: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(value["values"]["caption_prompt"], "a photo of");
+    let schema: serde_json::Value = serde_json::from_str(ddit_schemas::MANIFEST_SCHEMA).unwrap();
+    assert!(jsonschema::validator_for(&schema).unwrap().is_valid(&value));
 }

@@ -69,7 +69,8 @@ pub struct CaptionParams {
     /// Canvas length in tokens.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub length: Option<u32>,
-    /// Text the caption must start with (kept fixed on the canvas).
+    /// Prompt prefix kept fixed at the start of the canvas; the caption is the text written after it.
+    /// Absent: the model's default (`caption_prompt` in the package manifest, if any); `""`: none.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub prompt: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -67,6 +67,12 @@ pub struct ModelValues {
     pub vae: VaeValues,
     pub scheduler: SchedulerValues,
     pub text_lengths: TextLengths,
+    /// Prompt prefix a caption job gets when it names none (`params.prompt` absent): the text the model
+    /// was trained to write its captions after. From the checkpoint's `model_index.json`
+    /// (`caption_prompt`) or `ddit-export --caption-prompt`; absent for models that caption on a bare
+    /// canvas, like the published D-DiT.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub caption_prompt: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -6,7 +6,8 @@ its own RNG (torch), so scores agree within sampling noise, not bit for bit.
         --set models/shapes-eval --images .ddit/eval-ref
     target/release/ddit-worker eval shapes-images --set models/shapes-eval --images .ddit/eval-ref
 
-Captioning and VQA are scored here. Generation: the reference flow-matching sampler (diffusers'
+Captioning (after the checkpoint's `caption_prompt` prefix, if model_index.json has one) and VQA
+are scored here. Generation: the reference flow-matching sampler (diffusers'
 FlowMatchEulerDiscreteScheduler, classifier-free guidance over [negative, positive]) writes
 `gen_{id:04}.png` per scene into --images, and `ddit-worker eval shapes-images` scores them with the
 very scene checker the Rust evaluation uses.
@@ -130,6 +131,9 @@ def main() -> None:
     dit, t5, vae, tok = load(args.model)
     mask, pad, eos = tok.token_to_id("<extra_id_0>"), tok.token_to_id("<pad>"), tok.token_to_id("</s>")
     size = dit.config.sample_size * 2 ** (len(vae.config.block_out_channels) - 1)
+    # The caption prompt prefix the model was trained with (model_index.json), as the exporter records it.
+    caption_prompt = json.loads((args.model / "model_index.json").read_text()).get("caption_prompt") or ""
+    cap_prefix = tok.encode(caption_prompt).ids[:-1] if caption_prompt else []
     scenes = [json.loads(line) for line in open(args.set / "scenes.jsonl")][: args.limit]
     cap_ok = vqa_ok = vqa_n = 0
     for sc in scenes:
@@ -138,7 +142,8 @@ def main() -> None:
         if args.only_generation:
             sc = dict(sc, qa=[])
         else:
-            cap = decode(tok, masked_sample(dit, t5, z, [], args.caption_len, mask, 64, g), pad, eos, mask)
+            ids = masked_sample(dit, t5, z, cap_prefix, args.caption_len, mask, 64, g)
+            cap = decode(tok, ids[len(cap_prefix):], pad, eos, mask)
             cap_ok += cap == sc["caption"]
         for qa in sc["qa"]:
             prefix = tok.encode(VQA.format(q=qa["question"])).ids[:-1]

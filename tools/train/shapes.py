@@ -27,6 +27,8 @@ COLOURS = {
 BACKGROUND = (255, 255, 255)
 COUNT_WORDS = {1: "one", 2: "two"}
 VQA_TEMPLATE = "Q: {question} Answer the question using a single word or phrase. A: "
+# The prefix a caption is written after (D-DiT's captioning canvas: "the prompt prefix (if any) fixed").
+CAPTION_PROMPT = "Describe the image."
 
 
 @dataclass
@@ -121,7 +123,7 @@ def qa_pairs(objs: list[Obj]) -> list[tuple[str, str]]:
 
 def vocabulary() -> list[str]:
     words = set()
-    for text in [VQA_TEMPLATE.format(question="")] + [
+    for text in [VQA_TEMPLATE.format(question=""), CAPTION_PROMPT] + [
         "a an the of is what how many objects object are there colour shape left above yes no one two"
     ]:
         words.update(split_words(text))

@@ -218,7 +218,8 @@ enum EvalCmd {
         /// Only the first N scenes.
         #[arg(long, env = "DDIT_LIMIT")]
         limit: Option<usize>,
-        /// Where the contact sheet of generated images goes.
+        /// Where the contact sheet of generated images and predictions.jsonl (every scene's
+        /// caption, answers and generation verdict next to the references) go.
         #[arg(long, default_value = ".ddit/eval", env = "DDIT_OUT")]
         out: PathBuf,
         #[arg(long, default_value_t = 16, env = "DDIT_MAX_BATCH")]
@@ -448,10 +449,7 @@ fn load(e: &EngineArgs) -> anyhow::Result<(Engine, TextCodec, RunnerConfig)> {
     };
     let engine = Engine::load(&e.model, &cfg)
         .with_context(|| format!("loading model package {}", e.model.display()))?;
-    let codec = TextCodec::load(
-        &engine.tokenizer_path,
-        engine.manifest.values.tokens.clone(),
-    )?;
+    let codec = TextCodec::for_package(&engine.tokenizer_path, &engine.manifest.values)?;
     let rc = runner_config(e, 8);
     Ok((engine, codec, rc))
 }
@@ -595,7 +593,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let (mut eng, codec, mut rc) = load(&engine)?;
             rc.max_batch = max_batch.max(1);
             let start = std::time::Instant::now();
-            let (scores, images) = ddit_worker::eval::run(
+            let report = ddit_worker::eval::run(
                 &mut eng,
                 &codec,
                 &set,
@@ -605,14 +603,16 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     seed,
                 },
             )?;
-            let (sheet, legend) = ddit_worker::eval::write_sheet(&out, &images)?;
+            let (sheet, legend) = ddit_worker::eval::write_sheet(&out, &report.images)?;
+            let preds = ddit_worker::eval::write_predictions(&out, &report.predictions)?;
             eprintln!(
-                "evaluated in {:.1}s; contact sheet {} (prompts in {})",
+                "evaluated in {:.1}s; contact sheet {} (prompts in {}); predictions {}",
                 start.elapsed().as_secs_f64(),
                 sheet.display(),
-                legend.display()
+                legend.display(),
+                preds.display()
             );
-            print!("{}", scores.table());
+            print!("{}", report.scores.table());
         }
         Cmd::Eval {
             what: EvalCmd::ShapesImages { set, images, limit },

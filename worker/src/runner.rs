@@ -397,13 +397,16 @@ impl<'a> Runner<'a> {
             return Err(WorkerError::invalid(
                 "params.prompt",
                 format!(
-                    "{} tokens leave no room on a {}-token canvas",
+                    "the prompt (this one or the model's caption_prompt) is {} tokens and leaves \
+                     no room on a {}-token canvas",
                     prefix.len(),
                     p.length
                 ),
             ));
         }
-        self.masked_work(&p.image, prefix, p.length as usize, p.steps, p.seed, 0)
+        // The caption is the text written after the prefix.
+        let n = prefix.len();
+        self.masked_work(&p.image, prefix, p.length as usize, p.steps, p.seed, n)
     }
 
     fn prepare_vqa(&mut self, p: VqaPlan) -> Result<Work> {

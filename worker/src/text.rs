@@ -2,7 +2,7 @@
 
 use std::path::Path;
 
-use ddit_schemas::TokenIds;
+use ddit_schemas::{ModelValues, TokenIds};
 use tokenizers::Tokenizer;
 
 use crate::error::{Result, WorkerError};
@@ -19,6 +19,26 @@ impl TextCodec {
             message: format!("tokenizer: {e}"),
         })?;
         Ok(Self { tok, ids })
+    }
+
+    /// The codec of a package (its `tokenizer.json` and manifest values), checked against the
+    /// manifest: a default caption prompt must leave room on the default caption canvas.
+    pub fn for_package(path: &Path, values: &ModelValues) -> Result<Self> {
+        let codec = Self::load(path, values.tokens.clone())?;
+        if let Some(prompt) = &values.caption_prompt {
+            let n = codec.encode_prefix(prompt, "caption_prompt")?.len() as u64;
+            if n >= values.text_lengths.caption {
+                return Err(WorkerError::Package {
+                    path: path.with_file_name("manifest.json").display().to_string(),
+                    message: format!(
+                        "values.caption_prompt is {n} tokens and leaves no room on the {}-token \
+                         caption canvas (values.text_lengths.caption)",
+                        values.text_lengths.caption
+                    ),
+                });
+            }
+        }
+        Ok(codec)
     }
 
     /// Token ids of `text`, with the tokenizer's post-processing (T5 appends `</s>`).

@@ -278,3 +278,64 @@ fn canceled_job_ends_with_a_canceled_result() {
         Status::Succeeded
     );
 }
+
+/// A copy of the fixture package whose manifest names a default caption prompt.
+fn package_with_caption_prompt(prompt: &str) -> (tempfile::TempDir, std::path::PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let pkg = dir.path().join("pkg");
+    std::fs::create_dir_all(&pkg).unwrap();
+    for e in std::fs::read_dir(common::package()).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), pkg.join(e.file_name())).unwrap();
+    }
+    let path = pkg.join("manifest.json");
+    let mut m: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    m["values"]["caption_prompt"] = json!(prompt);
+    std::fs::write(&path, serde_json::to_string_pretty(&m).unwrap()).unwrap();
+    (dir, pkg)
+}
+
+#[test]
+fn caption_jobs_without_a_prompt_use_the_models_caption_prompt() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("in.png");
+    write_png(&img, 32);
+    let img = img.to_str().unwrap();
+    let (_d, pkg) = package_with_caption_prompt("a red");
+    let caption = |id: &str, prompt: Option<&str>| {
+        let mut params = json!({"image": img, "steps": 6, "seed": 5});
+        if let Some(p) = prompt {
+            params["prompt"] = json!(p);
+        }
+        job(json!({"job_id": id, "task": "caption", "params": params}))
+    };
+    let jobs = vec![
+        caption("default", None),
+        caption("explicit", Some("a red")),
+        caption("other", Some("a blue")),
+    ];
+    let (rs, _, _) = common::run_jobs_on(&pkg, jobs, 4);
+    let text = |id: &str| {
+        let r = rs.iter().find(|r| r.job_id == id).unwrap();
+        assert_eq!(r.status, Status::Succeeded, "{r:?}");
+        r.text.clone().unwrap()
+    };
+    // Same canvas, same seed: the default is the manifest's prompt.
+    assert_eq!(text("default"), text("explicit"));
+    // The caption is the text written after the prefix, not an echo of it.
+    assert!(!text("default").starts_with("a red"), "{}", text("default"));
+    assert!(!text("other").starts_with("a blue"), "{}", text("other"));
+}
+
+#[test]
+fn a_caption_prompt_longer_than_the_caption_canvas_is_a_package_error() {
+    // The fixture's caption canvas is 10 tokens.
+    let (_d, pkg) = package_with_caption_prompt(&"red ".repeat(12));
+    let e = ddit_worker::engine::Engine::load(&pkg, &Default::default()).unwrap();
+    let err = ddit_worker::text::TextCodec::for_package(&e.tokenizer_path, &e.manifest.values)
+        .err()
+        .unwrap();
+    assert_eq!(err.kind(), ErrorKind::ModelError);
+    assert!(err.to_string().contains("values.caption_prompt"), "{err}");
+}

@@ -23,11 +23,7 @@ fn shapes_eval_slice() {
         None,
     );
     let mut engine = Engine::load(&pkg, &EngineConfig::default()).unwrap();
-    let codec = TextCodec::load(
-        &engine.tokenizer_path,
-        engine.manifest.values.tokens.clone(),
-    )
-    .unwrap();
+    let codec = TextCodec::for_package(&engine.tokenizer_path, &engine.manifest.values).unwrap();
     let opts = EvalOptions {
         limit: Some(24),
         runner: RunnerConfig {
@@ -36,10 +32,18 @@ fn shapes_eval_slice() {
         },
         seed: 0,
     };
-    let (scores, images) =
-        run(&mut engine, &codec, &root.join("models/shapes-eval"), opts).unwrap();
+    let report = run(&mut engine, &codec, &root.join("models/shapes-eval"), opts).unwrap();
+    let scores = &report.scores;
     print!("{}", scores.table());
-    assert_eq!(images.len(), 24);
+    assert_eq!(report.images.len(), 24);
+    assert_eq!(report.predictions.len(), 24);
+    // The per-scene lines agree with the scores.
+    let exact = report
+        .predictions
+        .iter()
+        .filter(|p| p.caption_exact)
+        .count();
+    assert_eq!(exact as f64 / 24.0, scores.caption_exact);
     assert!(
         scores.caption_exact >= 0.15,
         "caption exact {:.3}",

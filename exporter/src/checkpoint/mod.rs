@@ -25,6 +25,9 @@ pub struct Checkpoint {
     pub vae_weights: WeightStore,
     /// Vocabulary size of the text head (`text_proj_out` rows).
     pub vocab_size: usize,
+    /// `model_index.json`'s `caption_prompt`: the prefix the model writes captions after (not part
+    /// of the published D-DiT pipelines; the bundled demo model has one).
+    pub caption_prompt: Option<String>,
 }
 
 impl Checkpoint {
@@ -51,6 +54,19 @@ impl Checkpoint {
                 });
             }
         }
+        let caption_prompt = match index.get("caption_prompt") {
+            None => None,
+            Some(v) => match v.as_str() {
+                Some(s) if !s.trim().is_empty() => Some(s.to_string()),
+                _ => {
+                    return Err(ExportError::Config {
+                        path: index.path.clone(),
+                        key: "caption_prompt".into(),
+                        message: format!("expected a non-empty string, found {v}"),
+                    })
+                }
+            },
+        };
         let transformer = TransformerConfig::from_file(&ConfigFile::read(
             &root.join("transformer/config.json"),
         )?)?;
@@ -120,6 +136,7 @@ impl Checkpoint {
             t5_weights,
             vae_weights,
             vocab_size,
+            caption_prompt,
         })
     }
 }

@@ -21,6 +21,34 @@ pub fn fixtures() -> PathBuf {
     workspace().join("tests/fixtures")
 }
 
+/// A writable copy of a fixture checkpoint.
+pub fn copy_checkpoint(variant: &str) -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let dst = dir.path().join("ckpt");
+    copy_dir(&checkpoint(variant), &dst);
+    (dir, dst)
+}
+
+pub fn copy_dir(src: &Path, dst: &Path) {
+    std::fs::create_dir_all(dst).unwrap();
+    for e in std::fs::read_dir(src).unwrap() {
+        let e = e.unwrap();
+        let to = dst.join(e.file_name());
+        if e.file_type().unwrap().is_dir() {
+            copy_dir(&e.path(), &to);
+        } else {
+            std::fs::copy(e.path(), to).unwrap();
+        }
+    }
+}
+
+pub fn edit_config(path: &Path, key: &str, value: serde_json::Value) {
+    let mut v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    v[key] = value;
+    std::fs::write(path, serde_json::to_string_pretty(&v).unwrap()).unwrap();
+}
+
 pub fn checkpoint(variant: &str) -> PathBuf {
     fixtures().join(variant).join("checkpoint")
 }

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 
 use ddit_schemas::{CaptionParams, GenerateParams, Job, JobResult, Status, TaskParams, VqaParams};
 use image::RgbImage;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::engine::Engine;
 use crate::error::{Result, WorkerError};
@@ -141,6 +141,36 @@ impl ImageSink for Pngs {
     }
 }
 
+/// One scene's outputs next to the references (a line of `predictions.jsonl`).
+#[derive(Debug, Clone, Serialize)]
+pub struct Prediction {
+    pub id: u64,
+    pub image: String,
+    pub caption: String,
+    pub predicted_caption: String,
+    pub caption_exact: bool,
+    pub qa: Vec<QaPrediction>,
+    /// The scene checker's verdict on the image generated from `caption`.
+    pub generation: Judgement,
+    pub generation_correct: bool,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct QaPrediction {
+    pub question: String,
+    pub answer: String,
+    pub predicted: String,
+    pub correct: bool,
+}
+
+/// What [`run`] returns.
+pub struct Report {
+    pub scores: Scores,
+    /// The generated images with their prompts, in scene order.
+    pub images: Vec<(String, RgbImage)>,
+    pub predictions: Vec<Prediction>,
+}
+
 pub struct EvalOptions {
     pub limit: Option<usize>,
     pub runner: RunnerConfig,
@@ -148,13 +178,13 @@ pub struct EvalOptions {
 }
 
 /// Runs every scene: a caption job, one VQA job per question, one generation job from the
-/// caption. Returns the scores and the generated images with their prompts.
+/// caption. Returns the scores, the generated images with their prompts and every prediction.
 pub fn run(
     engine: &mut Engine,
     codec: &TextCodec,
     set: &Path,
     opts: EvalOptions,
-) -> Result<(Scores, Vec<(String, RgbImage)>)> {
+) -> Result<Report> {
     let mut scenes = load_set(set)?;
     if let Some(n) = opts.limit {
         scenes.truncate(n);
@@ -218,18 +248,27 @@ pub fn run(
         ..Scores::default()
     };
     let mut images = Vec::new();
+    let mut predictions = Vec::new();
     let mut tally = GenTally::default();
     for s in &scenes {
         let cap = text_of(&format!("cap-{}", s.id)).unwrap_or_default();
         sc.caption_exact += f64::from(u8::from(cap == s.caption));
+        let mut qa = Vec::new();
         let (c, sh, p) = caption_attributes(&cap, &s.caption);
         sc.caption_colour += c;
         sc.caption_shape += sh;
         sc.caption_position += p;
         for (k, q) in s.qa.iter().enumerate() {
             let a = text_of(&format!("vqa-{}-{k}", s.id)).unwrap_or_default();
-            sc.vqa += f64::from(u8::from(a.trim() == q.answer));
+            let correct = a.trim() == q.answer;
+            sc.vqa += f64::from(u8::from(correct));
             sc.vqa_questions += 1;
+            qa.push(QaPrediction {
+                question: q.question.clone(),
+                answer: q.answer.clone(),
+                predicted: a,
+                correct,
+            });
         }
         let judged = match sink.0.get(&format!("gen-{}", s.id)) {
             Some(png) => {
@@ -242,6 +281,16 @@ pub fn run(
             None => Judgement::default(),
         };
         tally.add(&judged);
+        predictions.push(Prediction {
+            id: s.id,
+            image: s.image.clone(),
+            caption: s.caption.clone(),
+            caption_exact: cap == s.caption,
+            predicted_caption: cap,
+            qa,
+            generation: judged,
+            generation_correct: judged.correct(),
+        });
     }
     let n = scenes.len().max(1) as f64;
     sc.caption_exact /= n;
@@ -250,7 +299,11 @@ pub fn run(
     sc.caption_position /= n;
     sc.vqa /= sc.vqa_questions.max(1) as f64;
     tally.fill(&mut sc, n);
-    Ok((sc, images))
+    Ok(Report {
+        scores: sc,
+        images,
+        predictions,
+    })
 }
 
 /// Judges one generated PNG against the scene its prompt describes.
@@ -383,6 +436,23 @@ pub fn write_sheet(out: &Path, images: &[(String, RgbImage)]) -> Result<(PathBuf
     std::fs::write(&txt, legend)
         .map_err(|e| WorkerError::io(format!("writing {}", txt.display()), e))?;
     Ok((png, txt))
+}
+
+/// Writes `OUT/predictions.jsonl`: one [`Prediction`] per scene.
+pub fn write_predictions(out: &Path, predictions: &[Prediction]) -> Result<PathBuf> {
+    std::fs::create_dir_all(out)
+        .map_err(|e| WorkerError::io(format!("creating {}", out.display()), e))?;
+    let mut text = String::new();
+    for p in predictions {
+        let line = serde_json::to_string(p)
+            .map_err(|e| WorkerError::Internal(format!("serialising a prediction: {e}")))?;
+        text.push_str(&line);
+        text.push('\n');
+    }
+    let path = out.join("predictions.jsonl");
+    std::fs::write(&path, text)
+        .map_err(|e| WorkerError::io(format!("writing {}", path.display()), e))?;
+    Ok(path)
 }
 
 #[cfg(test)]

@@ -178,7 +178,7 @@ pub fn parse_caption(text: &str) -> Option<SceneText> {
 }
 
 /// GenEval-style judgement of one image against its prompt.
-#[derive(Debug, Clone, Copy, Default, PartialEq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize)]
 pub struct Judgement {
     pub count: bool,
     pub colour: bool,

@@ -117,8 +117,7 @@ pub fn start(
                 .name(format!("ddit-inference-{i}"))
                 .spawn(move || {
                     let loaded = Engine::load(&model, &ecfg).and_then(|e| {
-                        let codec =
-                            TextCodec::load(&e.tokenizer_path, e.manifest.values.tokens.clone())?;
+                        let codec = TextCodec::for_package(&e.tokenizer_path, &e.manifest.values)?;
                         Ok((e, codec))
                     });
                     let (mut engine, codec) = match loaded {

@@ -195,7 +195,12 @@ pub fn plan(job: &Job, m: &Manifest) -> Result<Plan> {
                     1,
                     MAX_CANVAS,
                 )?,
-                prompt: p.prompt.clone().filter(|s| !s.is_empty()),
+                // Absent: the model's default prefix; "": none.
+                prompt: p
+                    .prompt
+                    .clone()
+                    .or_else(|| m.values.caption_prompt.clone())
+                    .filter(|s| !s.is_empty()),
                 seed: p.seed.unwrap_or(default_seed),
             }))
         }

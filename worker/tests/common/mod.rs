@@ -55,8 +55,12 @@ pub fn export(
 }
 
 pub fn engine() -> (Engine, TextCodec) {
-    let e = Engine::load(package(), &EngineConfig::default()).unwrap();
-    let c = TextCodec::load(&e.tokenizer_path, e.manifest.values.tokens.clone()).unwrap();
+    engine_of(package())
+}
+
+pub fn engine_of(pkg: &Path) -> (Engine, TextCodec) {
+    let e = Engine::load(pkg, &EngineConfig::default()).unwrap();
+    let c = TextCodec::for_package(&e.tokenizer_path, &e.manifest.values).unwrap();
     (e, c)
 }
 
@@ -107,7 +111,16 @@ pub fn job(v: serde_json::Value) -> Incoming {
 
 /// Runs jobs through a fresh engine; returns results sorted by job id, and the images.
 pub fn run_jobs(jobs: Vec<Incoming>, max_batch: usize) -> (Vec<JobResult>, MemSink, Collect) {
-    let (mut e, c) = engine();
+    run_jobs_on(package(), jobs, max_batch)
+}
+
+/// [`run_jobs`] on another package.
+pub fn run_jobs_on(
+    pkg: &Path,
+    jobs: Vec<Incoming>,
+    max_batch: usize,
+) -> (Vec<JobResult>, MemSink, Collect) {
+    let (mut e, c) = engine_of(pkg);
     let cfg = RunnerConfig {
         max_batch,
         ..RunnerConfig::default()
