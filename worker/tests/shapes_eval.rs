@@ -45,7 +45,7 @@ fn shapes_eval_slice() {
         .count();
     assert_eq!(exact as f64 / 24.0, scores.caption_exact);
     assert!(
-        scores.caption_exact >= 0.15,
+        scores.caption_exact >= 0.7,
         "caption exact {:.3}",
         scores.caption_exact
     );
