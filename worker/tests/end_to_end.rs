@@ -282,13 +282,7 @@ fn canceled_job_ends_with_a_canceled_result() {
 
 /// A copy of the fixture package whose manifest names a default caption prompt.
 fn package_with_caption_prompt(prompt: &str) -> (tempfile::TempDir, std::path::PathBuf) {
-    let dir = tempfile::tempdir().unwrap();
-    let pkg = dir.path().join("pkg");
-    std::fs::create_dir_all(&pkg).unwrap();
-    for e in std::fs::read_dir(common::package()).unwrap() {
-        let e = e.unwrap();
-        std::fs::copy(e.path(), pkg.join(e.file_name())).unwrap();
-    }
+    let (dir, pkg) = common::copy_package();
     let path = pkg.join("manifest.json");
     let mut m: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();

@@ -8,17 +8,6 @@ use std::path::Path;
 use ddit_worker::engine::{Engine, EngineConfig, Provider};
 use ddit_worker::WorkerError;
 
-fn copy_pkg() -> (tempfile::TempDir, std::path::PathBuf) {
-    let d = tempfile::tempdir().unwrap();
-    let dst = d.path().join("pkg");
-    std::fs::create_dir_all(&dst).unwrap();
-    for e in std::fs::read_dir(common::package()).unwrap() {
-        let e = e.unwrap();
-        std::fs::copy(e.path(), dst.join(e.file_name())).unwrap();
-    }
-    (d, dst)
-}
-
 fn load_err(p: &Path, cfg: &EngineConfig) -> WorkerError {
     match Engine::load(p, cfg) {
         Ok(_) => panic!("loaded a broken package"),
@@ -35,7 +24,7 @@ fn loads_and_reports_the_provider() {
 
 #[test]
 fn a_changed_segment_is_refused() {
-    let (_d, p) = copy_pkg();
+    let (_d, p) = common::copy_package();
     let f = p.join("text_head.onnx");
     let mut b = std::fs::read(&f).unwrap();
     let n = b.len();
@@ -50,7 +39,7 @@ fn a_changed_segment_is_refused() {
 
 #[test]
 fn a_missing_segment_is_refused() {
-    let (_d, p) = copy_pkg();
+    let (_d, p) = common::copy_package();
     std::fs::remove_file(p.join("vae_decoder.onnx")).unwrap();
     let e = load_err(&p, &EngineConfig::default());
     assert!(e.to_string().contains("vae_decoder.onnx"), "{e}");
@@ -58,7 +47,7 @@ fn a_missing_segment_is_refused() {
 
 #[test]
 fn another_manifest_version_is_refused() {
-    let (_d, p) = copy_pkg();
+    let (_d, p) = common::copy_package();
     let m = p.join("manifest.json");
     let text = std::fs::read_to_string(&m)
         .unwrap()
@@ -70,7 +59,7 @@ fn another_manifest_version_is_refused() {
 
 #[test]
 fn a_manifest_whose_signature_disagrees_with_the_graph_is_refused() {
-    let (_d, p) = copy_pkg();
+    let (_d, p) = common::copy_package();
     let m = p.join("manifest.json");
     let mut v: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&m).unwrap()).unwrap();

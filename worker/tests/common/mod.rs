@@ -35,6 +35,18 @@ pub fn package() -> &'static Path {
     p
 }
 
+/// A writable copy of the fixture package (a flat folder).
+pub fn copy_package() -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let dst = dir.path().join("pkg");
+    std::fs::create_dir_all(&dst).unwrap();
+    for e in std::fs::read_dir(package()).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), dst.join(e.file_name())).unwrap();
+    }
+    (dir, dst)
+}
+
 /// Exports `checkpoint` into `out` with text lengths [prompt, caption, vqa].
 pub fn export(
     checkpoint: &Path,
