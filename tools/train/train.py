@@ -53,6 +53,8 @@ from ddit_reference import DualDiffSD3Transformer2DModel  # noqa: E402
 
 PROMPT_LEN, CAPTION_LEN, VQA_LEN = 16, 16, 32
 VAE_SCENES = 24000
+PAD_WEIGHT = 0.1  # weight of padding targets in the VQA answer loss (see answer_loss)
+TWO_OBJECT_VQA = 0.75  # share of VQA examples drawn from two-object scenes (the hard questions)
 
 
 def build_tokenizer() -> Tokenizer:
@@ -90,10 +92,32 @@ class Data:
             self.vqa.append(rows)
         self.prompts = torch.tensor(np.array(self.prompts))
         self.captions = torch.tensor(np.array(self.captions))
+        self.one = torch.tensor([i for i, r in enumerate(self.vqa) if len(r) <= 3])
+        self.two = torch.tensor([i for i, r in enumerate(self.vqa) if len(r) > 3])
+
+    def vqa_scenes(self, n: int) -> torch.Tensor:
+        """Scene indices for a VQA batch, TWO_OBJECT_VQA of them with two objects."""
+        two = torch.rand(n) < TWO_OBJECT_VQA
+        pick_two = self.two[torch.randint(0, len(self.two), (n,))]
+        pick_one = self.one[torch.randint(0, len(self.one), (n,))]
+        return torch.where(two, pick_two, pick_one)
 
     def canvas(self, ids: list[int], n: int) -> list[int]:
         ids = ids[:n]
         return ids + [self.pad] * (n - len(ids))
+
+
+def answer_loss(logits: torch.Tensor, ids: torch.Tensor, masked: torch.Tensor, pad: int) -> torch.Tensor:
+    """Masked-diffusion cross-entropy over the masked answer zone, padding targets weighted PAD_WEIGHT.
+
+    An answer is one word and `</s>` followed by about ten pads; an unweighted mean over the masked
+    tokens gives the answer word a tenth of the signal, and two-object questions stalled at chance.
+    """
+    if not masked.any():
+        return logits.sum() * 0
+    ce = F.cross_entropy(logits[masked].float(), ids[masked], reduction="none")
+    w = torch.where(ids[masked] == pad, PAD_WEIGHT, 1.0)
+    return (ce * w).sum() / w.sum()
 
 
 def vae_model() -> AutoencoderKL:
@@ -153,7 +177,8 @@ def copy_vae_log(source: Path, logf) -> None:
     for line in open(source):
         row = json.loads(line)
         if row.get("phase") in ("vae", "vae_done"):
-            log(logf, **row, copied_from=str(source))
+            row.setdefault("copied_from", str(source))
+            log(logf, **row)
 
 
 def main() -> None:
@@ -247,7 +272,7 @@ def main() -> None:
         _, logits = dit(z0, t5(input_ids=noisy).last_hidden_state, torch.zeros(len(idx)))
         losses["caption"] = F.cross_entropy(logits[masked].float(), ids[masked]) if masked.any() else logits.sum() * 0
         # VQA: question fixed, answer (and the padding after it) masked.
-        idx = torch.randint(0, len(data.images), (bs["vqa"],))
+        idx = data.vqa_scenes(bs["vqa"])
         z0 = cond_latent(idx)
         rows = [random.choice(data.vqa[i]) for i in idx.tolist()]
         ids = torch.tensor([r[0] for r in rows])
@@ -257,7 +282,7 @@ def main() -> None:
         masked = answer_zone & (torch.rand(ids.shape) < ratio)
         noisy = torch.where(masked, torch.full_like(ids, mask_id), ids)
         _, logits = dit(z0, t5(input_ids=noisy).last_hidden_state, torch.zeros(len(idx)))
-        losses["vqa"] = F.cross_entropy(logits[masked].float(), ids[masked]) if masked.any() else logits.sum() * 0
+        losses["vqa"] = answer_loss(logits, ids, masked, data.pad)
         loss = losses["flow"] + 0.5 * losses["caption"] + 0.5 * losses["vqa"]
         opt.zero_grad()
         loss.backward()
