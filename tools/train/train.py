@@ -238,7 +238,7 @@ def main() -> None:
     ema = [p.detach().clone() for p in params]
     opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.01, betas=(0.9, 0.99))
     empty = data.canvas(tok.encode("").ids, PROMPT_LEN)
-    bs = {"t2i": 48, "cap": 16, "vqa": 48}
+    bs = {"t2i": 32, "cap": 12, "vqa": 32}
     plen_cap = len(data.caption_prefix)
 
     def cond_latent(idx: torch.Tensor) -> torch.Tensor:
