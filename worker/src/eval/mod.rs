@@ -16,7 +16,7 @@ use crate::error::{Result, WorkerError};
 use crate::runner::{Hooks, ImageSink, Incoming, JobSource, Runner, RunnerConfig};
 use crate::tasks::input::LocalFetcher;
 use crate::text::TextCodec;
-use scene::{detect, judge, parse_caption, Judgement};
+use scene::{detect, judge, parse_caption, Judgement, COLOURS, SHAPES};
 
 #[derive(Debug, Clone, Deserialize)]
 pub struct Qa {
@@ -57,6 +57,8 @@ pub struct Scores {
     pub caption_position: f64,
     pub vqa: f64,
     pub vqa_questions: usize,
+    /// VQA by question kind (see [`question_kind`]): (kind, correct, asked), sorted by kind.
+    pub vqa_by_kind: Vec<(String, usize, usize)>,
     pub generation: f64,
     pub gen_count: f64,
     pub gen_colour: f64,
@@ -85,12 +87,39 @@ impl Scores {
         for (k, v) in rows {
             s.push_str(&format!("{k:<28} {v:.3}\n"));
         }
+        if !self.vqa_by_kind.is_empty() {
+            s.push_str("vqa by question kind\n");
+            for (kind, right, asked) in &self.vqa_by_kind {
+                let acc = *right as f64 / (*asked).max(1) as f64;
+                s.push_str(&format!("  {kind:<48} {right:>4}/{asked:<4} {acc:.3}\n"));
+            }
+        }
         s.push_str(&format!(
             "caption_exact={:.3} vqa={:.3} generation={:.3}\n",
             self.caption_exact, self.vqa, self.generation
         ));
         s
     }
+}
+
+/// The kind of a question: its words with shape and colour names replaced by `<shape>` and
+/// `<colour>`, and the scene's object count, e.g. "is the <shape> left of the <shape>? (2 objects)".
+pub fn question_kind(question: &str, objects: usize) -> String {
+    let words: Vec<String> = question
+        .split_whitespace()
+        .map(|w| {
+            let (stem, tail) = w.split_at(w.trim_end_matches(['?', '.', ',']).len());
+            if SHAPES.contains(&stem) {
+                format!("<shape>{tail}")
+            } else if COLOURS.iter().any(|c| c.0 == stem) {
+                format!("<colour>{tail}")
+            } else {
+                w.to_string()
+            }
+        })
+        .collect();
+    let plural = if objects == 1 { "" } else { "s" };
+    format!("{} ({objects} object{plural})", words.join(" "))
 }
 
 /// Caption attributes, slot by slot: (colour, shape, position) correctness fractions.
@@ -250,7 +279,9 @@ pub fn run(
     let mut images = Vec::new();
     let mut predictions = Vec::new();
     let mut tally = GenTally::default();
+    let mut kinds: std::collections::BTreeMap<String, (usize, usize)> = Default::default();
     for s in &scenes {
+        let objects = parse_caption(&s.caption).map_or(0, |t| t.objects.len());
         let cap = text_of(&format!("cap-{}", s.id)).unwrap_or_default();
         sc.caption_exact += f64::from(u8::from(cap == s.caption));
         let mut qa = Vec::new();
@@ -263,6 +294,11 @@ pub fn run(
             let correct = a.trim() == q.answer;
             sc.vqa += f64::from(u8::from(correct));
             sc.vqa_questions += 1;
+            let k = kinds
+                .entry(question_kind(&q.question, objects))
+                .or_default();
+            k.0 += usize::from(correct);
+            k.1 += 1;
             qa.push(QaPrediction {
                 question: q.question.clone(),
                 answer: q.answer.clone(),
@@ -298,6 +334,7 @@ pub fn run(
     sc.caption_shape /= n;
     sc.caption_position /= n;
     sc.vqa /= sc.vqa_questions.max(1) as f64;
+    sc.vqa_by_kind = kinds.into_iter().map(|(k, (r, a))| (k, r, a)).collect();
     tally.fill(&mut sc, n);
     Ok(Report {
         scores: sc,
@@ -488,5 +525,29 @@ mod tests {
         assert_eq!(dark_in(136, cell_h + 8 + 131), 0);
         assert_eq!(legend.lines().count(), 3);
         assert!(legend.starts_with("row 1 col 1: a red square"));
+    }
+
+    #[test]
+    fn questions_are_grouped_by_kind_and_object_count() {
+        assert_eq!(
+            question_kind("is the circle left of the square?", 2),
+            "is the <shape> left of the <shape>? (2 objects)"
+        );
+        assert_eq!(
+            question_kind("what shape is the red object?", 1),
+            "what shape is the <colour> object? (1 object)"
+        );
+        assert_eq!(
+            question_kind("how many objects are there?", 2),
+            "how many objects are there? (2 objects)"
+        );
+        let sc = Scores {
+            vqa_by_kind: vec![("what colour is the <shape>? (2 objects)".into(), 3, 4)],
+            ..Scores::default()
+        };
+        let table = sc.table();
+        assert!(table.contains("what colour is the <shape>? (2 objects)"));
+        assert!(table.contains("3/4    0.750"), "{table}");
+        assert!(table.ends_with("caption_exact=0.000 vqa=0.000 generation=0.000\n"));
     }
 }
