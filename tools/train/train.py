@@ -76,11 +76,12 @@ class Data:
     def __init__(self, n: int, seed: int, tok: Tokenizer):
         rng = random.Random(seed)
         self.images = np.empty((n, 3, shapes.SIZE, shapes.SIZE), np.float32)
-        self.prompts, self.captions, self.vqa = [], [], []
+        self.prompts, self.captions, self.vqa, n_objects = [], [], [], []
         self.pad, self.eos = tok.token_to_id("<pad>"), tok.token_to_id("</s>")
         self.caption_prefix = tok.encode(shapes.CAPTION_PROMPT).ids[:-1]  # no trailing </s>
         for i in range(n):
             objs = shapes.sample_scene(rng)
+            n_objects.append(len(objs))
             self.images[i] = shapes.render(objs).transpose(2, 0, 1) / 127.5 - 1.0
             text = tok.encode(shapes.caption(objs)).ids
             self.prompts.append(self.canvas(text, PROMPT_LEN))
@@ -93,8 +94,8 @@ class Data:
             self.vqa.append(rows)
         self.prompts = torch.tensor(np.array(self.prompts))
         self.captions = torch.tensor(np.array(self.captions))
-        self.one = torch.tensor([i for i, r in enumerate(self.vqa) if len(r) <= 3])
-        self.two = torch.tensor([i for i, r in enumerate(self.vqa) if len(r) > 3])
+        self.one = torch.tensor([i for i, n in enumerate(n_objects) if n == 1])
+        self.two = torch.tensor([i for i, n in enumerate(n_objects) if n == 2])
 
     def vqa_scenes(self, n: int) -> torch.Tensor:
         """Scene indices for a VQA batch: uniform, or TWO_OBJECT_VQA of them with two objects."""
