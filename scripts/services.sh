@@ -87,14 +87,24 @@ garage_up() {
   fi
   local g=("$GARAGE" -c "$CONF")
   for _ in $(seq 1 30); do "${g[@]}" status >/dev/null 2>&1 && break; sleep 1; done
-  if "${g[@]}" layout show 2>/dev/null | grep -q "No nodes currently have a role"; then
+  # Read the whole output before matching: `garage … | grep -q` would close the pipe early, garage
+  # aborts on the broken pipe, and under pipefail the check would read as "no match".
+  local layout
+  layout="$("${g[@]}" layout show 2>&1 || true)"
+  if [[ "$layout" == *"No nodes currently have a role"* ]]; then
     local id
     id="$("${g[@]}" node id -q 2>/dev/null | cut -d@ -f1)"
     "${g[@]}" layout assign -z dc1 -c 1G "$id" >&2
     "${g[@]}" layout apply --version 1 >&2
   fi
+  # A freshly applied layout takes a moment to become active; key and bucket calls fail until then.
   if ! "${g[@]}" key info "$KEY_ID" >/dev/null 2>&1; then
-    "${g[@]}" key import --yes -n ddit-test "$KEY_ID" "$KEY_SECRET" >&2
+    local ok=""
+    for _ in $(seq 1 30); do
+      if "${g[@]}" key import --yes -n ddit-test "$KEY_ID" "$KEY_SECRET" >&2; then ok=1; break; fi
+      sleep 1
+    done
+    [[ -n "$ok" ]] || { log "garage: could not import the test key"; return 1; }
   fi
   "${g[@]}" key allow --create-bucket "$KEY_ID" >/dev/null 2>&1 || true
   if ! "${g[@]}" bucket info "$BUCKET" >/dev/null 2>&1; then
