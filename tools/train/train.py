@@ -23,7 +23,10 @@ flow 1 / caption 0.5 / VQA 0.5. Recipes tried before, with their logs and Shapes
 tools/train/experiments/ (position-0 captions; shifted captions; a first prefix run with 64 buckets,
 60000 scenes, posterior samples and caption-heavy batches, which solved captions but lost VQA and
 generation; VQA answer weighting, `--batches 32,12,32 --vqa-pad-weight 0.1 --vqa-two-object 0.75`,
-which did not lift two-object questions). The defaults of those flags are the committed recipe.
+which did not lift two-object questions). `--vqa-mix`, `--vqa-paired` and `--t5-layers` give part of
+each VQA batch to the yes/no relation questions and to training-only questions that split them
+(see `training_only_questions`, and tools/train/experiments/vqa-word-order). The defaults of those
+flags are the committed recipe.
 
 There is no pretrained T5 here, so the text encoder is trained jointly (the real model freezes
 T5-XXL). Wall-clock budgets per phase keep the whole recipe under 60 minutes on 2 CPU cores. Seeds
@@ -56,11 +59,24 @@ PROMPT_LEN, CAPTION_LEN, VQA_LEN = 16, 16, 32
 VAE_SCENES = 24000
 PAD_WEIGHT = 1.0  # weight of padding targets in the VQA answer loss (--vqa-pad-weight, see answer_loss)
 TWO_OBJECT_VQA: float | None = None  # share of two-object scenes in VQA batches (--vqa-two-object); None: uniform
+# Training-only questions about two-object scenes (--vqa-mix): each splits the yes/no relation question
+# "is the X left of the Y?" into a part that has a first-order signal (see training_only_questions).
+FIRST_WORDS = ["which", "first"]
 
 
-def build_tokenizer() -> Tokenizer:
+def training_only_questions(objs: list, kind: str) -> list[tuple[str, str]]:
+    """"first": "is the X left of the Y? which shape is first?" -> X (word order, from the text alone);
+    "place": "is the X left?" -> yes/no (a named shape's place in the image, without word order)."""
+    f, rel, s = shapes.relation(objs)
+    if kind == "first":
+        return [(f"is the {x.shape} {rel} the {y.shape}? which shape is first?", x.shape) for x, y in ((f, s), (s, f))]
+    word = "left" if rel == "left of" else "above"
+    return [(f"is the {f.shape} {word}?", "yes"), (f"is the {s.shape} {word}?", "no")]
+
+
+def build_tokenizer(extra_words: list[str] = ()) -> Tokenizer:
     vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2}
-    for w in shapes.vocabulary() + ["?"]:
+    for w in sorted(set(shapes.vocabulary()) | set(extra_words)) + ["?"]:
         vocab.setdefault(w, len(vocab))
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.normalizer = normalizers.Lowercase()
@@ -77,6 +93,9 @@ class Data:
         rng = random.Random(seed)
         self.images = np.empty((n, 3, shapes.SIZE, shapes.SIZE), np.float32)
         self.prompts, self.captions, self.vqa, n_objects = [], [], [], []
+        # Training-only rows per scene (two-object scenes only): yes/no relations, "first", "place".
+        self.extra: dict[str, list] = {"isrel": [], "first": [], "place": []}
+        with_first = tok.token_to_id("first") is not None
         self.pad, self.eos = tok.token_to_id("<pad>"), tok.token_to_id("</s>")
         self.caption_prefix = tok.encode(shapes.CAPTION_PROMPT).ids[:-1]  # no trailing </s>
         for i in range(n):
@@ -86,12 +105,13 @@ class Data:
             text = tok.encode(shapes.caption(objs)).ids
             self.prompts.append(self.canvas(text, PROMPT_LEN))
             self.captions.append(self.canvas(self.caption_prefix + text, CAPTION_LEN))
-            rows = []
-            for q, a in shapes.qa_pairs(objs):
-                prompt = tok.encode(shapes.VQA_TEMPLATE.format(question=q)).ids[:-1]  # no trailing </s>
-                ans = tok.encode(a).ids
-                rows.append((self.canvas(prompt + ans, VQA_LEN), len(prompt)))
+            rows = [self.vqa_row(tok, q, a) for q, a in shapes.qa_pairs(objs)]
             self.vqa.append(rows)
+            two = len(objs) == 2
+            self.extra["isrel"].append([r for (q, _), r in zip(shapes.qa_pairs(objs), rows) if q.startswith("is the")])
+            for kind in ("first", "place"):
+                qs = training_only_questions(objs, kind) if two and (kind != "first" or with_first) else []
+                self.extra[kind].append([self.vqa_row(tok, q, a) for q, a in qs])
         self.prompts = torch.tensor(np.array(self.prompts))
         self.captions = torch.tensor(np.array(self.captions))
         self.one = torch.tensor([i for i, n in enumerate(n_objects) if n == 1])
@@ -105,6 +125,29 @@ class Data:
         pick_two = self.two[torch.randint(0, len(self.two), (n,))]
         pick_one = self.one[torch.randint(0, len(self.one), (n,))]
         return torch.where(two, pick_two, pick_one)
+
+    def vqa_row(self, tok: Tokenizer, question: str, answer: str) -> tuple[list[int], int]:
+        """The VQA canvas (question prompt, answer, </s>, padding) and the prompt's length."""
+        prompt = tok.encode(shapes.VQA_TEMPLATE.format(question=question)).ids[:-1]  # no trailing </s>
+        return self.canvas(prompt + tok.encode(answer).ids, VQA_LEN), len(prompt)
+
+    def vqa_batch(self, n: int, mix: dict[str, float], paired: bool) -> tuple[list, torch.Tensor]:
+        """VQA rows and their scenes: a `mix` share of each training-only kind (two-object scenes), the
+        rest drawn by vqa_scenes from the ShapesEval question kinds. `paired` puts both rows of a scene
+        (both word orders, or both shapes) side by side."""
+        rows, idx = [], []
+        for kind, share in mix.items():
+            want = len(rows) + int(round(share * n))
+            while len(rows) < want:
+                i = int(self.two[random.randrange(len(self.two))])
+                picks = self.extra[kind][i] if paired else [random.choice(self.extra[kind][i])]
+                for r in picks[: want - len(rows)]:
+                    rows.append(r)
+                    idx.append(i)
+        for i in self.vqa_scenes(n - len(rows)).tolist():
+            rows.append(random.choice(self.vqa[i]))
+            idx.append(i)
+        return rows, torch.tensor(idx)
 
     def canvas(self, ids: list[int], n: int) -> list[int]:
         ids = ids[:n]
@@ -201,6 +244,10 @@ def main() -> None:
     ap.add_argument("--batches", default="48,16,48", help="t2i,caption,VQA examples per step")
     ap.add_argument("--vqa-pad-weight", type=float, default=1.0)
     ap.add_argument("--vqa-two-object", type=float, default=None)
+    ap.add_argument("--vqa-mix", default="0,0,0",
+                    help="shares of a VQA batch given to yes/no relations, 'first' and 'place' questions")
+    ap.add_argument("--vqa-paired", action="store_true", help="both rows of a scene side by side")
+    ap.add_argument("--t5-layers", type=int, default=2)
     ap.add_argument("--vae-from", type=Path, default=None,
                     help="reuse a trained VAE folder (skips phase 1; its minutes count towards the budget)")
     args = ap.parse_args()
@@ -212,7 +259,9 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     logf = open(args.out / "training_log.jsonl", "w")
     t0 = time.time()
-    tok = build_tokenizer()
+    mix = dict(zip(("isrel", "first", "place"), (float(x) for x in args.vqa_mix.split(","))))
+    mix = {k: v for k, v in mix.items() if v > 0}
+    tok = build_tokenizer(FIRST_WORDS if "first" in mix else ())
     data = Data(args.scenes, args.seed + 1, tok)
     log(logf, phase="data", scenes=args.scenes, seconds=round(time.time() - t0, 1), vocab=tok.get_vocab_size(),
         args={k: str(v) for k, v in vars(args).items()})
@@ -236,7 +285,7 @@ def main() -> None:
     vocab = tok.get_vocab_size(with_added_tokens=True)
     mask_id = tok.token_to_id("<extra_id_0>")
     t5 = T5EncoderModel(T5Config(
-        vocab_size=vocab, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4,
+        vocab_size=vocab, d_model=64, d_kv=16, d_ff=128, num_layers=args.t5_layers, num_heads=4,
         relative_attention_num_buckets=32, relative_attention_max_distance=32,
         feed_forward_proj="gated-gelu", layer_norm_epsilon=1e-6, dropout_rate=0.0,
         is_encoder_decoder=False, use_cache=False, pad_token_id=0, eos_token_id=1,
@@ -284,9 +333,8 @@ def main() -> None:
         _, logits = dit(z0, t5(input_ids=noisy).last_hidden_state, torch.zeros(len(idx)))
         losses["caption"] = F.cross_entropy(logits[masked].float(), ids[masked]) if masked.any() else logits.sum() * 0
         # VQA: question fixed, answer (and the padding after it) masked.
-        idx = data.vqa_scenes(bs["vqa"])
+        rows, idx = data.vqa_batch(bs["vqa"], mix, args.vqa_paired)
         z0 = cond_latent(idx)
-        rows = [random.choice(data.vqa[i]) for i in idx.tolist()]
         ids = torch.tensor([r[0] for r in rows])
         plen = torch.tensor([r[1] for r in rows])
         answer_zone = torch.arange(VQA_LEN)[None, :] >= plen[:, None]
