@@ -64,14 +64,25 @@ TWO_OBJECT_VQA: float | None = None  # share of two-object scenes in VQA batches
 FIRST_WORDS = ["which", "first"]
 
 
+MIX_KINDS = ("isrel", "first", "place", "first_colour", "place_colour")
+
+
 def training_only_questions(objs: list, kind: str) -> list[tuple[str, str]]:
     """"first": "is the X left of the Y? which shape is first?" -> X (word order, from the text alone);
-    "place": "is the X left?" -> yes/no (a named shape's place in the image, without word order)."""
+    "place": "is the X left?" -> yes/no (a named shape's place in the image, without word order);
+    "first_colour" / "place_colour": the same with objects named by colour ("the red object")."""
     f, rel, s = shapes.relation(objs)
-    if kind == "first":
-        return [(f"is the {x.shape} {rel} the {y.shape}? which shape is first?", x.shape) for x, y in ((f, s), (s, f))]
     word = "left" if rel == "left of" else "above"
-    return [(f"is the {f.shape} {word}?", "yes"), (f"is the {s.shape} {word}?", "no")]
+    if kind.endswith("colour"):
+        def name(o): return f"{o.colour} object"
+        what = "colour"
+    else:
+        def name(o): return o.shape
+        what = "shape"
+    if kind.startswith("first"):
+        return [(f"is the {name(x)} {rel} the {name(y)}? which {what} is first?", getattr(x, what))
+                for x, y in ((f, s), (s, f))]
+    return [(f"is the {name(f)} {word}?", "yes"), (f"is the {name(s)} {word}?", "no")]
 
 
 def build_tokenizer(extra_words: list[str] = ()) -> Tokenizer:
@@ -94,7 +105,7 @@ class Data:
         self.images = np.empty((n, 3, shapes.SIZE, shapes.SIZE), np.float32)
         self.prompts, self.captions, self.vqa, n_objects = [], [], [], []
         # Training-only rows per scene (two-object scenes only): yes/no relations, "first", "place".
-        self.extra: dict[str, list] = {"isrel": [], "first": [], "place": []}
+        self.extra: dict[str, list] = {k: [] for k in MIX_KINDS}
         with_first = tok.token_to_id("first") is not None
         self.pad, self.eos = tok.token_to_id("<pad>"), tok.token_to_id("</s>")
         self.caption_prefix = tok.encode(shapes.CAPTION_PROMPT).ids[:-1]  # no trailing </s>
@@ -109,8 +120,8 @@ class Data:
             self.vqa.append(rows)
             two = len(objs) == 2
             self.extra["isrel"].append([r for (q, _), r in zip(shapes.qa_pairs(objs), rows) if q.startswith("is the")])
-            for kind in ("first", "place"):
-                qs = training_only_questions(objs, kind) if two and (kind != "first" or with_first) else []
+            for kind in MIX_KINDS[1:]:
+                qs = training_only_questions(objs, kind) if two and (not kind.startswith("first") or with_first) else []
                 self.extra[kind].append([self.vqa_row(tok, q, a) for q, a in qs])
         self.prompts = torch.tensor(np.array(self.prompts))
         self.captions = torch.tensor(np.array(self.captions))
@@ -245,7 +256,8 @@ def main() -> None:
     ap.add_argument("--vqa-pad-weight", type=float, default=1.0)
     ap.add_argument("--vqa-two-object", type=float, default=None)
     ap.add_argument("--vqa-mix", default="0,0,0",
-                    help="shares of a VQA batch given to yes/no relations, 'first' and 'place' questions")
+                    help="shares of a VQA batch for: yes/no relations, 'first', 'place', 'first' by colour, "
+                         "'place' by colour (missing trailing shares are 0)")
     ap.add_argument("--vqa-paired", action="store_true", help="both rows of a scene side by side")
     ap.add_argument("--t5-layers", type=int, default=2)
     ap.add_argument("--vae-from", type=Path, default=None,
@@ -259,9 +271,9 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     logf = open(args.out / "training_log.jsonl", "w")
     t0 = time.time()
-    mix = dict(zip(("isrel", "first", "place"), (float(x) for x in args.vqa_mix.split(","))))
+    mix = dict(zip(MIX_KINDS, (float(x) for x in args.vqa_mix.split(","))))
     mix = {k: v for k, v in mix.items() if v > 0}
-    tok = build_tokenizer(FIRST_WORDS if "first" in mix else ())
+    tok = build_tokenizer(FIRST_WORDS if any(k.startswith("first") for k in mix) else ())
     data = Data(args.scenes, args.seed + 1, tok)
     log(logf, phase="data", scenes=args.scenes, seconds=round(time.time() - t0, 1), vocab=tok.get_vocab_size(),
         args={k: str(v) for k, v in vars(args).items()})
