@@ -7,21 +7,19 @@ those questions (--isrel), optionally both orders of the same scene side by side
 --buckets), and probes 100 held-out ShapesEval scenes greedily (answer-slot argmax) every --every steps.
 """
 import argparse
-import collections
 import json
-import math
 import random
 import sys
 import time
 
-import numpy as np
 import torch
-from PIL import Image
 
 sys.path.insert(0, "tools/train")
 sys.path.insert(0, "tools/reference")
+sys.path.insert(0, "tools/train/experiments/vqa-word-order")
 import shapes  # noqa: E402
 import train  # noqa: E402
+import vqa_common  # noqa: E402
 from diffusers import AutoencoderKL  # noqa: E402
 from ddit_reference import DualDiffSD3Transformer2DModel  # noqa: E402
 from transformers import T5Config, T5EncoderModel  # noqa: E402
@@ -64,11 +62,7 @@ if a.first:
                 pr = tok.encode(shapes.VQA_TEMPLATE.format(question=q)).ids[:-1]
                 first_rows[i].append((data.canvas(pr + tok.encode(x.shape).ids, train.VQA_LEN), len(pr)))
 vae = AutoencoderKL.from_pretrained("models/ddit-shapes/vae").eval()
-sf, sh = vae.config.scaling_factor, vae.config.shift_factor
-with torch.no_grad():
-    imgs = torch.from_numpy(data.images)
-    lat = torch.cat([vae.encode(imgs[i:i + 512]).latent_dist.mean for i in range(0, len(imgs), 512)])
-    lat = (lat - sh) * sf
+lat = vqa_common.scaled_latents(vae, data.images)
 vocab = tok.get_vocab_size(with_added_tokens=True)
 mask_id = tok.token_to_id("<extra_id_0>")
 if a.init:
@@ -103,48 +97,7 @@ params = list(t5.parameters()) + list(dit.parameters())
 opt = torch.optim.AdamW(params, lr=a.lr, weight_decay=0.01, betas=(0.9, 0.99))
 
 
-def kind(question: str, n: int) -> str:
-    words = []
-    for w in question.split():
-        core = w.strip("?")
-        words.append("<s>" if core in shapes.SHAPES else "<c>" if core in shapes.COLOURS else w)
-    return " ".join(words) + f" ({n})"
-
-
-scenes = [json.loads(line) for line in open("models/shapes-eval/scenes.jsonl")][:100]
-probe = []
-with torch.no_grad():
-    for s in scenes:
-        im = np.asarray(Image.open("models/shapes-eval/" + s["image"]).convert("RGB"), np.float32) / 127.5 - 1
-        z = (vae.encode(torch.from_numpy(im).permute(2, 0, 1)[None]).latent_dist.mean - sh) * sf
-        for qa in s["qa"]:
-            p = tok.encode(shapes.VQA_TEMPLATE.format(question=qa["question"])).ids[:-1]
-            probe.append((z, p + [mask_id] * (train.VQA_LEN - len(p)), len(p), tok.token_to_id(qa["answer"]),
-                          kind(qa["question"], len(s["objects"]))))
-
-
-def run_probe() -> dict:
-    t5.eval()
-    dit.eval()
-    right, asked = collections.Counter(), collections.Counter()
-    with torch.no_grad():
-        for i in range(0, len(probe), 64):
-            b = probe[i:i + 64]
-            z = torch.cat([x[0] for x in b])
-            ids = torch.tensor([x[1] for x in b])
-            logits = dit(z, t5(input_ids=ids).last_hidden_state, torch.zeros(len(b)))[1]
-            for (_, _, plen, ans, k), lg in zip(b, logits):
-                asked[k] += 1
-                right[k] += int(lg[plen].argmax()) == ans
-    t5.train()
-    dit.train()
-
-    def acc(pred) -> float:
-        ks = [k for k in asked if pred(k)]
-        return round(sum(right[k] for k in ks) / max(1, sum(asked[k] for k in ks)), 3)
-
-    return dict(isrel=acc(lambda k: k.startswith("is the")), colour2=acc(lambda k: "colour is" in k and "(2)" in k),
-                shape2=acc(lambda k: "shape is" in k and "(2)" in k), all=acc(lambda k: True))
+probe = vqa_common.build_probe(tok, vae)
 
 
 def batch_rows() -> tuple[list, torch.Tensor]:
@@ -169,23 +122,12 @@ def batch_rows() -> tuple[list, torch.Tensor]:
     return rows, torch.tensor(idx)
 
 
-print(json.dumps(dict(tag=a.tag, step=0, **run_probe())), flush=True)
+print(json.dumps(dict(tag=a.tag, step=0, **vqa_common.greedy_probe(t5, dit, probe))), flush=True)
 start = time.time()
 for step in range(1, a.steps + 1):
-    for g in opt.param_groups:
-        g["lr"] = a.lr * min(1.0, step / 100) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * step / a.steps)))
+    vqa_common.set_lr(opt, a.lr, step, a.steps, warmup=100)
     rows, idx = batch_rows()
-    ids = torch.tensor([r[0] for r in rows])
-    plen = torch.tensor([r[1] for r in rows])
-    zone = torch.arange(train.VQA_LEN)[None, :] >= plen[:, None]
-    masked = zone & (torch.rand(ids.shape) < torch.rand(len(rows), 1).clamp(min=0.05))
-    noisy = torch.where(masked, torch.full_like(ids, mask_id), ids)
-    _, logits = dit(lat[idx], t5(input_ids=noisy).last_hidden_state, torch.zeros(len(rows)))
-    loss = train.answer_loss(logits, ids, masked, data.pad)
-    opt.zero_grad()
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(params, 1.0)
-    opt.step()
+    loss = vqa_common.vqa_step(t5, dit, opt, params, rows, lat[idx], mask_id, data.pad)
     if step % a.every == 0 or step == a.steps:
         print(json.dumps(dict(tag=a.tag, step=step, t=round(time.time() - start), loss=round(loss.item(), 4),
-                              **run_probe())), flush=True)
+                              **vqa_common.greedy_probe(t5, dit, probe))), flush=True)
