@@ -165,6 +165,17 @@ class Data:
         return ids + [self.pad] * (n - len(ids))
 
 
+def flow_loss(t5, dit, z0: torch.Tensor, prompts: torch.Tensor, empty: torch.Tensor) -> torch.Tensor:
+    """Flow-matching loss on latents `z0` for their `prompts`: timesteps logit-normal, 10% of the
+    prompts replaced by the `empty` one (for classifier-free guidance)."""
+    prompts = torch.where(torch.rand(len(z0), 1) < 0.1, empty, prompts)
+    sigma = torch.sigmoid(torch.randn(len(z0)))
+    noise = torch.randn_like(z0)
+    s = sigma[:, None, None, None]
+    vel, _ = dit(s * noise + (1 - s) * z0, t5(input_ids=prompts).last_hidden_state, sigma * 1000)
+    return F.mse_loss(vel.float(), noise - z0)
+
+
 def answer_loss(logits: torch.Tensor, ids: torch.Tensor, masked: torch.Tensor, pad: int) -> torch.Tensor:
     """Masked-diffusion cross-entropy over the masked answer zone, padding targets weighted PAD_WEIGHT.
 
@@ -310,7 +321,7 @@ def main() -> None:
     params = list(t5.parameters()) + list(dit.parameters())
     ema = [p.detach().clone() for p in params]
     opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.01, betas=(0.9, 0.99))
-    empty = data.canvas(tok.encode("").ids, PROMPT_LEN)
+    empty = torch.tensor(data.canvas(tok.encode("").ids, PROMPT_LEN))
     bs = dict(zip(("t2i", "cap", "vqa"), (int(b) for b in args.batches.split(","))))
     plen_cap = len(data.caption_prefix)
 
@@ -325,16 +336,10 @@ def main() -> None:
         for g in opt.param_groups:
             g["lr"] = lr
         losses = {}
-        # text -> image: flow matching, timesteps logit-normal, 10% empty prompts.
+        # text -> image: flow matching on a posterior sample of each latent.
         idx = torch.randint(0, len(data.images), (bs["t2i"],))
         z0 = ((lat_mean[idx] + lat_std[idx] * torch.randn_like(lat_mean[idx])) - sh) * sf
-        prompts = data.prompts[idx].clone()
-        prompts[:, :] = torch.where(torch.rand(len(idx), 1) < 0.1, torch.tensor(empty), prompts)
-        sigma = torch.sigmoid(torch.randn(len(idx)))
-        noise = torch.randn_like(z0)
-        xt = sigma[:, None, None, None] * noise + (1 - sigma[:, None, None, None]) * z0
-        vel, _ = dit(xt, t5(input_ids=prompts).last_hidden_state, sigma * 1000)
-        losses["flow"] = F.mse_loss(vel.float(), noise - z0)
+        losses["flow"] = flow_loss(t5, dit, z0, data.prompts[idx], empty)
         # image -> text: masked diffusion on captions, clean image at timestep 0.
         idx = torch.randint(0, len(data.images), (bs["cap"],))
         z0 = cond_latent(idx)

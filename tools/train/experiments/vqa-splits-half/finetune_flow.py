@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, "tools/train")
 sys.path.insert(0, "tools/reference")
@@ -46,12 +45,7 @@ print(json.dumps(dict(step=0, **vqa_common.greedy_probe(t5, dit, probe))), flush
 for step in range(1, a.steps + 1):
     vqa_common.set_lr(opt, a.lr, step, a.steps, warmup=50)
     idx = torch.randint(0, len(data.images), (a.bs,))
-    z0 = lat[idx]
-    prompts = torch.where(torch.rand(a.bs, 1) < 0.1, empty, data.prompts[idx])
-    sigma = torch.sigmoid(torch.randn(a.bs))[:, None, None, None]
-    noise = torch.randn_like(z0)
-    vel, _ = dit(sigma * noise + (1 - sigma) * z0, t5(input_ids=prompts).last_hidden_state, sigma.flatten() * 1000)
-    loss = F.mse_loss(vel.float(), noise - z0)
+    loss = train.flow_loss(t5, dit, lat[idx], data.prompts[idx], empty)
     opt.zero_grad()
     loss.backward()
     torch.nn.utils.clip_grad_norm_(params, 1.0)
