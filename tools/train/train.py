@@ -19,7 +19,7 @@ package manifest and a caption job without a `prompt` uses it.
 
 Other settings: 24000 scenes; caption and VQA conditioned on the posterior mean; batches t2i 48 /
 caption 16 / VQA 48 (anchored captions are learnt fast, two-object questions slowly); loss weights
-flow 1 / caption 0.5 / VQA 0.5. Recipes tried before, with their logs and ShapesEval scores, are in
+flow 1 / caption 0.5 / VQA 0.5 (`--loss-weights`). Recipes tried before, with their logs and ShapesEval scores, are in
 tools/train/experiments/ (position-0 captions; shifted captions; a first prefix run with 64 buckets,
 60000 scenes, posterior samples and caption-heavy batches, which solved captions but lost VQA and
 generation; VQA answer weighting, `--batches 32,12,32 --vqa-pad-weight 0.1 --vqa-two-object 0.75`,
@@ -270,6 +270,7 @@ def main() -> None:
                     help="shares of a VQA batch for: yes/no relations, 'first', 'place', 'first' by colour, "
                          "'place' by colour (missing trailing shares are 0)")
     ap.add_argument("--vqa-paired", action="store_true", help="both rows of a scene side by side")
+    ap.add_argument("--loss-weights", default="1,0.5,0.5", help="flow,caption,VQA weights of the joint loss")
     ap.add_argument("--t5-layers", type=int, default=2)
     ap.add_argument("--vae-from", type=Path, default=None,
                     help="reuse a trained VAE folder (skips phase 1; its minutes count towards the budget)")
@@ -319,6 +320,7 @@ def main() -> None:
         pos_embed_max_size=16, vocab_size=vocab,
     )
     params = list(t5.parameters()) + list(dit.parameters())
+    weights = dict(zip(("flow", "caption", "vqa"), (float(w) for w in args.loss_weights.split(","))))
     ema = [p.detach().clone() for p in params]
     opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.01, betas=(0.9, 0.99))
     empty = torch.tensor(data.canvas(tok.encode("").ids, PROMPT_LEN))
@@ -360,7 +362,7 @@ def main() -> None:
         noisy = torch.where(masked, torch.full_like(ids, mask_id), ids)
         _, logits = dit(z0, t5(input_ids=noisy).last_hidden_state, torch.zeros(len(idx)))
         losses["vqa"] = answer_loss(logits, ids, masked, data.pad)
-        loss = losses["flow"] + 0.5 * losses["caption"] + 0.5 * losses["vqa"]
+        loss = sum(weights[k] * v for k, v in losses.items())
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
