@@ -19,10 +19,10 @@ package manifest and a caption job without a `prompt` uses it.
 
 Other settings: 24000 scenes; caption and VQA conditioned on the posterior mean; batches t2i 48 /
 caption 16 / VQA 48 (anchored captions are learnt fast, two-object questions slowly); loss weights
-flow 1 / caption 0.5 / VQA 0.5 (`--loss-weights`). Recipes tried before, with their logs and ShapesEval scores, are in
-tools/train/experiments/ (position-0 captions; shifted captions; a first prefix run with 64 buckets,
-60000 scenes, posterior samples and caption-heavy batches, which solved captions but lost VQA and
-generation; VQA answer weighting, `--batches 32,12,32 --vqa-pad-weight 0.1 --vqa-two-object 0.75`,
+flow 1 / caption 0.5 / VQA 0.5 (`--loss-weights`). Recipes tried before, with their logs and
+ShapesEval scores, are in tools/train/experiments/ (position-0 captions; shifted captions; a first
+prefix run with 64 buckets, 60000 scenes, posterior samples and caption-heavy batches, which solved
+captions but lost VQA and generation; VQA answer weighting, `--batches 32,12,32 --vqa-pad-weight 0.1 --vqa-two-object 0.75`,
 which did not lift two-object questions). `--vqa-mix`, `--vqa-paired` and `--t5-layers` give part of
 each VQA batch to the yes/no relation questions and to training-only questions that split them
 (see `training_only_questions`, and tools/train/experiments/vqa-word-order). The defaults of those
@@ -275,6 +275,19 @@ def main() -> None:
     ap.add_argument("--vae-from", type=Path, default=None,
                     help="reuse a trained VAE folder (skips phase 1; its minutes count towards the budget)")
     args = ap.parse_args()
+
+    def triple(flag: str, kind):
+        """The three comma-separated numbers of `flag` (t2i/flow, caption, VQA), or a usage error naming it."""
+        text = getattr(args, flag.lstrip("-").replace("-", "_"))
+        try:
+            values = [kind(x) for x in text.split(",")]
+        except ValueError:
+            values = []
+        if len(values) != 3:
+            ap.error(f"{flag} wants three comma-separated numbers, got {text!r}")
+        return values
+
+    batches, loss_weights = triple("--batches", int), triple("--loss-weights", float)
     global PAD_WEIGHT, TWO_OBJECT_VQA
     PAD_WEIGHT, TWO_OBJECT_VQA = args.vqa_pad_weight, args.vqa_two_object
     torch.manual_seed(args.seed)
@@ -320,11 +333,11 @@ def main() -> None:
         pos_embed_max_size=16, vocab_size=vocab,
     )
     params = list(t5.parameters()) + list(dit.parameters())
-    weights = dict(zip(("flow", "caption", "vqa"), (float(w) for w in args.loss_weights.split(","))))
+    weights = dict(zip(("flow", "caption", "vqa"), loss_weights))
     ema = [p.detach().clone() for p in params]
     opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.01, betas=(0.9, 0.99))
     empty = torch.tensor(data.canvas(tok.encode("").ids, PROMPT_LEN))
-    bs = dict(zip(("t2i", "cap", "vqa"), (int(b) for b in args.batches.split(","))))
+    bs = dict(zip(("t2i", "cap", "vqa"), batches))
     plen_cap = len(data.caption_prefix)
 
     def cond_latent(idx: torch.Tensor) -> torch.Tensor:
