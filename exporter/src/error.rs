@@ -74,12 +74,9 @@ pub enum ExportError {
     #[error("package {path}: {message}")]
     Package { path: PathBuf, message: String },
 
-    #[error("package file {path}: sha256 expected {expected}, found {actual}")]
-    HashMismatch {
-        path: PathBuf,
-        expected: String,
-        actual: String,
-    },
+    /// The package failed verification (`ddit_schemas::verify_package`).
+    #[error(transparent)]
+    Verify(#[from] ddit_schemas::PackageError),
 
     #[error("invalid argument `{name}`: {message}")]
     Argument { name: String, message: String },

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use ddit_export::{
-    convert, summary, verify, ExportOptions, StoreDtype, DEFAULT_EXTERNAL_THRESHOLD,
+    convert, summary, verify, ExportOptions, LengthOverrides, StoreDtype, DEFAULT_EXTERNAL_THRESHOLD,
 };
 
 #[derive(Parser)]
@@ -50,15 +50,16 @@ enum Cmd {
         /// Model name recorded in the manifest (default: the checkpoint folder's name).
         #[arg(long, env = "DDIT_NAME")]
         name: Option<String>,
-        /// Default prompt length for text-to-image (tokens).
-        #[arg(long, default_value_t = 256, env = "DDIT_PROMPT_LEN")]
-        prompt_len: u64,
-        /// Default caption canvas length (tokens).
-        #[arg(long, default_value_t = 128, env = "DDIT_CAPTION_LEN")]
-        caption_len: u64,
-        /// Default VQA canvas length (tokens).
-        #[arg(long, default_value_t = 128, env = "DDIT_VQA_LEN")]
-        vqa_len: u64,
+        /// Default prompt length for text-to-image, in tokens (default: the checkpoint's
+        /// model_index.json `text_lengths.prompt`, else 256).
+        #[arg(long, env = "DDIT_PROMPT_LEN")]
+        prompt_len: Option<u64>,
+        /// Default caption canvas length, in tokens (default: `text_lengths.caption`, else 128).
+        #[arg(long, env = "DDIT_CAPTION_LEN")]
+        caption_len: Option<u64>,
+        /// Default VQA canvas length, in tokens (default: `text_lengths.vqa`, else 128).
+        #[arg(long, env = "DDIT_VQA_LEN")]
+        vqa_len: Option<u64>,
         /// Default caption prompt prefix recorded in the manifest (default: the checkpoint's
         /// model_index.json `caption_prompt`, if any; "" records none).
         #[arg(long, env = "DDIT_CAPTION_PROMPT")]
@@ -100,7 +101,7 @@ fn main() -> ExitCode {
             o.external_data_threshold = external_data_threshold;
             o.mask_token = mask_token;
             o.name = name;
-            o.text_lengths = ddit_schemas::TextLengths {
+            o.text_lengths = LengthOverrides {
                 prompt: prompt_len,
                 caption: caption_len,
                 vqa: vqa_len,

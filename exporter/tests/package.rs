@@ -5,6 +5,7 @@ mod common;
 
 use common::{copy_checkpoint, edit_config, export};
 use ddit_export::{verify, ExportError};
+use ddit_schemas::PackageError;
 use ddit_schemas::{Dim, Role, TensorDtype};
 
 #[test]
@@ -100,7 +101,9 @@ fn inspect_detects_a_changed_file() {
     bytes[last] ^= 0xff;
     std::fs::write(&target, bytes).unwrap();
     match verify(&pkg) {
-        Err(ExportError::HashMismatch { path, .. }) => assert_eq!(path, target),
+        Err(ExportError::Verify(PackageError::HashMismatch { path, .. })) => {
+            assert_eq!(path, target)
+        }
         other => panic!("expected a hash mismatch, got {other:?}"),
     }
 }
@@ -148,4 +151,34 @@ fn caption_prompt_comes_from_the_checkpoint_unless_overridden() {
     assert_eq!(value["values"]["caption_prompt"], "a photo of");
     let schema: serde_json::Value = serde_json::from_str(ddit_schemas::MANIFEST_SCHEMA).unwrap();
     assert!(jsonschema::validator_for(&schema).unwrap().is_valid(&value));
+}
+
+#[test]
+fn canvas_lengths_come_from_the_checkpoint_unless_overridden() {
+    let (dir, ck) = copy_checkpoint("tiny-f32");
+    let convert = |sub: &str, vqa: Option<u64>| {
+        let mut o = ddit_export::ExportOptions::new(&ck, dir.path().join(sub));
+        o.text_lengths.vqa = vqa;
+        let t = ddit_export::convert(&o).unwrap().values.text_lengths;
+        (t.prompt, t.caption, t.vqa)
+    };
+    // The published D-DiT's lengths when the checkpoint names none.
+    assert_eq!(convert("plain", None), (256, 128, 128));
+    edit_config(
+        &ck.join("model_index.json"),
+        "text_lengths",
+        serde_json::json!({"prompt": 16, "caption": 12}),
+    );
+    assert_eq!(convert("from-checkpoint", None), (16, 12, 128));
+    assert_eq!(convert("flag", Some(40)), (16, 12, 40));
+    // A bad value names the key.
+    edit_config(
+        &ck.join("model_index.json"),
+        "text_lengths",
+        serde_json::json!({"caption": 0}),
+    );
+    let mut o = ddit_export::ExportOptions::new(&ck, dir.path().join("bad"));
+    o.force = true;
+    let e = ddit_export::convert(&o).unwrap_err().to_string();
+    assert!(e.contains("text_lengths.caption"), "{e}");
 }

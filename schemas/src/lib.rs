@@ -2,10 +2,11 @@
 //!
 //! The JSON Schema files beside this crate (`*.schema.json`) are the source of truth for clients
 //! in any language; the types here mirror them, and `tests/schemas_agree.rs` proves they agree.
-//! This crate does no I/O.
+//! Its only I/O is reading a package folder to verify it ([`package::verify_package`]).
 
 pub mod job;
 pub mod manifest;
+pub mod package;
 pub mod progress;
 pub mod result;
 
@@ -13,6 +14,10 @@ pub use job::{CaptionParams, GenerateParams, Job, TaskParams, VqaParams};
 pub use manifest::{
     Dim, FileEntry, Manifest, ModelInfo, ModelValues, Role, SchedulerValues, SegmentSpec,
     TensorDtype, TensorSpec, TextLengths, TokenIds, VaeValues, MANIFEST_FORMAT_VERSION,
+};
+pub use package::{
+    hex, package_hash, sha256_file, sha256_stream, verify_file, verify_package, PackageError,
+    MANIFEST_FILE,
 };
 pub use progress::Progress;
 pub use result::{ErrorInfo, ErrorKind, JobResult, Metrics, ModelRef, Output, Status};

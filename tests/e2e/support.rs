@@ -11,7 +11,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use ddit_schemas::JobResult;
-use ddit_worker::service::amqp::{self, AmqpConfig};
+use ddit_worker::adapters::amqp::{self, AmqpConfig};
 
 pub fn workspace() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -73,10 +73,10 @@ pub fn export_model(dir: &Path) -> PathBuf {
     );
     o.blocks_per_segment = Some(2);
     o.name = Some("tiny-f32".into());
-    o.text_lengths = ddit_schemas::TextLengths {
-        prompt: 12,
-        caption: 10,
-        vqa: 40,
+    o.text_lengths = ddit_export::LengthOverrides {
+        prompt: Some(12),
+        caption: Some(10),
+        vqa: Some(40),
     };
     ddit_export::convert(&o).unwrap();
     pkg

@@ -420,6 +420,8 @@ def main() -> None:
         "transformer": ["diffusers", "DualDiffSD3Transformer2DModel"], "vae": ["diffusers", "AutoencoderKL"],
         # Not a component: the caption prompt prefix this model was trained with (see the module doc).
         "caption_prompt": shapes.CAPTION_PROMPT,
+        # Not a component either: the canvas lengths it was trained at (ddit-export's defaults).
+        "text_lengths": {"prompt": PROMPT_LEN, "caption": CAPTION_LEN, "vqa": VQA_LEN},
     }, indent=2))
     plot(out)
 

@@ -33,9 +33,15 @@ pub enum WorkerError {
     #[error("invalid configuration `{name}`: {message}")]
     Config { name: String, message: String },
 
-    /// A dependency (S3, Redis, broker, disk) is unavailable; a retry may succeed.
+    /// A dependency (S3, Redis, broker, an HTTP endpoint) is unavailable; a retry may succeed.
+    /// Made by [`WorkerError::unavailable`] alone; `message` is the whole cause chain.
     #[error("unavailable: {what}: {message}")]
-    Unavailable { what: String, message: String },
+    Unavailable {
+        what: String,
+        message: String,
+        #[source]
+        source: Option<BoxError>,
+    },
 
     #[error("{context}: {source}")]
     Io {
@@ -50,11 +56,40 @@ pub enum WorkerError {
 
 pub type Result<T, E = WorkerError> = std::result::Result<T, E>;
 
+/// Any error, kept as the `source` of [`WorkerError::Unavailable`].
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// An error and its sources as one line, without repeating a cause already in the text.
+fn chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let t = c.to_string();
+        if !s.contains(&t) {
+            s.push_str(": ");
+            s.push_str(&t);
+        }
+        cur = c.source();
+    }
+    s
+}
+
 impl WorkerError {
     pub fn invalid(field: impl Into<String>, message: impl Into<String>) -> Self {
         WorkerError::InvalidJob {
             field: field.into(),
             message: message.into(),
+        }
+    }
+
+    /// The one constructor every adapter uses for a dependency that failed: `what` names the
+    /// operation (`s3 put s3://b/k`, `redis`, `amqp connect`), `cause` is the error or a message.
+    pub fn unavailable(what: impl Into<String>, cause: impl Into<BoxError>) -> Self {
+        let source = cause.into();
+        WorkerError::Unavailable {
+            what: what.into(),
+            message: chain(source.as_ref()),
+            source: Some(source),
         }
     }
 

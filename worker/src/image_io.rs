@@ -4,7 +4,7 @@ use std::io::Cursor;
 
 use image::{imageops::FilterType, DynamicImage, ImageFormat, ImageReader, Limits, RgbImage};
 
-use crate::engine::Tensor;
+use crate::tensor::Tensor;
 use crate::error::{Result, WorkerError};
 
 /// Decoding limits: a decompression bomb is refused before it is decoded.

@@ -251,13 +251,10 @@ fn canceled_job_ends_with_a_canceled_result() {
         cancel: vec!["slow".into()],
         ..Default::default()
     };
-    let mut src = common::VecSource(
-        vec![
-            job(json!({"job_id": "slow", "task": "generate", "params": {"prompt": "p", "steps": 50}})),
-            job(json!({"job_id": "fast", "task": "generate", "params": {"prompt": "p", "steps": 2}})),
-        ]
-        .into_iter(),
-    );
+    let mut src = common::VecSource::of([
+        job(json!({"job_id": "slow", "task": "generate", "params": {"prompt": "p", "steps": 50}})),
+        job(json!({"job_id": "fast", "task": "generate", "params": {"prompt": "p", "steps": 2}})),
+    ]);
     let mut sink = common::MemSink::default();
     ddit_worker::runner::Runner::new(
         &mut e,
@@ -327,7 +324,7 @@ fn caption_jobs_without_a_prompt_use_the_models_caption_prompt() {
 fn a_caption_prompt_longer_than_the_caption_canvas_is_a_package_error() {
     // The fixture's caption canvas is 10 tokens.
     let (_d, pkg) = package_with_caption_prompt(&"red ".repeat(12));
-    let e = ddit_worker::engine::Engine::load(&pkg, &Default::default()).unwrap();
+    let e = common::load(&pkg, &Default::default()).unwrap();
     let err = ddit_worker::text::TextCodec::for_package(&e.tokenizer_path, &e.manifest.values)
         .err()
         .unwrap();

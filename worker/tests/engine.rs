@@ -5,11 +5,11 @@ mod common;
 
 use std::path::Path;
 
-use ddit_worker::engine::{Engine, EngineConfig, Provider};
+use ddit_worker::engine::{EngineConfig, Provider};
 use ddit_worker::WorkerError;
 
 fn load_err(p: &Path, cfg: &EngineConfig) -> WorkerError {
-    match Engine::load(p, cfg) {
+    match common::load(p, cfg) {
         Ok(_) => panic!("loaded a broken package"),
         Err(e) => e,
     }
@@ -17,7 +17,7 @@ fn load_err(p: &Path, cfg: &EngineConfig) -> WorkerError {
 
 #[test]
 fn loads_and_reports_the_provider() {
-    let e = Engine::load(common::package(), &EngineConfig::default()).unwrap();
+    let e = common::load(common::package(), &EngineConfig::default()).unwrap();
     assert_eq!(e.provider(), "cpu");
     assert_eq!(e.manifest.values.num_layers, 4);
 }

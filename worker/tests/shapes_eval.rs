@@ -5,7 +5,7 @@
 
 mod common;
 
-use ddit_worker::engine::{Engine, EngineConfig};
+use ddit_worker::engine::EngineConfig;
 use ddit_worker::eval::{run, EvalOptions};
 use ddit_worker::runner::RunnerConfig;
 use ddit_worker::text::TextCodec;
@@ -22,7 +22,7 @@ fn shapes_eval_slice() {
         [16, 16, 32],
         None,
     );
-    let mut engine = Engine::load(&pkg, &EngineConfig::default()).unwrap();
+    let mut engine = common::load(&pkg, &EngineConfig::default()).unwrap();
     let codec = TextCodec::for_package(&engine.tokenizer_path, &engine.manifest.values).unwrap();
     let opts = EvalOptions {
         limit: Some(24),

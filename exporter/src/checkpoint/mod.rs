@@ -10,6 +10,8 @@ pub use config::{ConfigFile, SchedulerConfig, T5Act, T5Config, TransformerConfig
 pub use tokenizer::TokenizerInfo;
 pub use weights::{TensorRef, WeightStore};
 
+use ddit_schemas::TextLengths;
+
 use crate::error::{ExportError, Result};
 
 /// An opened checkpoint: every config parsed, every weight file mapped and validated.
@@ -28,6 +30,47 @@ pub struct Checkpoint {
     /// `model_index.json`'s `caption_prompt`: the prefix the model writes captions after (not part
     /// of the published D-DiT pipelines; the bundled demo model has one).
     pub caption_prompt: Option<String>,
+    /// `model_index.json`'s `text_lengths` (`prompt`, `caption`, `vqa`): the canvas lengths the
+    /// model was trained at. Missing keys take the published D-DiT's 256 / 128 / 128.
+    pub text_lengths: TextLengths,
+}
+
+/// The published D-DiT's canvas lengths: prompt 256, caption 128, VQA 128 tokens.
+pub const DDIT_TEXT_LENGTHS: TextLengths = TextLengths {
+    prompt: 256,
+    caption: 128,
+    vqa: 128,
+};
+
+/// Reads `text_lengths` from `model_index.json`, each key a positive integer.
+fn text_lengths(index: &ConfigFile) -> Result<TextLengths> {
+    let mut t = DDIT_TEXT_LENGTHS;
+    let Some(v) = index.get("text_lengths") else {
+        return Ok(t);
+    };
+    let bad = |key: String, message: String| ExportError::Config {
+        path: index.path.clone(),
+        key,
+        message,
+    };
+    let obj = v
+        .as_object()
+        .ok_or_else(|| bad("text_lengths".into(), format!("expected an object, found {v}")))?;
+    for (k, val) in obj {
+        let slot = match k.as_str() {
+            "prompt" => &mut t.prompt,
+            "caption" => &mut t.caption,
+            "vqa" => &mut t.vqa,
+            _ => return Err(bad(format!("text_lengths.{k}"), "unknown canvas".into())),
+        };
+        *slot = val.as_u64().filter(|n| (1..=4096).contains(n)).ok_or_else(|| {
+            bad(
+                format!("text_lengths.{k}"),
+                format!("expected a token count in 1..=4096, found {val}"),
+            )
+        })?;
+    }
+    Ok(t)
 }
 
 impl Checkpoint {
@@ -67,6 +110,7 @@ impl Checkpoint {
                 }
             },
         };
+        let text_lengths = text_lengths(&index)?;
         let transformer = TransformerConfig::from_file(&ConfigFile::read(
             &root.join("transformer/config.json"),
         )?)?;
@@ -137,6 +181,7 @@ impl Checkpoint {
             vae_weights,
             vocab_size,
             caption_prompt,
+            text_lengths,
         })
     }
 }

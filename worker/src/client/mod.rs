@@ -1,7 +1,9 @@
 //! Client-side commands that talk to the fleet's services rather than run the model:
-//! [`submit`] (the bulk client), [`model_store`] (model packages in S3, for init containers)
-//! and [`probe`] (container health checks).
+//! [`submit`] (the bulk client) and [`model_store`] (model packages in S3, for init containers)
+//! with the `service` feature, and [`probe`] (container health checks, std only).
 
+#[cfg(feature = "service")]
 pub mod model_store;
 pub mod probe;
+#[cfg(feature = "service")]
 pub mod submit;

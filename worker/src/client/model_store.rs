@@ -3,20 +3,20 @@
 //! init container runs `fetch-model`).
 //!
 //! Layout: `s3://{bucket}/{prefix}/manifest.json` plus every file the manifest lists, under the
-//! same prefix. Fetching writes into `{out}.partial/`, checks sizes and sha256 while streaming,
-//! re-opens the result as a [`Package`] (full verification: version, hashes, role contracts) and
-//! only then renames it to `{out}`. A folder already holding the same verified package (same model
+//! same prefix. Fetching validates the manifest first (`Manifest::validate`: version, paths,
+//! role contracts, block coverage, package hash), writes into `{out}.partial/` checking every
+//! file's size and sha256 while it streams, and only then renames it to `{out}`. A folder already holding the same verified package (same model
 //! hash) is kept as it is, so a restarted pod does not download again.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use ddit_schemas::Manifest;
+use ddit_schemas::{Manifest, MANIFEST_FILE};
 use sha2::{Digest, Sha256};
 
+use crate::adapters::s3::{self, S3Store};
 use crate::engine::Package;
 use crate::error::{Result, WorkerError};
-use crate::service::s3::S3Store;
 
 /// `s3://bucket/prefix` split into bucket and prefix (no trailing slash).
 pub fn parse_s3_url(url: &str) -> Result<(String, String)> {
@@ -44,20 +44,13 @@ fn key(prefix: &str, name: &str) -> String {
     }
 }
 
-fn unavailable(what: String, e: impl std::fmt::Display) -> WorkerError {
-    WorkerError::Unavailable {
-        what,
-        message: e.to_string(),
-    }
-}
-
 /// Uploads a package folder after verifying it. Files first, the manifest last, so a reader never
 /// sees a manifest whose files are not there yet. Returns the model hash.
 pub async fn push(store: &S3Store, dir: &Path, url: &str) -> Result<String> {
     let pkg = Package::open(dir)?;
     let (bucket, prefix) = parse_s3_url(url)?;
     let mut names: Vec<String> = pkg.manifest.files().map(|f| f.path.clone()).collect();
-    names.push("manifest.json".into());
+    names.push(MANIFEST_FILE.into());
     for name in names {
         store
             .put_file(&bucket, &key(&prefix, &name), &dir.join(&name), None)
@@ -81,12 +74,7 @@ async fn download_verified(
         .key(k)
         .send()
         .await
-        .map_err(|e| {
-            unavailable(
-                format!("s3 get s3://{bucket}/{k}"),
-                aws_sdk_s3::error::DisplayErrorContext(&e),
-            )
-        })?;
+        .map_err(|e| s3::unavailable(&format!("get s3://{bucket}/{k}"), e))?;
     let mut body = out.body;
     let mut file = std::fs::File::create(path)
         .map_err(|e| WorkerError::io(format!("creating {}", path.display()), e))?;
@@ -95,7 +83,7 @@ async fn download_verified(
     while let Some(chunk) = body
         .try_next()
         .await
-        .map_err(|e| unavailable(format!("s3 read s3://{bucket}/{k}"), e))?
+        .map_err(|e| s3::unavailable(&format!("read s3://{bucket}/{k}"), e))?
     {
         hash.update(&chunk);
         bytes += chunk.len() as u64;
@@ -105,7 +93,7 @@ async fn download_verified(
     file.sync_all()
         .map_err(|e| WorkerError::io(format!("syncing {}", path.display()), e))?;
     if let Some((sha, size)) = expect {
-        let got = crate::engine::hex(&hash.finalize());
+        let got = ddit_schemas::hex(&hash.finalize());
         if bytes != size || got != sha {
             return Err(WorkerError::Package {
                 path: format!("s3://{bucket}/{k}"),
@@ -137,15 +125,18 @@ pub async fn fetch(store: &S3Store, url: &str, out: &Path) -> Result<Fetched> {
     }
     std::fs::create_dir_all(&partial)
         .map_err(|e| WorkerError::io(format!("creating {}", partial.display()), e))?;
-    let mpath = partial.join("manifest.json");
-    download_verified(store, &bucket, &key(&prefix, "manifest.json"), &mpath, None).await?;
+    let mkey = key(&prefix, MANIFEST_FILE);
+    let mpath = partial.join(MANIFEST_FILE);
+    download_verified(store, &bucket, &mkey, &mpath, None).await?;
     let text = std::fs::read_to_string(&mpath)
         .map_err(|e| WorkerError::io(format!("reading {}", mpath.display()), e))?;
-    let manifest: Manifest = serde_json::from_str(&text).map_err(|e| WorkerError::Package {
-        path: format!("s3://{bucket}/{}", key(&prefix, "manifest.json")),
-        message: format!("invalid manifest: {e}"),
-    })?;
-    if out.join("manifest.json").exists() {
+    let manifest = Manifest::parse(&text)
+        .and_then(|m| m.validate().map(|()| m))
+        .map_err(|message| WorkerError::Package {
+            path: format!("s3://{bucket}/{mkey}"),
+            message,
+        })?;
+    if out.join(MANIFEST_FILE).exists() {
         if let Ok(have) = Package::open(out) {
             if have.manifest.model.hash == manifest.model.hash {
                 std::fs::remove_dir_all(&partial).ok();
@@ -155,14 +146,9 @@ pub async fn fetch(store: &S3Store, url: &str, out: &Path) -> Result<Fetched> {
             }
         }
     }
-    let mut files = 0;
+    // Every listed file is checked (size, sha256) as it streams in; the manifest's own rules
+    // were checked above, so the folder is a verified package once the loop ends.
     for f in manifest.files() {
-        if f.path.contains('/') || f.path.contains('\\') || f.path.contains("..") {
-            return Err(WorkerError::Package {
-                path: format!("s3://{bucket}/{}", key(&prefix, "manifest.json")),
-                message: format!("file `{}` leaves the package", f.path),
-            });
-        }
         download_verified(
             store,
             &bucket,
@@ -171,9 +157,7 @@ pub async fn fetch(store: &S3Store, url: &str, out: &Path) -> Result<Fetched> {
             Some((&f.sha256, f.bytes)),
         )
         .await?;
-        files += 1;
     }
-    let pkg = Package::open(&partial)?;
     if out.exists() {
         std::fs::remove_dir_all(out)
             .map_err(|e| WorkerError::io(format!("replacing {}", out.display()), e))?;
@@ -185,8 +169,8 @@ pub async fn fetch(store: &S3Store, url: &str, out: &Path) -> Result<Fetched> {
         )
     })?;
     Ok(Fetched::Downloaded {
-        files: files + 1,
-        hash: pkg.manifest.model.hash,
+        files: manifest.files().count() + 1,
+        hash: manifest.model.hash,
     })
 }
 

@@ -36,18 +36,12 @@ pub fn split_url(url: &str) -> Result<(String, String)> {
 /// GETs `url`; returns the status code and the body (at most 1 MiB).
 pub fn get(url: &str, timeout: Duration) -> Result<(u16, String)> {
     let (authority, path) = split_url(url)?;
-    let unavailable = |e: std::io::Error| WorkerError::Unavailable {
-        what: url.to_string(),
-        message: e.to_string(),
-    };
+    let unavailable = |e: std::io::Error| WorkerError::unavailable(url, e);
     let addr = authority
         .to_socket_addrs()
         .map_err(unavailable)?
         .next()
-        .ok_or_else(|| WorkerError::Unavailable {
-            what: url.to_string(),
-            message: "no address".into(),
-        })?;
+        .ok_or_else(|| WorkerError::unavailable(url, "no address"))?;
     let mut s = TcpStream::connect_timeout(&addr, timeout).map_err(unavailable)?;
     s.set_read_timeout(Some(timeout)).map_err(unavailable)?;
     s.set_write_timeout(Some(timeout)).map_err(unavailable)?;
@@ -65,10 +59,7 @@ pub fn get(url: &str, timeout: Duration) -> Result<(u16, String)> {
         .next()
         .and_then(|l| l.split_whitespace().nth(1))
         .and_then(|c| c.parse::<u16>().ok())
-        .ok_or_else(|| WorkerError::Unavailable {
-            what: url.to_string(),
-            message: "not an HTTP answer".into(),
-        })?;
+        .ok_or_else(|| WorkerError::unavailable(url, "not an HTTP answer"))?;
     let body = text
         .split_once("\r\n\r\n")
         .map(|(_, b)| b.to_string())

@@ -28,8 +28,8 @@ use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
 use crate::error::{Result, WorkerError};
-use crate::service::amqp::{self, AmqpConfig};
-use crate::service::s3::{S3Config, S3Store};
+use crate::adapters::amqp::{self, AmqpConfig};
+use crate::adapters::s3::{S3Config, S3Store};
 
 /// The task of items that do not name one.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -131,13 +131,13 @@ pub fn default_batch(input: &Path, task: DefaultTask) -> String {
     h.update(abs.to_string_lossy().as_bytes());
     h.update([0]);
     h.update(task.as_str().as_bytes());
-    format!("sub-{}", &crate::engine::hex(&h.finalize())[..12])
+    format!("sub-{}", &ddit_schemas::hex(&h.finalize())[..12])
 }
 
 /// `{batch}-{first 16 hex of sha256(item name)}`: stable across reruns, valid as a job id.
 pub fn job_id_for(batch: &str, name: &str) -> String {
     let h = Sha256::digest(name.as_bytes());
-    format!("{batch}-{}", &crate::engine::hex(&h)[..16])
+    format!("{batch}-{}", &ddit_schemas::hex(&h)[..16])
 }
 
 fn params_for(
@@ -385,13 +385,6 @@ fn content_type(path: &Path) -> &'static str {
     }
 }
 
-fn unavailable(what: impl Into<String>, e: impl std::fmt::Display) -> WorkerError {
-    WorkerError::Unavailable {
-        what: what.into(),
-        message: e.to_string(),
-    }
-}
-
 /// Runs the client (see the module doc).
 pub async fn run(cfg: SubmitConfig) -> Result<Summary> {
     let batch = match &cfg.batch {
@@ -444,7 +437,7 @@ pub async fn run(cfg: SubmitConfig) -> Result<Summary> {
         .map_err(|e| bad_input("redis-url", e.to_string()))?;
     let mut redis = redis::aio::ConnectionManager::new(redis_client)
         .await
-        .map_err(|e| unavailable("redis", e))?;
+        .map_err(|e| WorkerError::unavailable("redis", e))?;
     let needs_s3 = queue.iter().any(|i| i.local_image.is_some());
     let s3 = if needs_s3 {
         Some(S3Store::connect(cfg.s3.clone()).await?)
@@ -455,11 +448,11 @@ pub async fn run(cfg: SubmitConfig) -> Result<Summary> {
     let ch = conn
         .create_channel()
         .await
-        .map_err(|e| unavailable("amqp channel", e))?;
+        .map_err(|e| WorkerError::unavailable("amqp channel", e))?;
     amqp::declare(&ch, &cfg.amqp).await?;
 
-    let mut out = crate::local::open_append(&cfg.out)?;
-    let mut journal = crate::local::open_append(&jpath)?;
+    let mut out = crate::adapters::local::open_append(&cfg.out)?;
+    let mut journal = crate::adapters::local::open_append(&jpath)?;
     let result_key = |id: &str| format!("{}:result:{id}", cfg.redis_prefix);
     // job id -> (item name, when it was published or found in flight)
     let mut in_flight: HashMap<String, (String, Instant)> = HashMap::new();
@@ -497,7 +490,7 @@ pub async fn run(cfg: SubmitConfig) -> Result<Summary> {
             let existing: Option<String> = redis
                 .get(result_key(&id))
                 .await
-                .map_err(|e| unavailable("redis", e))?;
+                .map_err(|e| WorkerError::unavailable("redis", e))?;
             if let Some(body) = existing {
                 summary.recovered += 1;
                 write_result(&it.name, &body, &mut summary)?;
@@ -516,10 +509,10 @@ pub async fn run(cfg: SubmitConfig) -> Result<Summary> {
                     TaskParams::Generate(_) => {}
                 }
             }
-            it.job.submitted_at = Some(crate::runner::now_rfc3339());
+            it.job.submitted_at = Some(crate::clock::now_rfc3339());
             let body =
                 serde_json::to_vec(&it.job).map_err(|e| WorkerError::Internal(e.to_string()))?;
-            crate::service::with_backoff("publish", 5, || {
+            crate::adapters::with_backoff("publish", 5, || {
                 amqp::publish_job(&ch, &cfg.amqp.queue, &body, None)
             })
             .await?;
@@ -539,7 +532,7 @@ pub async fn run(cfg: SubmitConfig) -> Result<Summary> {
         let vals: Vec<Option<String>> = redis
             .mget(&keys)
             .await
-            .map_err(|e| unavailable("redis", e))?;
+            .map_err(|e| WorkerError::unavailable("redis", e))?;
         let mut got_any = false;
         for (id, v) in ids.iter().zip(vals) {
             if let Some(body) = v {
@@ -555,14 +548,14 @@ pub async fn run(cfg: SubmitConfig) -> Result<Summary> {
                     in_flight.iter().find(|(_, (_, t))| t.elapsed() > limit)
                 {
                     bar.finish_and_clear();
-                    return Err(WorkerError::Unavailable {
-                        what: format!("result of `{name}` (job {id})"),
-                        message: format!(
+                    return Err(WorkerError::unavailable(
+                        format!("result of `{name}` (job {id})"),
+                        format!(
                             "none after {} s; {} jobs still in flight (rerun to keep waiting)",
                             limit.as_secs(),
                             in_flight.len()
                         ),
-                    });
+                    ));
                 }
             }
             tokio::time::sleep(cfg.poll).await;
@@ -590,7 +583,7 @@ async fn upload(s3: &S3Store, batch: &str, name: &str, path: &Path) -> Result<St
         })
         .collect();
     let p = s3.cfg.prefix.trim_matches('/');
-    let h = &crate::engine::hex(&Sha256::digest(name.as_bytes()))[..12];
+    let h = &ddit_schemas::hex(&Sha256::digest(name.as_bytes()))[..12];
     let key = if p.is_empty() {
         format!("inputs/{batch}/{h}-{safe}")
     } else {

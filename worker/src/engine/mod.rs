@@ -6,19 +6,16 @@
 pub mod package;
 pub mod providers;
 pub mod session;
-pub mod tensor;
-
-use std::path::Path;
 
 use ddit_schemas::{Manifest, Role};
 
-pub use package::{hex, Package};
+pub use package::Package;
 pub use providers::{parse_providers, EngineConfig, Provider, TensorRtOptions};
 use session::{Input, Segment};
-pub use tensor::Tensor;
 
 use crate::error::{Result, WorkerError};
-use crate::sampler::{FlowModel, MaskedModel};
+use crate::runner::Model;
+use crate::tensor::Tensor;
 
 pub struct Engine {
     pub manifest: Manifest,
@@ -43,9 +40,10 @@ fn take(v: &mut Vec<Tensor>, what: &str) -> Result<Tensor> {
 }
 
 impl Engine {
-    /// Verifies the package and creates every session. Fails before serving on any mismatch.
-    pub fn load(dir: &Path, cfg: &EngineConfig) -> Result<Self> {
-        let pkg = Package::open(dir)?;
+    /// Creates every session of an already verified package ([`Package::open`], once per
+    /// process). Fails before serving when a graph disagrees with its manifest entry.
+    pub fn load(pkg: &Package, cfg: &EngineConfig) -> Result<Self> {
+        let dir = &pkg.dir;
         let env = session::environment(cfg)?;
         let hash = pkg.manifest.model.hash.clone();
         let load_role = |role: Role| -> Result<Segment> {
@@ -76,7 +74,7 @@ impl Engine {
             joint_blocks,
             provider: cfg.primary(),
             tokenizer_path: pkg.tokenizer_path(),
-            manifest: pkg.manifest,
+            manifest: pkg.manifest.clone(),
         })
     }
 
@@ -178,7 +176,33 @@ impl Engine {
     }
 }
 
-impl FlowModel for Engine {
+impl Model for Engine {
+    fn manifest(&self) -> &Manifest {
+        &self.manifest
+    }
+
+    fn provider(&self) -> &str {
+        self.provider
+    }
+
+    fn encode_text(&mut self, ids: &[Vec<i64>]) -> Result<Tensor> {
+        Engine::encode_text(self, ids)
+    }
+
+    fn encode_image(&mut self, latents: &Tensor) -> Result<(Tensor, Tensor)> {
+        let tokens = self.patch_embed(latents)?;
+        let temb = self.time_embed(&[0.0])?;
+        Ok((tokens, temb))
+    }
+
+    fn vae_encode(&mut self, image: &Tensor) -> Result<(Tensor, Tensor)> {
+        Engine::vae_encode(self, image)
+    }
+
+    fn vae_decode(&mut self, z: &Tensor) -> Result<Tensor> {
+        Engine::vae_decode(self, z)
+    }
+
     fn velocity(
         &mut self,
         latents: &Tensor,
@@ -192,11 +216,9 @@ impl FlowModel for Engine {
         let (x, _) = self.blocks(&x, context, &temb)?;
         self.image_head(&x, &temb, grid)
     }
-}
 
-impl MaskedModel for Engine {
     fn logits(&mut self, image_tokens: &Tensor, temb: &Tensor, ids: &[Vec<i64>]) -> Result<Tensor> {
-        let y = self.encode_text(ids)?;
+        let y = Engine::encode_text(self, ids)?;
         let (_, y) = self.blocks(image_tokens, &y, temb)?;
         self.text_head(&y)
     }

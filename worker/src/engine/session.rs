@@ -11,7 +11,7 @@ use ort::value::TensorElementType;
 use ort::value::TensorRef;
 
 use super::providers::EngineConfig;
-use super::tensor::Tensor;
+use crate::tensor::Tensor;
 use crate::error::{Result, WorkerError};
 
 /// The file name of the ONNX Runtime library ddit is built against.

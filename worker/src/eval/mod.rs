@@ -4,16 +4,15 @@
 pub mod font;
 pub mod scene;
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use ddit_schemas::{CaptionParams, GenerateParams, Job, JobResult, Status, TaskParams, VqaParams};
 use image::RgbImage;
 use serde::{Deserialize, Serialize};
 
-use crate::engine::Engine;
+use crate::adapters::local::memory::{Collect, MemSink, VecSource};
 use crate::error::{Result, WorkerError};
-use crate::runner::{Hooks, ImageSink, Incoming, JobSource, Runner, RunnerConfig};
+use crate::runner::{Model, Runner, RunnerConfig};
 use crate::tasks::input::LocalFetcher;
 use crate::text::TextCodec;
 use scene::{detect, judge, parse_caption, Judgement, COLOURS, SHAPES};
@@ -148,28 +147,6 @@ fn caption_attributes(pred: &str, reference: &str) -> (f64, f64, f64) {
     (colour, shape, position)
 }
 
-struct Src(std::vec::IntoIter<Incoming>);
-impl JobSource for Src {
-    fn next_job(&mut self, _wait: bool) -> Option<Incoming> {
-        self.0.next()
-    }
-}
-#[derive(Default)]
-struct Collect(HashMap<String, JobResult>);
-impl Hooks for Collect {
-    fn result(&mut self, r: JobResult) {
-        self.0.insert(r.job_id.clone(), r);
-    }
-}
-#[derive(Default)]
-struct Pngs(HashMap<String, Vec<u8>>);
-impl ImageSink for Pngs {
-    fn put(&mut self, job_id: &str, _index: u32, png: &[u8], _seed: u64) -> Result<String> {
-        self.0.insert(job_id.to_string(), png.to_vec());
-        Ok(format!("mem://{job_id}"))
-    }
-}
-
 /// One scene's outputs next to the references (a line of `predictions.jsonl`).
 #[derive(Debug, Clone, Serialize)]
 pub struct Prediction {
@@ -208,8 +185,8 @@ pub struct EvalOptions {
 
 /// Runs every scene: a caption job, one VQA job per question, one generation job from the
 /// caption. Returns the scores, the generated images with their prompts and every prediction.
-pub fn run(
-    engine: &mut Engine,
+pub fn run<M: Model>(
+    model: &mut M,
     codec: &TextCodec,
     set: &Path,
     opts: EvalOptions,
@@ -256,18 +233,13 @@ pub fn run(
             submitted_at: None,
         });
     }
-    let mut src = Src(jobs
-        .into_iter()
-        .map(|j| Incoming::Job(Box::new(j)))
-        .collect::<Vec<_>>()
-        .into_iter());
+    let mut src = VecSource::new(jobs);
     let mut hooks = Collect::default();
-    let mut sink = Pngs::default();
-    Runner::new(engine, codec, &LocalFetcher, opts.runner).run(&mut src, &mut sink, &mut hooks);
+    let mut sink = MemSink::default();
+    Runner::new(model, codec, &LocalFetcher, opts.runner).run(&mut src, &mut sink, &mut hooks);
 
     let text_of = |id: &str| -> Option<String> {
         hooks
-            .0
             .get(id)
             .filter(|r| r.status == Status::Succeeded)
             .and_then(|r| r.text.clone())
@@ -306,7 +278,7 @@ pub fn run(
                 correct,
             });
         }
-        let judged = match sink.0.get(&format!("gen-{}", s.id)) {
+        let judged = match sink.first(&format!("gen-{}", s.id)) {
             Some(png) => {
                 let (j, rgb) = judge_png(png, &s.caption);
                 if let Some(rgb) = rgb {

@@ -1,7 +1,7 @@
 //! Text to image: flow-matching Euler with classifier-free guidance.
 
 use super::rng::JobRng;
-use crate::engine::Tensor;
+use crate::tensor::Tensor;
 
 /// Sigmas (with the final 0) and timesteps of diffusers' `FlowMatchEulerDiscreteScheduler`
 /// (static shift) for `steps` inference steps.

@@ -2,15 +2,14 @@
 //! bounded channel. The async side never runs a model, so AMQP heartbeats and acks stay on time.
 
 use std::collections::HashSet;
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 use ddit_schemas::{Job, JobResult};
 use tokio::sync::mpsc;
 
-use super::s3::S3Io;
-use crate::engine::{Engine, EngineConfig};
+use crate::adapters::s3::S3Io;
+use crate::engine::{Engine, EngineConfig, Package};
 use crate::runner::{Hooks, Incoming, JobSource, Runner, RunnerConfig};
 use crate::text::TextCodec;
 
@@ -34,19 +33,29 @@ pub enum Event {
 /// Job ids a client asked to cancel (kept current by the async side).
 pub type CancelSet = Arc<Mutex<HashSet<String>>>;
 
+/// A job and the span its steps are recorded under.
+type Sent = (Job, tracing::Span);
+
 struct ChannelSource {
-    rx: Arc<tokio::sync::Mutex<mpsc::Receiver<Job>>>,
+    rx: Arc<tokio::sync::Mutex<mpsc::Receiver<Sent>>>,
+}
+
+fn incoming((job, span): Sent) -> Incoming {
+    Incoming::Job {
+        job: Box::new(job),
+        span,
+    }
 }
 
 impl JobSource for ChannelSource {
     fn next_job(&mut self, wait: bool) -> Option<Incoming> {
         if wait {
             let mut rx = self.rx.blocking_lock();
-            rx.blocking_recv().map(|j| Incoming::Job(Box::new(j)))
+            rx.blocking_recv().map(incoming)
         } else {
             // Never wait for another thread's blocking receive while jobs are running here.
             let mut rx = self.rx.try_lock().ok()?;
-            rx.try_recv().ok().map(|j| Incoming::Job(Box::new(j)))
+            rx.try_recv().ok().map(incoming)
         }
     }
 }
@@ -83,13 +92,14 @@ impl Hooks for EventHooks {
 }
 
 pub struct Pool {
-    pub jobs: mpsc::Sender<Job>,
+    pub jobs: mpsc::Sender<Sent>,
     pub threads: Vec<JoinHandle<()>>,
 }
 
 pub struct PoolConfig {
     pub threads: usize,
-    pub model: PathBuf,
+    /// Verified once by the caller; each thread only creates its sessions.
+    pub package: Package,
     pub engine: EngineConfig,
     pub runner: RunnerConfig,
     pub capacity: usize,
@@ -101,7 +111,7 @@ pub fn start(
     canceled: CancelSet,
     events: mpsc::UnboundedSender<Event>,
 ) -> Pool {
-    let (tx, rx) = mpsc::channel::<Job>(cfg.capacity.max(1));
+    let (tx, rx) = mpsc::channel::<Sent>(cfg.capacity.max(1));
     let rx = Arc::new(tokio::sync::Mutex::new(rx));
     let threads = (0..cfg.threads.max(1))
         .map(|i| {
@@ -110,13 +120,13 @@ pub fn start(
             let canceled = canceled.clone();
             let fetcher = io.clone();
             let mut sink = io.clone();
-            let model = cfg.model.clone();
+            let package = cfg.package.clone();
             let ecfg = cfg.engine.clone();
             let rcfg = cfg.runner.clone();
             std::thread::Builder::new()
                 .name(format!("ddit-inference-{i}"))
                 .spawn(move || {
-                    let loaded = Engine::load(&model, &ecfg).and_then(|e| {
+                    let loaded = Engine::load(&package, &ecfg).and_then(|e| {
                         let codec = TextCodec::for_package(&e.tokenizer_path, &e.manifest.values)?;
                         Ok((e, codec))
                     });

@@ -5,8 +5,8 @@ use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
 use ddit_schemas::{Job, JobResult};
-use ddit_worker::engine::{Engine, EngineConfig};
-use ddit_worker::runner::{Hooks, ImageSink, Incoming, JobSource, Runner, RunnerConfig};
+use ddit_worker::engine::{Engine, EngineConfig, Package};
+use ddit_worker::runner::{Incoming, Runner, RunnerConfig};
 use ddit_worker::tasks::input::LocalFetcher;
 use ddit_worker::text::TextCodec;
 
@@ -58,12 +58,17 @@ pub fn export(
     let mut o = ddit_export::ExportOptions::new(checkpoint.to_path_buf(), out);
     o.blocks_per_segment = blocks_per_segment;
     o.name = Some(name.into());
-    o.text_lengths = ddit_schemas::TextLengths {
-        prompt,
-        caption,
-        vqa,
+    o.text_lengths = ddit_export::LengthOverrides {
+        prompt: Some(prompt),
+        caption: Some(caption),
+        vqa: Some(vqa),
     };
     ddit_export::convert(&o).unwrap();
+}
+
+/// Verifies a package and loads its engine.
+pub fn load(pkg: &Path, cfg: &EngineConfig) -> ddit_worker::Result<Engine> {
+    Engine::load(&Package::open(pkg)?, cfg)
 }
 
 pub fn engine() -> (Engine, TextCodec) {
@@ -71,54 +76,15 @@ pub fn engine() -> (Engine, TextCodec) {
 }
 
 pub fn engine_of(pkg: &Path) -> (Engine, TextCodec) {
-    let e = Engine::load(pkg, &EngineConfig::default()).unwrap();
+    let e = load(pkg, &EngineConfig::default()).unwrap();
     let c = TextCodec::for_package(&e.tokenizer_path, &e.manifest.values).unwrap();
     (e, c)
 }
 
-pub struct VecSource(pub std::vec::IntoIter<Incoming>);
-impl JobSource for VecSource {
-    fn next_job(&mut self, _wait: bool) -> Option<Incoming> {
-        self.0.next()
-    }
-}
-
-#[derive(Default)]
-pub struct Collect {
-    pub results: Vec<JobResult>,
-    pub progress: Vec<(String, usize, usize)>,
-    pub cancel: Vec<String>,
-}
-impl Hooks for Collect {
-    fn progress(&mut self, job_id: &str, step: usize, total: usize) {
-        self.progress.push((job_id.to_string(), step, total));
-    }
-    fn canceled(&mut self, job_id: &str) -> bool {
-        self.cancel.iter().any(|c| c == job_id)
-    }
-    fn result(&mut self, r: JobResult) {
-        self.results.push(r);
-    }
-}
-
-/// Keeps PNGs in memory by (job_id, index).
-#[derive(Default)]
-pub struct MemSink(pub Vec<(String, u32, Vec<u8>)>);
-impl ImageSink for MemSink {
-    fn put(
-        &mut self,
-        job_id: &str,
-        index: u32,
-        png: &[u8],
-        _seed: u64,
-    ) -> ddit_worker::Result<String> {
-        self.0.push((job_id.to_string(), index, png.to_vec()));
-        Ok(format!("mem://{job_id}/{index}.png"))
-    }
-}
+pub use ddit_worker::adapters::local::memory::{Collect, MemSink, VecSource};
 
 pub fn job(v: serde_json::Value) -> Incoming {
-    Incoming::Job(Box::new(serde_json::from_value::<Job>(v).unwrap()))
+    Incoming::job(serde_json::from_value::<Job>(v).unwrap())
 }
 
 /// Runs jobs through a fresh engine; returns results sorted by job id, and the images.
@@ -137,7 +103,7 @@ pub fn run_jobs_on(
         max_batch,
         ..RunnerConfig::default()
     };
-    let mut src = VecSource(jobs.into_iter());
+    let mut src = VecSource::of(jobs);
     let mut sink = MemSink::default();
     let mut hooks = Collect::default();
     Runner::new(&mut e, &c, &LocalFetcher, cfg).run(&mut src, &mut sink, &mut hooks);

@@ -1,0 +1,170 @@
+//! AMQP (RabbitMQ) through lapin: a durable quorum queue with a delivery limit and a dead-letter
+//! exchange and queue; bounded prefetch; manual acks; publisher confirms for publishing.
+
+use lapin::options::{
+    BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions,
+    ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
+};
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, Consumer, ExchangeKind};
+
+use crate::error::{Result, WorkerError};
+
+#[derive(Debug, Clone)]
+pub struct AmqpConfig {
+    pub url: String,
+    pub queue: String,
+    pub prefetch: u16,
+    /// Deliveries (first one included) after which a message is dead-lettered.
+    pub delivery_limit: u32,
+    pub dead_letter_exchange: String,
+    pub dead_letter_queue: String,
+}
+
+fn unavailable(what: &str, e: lapin::Error) -> WorkerError {
+    WorkerError::unavailable(format!("amqp {what}"), e)
+}
+
+/// Connects with lapin's auto-recovery (reconnects and restores topology after a broker restart).
+pub async fn connect(cfg: &AmqpConfig, name: &str) -> Result<Connection> {
+    let props = ConnectionProperties::default()
+        .enable_auto_recover()
+        .with_connection_name(name.into());
+    Connection::connect(&cfg.url, props)
+        .await
+        .map_err(|e| unavailable("connect", e))
+}
+
+/// Declares the dead-letter exchange and queue, then the work queue (idempotent).
+pub async fn declare(ch: &Channel, cfg: &AmqpConfig) -> Result<()> {
+    let durable = QueueDeclareOptions {
+        durable: true,
+        ..QueueDeclareOptions::default()
+    };
+    ch.exchange_declare(
+        ShortString::from(cfg.dead_letter_exchange.as_str()),
+        ExchangeKind::Fanout,
+        ExchangeDeclareOptions {
+            durable: true,
+            ..ExchangeDeclareOptions::default()
+        },
+        FieldTable::default(),
+    )
+    .await
+    .map_err(|e| unavailable("declare dead-letter exchange", e))?;
+    let mut dlq_args = FieldTable::default();
+    dlq_args.insert(
+        "x-queue-type".into(),
+        AMQPValue::LongString(LongString::from("quorum")),
+    );
+    ch.queue_declare(
+        ShortString::from(cfg.dead_letter_queue.as_str()),
+        durable,
+        dlq_args,
+    )
+    .await
+    .map_err(|e| unavailable("declare dead-letter queue", e))?;
+    ch.queue_bind(
+        ShortString::from(cfg.dead_letter_queue.as_str()),
+        ShortString::from(cfg.dead_letter_exchange.as_str()),
+        ShortString::from(""),
+        QueueBindOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .map_err(|e| unavailable("bind dead-letter queue", e))?;
+    ch.queue_declare(
+        ShortString::from(cfg.queue.as_str()),
+        durable,
+        queue_args(cfg),
+    )
+    .await
+    .map_err(|e| unavailable("declare queue", e))?;
+    Ok(())
+}
+
+/// The work queue's arguments (clients declaring it must use the same).
+pub fn queue_args(cfg: &AmqpConfig) -> FieldTable {
+    let mut args = FieldTable::default();
+    args.insert(
+        "x-queue-type".into(),
+        AMQPValue::LongString(LongString::from("quorum")),
+    );
+    args.insert(
+        "x-delivery-limit".into(),
+        AMQPValue::LongInt(cfg.delivery_limit as i32),
+    );
+    args.insert(
+        "x-dead-letter-exchange".into(),
+        AMQPValue::LongString(LongString::from(cfg.dead_letter_exchange.as_str())),
+    );
+    args
+}
+
+/// A consumer with bounded prefetch and manual acknowledgement.
+pub async fn consume(ch: &Channel, cfg: &AmqpConfig, tag: &str) -> Result<Consumer> {
+    ch.basic_qos(cfg.prefetch, BasicQosOptions::default())
+        .await
+        .map_err(|e| unavailable("qos", e))?;
+    ch.basic_consume(
+        ShortString::from(cfg.queue.as_str()),
+        ShortString::from(tag),
+        BasicConsumeOptions {
+            no_ack: false,
+            ..BasicConsumeOptions::default()
+        },
+        FieldTable::default(),
+    )
+    .await
+    .map_err(|e| unavailable("consume", e))
+}
+
+/// Publishes a job (persistent, JSON) and waits for the broker's confirm.
+pub async fn publish_job(
+    ch: &Channel,
+    queue: &str,
+    body: &[u8],
+    traceparent: Option<&str>,
+) -> Result<()> {
+    ch.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .map_err(|e| unavailable("confirm_select", e))?;
+    let mut headers = FieldTable::default();
+    if let Some(tp) = traceparent {
+        headers.insert(
+            "traceparent".into(),
+            AMQPValue::LongString(LongString::from(tp)),
+        );
+    }
+    let props = BasicProperties::default()
+        .with_delivery_mode(2)
+        .with_content_type(ShortString::from("application/json"))
+        .with_headers(headers);
+    let confirm = ch
+        .basic_publish(
+            ShortString::from(""),
+            ShortString::from(queue),
+            BasicPublishOptions::default(),
+            body,
+            props,
+        )
+        .await
+        .map_err(|e| unavailable("publish", e))?;
+    let c = confirm
+        .await
+        .map_err(|e| unavailable("publish confirm", e))?;
+    if c.is_nack() {
+        return Err(unavailable("publish", "the broker nacked the message"));
+    }
+    Ok(())
+}
+
+/// A string header of a delivery (e.g. `traceparent`).
+pub fn header(props: &BasicProperties, name: &str) -> Option<String> {
+    let h = props.headers().as_ref()?;
+    match h.inner().get(name)? {
+        AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
+        AMQPValue::ShortString(s) => Some(s.as_str().to_string()),
+        _ => None,
+    }
+}

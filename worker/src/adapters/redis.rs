@@ -1,0 +1,131 @@
+//! Redis: results (the source of truth), notifications, progress and cancellation.
+//!
+//! Keys, under `{prefix}`:
+//! - `{prefix}:result:{job_id}`: the result JSON, written once with `SET NX` and a TTL;
+//! - `{prefix}:results` (pub/sub channel): the job id, published after the result is stored;
+//! - `{prefix}:progress:{job_id}` (pub/sub channel): `{"job_id","step","total"}`, throttled;
+//! - `{prefix}:cancel:{job_id}`: set by a client to cancel a job; checked between steps.
+
+use ddit_schemas::JobResult;
+use redis::aio::ConnectionManager;
+use redis::AsyncCommands;
+
+use crate::error::{Result, WorkerError};
+
+#[derive(Debug, Clone)]
+pub struct RedisConfig {
+    pub url: String,
+    pub prefix: String,
+    pub result_ttl_secs: u64,
+}
+
+#[derive(Clone)]
+pub struct ResultStore {
+    conn: ConnectionManager,
+    pub cfg: RedisConfig,
+}
+
+fn unavailable(e: redis::RedisError) -> WorkerError {
+    WorkerError::unavailable("redis", e)
+}
+
+impl ResultStore {
+    pub async fn connect(cfg: RedisConfig) -> Result<Self> {
+        let client = redis::Client::open(cfg.url.as_str()).map_err(|e| WorkerError::Config {
+            name: "redis-url".into(),
+            message: e.to_string(),
+        })?;
+        let conn = ConnectionManager::new(client).await.map_err(unavailable)?;
+        Ok(Self { conn, cfg })
+    }
+
+    pub fn result_key(&self, job_id: &str) -> String {
+        format!("{}:result:{job_id}", self.cfg.prefix)
+    }
+
+    pub fn cancel_key(&self, job_id: &str) -> String {
+        format!("{}:cancel:{job_id}", self.cfg.prefix)
+    }
+
+    pub fn results_channel(&self) -> String {
+        format!("{}:results", self.cfg.prefix)
+    }
+
+    pub fn progress_channel(&self, job_id: &str) -> String {
+        format!("{}:progress:{job_id}", self.cfg.prefix)
+    }
+
+    pub async fn ping(&self) -> Result<()> {
+        let mut c = self.conn.clone();
+        let _: String = redis::cmd("PING")
+            .query_async(&mut c)
+            .await
+            .map_err(unavailable)?;
+        Ok(())
+    }
+
+    pub async fn get_result(&self, job_id: &str) -> Result<Option<JobResult>> {
+        let mut c = self.conn.clone();
+        let v: Option<String> = c.get(self.result_key(job_id)).await.map_err(unavailable)?;
+        Ok(v.and_then(|s| serde_json::from_str(&s).ok()))
+    }
+
+    pub async fn has_result(&self, job_id: &str) -> Result<bool> {
+        let mut c = self.conn.clone();
+        c.exists(self.result_key(job_id)).await.map_err(unavailable)
+    }
+
+    /// Stores the result unless one exists (`SET NX EX`), then notifies. Returns whether this
+    /// call stored it (false: a result was already there, e.g. from a redelivered copy).
+    pub async fn put_result(&self, r: &JobResult) -> Result<bool> {
+        let mut c = self.conn.clone();
+        let body = serde_json::to_string(r).map_err(|e| WorkerError::Internal(e.to_string()))?;
+        let opts = redis::SetOptions::default()
+            .conditional_set(redis::ExistenceCheck::NX)
+            .with_expiration(redis::SetExpiry::EX(self.cfg.result_ttl_secs));
+        let stored: Option<String> = c
+            .set_options(self.result_key(&r.job_id), body, opts)
+            .await
+            .map_err(unavailable)?;
+        let stored = stored.is_some();
+        if stored {
+            let _: i64 = c
+                .publish(self.results_channel(), &r.job_id)
+                .await
+                .map_err(unavailable)?;
+        }
+        Ok(stored)
+    }
+
+    pub async fn publish_progress(&self, job_id: &str, step: usize, total: usize) -> Result<()> {
+        let mut c = self.conn.clone();
+        let event = ddit_schemas::Progress {
+            job_id: job_id.to_string(),
+            step: step as u64,
+            total: total as u64,
+        };
+        let msg =
+            serde_json::to_string(&event).map_err(|e| WorkerError::Internal(e.to_string()))?;
+        let _: i64 = c
+            .publish(self.progress_channel(job_id), msg)
+            .await
+            .map_err(unavailable)?;
+        Ok(())
+    }
+
+    /// Which of `ids` have a cancel key.
+    pub async fn canceled(&self, ids: &[String]) -> Result<Vec<String>> {
+        if ids.is_empty() {
+            return Ok(vec![]);
+        }
+        let mut c = self.conn.clone();
+        let keys: Vec<String> = ids.iter().map(|i| self.cancel_key(i)).collect();
+        let vals: Vec<Option<String>> = c.mget(&keys).await.map_err(unavailable)?;
+        Ok(ids
+            .iter()
+            .zip(vals)
+            .filter(|(_, v)| v.is_some())
+            .map(|(i, _)| i.clone())
+            .collect())
+    }
+}

@@ -1,0 +1,230 @@
+//! S3: generated images out, input images in (from configured buckets only).
+//!
+//! Output keys are deterministic, `{prefix}/{job_id}/{n}.png`, so a retried job overwrites
+//! rather than duplicates. Objects carry `image/png` and metadata (seed, model hash, job id).
+
+use aws_sdk_s3::config::{BehaviorVersion, Credentials, Region};
+use aws_sdk_s3::primitives::ByteStream;
+use aws_sdk_s3::Client;
+use tokio::runtime::Handle;
+
+use crate::error::{Result, WorkerError};
+use crate::runner::ImageSink;
+use crate::tasks::input::{decode_data_uri, InputFetcher};
+
+#[derive(Debug, Clone)]
+pub struct S3Config {
+    /// e.g. `http://127.0.0.1:3900`; empty for AWS itself.
+    pub endpoint: Option<String>,
+    pub region: String,
+    pub bucket: String,
+    pub prefix: String,
+    pub path_style: bool,
+    /// Buckets input images may be read from (the output bucket is always allowed).
+    pub input_buckets: Vec<String>,
+    /// Largest input object read.
+    pub max_input_bytes: usize,
+}
+
+#[derive(Clone)]
+pub struct S3Store {
+    pub client: Client,
+    pub cfg: S3Config,
+}
+
+/// An S3 failure (the message walks the SDK error's whole cause chain).
+pub(crate) fn unavailable<E>(what: &str, e: E) -> WorkerError
+where
+    E: std::error::Error + Send + Sync + 'static,
+{
+    WorkerError::unavailable(format!("s3 {what}"), e)
+}
+
+impl S3Store {
+    /// Credentials come from the standard AWS variables (`AWS_ACCESS_KEY_ID`, ...).
+    pub async fn connect(cfg: S3Config) -> Result<Self> {
+        let mut loader =
+            aws_config::defaults(BehaviorVersion::latest()).region(Region::new(cfg.region.clone()));
+        if let Some(ep) = &cfg.endpoint {
+            loader = loader.endpoint_url(ep);
+        }
+        if let (Ok(id), Ok(secret)) = (
+            std::env::var("AWS_ACCESS_KEY_ID"),
+            std::env::var("AWS_SECRET_ACCESS_KEY"),
+        ) {
+            loader = loader.credentials_provider(Credentials::new(
+                id,
+                secret,
+                std::env::var("AWS_SESSION_TOKEN").ok(),
+                None,
+                "env",
+            ));
+        }
+        let shared = loader.load().await;
+        // Checksums only where the API requires them: file uploads then go as one signed body
+        // rather than `aws-chunked` with a trailer, which not every S3 server accepts (Garage
+        // answers "Invalid payload signature").
+        let conf = aws_sdk_s3::config::Builder::from(&shared)
+            .force_path_style(cfg.path_style)
+            .request_checksum_calculation(
+                aws_sdk_s3::config::RequestChecksumCalculation::WhenRequired,
+            )
+            .build();
+        Ok(Self {
+            client: Client::from_conf(conf),
+            cfg,
+        })
+    }
+
+    pub fn key_for(&self, job_id: &str, index: u32) -> String {
+        let p = self.cfg.prefix.trim_matches('/');
+        if p.is_empty() {
+            format!("{job_id}/{index}.png")
+        } else {
+            format!("{p}/{job_id}/{index}.png")
+        }
+    }
+
+    pub async fn ping(&self) -> Result<()> {
+        self.client.head_bucket().bucket(&self.cfg.bucket).send().await.map_err(|e| {
+            // HEAD answers carry no error body: the status code is the reason.
+            let status = e.raw_response().map(|r| r.status().as_u16());
+            let why = match status {
+                Some(403) => "HTTP 403 Forbidden: the access key or secret is wrong, or lacks access to the bucket".to_string(),
+                Some(404) => "HTTP 404: the bucket does not exist".to_string(),
+                Some(code) => format!("HTTP {code}"),
+                None => "no response".to_string(),
+            };
+            WorkerError::unavailable(
+                format!("s3 bucket {}", self.cfg.bucket),
+                format!("{why} ({})", aws_sdk_s3::error::DisplayErrorContext(&e)),
+            )
+        })?;
+        Ok(())
+    }
+
+    /// Uploads, retried with the service's backoff (4 attempts from 0.2 s, doubling).
+    pub async fn put_png(&self, key: &str, png: &[u8], meta: &[(&str, String)]) -> Result<String> {
+        crate::adapters::with_backoff("s3 put_object", 4, || async {
+            let mut req = self
+                .client
+                .put_object()
+                .bucket(&self.cfg.bucket)
+                .key(key)
+                .content_type("image/png")
+                .body(ByteStream::from(png.to_vec()));
+            for (k, v) in meta {
+                req = req.metadata(*k, v);
+            }
+            req.send().await.map_err(|e| unavailable("put_object", e))?;
+            Ok(format!("s3://{}/{key}", self.cfg.bucket))
+        })
+        .await
+    }
+
+    /// Uploads a local file to `s3://{bucket}/{key}`, retried with the service's backoff;
+    /// returns its `s3://` URI. The body streams from disk (model files can be large).
+    pub async fn put_file(
+        &self,
+        bucket: &str,
+        key: &str,
+        path: &std::path::Path,
+        content_type: Option<&str>,
+    ) -> Result<String> {
+        crate::adapters::with_backoff("s3 put_object", 4, || async {
+            let body = ByteStream::from_path(path).await.map_err(|e| {
+                WorkerError::io(
+                    format!("reading {}", path.display()),
+                    std::io::Error::other(e.to_string()),
+                )
+            })?;
+            let mut req = self.client.put_object().bucket(bucket).key(key).body(body);
+            if let Some(ct) = content_type {
+                req = req.content_type(ct);
+            }
+            req.send()
+                .await
+                .map_err(|e| unavailable(&format!("put s3://{bucket}/{key}"), e))?;
+            Ok(format!("s3://{bucket}/{key}"))
+        })
+        .await
+    }
+
+    pub async fn get(&self, uri: &str) -> Result<Vec<u8>> {
+        let rest = uri.strip_prefix("s3://").unwrap_or(uri);
+        let (bucket, key) = rest.split_once('/').ok_or_else(|| {
+            WorkerError::invalid("params.image", format!("`{uri}` is not s3://bucket/key"))
+        })?;
+        if bucket != self.cfg.bucket && !self.cfg.input_buckets.iter().any(|b| b == bucket) {
+            return Err(WorkerError::invalid(
+                "params.image",
+                format!("bucket `{bucket}` is not an allowed input bucket"),
+            ));
+        }
+        let out = self
+            .client
+            .get_object()
+            .bucket(bucket)
+            .key(key)
+            .send()
+            .await
+            .map_err(|e| {
+                let no_such_key = e.as_service_error().is_some_and(|s| s.is_no_such_key());
+                let status = e.raw_response().map(|r| r.status().as_u16());
+                if no_such_key || matches!(status, Some(403 | 404)) {
+                    WorkerError::InputNotFound {
+                        source_ref: uri.to_string(),
+                    }
+                } else {
+                    unavailable("get_object", e)
+                }
+            })?;
+        if out.content_length().unwrap_or(0) as usize > self.cfg.max_input_bytes {
+            return Err(WorkerError::InvalidInput {
+                source_ref: uri.to_string(),
+                message: format!("object is larger than {} bytes", self.cfg.max_input_bytes),
+            });
+        }
+        let body = out
+            .body
+            .collect()
+            .await
+            .map_err(|e| unavailable("get_object body", e))?;
+        Ok(body.into_bytes().to_vec())
+    }
+}
+
+/// Input fetching and image output for inference threads (blocking on the service's runtime).
+#[derive(Clone)]
+pub struct S3Io {
+    pub store: S3Store,
+    pub handle: Handle,
+    pub model_hash: String,
+}
+
+impl InputFetcher for S3Io {
+    fn fetch(&self, uri: &str) -> Result<Vec<u8>> {
+        if uri.starts_with("data:") {
+            return decode_data_uri(uri);
+        }
+        if !uri.starts_with("s3://") {
+            return Err(WorkerError::invalid(
+                "params.image",
+                "the service reads s3:// or data: images only",
+            ));
+        }
+        self.handle.block_on(self.store.get(uri))
+    }
+}
+
+impl ImageSink for S3Io {
+    fn put(&mut self, job_id: &str, index: u32, png: &[u8], seed: u64) -> Result<String> {
+        let key = self.store.key_for(job_id, index);
+        let meta = [
+            ("seed", seed.to_string()),
+            ("model-hash", self.model_hash.clone()),
+            ("job-id", job_id.to_string()),
+        ];
+        self.handle.block_on(self.store.put_png(&key, png, &meta))
+    }
+}

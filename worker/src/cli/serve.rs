@@ -1,0 +1,220 @@
+//! `ddit-worker serve`, and the connection flags it shares with `submit` and the model store.
+
+use clap::Args;
+use ddit_worker::adapters::amqp::AmqpConfig;
+use ddit_worker::adapters::redis::RedisConfig;
+use ddit_worker::adapters::s3::S3Config;
+use ddit_worker::engine::EngineConfig;
+use ddit_worker::service::{self, ServeConfig};
+
+use super::engine::EngineArgs;
+
+/// The broker and queue (shared by `serve` and `submit`; both declare the queue identically).
+#[derive(Args, Clone)]
+pub struct AmqpArgs {
+    /// AMQP URL (the password is never logged).
+    #[arg(
+        long,
+        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f",
+        env = "DDIT_AMQP_URL",
+        hide_env_values = true
+    )]
+    amqp_url: String,
+    /// Work queue (a durable quorum queue, declared if absent).
+    #[arg(long, default_value = "ddit.jobs", env = "DDIT_QUEUE")]
+    queue: String,
+    /// Deliveries after which a message is dead-lettered (quorum `x-delivery-limit`).
+    #[arg(long, default_value_t = 5, env = "DDIT_DELIVERY_LIMIT")]
+    delivery_limit: u32,
+    /// Dead-letter exchange (fanout); its queue is `{exchange}.queue` unless set.
+    #[arg(long, default_value = "ddit.dlx", env = "DDIT_DEAD_LETTER_EXCHANGE")]
+    dead_letter_exchange: String,
+    #[arg(long, env = "DDIT_DEAD_LETTER_QUEUE")]
+    dead_letter_queue: Option<String>,
+}
+
+impl AmqpArgs {
+    pub fn config(self, prefetch: u16) -> AmqpConfig {
+        AmqpConfig {
+            url: self.amqp_url,
+            queue: self.queue,
+            prefetch: prefetch.max(1),
+            delivery_limit: self.delivery_limit.max(1),
+            dead_letter_queue: self
+                .dead_letter_queue
+                .unwrap_or_else(|| format!("{}.queue", self.dead_letter_exchange)),
+            dead_letter_exchange: self.dead_letter_exchange,
+        }
+    }
+}
+
+/// Where S3 is. Credentials come from the standard AWS variables (`AWS_ACCESS_KEY_ID`,
+/// `AWS_SECRET_ACCESS_KEY`, `AWS_SESSION_TOKEN`); they are never logged.
+#[derive(Args, Clone)]
+pub struct S3ConnArgs {
+    /// S3 endpoint, e.g. http://127.0.0.1:3900 (unset: AWS).
+    #[arg(long, env = "DDIT_S3_ENDPOINT")]
+    s3_endpoint: Option<String>,
+    #[arg(long, default_value = "us-east-1", env = "DDIT_S3_REGION")]
+    s3_region: String,
+    /// Path-style addressing (local S3 servers).
+    #[arg(long, env = "DDIT_S3_PATH_STYLE")]
+    s3_path_style: bool,
+}
+
+impl S3ConnArgs {
+    pub fn config(self, bucket: String, prefix: String, max_input_bytes: usize) -> S3Config {
+        S3Config {
+            endpoint: self.s3_endpoint,
+            region: self.s3_region,
+            bucket,
+            prefix,
+            path_style: self.s3_path_style,
+            input_buckets: vec![],
+            max_input_bytes,
+        }
+    }
+}
+
+/// The bucket and key prefix of a fleet.
+#[derive(Args, Clone)]
+pub struct S3Args {
+    #[command(flatten)]
+    conn: S3ConnArgs,
+    /// Bucket for generated images (and, for `submit`, uploaded inputs).
+    #[arg(long, env = "DDIT_S3_BUCKET")]
+    s3_bucket: String,
+    /// Key prefix: images go to `{prefix}/{job_id}/{n}.png`, submitted inputs to
+    /// `{prefix}/inputs/{batch}/`.
+    #[arg(long, default_value = "ddit", env = "DDIT_S3_PREFIX")]
+    s3_prefix: String,
+}
+
+impl S3Args {
+    pub fn config(self, max_input_bytes: usize) -> S3Config {
+        self.conn
+            .config(self.s3_bucket, self.s3_prefix, max_input_bytes)
+    }
+}
+
+/// Where results live.
+#[derive(Args, Clone)]
+pub struct RedisArgs {
+    /// Redis URL.
+    #[arg(
+        long,
+        default_value = "redis://127.0.0.1:6379",
+        env = "DDIT_REDIS_URL",
+        hide_env_values = true
+    )]
+    pub redis_url: String,
+    /// Redis key prefix.
+    #[arg(long, default_value = "ddit", env = "DDIT_REDIS_PREFIX")]
+    pub redis_prefix: String,
+}
+
+/// `serve`: the engine flags and the service's own.
+#[derive(Args)]
+pub struct ServeCmd {
+    #[command(flatten)]
+    engine: EngineArgs,
+    #[command(flatten)]
+    serve: ServeArgs,
+}
+
+/// Settings of `serve`.
+#[derive(Args, Clone)]
+struct ServeArgs {
+    #[command(flatten)]
+    amqp: AmqpArgs,
+    /// Unacknowledged deliveries per worker.
+    #[arg(long, default_value_t = 8, env = "DDIT_PREFETCH")]
+    prefetch: u16,
+    #[command(flatten)]
+    s3: S3Args,
+    /// Extra buckets input images may be read from (comma-separated; the output bucket always may).
+    #[arg(long, value_delimiter = ',', env = "DDIT_S3_INPUT_BUCKETS")]
+    s3_input_buckets: Vec<String>,
+    #[command(flatten)]
+    redis: RedisArgs,
+    /// Seconds a result is kept in Redis.
+    #[arg(long, default_value_t = 7 * 24 * 3600, env = "DDIT_RESULT_TTL")]
+    result_ttl: u64,
+    /// Inference threads (each with its own sessions).
+    #[arg(long, default_value_t = 1, env = "DDIT_INFERENCE_THREADS")]
+    inference_threads: usize,
+    /// Most rows in one forward pass.
+    #[arg(long, default_value_t = 8, env = "DDIT_MAX_BATCH")]
+    max_batch: usize,
+    /// Seconds allowed to finish in-flight jobs after SIGTERM/SIGINT; the rest are requeued.
+    #[arg(long, default_value_t = 30, env = "DDIT_SHUTDOWN_DEADLINE")]
+    shutdown_deadline: u64,
+    /// HTTP address for /healthz, /readyz, /metrics.
+    #[arg(long, default_value = "0.0.0.0:9090", env = "DDIT_LISTEN")]
+    listen: std::net::SocketAddr,
+    /// Least milliseconds between two progress events of one job.
+    #[arg(long, default_value_t = 500, env = "DDIT_PROGRESS_INTERVAL_MS")]
+    progress_interval_ms: u64,
+    /// OTLP/HTTP traces endpoint, e.g. http://collector:4318/v1/traces (unset: no export).
+    #[arg(long, env = "DDIT_OTLP_ENDPOINT")]
+    otlp_endpoint: Option<String>,
+    /// Name of this worker (AMQP connection name, consumer tag).
+    #[arg(long, default_value = "ddit-worker", env = "DDIT_WORKER_NAME")]
+    worker_name: String,
+}
+
+impl TryFrom<ServeCmd> for ServeConfig {
+    type Error = anyhow::Error;
+
+    fn try_from(c: ServeCmd) -> anyhow::Result<Self> {
+        let (e, s) = (c.engine, c.serve);
+        Ok(ServeConfig {
+            amqp: s.amqp.config(s.prefetch),
+            s3: S3Config {
+                input_buckets: s.s3_input_buckets,
+                ..s.s3.config(e.max_image_bytes)
+            },
+            redis: RedisConfig {
+                url: s.redis.redis_url,
+                prefix: s.redis.redis_prefix,
+                result_ttl_secs: s.result_ttl,
+            },
+            engine: EngineConfig::try_from(&e)?,
+            runner: e.runner(s.max_batch),
+            model: e.model,
+            inference_threads: s.inference_threads.max(1),
+            shutdown_deadline: std::time::Duration::from_secs(s.shutdown_deadline),
+            listen: s.listen,
+            progress_interval: std::time::Duration::from_millis(s.progress_interval_ms),
+            name: s.worker_name,
+        })
+    }
+}
+
+pub fn run(c: ServeCmd) -> anyhow::Result<()> {
+    let (log, otlp) = (c.engine.log.clone(), c.serve.otlp_endpoint.clone());
+    let cfg = ServeConfig::try_from(c)?;
+    let mut telemetry = service::telemetry::init_telemetry(&log, otlp.as_deref(), &cfg.name)?;
+    let rt = super::runtime()?;
+    let res = rt.block_on(service::serve(cfg, shutdown_signal()));
+    telemetry.shutdown();
+    // Inference threads may still be finishing a job that was requeued; the process ends here.
+    rt.shutdown_timeout(std::time::Duration::from_secs(1));
+    res.map_err(Into::into)
+}
+
+/// Resolves on SIGTERM or SIGINT.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!("cannot listen for SIGTERM: {e}");
+            return std::future::pending().await;
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM"),
+        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT"),
+    }
+}

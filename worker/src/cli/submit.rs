@@ -1,0 +1,102 @@
+//! `ddit-worker submit`: the bulk client.
+
+use std::path::PathBuf;
+
+use clap::{Args, ValueEnum};
+use ddit_worker::client::submit::{self, DefaultTask, SubmitConfig};
+
+use super::serve::{AmqpArgs, RedisArgs, S3Args};
+
+#[derive(Clone, Copy, ValueEnum)]
+enum SubmitTask {
+    Caption,
+    Vqa,
+    Generate,
+}
+
+/// Settings of `submit`.
+#[derive(Args, Clone)]
+pub struct SubmitArgs {
+    /// A folder of images (.png, .jpg, .webp) or a JSONL manifest (one item per line: `image`,
+    /// `question`, `prompt`, `task`, `id`, and optional `steps`, `seed`, ...).
+    #[arg(long, env = "DDIT_INPUT")]
+    input: PathBuf,
+    /// Task of items that name none.
+    #[arg(long, value_enum, default_value = "caption", env = "DDIT_TASK")]
+    task: SubmitTask,
+    /// Question of VQA items that carry none.
+    #[arg(long, env = "DDIT_QUESTION")]
+    question: Option<String>,
+    /// Output JSONL (one line per item: `item` plus the result). Its journal is `{out}.submitted`.
+    #[arg(long, env = "DDIT_OUT")]
+    out: PathBuf,
+    /// Most jobs published and not yet answered (flow control).
+    #[arg(long, default_value_t = 64, env = "DDIT_AHEAD")]
+    ahead: usize,
+    /// Names the jobs (`{batch}-{hash of item}`); default: derived from the input path and task.
+    #[arg(long, env = "DDIT_BATCH")]
+    batch: Option<String>,
+    /// Milliseconds between two reads of the results in flight.
+    #[arg(long, default_value_t = 200, env = "DDIT_POLL_MS")]
+    poll_ms: u64,
+    /// Stop with an error when a job has had no result for this many seconds (0: wait forever).
+    /// The journal is kept: a rerun keeps waiting for the same jobs.
+    #[arg(long, default_value_t = 0, env = "DDIT_RESULT_TIMEOUT")]
+    result_timeout: u64,
+    /// Hide the progress bar even on a terminal.
+    #[arg(long, env = "DDIT_NO_PROGRESS")]
+    no_progress: bool,
+    #[command(flatten)]
+    amqp: AmqpArgs,
+    #[command(flatten)]
+    s3: S3Args,
+    #[command(flatten)]
+    redis: RedisArgs,
+    #[arg(long, default_value = "warn", env = "DDIT_LOG")]
+    log: String,
+}
+
+impl From<SubmitArgs> for SubmitConfig {
+    fn from(a: SubmitArgs) -> Self {
+        SubmitConfig {
+            input: a.input,
+            task: match a.task {
+                SubmitTask::Caption => DefaultTask::Caption,
+                SubmitTask::Vqa => DefaultTask::Vqa,
+                SubmitTask::Generate => DefaultTask::Generate,
+            },
+            question: a.question,
+            out: a.out,
+            ahead: a.ahead.max(1),
+            batch: a.batch,
+            amqp: a.amqp.config(1),
+            s3: a.s3.config(0),
+            redis_url: a.redis.redis_url,
+            redis_prefix: a.redis.redis_prefix,
+            poll: std::time::Duration::from_millis(a.poll_ms.max(10)),
+            result_timeout: (a.result_timeout > 0)
+                .then(|| std::time::Duration::from_secs(a.result_timeout)),
+            show_progress: !a.no_progress,
+        }
+    }
+}
+
+pub fn run(a: SubmitArgs) -> anyhow::Result<()> {
+    super::init_logging(&a.log);
+    let cfg = SubmitConfig::from(a);
+    let out = cfg.out.clone();
+    let s = super::runtime()?.block_on(submit::run(cfg))?;
+    eprintln!(
+        "submit: {} items, {} done before, {} recovered from redis, {} resumed, {} published; {} succeeded, {} failed -> {}",
+        s.items,
+        s.done_before,
+        s.recovered,
+        s.resumed,
+        s.published,
+        s.succeeded,
+        s.failed,
+        out.display()
+    );
+    println!("{}", serde_json::to_string(&s)?);
+    Ok(())
+}

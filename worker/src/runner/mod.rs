@@ -1,0 +1,233 @@
+//! Cross-job batching: many jobs step together, one forward pass per group per step.
+//!
+//! Jobs of the same task and shapes form a group (generation: latent size and prompt length;
+//! captioning and VQA: canvas length and image tokens). Each tick, every active job advances by
+//! exactly one sampler step; the jobs of a group that need the model share one forward pass (up
+//! to `max_batch` rows). Masked-diffusion jobs whose canvas did not change reuse their cached
+//! probabilities and skip the pass. New jobs join between ticks; finished, failed or canceled
+//! jobs leave. Every job keeps its own RNG, so batching never changes which numbers it draws.
+//!
+//! The runner sees the model only through [`Model`]; the ONNX Runtime engine is one
+//! implementation, and the unit tests (`tests.rs`) use a fake one.
+
+mod finish;
+mod model;
+mod step;
+#[cfg(test)]
+mod tests;
+mod work;
+
+use std::time::Instant;
+
+use ddit_schemas::{ErrorInfo, Job, JobResult, ModelRef, Status};
+use time::OffsetDateTime;
+
+use crate::clock::parse_time;
+use crate::error::{Result, WorkerError};
+use crate::image_io::ImageLimits;
+use crate::tasks::input::InputFetcher;
+use crate::text::TextCodec;
+pub use finish::ended_result;
+pub use model::Model;
+use work::Active;
+
+/// How captioning turns an image into a latent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LatentMode {
+    /// `mean + exp(logvar/2)·ε`, as D-DiT does (ε from the job's RNG).
+    Sample,
+    /// The posterior mean (deterministic in the image).
+    Mean,
+}
+
+#[derive(Debug, Clone)]
+pub struct RunnerConfig {
+    pub max_batch: usize,
+    pub caption_latent: LatentMode,
+    pub image_limits: ImageLimits,
+}
+
+impl Default for RunnerConfig {
+    fn default() -> Self {
+        Self {
+            max_batch: 8,
+            caption_latent: LatentMode::Sample,
+            image_limits: ImageLimits::default(),
+        }
+    }
+}
+
+/// A job as received: parsed (with the tracing span its steps are recorded under), or the reason
+/// it could not be (with whatever id it carried).
+pub enum Incoming {
+    Job { job: Box<Job>, span: tracing::Span },
+    Unparseable { job_id: String, error: WorkerError },
+}
+
+impl Incoming {
+    /// A job with a fresh `job` span (local modes; the service passes the delivery's span).
+    pub fn job(job: Job) -> Self {
+        let span = tracing::info_span!("job", job_id = %job.job_id, task = job.task.name());
+        Incoming::Job {
+            job: Box::new(job),
+            span,
+        }
+    }
+}
+
+/// Where jobs come from. `wait` asks to block until one is available; `None` then means the
+/// source is exhausted (or shutting down). With `wait = false`, `None` means "none right now".
+pub trait JobSource {
+    fn next_job(&mut self, wait: bool) -> Option<Incoming>;
+}
+
+/// Where generated images go. Returns the output's URI.
+pub trait ImageSink {
+    fn put(&mut self, job_id: &str, index: u32, png: &[u8], seed: u64) -> Result<String>;
+}
+
+/// What the service plugs in: progress, cancellation and the results themselves.
+pub trait Hooks {
+    fn progress(&mut self, _job_id: &str, _step: usize, _total: usize) {}
+    fn canceled(&mut self, _job_id: &str) -> bool {
+        false
+    }
+    fn result(&mut self, result: JobResult);
+    /// One batched forward pass took `seconds` for `rows` rows (`kind`: generate or masked).
+    fn step(&mut self, _kind: &'static str, _rows: usize, _seconds: f64) {}
+}
+
+pub struct Runner<'a, M: Model> {
+    pub model: &'a mut M,
+    pub codec: &'a TextCodec,
+    pub fetcher: &'a dyn InputFetcher,
+    pub cfg: RunnerConfig,
+    active: Vec<Active>,
+}
+
+impl<'a, M: Model> Runner<'a, M> {
+    pub fn new(
+        model: &'a mut M,
+        codec: &'a TextCodec,
+        fetcher: &'a dyn InputFetcher,
+        cfg: RunnerConfig,
+    ) -> Self {
+        Self {
+            model,
+            codec,
+            fetcher,
+            cfg,
+            active: Vec::new(),
+        }
+    }
+
+    fn model_ref(&self) -> ModelRef {
+        let m = &self.model.manifest().model;
+        ModelRef {
+            name: m.name.clone(),
+            hash: m.hash.clone(),
+        }
+    }
+
+    fn failed(
+        &self,
+        job_id: &str,
+        task: Option<&str>,
+        status: Status,
+        err: Option<&WorkerError>,
+    ) -> JobResult {
+        ended_result(&self.model_ref(), job_id, task, status, err)
+    }
+
+    /// Runs until the source is exhausted and every admitted job has its result.
+    pub fn run(
+        &mut self,
+        source: &mut dyn JobSource,
+        sink: &mut dyn ImageSink,
+        hooks: &mut dyn Hooks,
+    ) {
+        let mut exhausted = false;
+        loop {
+            while !exhausted && self.rows() < self.cfg.max_batch.max(1) {
+                match source.next_job(self.active.is_empty()) {
+                    Some(inc) => self.admit(inc, hooks),
+                    None => {
+                        if self.active.is_empty() {
+                            exhausted = true;
+                        }
+                        break;
+                    }
+                }
+            }
+            if self.active.is_empty() {
+                if exhausted {
+                    return;
+                }
+                continue;
+            }
+            self.tick(sink, hooks);
+        }
+    }
+
+    fn rows(&self) -> usize {
+        self.active.iter().map(Active::rows).sum()
+    }
+
+    /// Checks the job's times, plans and prepares it (text encoding, image encoding), and makes
+    /// it active; or answers it at once with a failed or expired result.
+    fn admit(&mut self, inc: Incoming, hooks: &mut dyn Hooks) {
+        let (job, span) = match inc {
+            Incoming::Job { job, span } => (job, span),
+            Incoming::Unparseable { job_id, error } => {
+                hooks.result(self.failed(&job_id, None, Status::Failed, Some(&error)));
+                return;
+            }
+        };
+        let task = job.task.name();
+        let started = Instant::now();
+        let admitted = span.in_scope(|| {
+            let queue_ms = self.check_times(&job)?;
+            let work = crate::tasks::plan(&job, self.model.manifest())
+                .and_then(|p| self.prepare(p))
+                .map_err(|e| self.failed(&job.job_id, Some(task), Status::Failed, Some(&e)))?;
+            tracing::debug!(rows = work.rows(), "admitted");
+            Ok::<_, JobResult>((queue_ms, work))
+        });
+        match admitted {
+            Ok((queue_ms, work)) => self.active.push(Active {
+                job_id: job.job_id.clone(),
+                task,
+                started,
+                queue_ms,
+                batch_max: 0,
+                span,
+                work,
+            }),
+            Err(r) => hooks.result(r),
+        }
+    }
+
+    /// The job's time in the queue (ms), or its failed or expired result.
+    fn check_times(&self, job: &Job) -> std::result::Result<u64, JobResult> {
+        let task = Some(job.task.name());
+        let fail = |e: &WorkerError| self.failed(&job.job_id, task, Status::Failed, Some(e));
+        let now = OffsetDateTime::now_utc();
+        let mut queue_ms = 0;
+        if let Some(s) = &job.submitted_at {
+            let t = parse_time("submitted_at", s).map_err(|e| fail(&e))?;
+            queue_ms = (now - t).whole_milliseconds().max(0) as u64;
+        }
+        if let Some(d) = &job.deadline {
+            if parse_time("deadline", d).map_err(|e| fail(&e))? <= now {
+                let mut r = self.failed(&job.job_id, task, Status::Expired, None);
+                r.error = Some(ErrorInfo {
+                    kind: ddit_schemas::ErrorKind::InvalidJob,
+                    message: format!("deadline {d} passed before the job started"),
+                    retryable: false,
+                });
+                return Err(r);
+            }
+        }
+        Ok(queue_ms)
+    }
+}

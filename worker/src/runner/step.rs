@@ -1,0 +1,207 @@
+//! One tick: cancellations, cached masked steps, one forward pass per group chunk, then results
+//! for the jobs that ended and progress for the rest.
+
+use std::collections::BTreeMap;
+use std::time::Instant;
+
+use ddit_schemas::Status;
+
+use super::work::{GroupKey, Work};
+use super::{Hooks, ImageSink, Model, Runner};
+use crate::error::{Result, WorkerError};
+use crate::tensor::Tensor;
+
+/// (index of the active job, index of its image) for each row of a forward pass.
+type Rows = Vec<(usize, usize)>;
+
+impl<M: Model> Runner<'_, M> {
+    /// One step for every active job.
+    pub(super) fn tick(&mut self, sink: &mut dyn ImageSink, hooks: &mut dyn Hooks) {
+        self.drop_canceled(hooks);
+        // Masked jobs whose cache holds advance without the model.
+        for a in &mut self.active {
+            if let Work::Masked { state, .. } = &mut a.work {
+                if !state.needs_forward() {
+                    state.advance();
+                }
+            }
+        }
+        let mut failed: BTreeMap<usize, WorkerError> = BTreeMap::new();
+        for (key, rows) in self.groups() {
+            for chunk in rows.chunks(self.cfg.max_batch.max(1)) {
+                if let Err(e) = self.forward(&key, chunk, hooks) {
+                    for &(ai, _) in chunk {
+                        failed
+                            .entry(ai)
+                            .or_insert_with(|| WorkerError::runtime("batch forward", &e));
+                    }
+                }
+            }
+        }
+        self.settle(failed, sink, hooks);
+    }
+
+    /// Cancellation between steps.
+    fn drop_canceled(&mut self, hooks: &mut dyn Hooks) {
+        let mut i = 0;
+        while i < self.active.len() {
+            if hooks.canceled(&self.active[i].job_id) {
+                let a = self.active.remove(i);
+                a.span.in_scope(|| tracing::info!("canceled"));
+                let r = self.failed(&a.job_id, Some(a.task), Status::Canceled, None);
+                hooks.result(r);
+            } else {
+                i += 1;
+            }
+        }
+    }
+
+    /// The rows that need the model this step, grouped by shape (in key order).
+    fn groups(&self) -> BTreeMap<GroupKey, Rows> {
+        let mut groups: BTreeMap<GroupKey, Rows> = BTreeMap::new();
+        for (ai, a) in self.active.iter().enumerate() {
+            let key = a.work.key();
+            match &a.work {
+                Work::Generate { states, .. } => {
+                    for (si, s) in states.iter().enumerate() {
+                        if !s.done() {
+                            groups.entry(key.clone()).or_default().push((ai, si));
+                        }
+                    }
+                }
+                Work::Masked { state, .. } => {
+                    if state.needs_forward() {
+                        groups.entry(key).or_default().push((ai, 0));
+                    }
+                }
+            }
+        }
+        groups
+    }
+
+    /// One batched forward pass over `chunk`, recorded in each of its jobs' spans.
+    fn forward(&mut self, key: &GroupKey, chunk: &[(usize, usize)], hooks: &mut dyn Hooks) -> Result<()> {
+        let t0 = Instant::now();
+        let (kind, res) = match key {
+            GroupKey::Generate { .. } => ("generate", self.forward_generate(chunk)),
+            GroupKey::Masked { .. } => ("masked", self.forward_masked(chunk)),
+        };
+        res?;
+        let seconds = t0.elapsed().as_secs_f64();
+        hooks.step(kind, chunk.len(), seconds);
+        for &(ai, si) in chunk {
+            let a = &mut self.active[ai];
+            a.batch_max = a.batch_max.max(chunk.len() as u32);
+            let (step, total) = a.work.progress();
+            a.span.in_scope(|| {
+                tracing::debug!(kind, image = si, step, total, rows = chunk.len(), seconds, "step")
+            });
+        }
+        Ok(())
+    }
+
+    /// Results: failures, then finished jobs; progress for the rest.
+    fn settle(
+        &mut self,
+        mut failed: BTreeMap<usize, WorkerError>,
+        sink: &mut dyn ImageSink,
+        hooks: &mut dyn Hooks,
+    ) {
+        let active = std::mem::take(&mut self.active);
+        let mut keep = Vec::with_capacity(active.len());
+        for (ai, a) in active.into_iter().enumerate() {
+            if let Some(e) = failed.remove(&ai) {
+                a.span.in_scope(|| tracing::warn!("failed: {e}"));
+                let r = self.failed(&a.job_id, Some(a.task), Status::Failed, Some(&e));
+                hooks.result(r);
+            } else if a.work.done() {
+                let r = self.finish(a, sink);
+                hooks.result(r);
+            } else {
+                let (step, total) = a.work.progress();
+                hooks.progress(&a.job_id, step, total);
+                keep.push(a);
+            }
+        }
+        self.active = keep;
+    }
+
+    fn forward_generate(&mut self, rows: &[(usize, usize)]) -> Result<()> {
+        let n = rows.len();
+        let mut latents = Vec::with_capacity(2 * n);
+        let mut ctx_rows = Vec::with_capacity(2 * n);
+        let mut ts = Vec::with_capacity(2 * n);
+        // Batched as [uncond rows..., cond rows...]; rows are borrowed, copied once by `cat`.
+        for half in 0..2 {
+            for &(ai, si) in rows {
+                let Work::Generate {
+                    states, context, ..
+                } = &self.active[ai].work
+                else {
+                    return Err(WorkerError::Internal("mixed batch".into()));
+                };
+                latents.push(&states[si].latents);
+                ctx_rows.push(&context[half]);
+                ts.push(states[si].timestep());
+            }
+        }
+        let lat = Tensor::cat(&latents)?;
+        let ctx = Tensor::cat(&ctx_rows)?;
+        let v = self.model.velocity(&lat, &ctx, &ts)?;
+        let m = v.row_len();
+        if v.data.len() != 2 * n * m {
+            return Err(WorkerError::Internal(format!(
+                "velocity {:?} for {} rows",
+                v.shape,
+                2 * n
+            )));
+        }
+        for (k, &(ai, si)) in rows.iter().enumerate() {
+            if let Work::Generate { states, .. } = &mut self.active[ai].work {
+                states[si].apply(
+                    &v.data[k * m..(k + 1) * m],
+                    &v.data[(n + k) * m..(n + k + 1) * m],
+                );
+            }
+        }
+        Ok(())
+    }
+
+    fn forward_masked(&mut self, rows: &[(usize, usize)]) -> Result<()> {
+        let mut toks = Vec::with_capacity(rows.len());
+        let mut tembs = Vec::with_capacity(rows.len());
+        let mut ids = Vec::with_capacity(rows.len());
+        for &(ai, _) in rows {
+            let Work::Masked {
+                state,
+                image_tokens,
+                temb,
+                ..
+            } = &self.active[ai].work
+            else {
+                return Err(WorkerError::Internal("mixed batch".into()));
+            };
+            toks.push(image_tokens);
+            tembs.push(temb);
+            ids.push(state.canvas().to_vec());
+        }
+        let x = Tensor::cat(&toks)?;
+        let t = Tensor::cat(&tembs)?;
+        let logits = self.model.logits(&x, &t, &ids)?;
+        let m = logits.row_len();
+        if logits.data.len() != rows.len() * m {
+            return Err(WorkerError::Internal(format!(
+                "logits {:?} for {} rows",
+                logits.shape,
+                rows.len()
+            )));
+        }
+        for (k, &(ai, _)) in rows.iter().enumerate() {
+            if let Work::Masked { state, .. } = &mut self.active[ai].work {
+                state.set_logits(&logits.data[k * m..(k + 1) * m]);
+                state.advance();
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,427 @@
+//! The runner's scheduling, tested with a fake model (no ONNX Runtime): join and leave between
+//! steps, grouping by shape and chunking at `max_batch`, cancellation, the caption cache, a
+//! failing chunk, and batched == unbatched.
+#![allow(clippy::unwrap_used)]
+
+use std::cell::RefCell;
+use std::collections::VecDeque;
+use std::rc::Rc;
+
+use base64::Engine as _;
+use ddit_schemas::{
+    CaptionParams, GenerateParams, Job, JobResult, Manifest, Status, TaskParams, VqaParams,
+};
+
+use super::*;
+use crate::tasks::input::LocalFetcher;
+use crate::tensor::Tensor;
+
+const VOCAB: usize = 47;
+const MASK: i64 = 46;
+
+fn manifest() -> Manifest {
+    let file = serde_json::json!({"path": "tokenizer.json", "sha256": "00", "bytes": 0});
+    serde_json::from_value(serde_json::json!({
+        "format_version": 1,
+        "model": {"name": "fake", "hash": "feed", "weights_dtype": "f32",
+                  "exporter_version": "0", "opset": 17},
+        "values": {
+            "hidden_size": 4, "num_layers": 1, "num_heads": 1, "patch_size": 2,
+            "latent_channels": 4, "pos_embed_max_size": 8, "sample_size": 8,
+            "vocab_size": VOCAB, "text_hidden_size": 4, "null_image_tokens": 8,
+            "tokens": {"mask_id": MASK, "mask_token": "<extra_id_0>", "pad_id": 0, "eos_id": 1},
+            "vae": {"scaling_factor": 1.5, "shift_factor": 0.1, "downsample_factor": 2,
+                    "image_channels": 3},
+            "scheduler": {"shift": 3.0, "num_train_timesteps": 1000},
+            "text_lengths": {"prompt": 8, "caption": 8, "vqa": 48}
+        },
+        "tokenizer": file,
+        "segments": []
+    }))
+    .unwrap()
+}
+
+fn codec() -> TextCodec {
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../tests/fixtures/tiny-f32/checkpoint/tokenizer/tokenizer.json"
+    );
+    TextCodec::load(std::path::Path::new(path), manifest().values.tokens).unwrap()
+}
+
+/// One forward pass the fake model served.
+#[derive(Debug, Clone, PartialEq)]
+struct Call {
+    kind: &'static str,
+    rows: usize,
+    shape: Vec<usize>,
+}
+
+/// Row-wise deterministic functions of the inputs, so batching cannot change a row's output.
+struct Fake {
+    manifest: Manifest,
+    calls: Rc<RefCell<Vec<Call>>>,
+    /// The forward pass (0-based, velocity and logits counted together) that fails.
+    fail_call: Option<usize>,
+    forwards: usize,
+}
+
+impl Fake {
+    fn new() -> Self {
+        Self {
+            manifest: manifest(),
+            calls: Rc::default(),
+            fail_call: None,
+            forwards: 0,
+        }
+    }
+
+    fn record(&mut self, kind: &'static str, t: &Tensor) -> Result<()> {
+        self.calls.borrow_mut().push(Call {
+            kind,
+            rows: t.batch(),
+            shape: t.shape.clone(),
+        });
+        self.forwards += 1;
+        if self.fail_call == Some(self.forwards - 1) {
+            return Err(WorkerError::runtime("fake", "injected failure"));
+        }
+        Ok(())
+    }
+}
+
+fn row_mean(t: &Tensor, i: usize) -> f32 {
+    let n = t.row_len();
+    t.data[i * n..(i + 1) * n].iter().sum::<f32>() / n as f32
+}
+
+impl Model for Fake {
+    fn manifest(&self) -> &Manifest {
+        &self.manifest
+    }
+    fn provider(&self) -> &str {
+        "fake"
+    }
+    fn encode_text(&mut self, ids: &[Vec<i64>]) -> Result<Tensor> {
+        let l = ids[0].len();
+        let data = ids
+            .iter()
+            .flat_map(|r| r.iter().flat_map(|&t| (0..4).map(move |d| t as f32 * 0.01 + d as f32)))
+            .collect();
+        Tensor::new(vec![ids.len(), l, 4], data)
+    }
+    fn vae_encode(&mut self, image: &Tensor) -> Result<(Tensor, Tensor)> {
+        let b = image.batch();
+        let (h, w) = (image.shape[2] / 2, image.shape[3] / 2);
+        let mean = (0..b)
+            .flat_map(|i| std::iter::repeat_n(row_mean(image, i), 4 * h * w))
+            .collect();
+        Ok((
+            Tensor::new(vec![b, 4, h, w], mean)?,
+            Tensor::new(vec![b, 4, h, w], vec![-2.0; b * 4 * h * w])?,
+        ))
+    }
+    fn encode_image(&mut self, latents: &Tensor) -> Result<(Tensor, Tensor)> {
+        let b = latents.batch();
+        let tok = (0..b)
+            .flat_map(|i| std::iter::repeat_n(row_mean(latents, i), 16 * 4))
+            .collect();
+        Ok((
+            Tensor::new(vec![b, 16, 4], tok)?,
+            Tensor::zeros(vec![b, 4]),
+        ))
+    }
+    fn vae_decode(&mut self, z: &Tensor) -> Result<Tensor> {
+        let (b, h, w) = (z.batch(), z.shape[2] * 2, z.shape[3] * 2);
+        let mut data = Vec::with_capacity(b * 3 * h * w);
+        for i in 0..b {
+            let m = row_mean(z, i);
+            data.extend((0..3 * h * w).map(|k| ((k as f32 * 0.01).sin() + m).tanh()));
+        }
+        Tensor::new(vec![b, 3, h, w], data)
+    }
+    fn velocity(&mut self, latents: &Tensor, context: &Tensor, ts: &[f32]) -> Result<Tensor> {
+        self.record("velocity", latents)?;
+        let n = latents.row_len();
+        let data = latents
+            .data
+            .iter()
+            .enumerate()
+            .map(|(k, x)| x * 0.5 + row_mean(context, k / n) * 0.1 + ts[k / n] * 1e-3)
+            .collect();
+        Tensor::new(latents.shape.clone(), data)
+    }
+    fn logits(&mut self, image_tokens: &Tensor, _temb: &Tensor, ids: &[Vec<i64>]) -> Result<Tensor> {
+        self.record("logits", image_tokens)?;
+        let l = ids[0].len();
+        let mut data = vec![0f32; ids.len() * l * VOCAB];
+        for (b, row) in ids.iter().enumerate() {
+            let img = (row_mean(image_tokens, b) * 100.0).abs() as usize;
+            for p in 0..l {
+                let peak = (img + p * 7) % (VOCAB - 1);
+                data[(b * l + p) * VOCAB + peak] = 8.0;
+            }
+        }
+        Tensor::new(vec![ids.len(), l, VOCAB], data)
+    }
+}
+
+/// Jobs released one by one; `hold` keeps the rest back until the model has made that many calls.
+struct Source {
+    jobs: VecDeque<Job>,
+    hold: Option<(usize, Rc<RefCell<Vec<Call>>>)>,
+}
+
+impl JobSource for Source {
+    fn next_job(&mut self, wait: bool) -> Option<Incoming> {
+        if let Some((after, calls)) = &self.hold {
+            if !wait && calls.borrow().len() < *after {
+                return None;
+            }
+        }
+        self.jobs.pop_front().map(Incoming::job)
+    }
+}
+
+#[derive(Default)]
+struct Collect {
+    results: Vec<JobResult>,
+    progress: Vec<(String, usize)>,
+    cancel: Option<(String, usize)>,
+    pngs: Vec<(String, u32, Vec<u8>)>,
+}
+
+impl Hooks for Collect {
+    fn progress(&mut self, job_id: &str, step: usize, _total: usize) {
+        self.progress.push((job_id.to_string(), step));
+    }
+    fn canceled(&mut self, job_id: &str) -> bool {
+        self.cancel.as_ref().is_some_and(|(id, after)| {
+            id == job_id && self.progress.iter().filter(|(j, _)| j == id).count() >= *after
+        })
+    }
+    fn result(&mut self, r: JobResult) {
+        self.results.push(r);
+    }
+}
+
+struct Sink(Rc<RefCell<Vec<(String, u32, Vec<u8>)>>>);
+impl ImageSink for Sink {
+    fn put(&mut self, job_id: &str, index: u32, png: &[u8], _seed: u64) -> Result<String> {
+        self.0.borrow_mut().push((job_id.into(), index, png.to_vec()));
+        Ok(format!("mem://{job_id}/{index}"))
+    }
+}
+
+fn run(model: &mut Fake, jobs: Vec<Job>, max_batch: usize, hooks: &mut Collect) {
+    run_held(model, jobs, max_batch, hooks, None)
+}
+
+fn run_held(model: &mut Fake, jobs: Vec<Job>, max_batch: usize, hooks: &mut Collect, hold: Option<usize>) {
+    let codec = codec();
+    let pngs = Rc::new(RefCell::new(Vec::new()));
+    let mut src = Source {
+        jobs: jobs.into(),
+        hold: hold.map(|n| (n, model.calls.clone())),
+    };
+    let cfg = RunnerConfig {
+        max_batch,
+        ..RunnerConfig::default()
+    };
+    Runner::new(model, &codec, &LocalFetcher, cfg).run(&mut src, &mut Sink(pngs.clone()), hooks);
+    hooks.pngs = pngs.take();
+}
+
+fn job(id: &str, task: TaskParams) -> Job {
+    Job {
+        job_id: id.into(),
+        task,
+        deadline: None,
+        submitted_at: None,
+    }
+}
+
+fn generate(id: &str, steps: u32, width: u32, images: u32) -> Job {
+    job(
+        id,
+        TaskParams::Generate(GenerateParams {
+            prompt: format!("a red circle {id}"),
+            steps: Some(steps),
+            width: Some(width),
+            height: Some(16),
+            seed: Some(7),
+            num_images: Some(images),
+            ..Default::default()
+        }),
+    )
+}
+
+fn image_uri(shade: u8) -> String {
+    let img = image::RgbImage::from_fn(16, 16, |x, y| image::Rgb([shade, (x * 9) as u8, (y * 5) as u8]));
+    let png = crate::image_io::encode_png(&img).unwrap();
+    format!(
+        "data:image/png;base64,{}",
+        base64::engine::general_purpose::STANDARD.encode(png)
+    )
+}
+
+fn caption(id: &str, shade: u8, steps: u32) -> Job {
+    job(
+        id,
+        TaskParams::Caption(CaptionParams {
+            image: image_uri(shade),
+            steps: Some(steps),
+            seed: Some(3),
+            ..Default::default()
+        }),
+    )
+}
+
+fn vqa(id: &str, shade: u8) -> Job {
+    job(
+        id,
+        TaskParams::Vqa(VqaParams {
+            image: image_uri(shade),
+            question: "what colour is the circle?".into(),
+            steps: Some(8),
+            seed: Some(5),
+        }),
+    )
+}
+
+fn result<'a>(h: &'a Collect, id: &str) -> &'a JobResult {
+    h.results.iter().find(|r| r.job_id == id).unwrap()
+}
+
+/// What a job produced: image bytes or text.
+fn outcome(h: &Collect, id: &str) -> (Status, Vec<String>, Option<String>) {
+    let r = result(h, id);
+    let images = r.outputs.iter().map(|o| o.sha256.clone()).collect();
+    (r.status, images, r.text.clone())
+}
+
+fn mixed_jobs() -> Vec<Job> {
+    vec![
+        generate("g1", 4, 16, 2),
+        caption("c1", 200, 16),
+        generate("g2", 3, 16, 1),
+        vqa("v1", 40),
+        generate("g3", 4, 32, 1),
+        caption("c2", 90, 12),
+    ]
+}
+
+#[test]
+fn batched_equals_unbatched_and_alone() {
+    let mut batched = Collect::default();
+    run(&mut Fake::new(), mixed_jobs(), 8, &mut batched);
+    let mut one_row = Collect::default();
+    run(&mut Fake::new(), mixed_jobs(), 1, &mut one_row);
+    for j in mixed_jobs() {
+        let mut alone = Collect::default();
+        run(&mut Fake::new(), vec![j.clone()], 8, &mut alone);
+        let want = outcome(&alone, &j.job_id);
+        assert_eq!(want.0, Status::Succeeded, "{:?}", result(&alone, &j.job_id));
+        assert_eq!(outcome(&batched, &j.job_id), want, "{}", j.job_id);
+        assert_eq!(outcome(&one_row, &j.job_id), want, "{}", j.job_id);
+    }
+    assert_eq!(batched.results.len(), 6);
+    // Batching really happened: some job shared a pass.
+    assert!(batched.results.iter().any(|r| r.metrics.as_ref().unwrap().batch_size > 1));
+    assert!(one_row.results.iter().all(|r| r.metrics.as_ref().unwrap().batch_size == 1));
+}
+
+#[test]
+fn rows_group_by_shape_and_chunk_at_max_batch() {
+    let mut fake = Fake::new();
+    let mut h = Collect::default();
+    // 16x16 (3 images, 1 image) and 32x16: two groups; max_batch 3 admits 16x16 x3 first.
+    let jobs = vec![generate("a", 2, 16, 3), generate("b", 2, 32, 1), generate("c", 2, 16, 1)];
+    run(&mut fake, jobs, 3, &mut h);
+    let calls = fake.calls.borrow().clone();
+    let rows: Vec<(usize, usize)> = calls.iter().map(|c| (c.rows, c.shape[3])).collect();
+    // Tick 1-2: job a alone (3 rows, CFG doubles them: 6). Then b (32 wide) and c (16 wide)
+    // join and run in separate groups, 16-wide first (group keys sort by shape).
+    assert_eq!(rows, vec![(6, 8), (6, 8), (2, 8), (2, 16), (2, 8), (2, 16)]);
+    // With max_batch 2, job a's 3 rows are chunked 2 + 1 in every step.
+    let mut fake = Fake::new();
+    run(&mut fake, vec![generate("a", 2, 16, 3)], 2, &mut Collect::default());
+    let rows: Vec<usize> = fake.calls.borrow().iter().map(|c| c.rows).collect();
+    assert_eq!(rows, vec![4, 2, 4, 2]);
+}
+
+#[test]
+fn jobs_join_and_leave_between_steps() {
+    let mut fake = Fake::new();
+    let mut h = Collect::default();
+    // a: 5 steps, b: 2 steps, c held back until the model has made 3 calls.
+    let jobs = vec![generate("a", 5, 16, 1), generate("b", 2, 16, 1), generate("c", 2, 16, 1)];
+    run_held(&mut fake, jobs, 2, &mut h, Some(3));
+    let rows: Vec<usize> = fake.calls.borrow().iter().map(|c| c.rows).collect();
+    // a+b for 2 steps; b leaves; a alone once; c joins (3 calls made) for its 2 steps; a ends.
+    assert_eq!(rows, vec![4, 4, 2, 4, 4]);
+    let order: Vec<&str> = h.results.iter().map(|r| r.job_id.as_str()).collect();
+    assert_eq!(order, vec!["b", "a", "c"]);
+    assert!(h.results.iter().all(|r| r.status == Status::Succeeded));
+}
+
+#[test]
+fn a_canceled_job_leaves_between_steps_and_the_rest_finish() {
+    let mut fake = Fake::new();
+    let mut h = Collect {
+        cancel: Some(("a".into(), 2)),
+        ..Collect::default()
+    };
+    run(&mut fake, vec![generate("a", 6, 16, 1), generate("b", 6, 16, 1)], 4, &mut h);
+    assert_eq!(result(&h, "a").status, Status::Canceled);
+    assert_eq!(result(&h, "b").status, Status::Succeeded);
+    let rows: Vec<usize> = fake.calls.borrow().iter().map(|c| c.rows).collect();
+    // Two shared steps, then b alone for its last four.
+    assert_eq!(rows, vec![4, 4, 2, 2, 2, 2]);
+    assert!(h.pngs.iter().all(|(id, _, _)| id == "b"));
+}
+
+#[test]
+fn caption_steps_reuse_the_cache_without_a_forward_pass() {
+    let mut fake = Fake::new();
+    let mut h = Collect::default();
+    run(&mut fake, vec![caption("c", 120, 64)], 8, &mut h);
+    let r = result(&h, "c");
+    assert_eq!(r.status, Status::Succeeded);
+    assert_eq!(r.metrics.as_ref().unwrap().steps, 64);
+    // Seven masked tokens (caption canvas 8, one for `</s>`-free text) change at most 8 times
+    // in 64 steps: every other step reuses the cached probabilities.
+    let passes = fake.calls.borrow().len();
+    assert!((1..=9).contains(&passes), "{passes} forward passes for 64 steps");
+    assert!(!r.text.as_deref().unwrap_or_default().is_empty() || passes > 0);
+}
+
+#[test]
+fn a_failing_chunk_fails_only_its_rows() {
+    let mut fake = Fake::new();
+    // max_batch 2: a and b share the first pass (call 0); c runs in call 1, which fails.
+    fake.fail_call = Some(1);
+    let mut h = Collect::default();
+    let jobs = vec![generate("a", 3, 16, 1), generate("b", 3, 16, 1), generate("c", 3, 32, 1)];
+    run_held(&mut fake, jobs, 4, &mut h, None);
+    let status = |id| result(&h, id).status;
+    assert_eq!(
+        (status("a"), status("b"), status("c")),
+        (Status::Succeeded, Status::Succeeded, Status::Failed)
+    );
+    let e = result(&h, "c").error.clone().unwrap();
+    assert!(e.message.contains("injected failure"), "{}", e.message);
+    assert_eq!(h.results.len(), 3);
+}
+
+#[test]
+fn seeded_runs_repeat_exactly() {
+    let mut first = Collect::default();
+    run(&mut Fake::new(), mixed_jobs(), 3, &mut first);
+    let mut second = Collect::default();
+    run(&mut Fake::new(), mixed_jobs(), 3, &mut second);
+    for j in mixed_jobs() {
+        assert_eq!(outcome(&first, &j.job_id), outcome(&second, &j.job_id));
+    }
+    assert_eq!(first.pngs, second.pngs);
+}

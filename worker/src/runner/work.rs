@@ -1,0 +1,238 @@
+//! An admitted job's sampler state, and how a plan becomes one (prompt encoding for generation,
+//! image encoding and the canvas for captioning and VQA).
+
+use std::time::Instant;
+
+use super::{LatentMode, Model, Runner};
+use crate::error::{Result, WorkerError};
+use crate::image_io;
+use crate::sampler::flow::FlowState;
+use crate::sampler::masked::MaskedState;
+use crate::sampler::rng::JobRng;
+use crate::tasks::{self, CaptionPlan, GeneratePlan, Plan, VqaPlan};
+use crate::tensor::Tensor;
+
+pub(super) enum Work {
+    Generate {
+        states: Vec<FlowState>,
+        /// Text streams `[1, L, D]` of the negative and the positive prompt, encoded once per job.
+        context: [Tensor; 2],
+        plan: GeneratePlan,
+    },
+    Masked {
+        state: Box<MaskedState>,
+        image_tokens: Tensor,
+        temb: Tensor,
+        answer_from: usize,
+    },
+}
+
+impl Work {
+    /// Rows this job adds to a forward pass.
+    pub(super) fn rows(&self) -> usize {
+        match self {
+            Work::Generate { states, .. } => states.len(),
+            Work::Masked { .. } => 1,
+        }
+    }
+
+    pub(super) fn done(&self) -> bool {
+        match self {
+            Work::Generate { states, .. } => states.iter().all(FlowState::done),
+            Work::Masked { state, .. } => state.done(),
+        }
+    }
+
+    /// (steps taken, total steps; 0 when the total is not known in advance).
+    pub(super) fn progress(&self) -> (usize, usize) {
+        match self {
+            Work::Generate { states, .. } => (
+                states.iter().map(FlowState::steps_taken).sum(),
+                states.iter().map(FlowState::total_steps).sum(),
+            ),
+            Work::Masked { state, .. } => (state.steps_taken(), 0),
+        }
+    }
+
+    /// Jobs with equal keys can share a forward pass.
+    pub(super) fn key(&self) -> GroupKey {
+        match self {
+            Work::Generate {
+                states, context, ..
+            } => GroupKey::Generate {
+                latent: states
+                    .first()
+                    .map(|s| s.latents.shape.clone())
+                    .unwrap_or_default(),
+                text: context[0].shape.clone(),
+            },
+            Work::Masked {
+                state,
+                image_tokens,
+                ..
+            } => GroupKey::Masked {
+                tokens: image_tokens.shape.clone(),
+                canvas: state.canvas().len(),
+            },
+        }
+    }
+}
+
+pub(super) struct Active {
+    pub job_id: String,
+    pub task: &'static str,
+    pub started: Instant,
+    pub queue_ms: u64,
+    pub batch_max: u32,
+    /// The job's span: its steps are recorded under it, on whichever thread runs them.
+    pub span: tracing::Span,
+    pub work: Work,
+}
+
+impl Active {
+    pub(super) fn rows(&self) -> usize {
+        self.work.rows()
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub(super) enum GroupKey {
+    Generate {
+        latent: Vec<usize>,
+        text: Vec<usize>,
+    },
+    Masked {
+        tokens: Vec<usize>,
+        canvas: usize,
+    },
+}
+
+impl<M: Model> Runner<'_, M> {
+    pub(super) fn prepare(&mut self, plan: Plan) -> Result<Work> {
+        match plan {
+            Plan::Generate(p) => self.prepare_generate(p),
+            Plan::Caption(p) => self.prepare_caption(p),
+            Plan::Vqa(p) => self.prepare_vqa(p),
+        }
+    }
+
+    fn prepare_generate(&mut self, p: GeneratePlan) -> Result<Work> {
+        let v = self.model.manifest().values.clone();
+        let len = v.text_lengths.prompt as usize;
+        let neg = self
+            .codec
+            .encode_padded(&p.negative_prompt, len, "params.negative_prompt")?;
+        let pos = self.codec.encode_padded(&p.prompt, len, "params.prompt")?;
+        // [uncond, cond], encoded once per job and kept as rows for batching.
+        let both = self.model.encode_text(&[neg, pos])?;
+        let context = [both.row(0), both.row(1)];
+        let f = v.vae.downsample_factor as usize;
+        let shape = [
+            v.latent_channels as usize,
+            p.height as usize / f,
+            p.width as usize / f,
+        ];
+        let states = (0..p.num_images)
+            .map(|i| {
+                let mut rng = JobRng::new(p.seed.wrapping_add(u64::from(i)));
+                FlowState::new(
+                    shape,
+                    &mut rng,
+                    p.steps as usize,
+                    v.scheduler.shift,
+                    v.scheduler.num_train_timesteps as usize,
+                    p.guidance,
+                )
+            })
+            .collect();
+        Ok(Work::Generate {
+            states,
+            context,
+            plan: p,
+        })
+    }
+
+    /// Image -> (image tokens, temb at timestep 0), drawing the posterior noise from `rng`.
+    fn encode_image(&mut self, uri: &str, rng: &mut JobRng) -> Result<(Tensor, Tensor)> {
+        let bytes = self.fetcher.fetch(uri)?;
+        let img = image_io::decode(&bytes, uri, self.cfg.image_limits)?;
+        let native = tasks::Geometry::of(self.model.manifest()).native;
+        let pixels = image_io::preprocess(&img, native);
+        let (mean, logvar) = self.model.vae_encode(&pixels)?;
+        let vae = &self.model.manifest().values.vae;
+        let (scale, shift) = (vae.scaling_factor as f32, vae.shift_factor as f32);
+        let mut z = mean;
+        if self.cfg.caption_latent == LatentMode::Sample {
+            for (zi, lv) in z.data.iter_mut().zip(&logvar.data) {
+                *zi += (0.5 * lv).exp() * rng.normal();
+            }
+        }
+        z.data.iter_mut().for_each(|x| *x = (*x - shift) * scale);
+        self.model.encode_image(&z)
+    }
+
+    fn masked_work(
+        &mut self,
+        image: &str,
+        prefix: Vec<i64>,
+        length: usize,
+        steps: u32,
+        seed: u64,
+    ) -> Result<Work> {
+        let mut rng = JobRng::new(seed);
+        let (image_tokens, temb) = self.encode_image(image, &mut rng)?;
+        let v = &self.model.manifest().values;
+        // The answer (or caption) is the text written after the prefix.
+        let answer_from = prefix.len();
+        let state = MaskedState::new(
+            &prefix,
+            length,
+            i64::from(v.tokens.mask_id),
+            v.vocab_size as usize,
+            steps as usize,
+            rng,
+        );
+        Ok(Work::Masked {
+            state: Box::new(state),
+            image_tokens,
+            temb,
+            answer_from,
+        })
+    }
+
+    fn prepare_caption(&mut self, p: CaptionPlan) -> Result<Work> {
+        let prefix = match &p.prompt {
+            Some(t) => self.codec.encode_prefix(t, "params.prompt")?,
+            None => vec![],
+        };
+        if prefix.len() >= p.length as usize {
+            return Err(WorkerError::invalid(
+                "params.prompt",
+                format!(
+                    "the prompt (this one or the model's caption_prompt) is {} tokens and leaves \
+                     no room on a {}-token canvas",
+                    prefix.len(),
+                    p.length
+                ),
+            ));
+        }
+        self.masked_work(&p.image, prefix, p.length as usize, p.steps, p.seed)
+    }
+
+    fn prepare_vqa(&mut self, p: VqaPlan) -> Result<Work> {
+        let prefix = self
+            .codec
+            .encode_prefix(&tasks::vqa_prompt(&p.question), "params.question")?;
+        if prefix.len() >= p.length as usize {
+            return Err(WorkerError::invalid(
+                "params.question",
+                format!(
+                    "the prompt is {} tokens; the VQA canvas holds {}",
+                    prefix.len(),
+                    p.length
+                ),
+            ));
+        }
+        self.masked_work(&p.image, prefix, p.length as usize, p.steps, p.seed)
+    }
+}
