@@ -35,12 +35,30 @@ pub struct Checkpoint {
     pub text_lengths: TextLengths,
 }
 
+/// The pipeline components `model_index.json` must name.
+const COMPONENTS: [&str; 5] = ["transformer", "text_encoder", "vae", "tokenizer", "scheduler"];
+
 /// The published D-DiT's canvas lengths: prompt 256, caption 128, VQA 128 tokens.
 pub const DDIT_TEXT_LENGTHS: TextLengths = TextLengths {
     prompt: 256,
     caption: 128,
     vqa: 128,
 };
+
+/// Reads `caption_prompt` from `model_index.json`: absent, or a non-empty string.
+fn caption_prompt(index: &ConfigFile) -> Result<Option<String>> {
+    match index.get("caption_prompt") {
+        None => Ok(None),
+        Some(v) => match v.as_str() {
+            Some(s) if !s.trim().is_empty() => Ok(Some(s.to_string())),
+            _ => Err(ExportError::Config {
+                path: index.path.clone(),
+                key: "caption_prompt".into(),
+                message: format!("expected a non-empty string, found {v}"),
+            }),
+        },
+    }
+}
 
 /// Reads `text_lengths` from `model_index.json`, each key a positive integer.
 fn text_lengths(index: &ConfigFile) -> Result<TextLengths> {
@@ -82,13 +100,7 @@ impl Checkpoint {
             });
         }
         let index = ConfigFile::read(&root.join("model_index.json"))?;
-        for component in [
-            "transformer",
-            "text_encoder",
-            "vae",
-            "tokenizer",
-            "scheduler",
-        ] {
+        for component in COMPONENTS {
             if index.get(component).is_none() {
                 return Err(ExportError::Config {
                     path: index.path.clone(),
@@ -97,19 +109,7 @@ impl Checkpoint {
                 });
             }
         }
-        let caption_prompt = match index.get("caption_prompt") {
-            None => None,
-            Some(v) => match v.as_str() {
-                Some(s) if !s.trim().is_empty() => Some(s.to_string()),
-                _ => {
-                    return Err(ExportError::Config {
-                        path: index.path.clone(),
-                        key: "caption_prompt".into(),
-                        message: format!("expected a non-empty string, found {v}"),
-                    })
-                }
-            },
-        };
+        let caption_prompt = caption_prompt(&index)?;
         let text_lengths = text_lengths(&index)?;
         let transformer = TransformerConfig::from_file(&ConfigFile::read(
             &root.join("transformer/config.json"),

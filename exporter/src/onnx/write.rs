@@ -4,7 +4,7 @@ use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::path::Path;
 
-use super::graph::{Attr, DType, Dim, Graph, Io, WeightData};
+use super::graph::{Attr, DType, Dim, Graph, Io, Node, WeightData};
 use super::proto::{field as f, Msg};
 use crate::error::{ExportError, Result};
 
@@ -77,19 +77,7 @@ fn attr_msg(name: &str, a: &Attr) -> Msg {
 pub fn model_bytes(g: &Graph, weights: Weights<'_>, doc: &str) -> Result<Vec<u8>> {
     let mut graph = Msg::new();
     for n in &g.nodes {
-        let mut node = Msg::new();
-        for i in &n.inputs {
-            node.string(f::node::INPUT, i);
-        }
-        for o in &n.outputs {
-            node.string(f::node::OUTPUT, o);
-        }
-        node.string(f::node::NAME, &n.name)
-            .string(f::node::OP_TYPE, n.op);
-        for (name, a) in &n.attrs {
-            node.msg(f::node::ATTRIBUTE, attr_msg(name, a));
-        }
-        graph.msg(f::graph::NODE, node);
+        graph.msg(f::graph::NODE, node_msg(n));
     }
     graph.string(f::graph::NAME, &g.name);
 
@@ -164,7 +152,27 @@ pub fn model_bytes(g: &Graph, weights: Weights<'_>, doc: &str) -> Result<Vec<u8>
     for io in &g.outputs {
         graph.msg(f::graph::OUTPUT, io_msg(io));
     }
+    Ok(model_msg(graph, doc, &g.name).into_bytes())
+}
 
+fn node_msg(n: &Node) -> Msg {
+    let mut node = Msg::new();
+    for i in &n.inputs {
+        node.string(f::node::INPUT, i);
+    }
+    for o in &n.outputs {
+        node.string(f::node::OUTPUT, o);
+    }
+    node.string(f::node::NAME, &n.name)
+        .string(f::node::OP_TYPE, n.op);
+    for (name, a) in &n.attrs {
+        node.msg(f::node::ATTRIBUTE, attr_msg(name, a));
+    }
+    node
+}
+
+/// The model around a graph: IR version, producer, opset, and the segment name as metadata.
+fn model_msg(graph: Msg, doc: &str, segment: &str) -> Msg {
     let mut opset = Msg::new();
     opset
         .string(f::opset::DOMAIN, "")
@@ -179,7 +187,7 @@ pub fn model_bytes(g: &Graph, weights: Weights<'_>, doc: &str) -> Result<Vec<u8>
         .msg(f::model::OPSET_IMPORT, opset);
     let mut meta = Msg::new();
     meta.string(f::entry::KEY, "ddit.segment")
-        .string(f::entry::VALUE, &g.name);
+        .string(f::entry::VALUE, segment);
     model.msg(f::model::METADATA_PROPS, meta);
-    Ok(model.into_bytes())
+    model
 }

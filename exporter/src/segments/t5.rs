@@ -51,8 +51,7 @@ fn rms_norm(c: &mut Ctx<'_>, x: &str, key: &str, d: usize, eps: f32) -> Result<V
 
 /// `input_ids [batch, text_len] -> hidden_states [batch, text_len, d_model]`.
 pub fn encoder(cfg: &T5Config, w: &WeightStore, store: StoreDtype) -> Result<Graph> {
-    let (d, h, dk) = (cfg.d_model, cfg.num_heads, cfg.d_kv);
-    let inner = h * dk;
+    let d = cfg.d_model;
     let mut c = Ctx::new("text_encoder", w, store);
     let ids = c.g.input(
         "input_ids",
@@ -71,7 +70,35 @@ pub fn encoder(cfg: &T5Config, w: &WeightStore, store: StoreDtype) -> Result<Gra
         vec![("axis", crate::onnx::Attr::Int(0))],
     );
 
-    // Relative position bias [1, H, L, L] from block 0's table.
+    let bias = position_bias(&mut c, cfg, &ids)?;
+    for i in 0..cfg.num_layers {
+        x = block(&mut c, cfg, &x, &bias, i)?;
+    }
+    let out = rms_norm(&mut c, &x, "encoder.final_layer_norm.weight", d, cfg.eps)?;
+    c.g.output(
+        &out,
+        "hidden_states",
+        DType::F32,
+        vec![
+            Dim::Sym("batch"),
+            Dim::Sym("text_len"),
+            Dim::Fixed(d as i64),
+        ],
+    );
+    Ok(c.g)
+}
+
+fn act(c: &mut Ctx<'_>, x: &str, a: T5Act) -> Value {
+    match a {
+        T5Act::GeluTanh => c.g.gelu_tanh(x),
+        T5Act::GeluErf => c.g.gelu_erf(x),
+        T5Act::Relu => c.g.op("Relu", &[x], vec![]),
+    }
+}
+
+/// Relative position bias `[1, H, L, L]` from block 0's table, for the ids' length.
+fn position_bias(c: &mut Ctx<'_>, cfg: &T5Config, ids: &Value) -> Result<Value> {
+    let h = cfg.num_heads;
     let rel_w = c.param(
         "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight",
         &[cfg.num_buckets, h],
@@ -87,7 +114,7 @@ pub fn encoder(cfg: &T5Config, w: &WeightStore, store: StoreDtype) -> Result<Gra
         WeightData::Bytes(table_bytes),
         false,
     );
-    let len = g.shape_slice(&ids, 1, 2);
+    let len = g.shape_slice(ids, 1, 2);
     let zero_axis = g.const_i64(&[0]);
     let len_s = g.op("Squeeze", &[&len, &zero_axis], vec![]);
     let zero = g.const_i64(&[0]);
@@ -116,50 +143,37 @@ pub fn encoder(cfg: &T5Config, w: &WeightStore, store: StoreDtype) -> Result<Gra
     let bias = g.transpose(&bias, &[2, 0, 1]);
     let bias = g.unsqueeze(&bias, &[0]);
 
-    for i in 0..cfg.num_layers {
-        c.g.push_scope(&format!("block{i}"));
-        let p = format!("encoder.block.{i}.layer");
-        let n = rms_norm(&mut c, &x, &format!("{p}.0.layer_norm.weight"), d, cfg.eps)?;
-        let a = format!("{p}.0.SelfAttention");
-        let q = c.linear(&n, &format!("{a}.q"), d, inner, false)?;
-        let k = c.linear(&n, &format!("{a}.k"), d, inner, false)?;
-        let v = c.linear(&n, &format!("{a}.v"), d, inner, false)?;
-        let o = c.attention(&q, &k, &v, (h, dk), None, Some(&bias));
-        let o = c.linear(&o, &format!("{a}.o"), inner, d, false)?;
-        x = c.g.add(&x, &o);
-        let n = rms_norm(&mut c, &x, &format!("{p}.1.layer_norm.weight"), d, cfg.eps)?;
-        let f = format!("{p}.1.DenseReluDense");
-        let hidden = if cfg.gated {
-            let a0 = c.linear(&n, &format!("{f}.wi_0"), d, cfg.d_ff, false)?;
-            let a0 = act(&mut c, &a0, cfg.act);
-            let a1 = c.linear(&n, &format!("{f}.wi_1"), d, cfg.d_ff, false)?;
-            c.g.mul(&a0, &a1)
-        } else {
-            let a0 = c.linear(&n, &format!("{f}.wi"), d, cfg.d_ff, false)?;
-            act(&mut c, &a0, cfg.act)
-        };
-        let o = c.linear(&hidden, &format!("{f}.wo"), cfg.d_ff, d, false)?;
-        x = c.g.add(&x, &o);
-        c.g.pop_scope();
-    }
-    let out = rms_norm(&mut c, &x, "encoder.final_layer_norm.weight", d, cfg.eps)?;
-    c.g.output(
-        &out,
-        "hidden_states",
-        DType::F32,
-        vec![
-            Dim::Sym("batch"),
-            Dim::Sym("text_len"),
-            Dim::Fixed(d as i64),
-        ],
-    );
-    Ok(c.g)
+    Ok(g.unsqueeze(&bias, &[0]))
 }
 
-fn act(c: &mut Ctx<'_>, x: &str, a: T5Act) -> Value {
-    match a {
-        T5Act::GeluTanh => c.g.gelu_tanh(x),
-        T5Act::GeluErf => c.g.gelu_erf(x),
-        T5Act::Relu => c.g.op("Relu", &[x], vec![]),
-    }
+/// Encoder block `i`: pre-norm self-attention with the shared bias, then the (gated) MLP.
+fn block(c: &mut Ctx<'_>, cfg: &T5Config, x: &Value, bias: &Value, i: usize) -> Result<Value> {
+    let (d, h, dk) = (cfg.d_model, cfg.num_heads, cfg.d_kv);
+    let inner = h * dk;
+    let mut x = x.clone();
+    c.g.push_scope(&format!("block{i}"));
+    let p = format!("encoder.block.{i}.layer");
+    let n = rms_norm(c, &x, &format!("{p}.0.layer_norm.weight"), d, cfg.eps)?;
+    let a = format!("{p}.0.SelfAttention");
+    let q = c.linear(&n, &format!("{a}.q"), d, inner, false)?;
+    let k = c.linear(&n, &format!("{a}.k"), d, inner, false)?;
+    let v = c.linear(&n, &format!("{a}.v"), d, inner, false)?;
+    let o = c.attention(&q, &k, &v, (h, dk), None, Some(bias));
+    let o = c.linear(&o, &format!("{a}.o"), inner, d, false)?;
+    x = c.g.add(&x, &o);
+    let n = rms_norm(c, &x, &format!("{p}.1.layer_norm.weight"), d, cfg.eps)?;
+    let f = format!("{p}.1.DenseReluDense");
+    let hidden = if cfg.gated {
+        let a0 = c.linear(&n, &format!("{f}.wi_0"), d, cfg.d_ff, false)?;
+        let a0 = act(c, &a0, cfg.act);
+        let a1 = c.linear(&n, &format!("{f}.wi_1"), d, cfg.d_ff, false)?;
+        c.g.mul(&a0, &a1)
+    } else {
+        let a0 = c.linear(&n, &format!("{f}.wi"), d, cfg.d_ff, false)?;
+        act(c, &a0, cfg.act)
+    };
+    let o = c.linear(&hidden, &format!("{f}.wo"), cfg.d_ff, d, false)?;
+    x = c.g.add(&x, &o);
+    c.g.pop_scope();
+    Ok(x)
 }

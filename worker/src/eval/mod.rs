@@ -195,10 +195,20 @@ pub fn run<M: Model>(
     if let Some(n) = opts.limit {
         scenes.truncate(n);
     }
+    let jobs = jobs_for(&scenes, set, opts.seed);
+    let mut src = VecSource::new(jobs);
+    let mut hooks = Collect::default();
+    let mut sink = MemSink::default();
+    Runner::new(model, codec, &LocalFetcher, opts.runner).run(&mut src, &mut sink, &mut hooks);
+    Ok(score(&scenes, &hooks, &sink))
+}
+
+/// Per scene: a caption job, one VQA job per question, a generation job from the caption.
+fn jobs_for(scenes: &[Scene], set: &Path, base_seed: u64) -> Vec<Job> {
     let img = |s: &Scene| -> String { set.join(&s.image).display().to_string() };
     let mut jobs = Vec::new();
-    for s in &scenes {
-        let seed = opts.seed.wrapping_add(s.id);
+    for s in scenes {
+        let seed = base_seed.wrapping_add(s.id);
         jobs.push(Job {
             job_id: format!("cap-{}", s.id),
             task: TaskParams::Caption(CaptionParams {
@@ -233,11 +243,11 @@ pub fn run<M: Model>(
             submitted_at: None,
         });
     }
-    let mut src = VecSource::new(jobs);
-    let mut hooks = Collect::default();
-    let mut sink = MemSink::default();
-    Runner::new(model, codec, &LocalFetcher, opts.runner).run(&mut src, &mut sink, &mut hooks);
+    jobs
+}
 
+/// Scores every scene from the runner's results and images.
+fn score(scenes: &[Scene], hooks: &Collect, sink: &MemSink) -> Report {
     let text_of = |id: &str| -> Option<String> {
         hooks
             .get(id)
@@ -252,7 +262,7 @@ pub fn run<M: Model>(
     let mut predictions = Vec::new();
     let mut tally = GenTally::default();
     let mut kinds: std::collections::BTreeMap<String, (usize, usize)> = Default::default();
-    for s in &scenes {
+    for s in scenes {
         let objects = parse_caption(&s.caption).map_or(0, |t| t.objects.len());
         let cap = text_of(&format!("cap-{}", s.id)).unwrap_or_default();
         sc.caption_exact += f64::from(u8::from(cap == s.caption));
@@ -308,11 +318,11 @@ pub fn run<M: Model>(
     sc.vqa /= sc.vqa_questions.max(1) as f64;
     sc.vqa_by_kind = kinds.into_iter().map(|(k, (r, a))| (k, r, a)).collect();
     tally.fill(&mut sc, n);
-    Ok(Report {
+    Report {
         scores: sc,
         images,
         predictions,
-    })
+    }
 }
 
 /// Judges one generated PNG against the scene its prompt describes.

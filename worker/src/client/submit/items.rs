@@ -1,75 +1,17 @@
-//! `ddit-worker submit`: the bulk client. A folder of images (or a JSONL manifest of images or
-//! prompts) in; one JSONL of results out, through the same queue, bucket and Redis as the fleet.
-//!
-//! - **Submit.** Each local input image is uploaded to `s3://{bucket}/{prefix}/inputs/{batch}/…`;
-//!   the job is then published (persistent, publisher confirms) and its id appended to the
-//!   journal `{out}.submitted` once the broker has confirmed it.
-//! - **Collect.** Results are read from Redis (`{redis_prefix}:result:{job_id}`, the workers' source
-//!   of truth) for every job in flight, each poll one `MGET`; each result is appended to `out` as one
-//!   line (`item` plus the result fields) and flushed.
-//! - **Flow control.** At most `ahead` jobs are published and not yet answered.
-//! - **Resume.** Job ids are derived from the batch name and the item, so a rerun names the same jobs.
-//!   Items whose line is in `out` are skipped; items with a result already in Redis are written
-//!   without publishing; items in the journal are waited for, not published again. Only the rest
-//!   is published. A crash can at worst publish one job twice (between the broker's confirm and the
-//!   journal write); the workers answer a job id once (`SET NX`) and acknowledge copies whose
-//!   result exists without recomputing.
+//! The items of one `submit` run: a folder of images or a JSONL manifest, each item with its
+//! stable job id. Every problem names the file, line and field.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::HashSet;
 use std::fs::File;
-use std::io::{BufRead, BufReader, IsTerminal, Write};
+use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
 
-use ddit_schemas::{CaptionParams, GenerateParams, Job, JobResult, TaskParams, VqaParams};
-use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
-use redis::AsyncCommands;
+use ddit_schemas::{CaptionParams, GenerateParams, Job, TaskParams, VqaParams};
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
+use super::{DefaultTask, SubmitConfig};
 use crate::error::{Result, WorkerError};
-use crate::adapters::amqp::{self, AmqpConfig};
-use crate::adapters::s3::{S3Config, S3Store};
-
-/// The task of items that do not name one.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum DefaultTask {
-    Caption,
-    Vqa,
-    Generate,
-}
-
-impl DefaultTask {
-    fn as_str(self) -> &'static str {
-        match self {
-            DefaultTask::Caption => "caption",
-            DefaultTask::Vqa => "vqa",
-            DefaultTask::Generate => "generate",
-        }
-    }
-}
-
-#[derive(Debug, Clone)]
-pub struct SubmitConfig {
-    /// A folder of images or a `.jsonl` manifest.
-    pub input: PathBuf,
-    pub task: DefaultTask,
-    /// The question of VQA items that carry none.
-    pub question: Option<String>,
-    pub out: PathBuf,
-    /// Most jobs published and not yet answered.
-    pub ahead: usize,
-    /// Names the jobs (`{batch}-{hash of item}`); default derived from the input path and task.
-    pub batch: Option<String>,
-    pub amqp: AmqpConfig,
-    pub s3: S3Config,
-    pub redis_url: String,
-    pub redis_prefix: String,
-    pub poll: Duration,
-    /// Give up (exit with an error, journal kept) when no result arrived for this long.
-    pub result_timeout: Option<Duration>,
-    pub show_progress: bool,
-}
 
 /// One line of a JSONL manifest. Paths are relative to the manifest's folder; `s3://` and
 /// `data:` images are passed through.
@@ -117,7 +59,7 @@ pub struct Item {
 
 const IMAGE_EXTENSIONS: [&str; 4] = ["png", "jpg", "jpeg", "webp"];
 
-fn bad_input(where_: impl Into<String>, message: impl Into<String>) -> WorkerError {
+pub(super) fn bad_input(where_: impl Into<String>, message: impl Into<String>) -> WorkerError {
     WorkerError::Config {
         name: where_.into(),
         message: message.into(),
@@ -230,6 +172,26 @@ pub fn load_items(cfg: &SubmitConfig, batch: &str) -> Result<Vec<Item>> {
         Ok(())
     };
     if meta.is_dir() {
+        folder_items(cfg, &mut push)?;
+    } else {
+        manifest_items(cfg, &mut push)?;
+        if items.is_empty() {
+            return Err(bad_input(
+                "input",
+                format!("{} holds no items", input.display()),
+            ));
+        }
+    }
+    Ok(items)
+}
+
+/// `push(name, params, local image)` of [`load_items`].
+type Push<'a> = dyn FnMut(String, TaskParams, Option<PathBuf>) -> Result<()> + 'a;
+
+/// Every image file of the input folder, sorted by name.
+fn folder_items(cfg: &SubmitConfig, push: &mut Push<'_>) -> Result<()> {
+    let input = &cfg.input;
+    {
         if cfg.task == DefaultTask::Generate {
             return Err(bad_input(
                 "task",
@@ -268,7 +230,14 @@ pub fn load_items(cfg: &SubmitConfig, batch: &str) -> Result<Vec<Item>> {
             )?;
             push(name, params, Some(f))?;
         }
-    } else {
+    }
+    Ok(())
+}
+
+/// The lines of a JSONL manifest; local image paths are relative to its folder.
+fn manifest_items(cfg: &SubmitConfig, push: &mut Push<'_>) -> Result<()> {
+    let input = &cfg.input;
+    {
         let base = input.parent().unwrap_or(Path::new(".")).to_path_buf();
         let f = File::open(input)
             .map_err(|e| bad_input("input", format!("{}: {e}", input.display())))?;
@@ -308,71 +277,11 @@ pub fn load_items(cfg: &SubmitConfig, batch: &str) -> Result<Vec<Item>> {
             let params = params_for(&task, image, &l, cfg.question.as_deref(), &where_)?;
             push(name, params, local)?;
         }
-        if items.is_empty() {
-            return Err(bad_input(
-                "input",
-                format!("{} holds no items", input.display()),
-            ));
-        }
     }
-    Ok(items)
+    Ok(())
 }
 
-/// Ids (and items) already in the output file; a torn last line is ignored.
-fn finished(out: &Path) -> Result<HashSet<String>> {
-    let mut ids = HashSet::new();
-    if !out.exists() {
-        return Ok(ids);
-    }
-    let f =
-        File::open(out).map_err(|e| WorkerError::io(format!("reading {}", out.display()), e))?;
-    for line in BufReader::new(f).lines() {
-        let line = line.map_err(|e| WorkerError::io(format!("reading {}", out.display()), e))?;
-        if let Some(id) = serde_json::from_str::<serde_json::Value>(&line)
-            .ok()
-            .and_then(|v| v.get("job_id").and_then(|j| j.as_str()).map(str::to_string))
-        {
-            ids.insert(id);
-        }
-    }
-    Ok(ids)
-}
-
-fn journal_path(out: &Path) -> PathBuf {
-    PathBuf::from(format!("{}.submitted", out.display()))
-}
-
-fn read_journal(path: &Path) -> Result<HashSet<String>> {
-    if !path.exists() {
-        return Ok(HashSet::new());
-    }
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| WorkerError::io(format!("reading {}", path.display()), e))?;
-    Ok(text
-        .lines()
-        .map(str::trim)
-        .filter(|l| !l.is_empty())
-        .map(str::to_string)
-        .collect())
-}
-
-/// What one run did (also printed as the last line on stderr).
-#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
-pub struct Summary {
-    pub items: usize,
-    /// Already in the output file when the run started.
-    pub done_before: usize,
-    /// Found in Redis without publishing (finished while no client was watching).
-    pub recovered: usize,
-    /// In the journal from an earlier run: waited for, not published again.
-    pub resumed: usize,
-    /// Published by this run.
-    pub published: usize,
-    pub succeeded: usize,
-    pub failed: usize,
-}
-
-fn content_type(path: &Path) -> &'static str {
+pub(super) fn content_type(path: &Path) -> &'static str {
     match path
         .extension()
         .and_then(|x| x.to_str())
@@ -385,217 +294,13 @@ fn content_type(path: &Path) -> &'static str {
     }
 }
 
-/// Runs the client (see the module doc).
-pub async fn run(cfg: SubmitConfig) -> Result<Summary> {
-    let batch = match &cfg.batch {
-        Some(b) => b.clone(),
-        None => default_batch(&cfg.input, cfg.task),
-    };
-    crate::tasks::validate_job_id(&format!("{batch}-0")).map_err(|_| {
-        bad_input(
-            "batch",
-            "1-100 characters from [A-Za-z0-9_.:-], starting with a letter or digit",
-        )
-    })?;
-    if batch.len() > 100 {
-        return Err(bad_input("batch", "at most 100 characters"));
-    }
-    let items = load_items(&cfg, &batch)?;
-    let done = finished(&cfg.out)?;
-    let jpath = journal_path(&cfg.out);
-    let journaled = read_journal(&jpath)?;
-    let mut summary = Summary {
-        items: items.len(),
-        ..Summary::default()
-    };
-    let mut queue: VecDeque<Item> = VecDeque::new();
-    for it in items {
-        if done.contains(&it.job.job_id) {
-            summary.done_before += 1;
-        } else {
-            queue.push_back(it);
-        }
-    }
-    let bar = if cfg.show_progress && std::io::stderr().is_terminal() {
-        let b =
-            ProgressBar::with_draw_target(Some(summary.items as u64), ProgressDrawTarget::stderr());
-        b.set_style(
-            ProgressStyle::with_template("{bar:40} {pos}/{len} {elapsed_precise} eta {eta} {msg}")
-                .unwrap_or_else(|_| ProgressStyle::default_bar()),
-        );
-        b.set_position(summary.done_before as u64);
-        b
-    } else {
-        ProgressBar::hidden()
-    };
-    if queue.is_empty() {
-        bar.finish_and_clear();
-        return Ok(summary);
-    }
-
-    let redis_client = redis::Client::open(cfg.redis_url.as_str())
-        .map_err(|e| bad_input("redis-url", e.to_string()))?;
-    let mut redis = redis::aio::ConnectionManager::new(redis_client)
-        .await
-        .map_err(|e| WorkerError::unavailable("redis", e))?;
-    let needs_s3 = queue.iter().any(|i| i.local_image.is_some());
-    let s3 = if needs_s3 {
-        Some(S3Store::connect(cfg.s3.clone()).await?)
-    } else {
-        None
-    };
-    let conn = amqp::connect(&cfg.amqp, "ddit-submit").await?;
-    let ch = conn
-        .create_channel()
-        .await
-        .map_err(|e| WorkerError::unavailable("amqp channel", e))?;
-    amqp::declare(&ch, &cfg.amqp).await?;
-
-    let mut out = crate::adapters::local::open_append(&cfg.out)?;
-    let mut journal = crate::adapters::local::open_append(&jpath)?;
-    let result_key = |id: &str| format!("{}:result:{id}", cfg.redis_prefix);
-    // job id -> (item name, when it was published or found in flight)
-    let mut in_flight: HashMap<String, (String, Instant)> = HashMap::new();
-    let ahead = cfg.ahead.max(1);
-
-    let mut write_result = |name: &str, body: &str, summary: &mut Summary| -> Result<()> {
-        let mut v: serde_json::Value = serde_json::from_str(body)
-            .map_err(|e| WorkerError::Internal(format!("result of {name} is not JSON: {e}")))?;
-        let status = serde_json::from_value::<JobResult>(v.clone())
-            .map(|r| r.status)
-            .ok();
-        if let Some(o) = v.as_object_mut() {
-            o.insert("item".into(), serde_json::Value::String(name.to_string()));
-        }
-        let line = serde_json::to_string(&v).map_err(|e| WorkerError::Internal(e.to_string()))?;
-        writeln!(out, "{line}")
-            .and_then(|_| out.flush())
-            .map_err(|e| WorkerError::io(format!("writing {}", cfg.out.display()), e))?;
-        if status == Some(ddit_schemas::Status::Succeeded) {
-            summary.succeeded += 1;
-        } else {
-            summary.failed += 1;
-        }
-        bar.inc(1);
-        Ok(())
-    };
-
-    loop {
-        // Fill the window.
-        while in_flight.len() < ahead {
-            let Some(mut it) = queue.pop_front() else {
-                break;
-            };
-            let id = it.job.job_id.clone();
-            let existing: Option<String> = redis
-                .get(result_key(&id))
-                .await
-                .map_err(|e| WorkerError::unavailable("redis", e))?;
-            if let Some(body) = existing {
-                summary.recovered += 1;
-                write_result(&it.name, &body, &mut summary)?;
-                continue;
-            }
-            if journaled.contains(&id) {
-                summary.resumed += 1;
-                in_flight.insert(id, (it.name, Instant::now()));
-                continue;
-            }
-            if let (Some(path), Some(s3)) = (&it.local_image, &s3) {
-                let uri = upload(s3, &batch, &it.name, path).await?;
-                match &mut it.job.task {
-                    TaskParams::Caption(p) => p.image = uri,
-                    TaskParams::Vqa(p) => p.image = uri,
-                    TaskParams::Generate(_) => {}
-                }
-            }
-            it.job.submitted_at = Some(crate::clock::now_rfc3339());
-            let body =
-                serde_json::to_vec(&it.job).map_err(|e| WorkerError::Internal(e.to_string()))?;
-            crate::adapters::with_backoff("publish", 5, || {
-                amqp::publish_job(&ch, &cfg.amqp.queue, &body, None)
-            })
-            .await?;
-            writeln!(journal, "{id}")
-                .and_then(|_| journal.flush())
-                .map_err(|e| WorkerError::io(format!("writing {}", jpath.display()), e))?;
-            summary.published += 1;
-            in_flight.insert(id, (it.name, Instant::now()));
-        }
-        if in_flight.is_empty() {
-            break;
-        }
-        bar.set_message(format!("{} in flight", in_flight.len()));
-        // Collect.
-        let ids: Vec<String> = in_flight.keys().cloned().collect();
-        let keys: Vec<String> = ids.iter().map(|i| result_key(i)).collect();
-        let vals: Vec<Option<String>> = redis
-            .mget(&keys)
-            .await
-            .map_err(|e| WorkerError::unavailable("redis", e))?;
-        let mut got_any = false;
-        for (id, v) in ids.iter().zip(vals) {
-            if let Some(body) = v {
-                if let Some((name, _)) = in_flight.remove(id) {
-                    write_result(&name, &body, &mut summary)?;
-                    got_any = true;
-                }
-            }
-        }
-        if !got_any {
-            if let Some(limit) = cfg.result_timeout {
-                if let Some((id, (name, _))) =
-                    in_flight.iter().find(|(_, (_, t))| t.elapsed() > limit)
-                {
-                    bar.finish_and_clear();
-                    return Err(WorkerError::unavailable(
-                        format!("result of `{name}` (job {id})"),
-                        format!(
-                            "none after {} s; {} jobs still in flight (rerun to keep waiting)",
-                            limit.as_secs(),
-                            in_flight.len()
-                        ),
-                    ));
-                }
-            }
-            tokio::time::sleep(cfg.poll).await;
-        }
-    }
-    bar.finish_and_clear();
-    let _ = conn.close(200, "done".into()).await;
-    Ok(summary)
-}
-
-/// Uploads one input image under `{prefix}/inputs/{batch}/{hash}-{file name}`.
-async fn upload(s3: &S3Store, batch: &str, name: &str, path: &Path) -> Result<String> {
-    let file_name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "image".into());
-    let safe: String = file_name
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || "._-".contains(c) {
-                c
-            } else {
-                '_'
-            }
-        })
-        .collect();
-    let p = s3.cfg.prefix.trim_matches('/');
-    let h = &ddit_schemas::hex(&Sha256::digest(name.as_bytes()))[..12];
-    let key = if p.is_empty() {
-        format!("inputs/{batch}/{h}-{safe}")
-    } else {
-        format!("{p}/inputs/{batch}/{h}-{safe}")
-    };
-    s3.put_file(&s3.cfg.bucket, &key, path, Some(content_type(path)))
-        .await
-}
-
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
+    use crate::adapters::amqp::AmqpConfig;
+    use crate::adapters::s3::S3Config;
 
     fn cfg(input: &Path, task: DefaultTask) -> SubmitConfig {
         SubmitConfig {
