@@ -5,7 +5,8 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use ddit_export::{
-    convert, summary, verify, ExportOptions, LengthOverrides, StoreDtype, DEFAULT_EXTERNAL_THRESHOLD,
+    convert, summary, verify, ExportOptions, LengthOverrides, StoreDtype,
+    DEFAULT_EXTERNAL_THRESHOLD,
 };
 
 #[derive(Parser)]

@@ -172,23 +172,43 @@ fn write_segments(ck: &Checkpoint, opts: &ExportOptions) -> Result<(Vec<SegmentS
         threshold: opts.external_data_threshold,
         segments: Vec::new(),
     };
-    w.write(&t5::encoder(&ck.t5, &ck.t5_weights, store)?, Role::TextEncoder, None)?;
+    w.write(
+        &t5::encoder(&ck.t5, &ck.t5_weights, store)?,
+        Role::TextEncoder,
+        None,
+    )?;
     let ctx = transformer::context_embedder(tc, tw, store)?;
     w.write(&ctx, Role::ContextEmbedder, None)?;
     let temb = transformer::timestep_embed(tc, tw, store)?;
     w.write(&temb, Role::TimestepEmbed, None)?;
-    w.write(&transformer::patch_embed(tc, tw, store)?, Role::PatchEmbed, None)?;
+    w.write(
+        &transformer::patch_embed(tc, tw, store)?,
+        Role::PatchEmbed,
+        None,
+    )?;
     let (null_graph, null_tokens) = transformer::null_image(tc, tw, store)?;
     w.write(&null_graph, Role::NullImage, None)?;
     for (s, e) in block_ranges(tc.num_layers, opts.blocks_per_segment)? {
         let g = transformer::joint_blocks(tc, tw, store, s, e)?;
         w.write(&g, Role::JointBlocks, Some([s as u64, e as u64]))?;
     }
-    w.write(&transformer::image_head(tc, tw, store)?, Role::ImageHead, None)?;
+    w.write(
+        &transformer::image_head(tc, tw, store)?,
+        Role::ImageHead,
+        None,
+    )?;
     let head = transformer::text_head(tc, tw, store, ck.vocab_size)?;
     w.write(&head, Role::TextHead, None)?;
-    w.write(&vae::encoder(&ck.vae, &ck.vae_weights, store)?, Role::VaeEncoder, None)?;
-    w.write(&vae::decoder(&ck.vae, &ck.vae_weights, store)?, Role::VaeDecoder, None)?;
+    w.write(
+        &vae::encoder(&ck.vae, &ck.vae_weights, store)?,
+        Role::VaeEncoder,
+        None,
+    )?;
+    w.write(
+        &vae::decoder(&ck.vae, &ck.vae_weights, store)?,
+        Role::VaeDecoder,
+        None,
+    )?;
     Ok((w.segments, null_tokens))
 }
 

@@ -7,7 +7,9 @@ use crate::error::{Result, WorkerError};
 
 /// Now, in UTC.
 pub fn now_rfc3339() -> String {
-    OffsetDateTime::now_utc().format(&Rfc3339).unwrap_or_default()
+    OffsetDateTime::now_utc()
+        .format(&Rfc3339)
+        .unwrap_or_default()
 }
 
 /// Parses a job's time field, naming the field when it is not RFC 3339.

@@ -4,8 +4,8 @@ use std::io::Cursor;
 
 use image::{imageops::FilterType, DynamicImage, ImageFormat, ImageReader, Limits, RgbImage};
 
-use crate::tensor::Tensor;
 use crate::error::{Result, WorkerError};
+use crate::tensor::Tensor;
 
 /// Decoding limits: a decompression bomb is refused before it is decoded.
 #[derive(Debug, Clone, Copy)]

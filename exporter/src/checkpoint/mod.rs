@@ -36,7 +36,13 @@ pub struct Checkpoint {
 }
 
 /// The pipeline components `model_index.json` must name.
-const COMPONENTS: [&str; 5] = ["transformer", "text_encoder", "vae", "tokenizer", "scheduler"];
+const COMPONENTS: [&str; 5] = [
+    "transformer",
+    "text_encoder",
+    "vae",
+    "tokenizer",
+    "scheduler",
+];
 
 /// The published D-DiT's canvas lengths: prompt 256, caption 128, VQA 128 tokens.
 pub const DDIT_TEXT_LENGTHS: TextLengths = TextLengths {
@@ -71,9 +77,12 @@ fn text_lengths(index: &ConfigFile) -> Result<TextLengths> {
         key,
         message,
     };
-    let obj = v
-        .as_object()
-        .ok_or_else(|| bad("text_lengths".into(), format!("expected an object, found {v}")))?;
+    let obj = v.as_object().ok_or_else(|| {
+        bad(
+            "text_lengths".into(),
+            format!("expected an object, found {v}"),
+        )
+    })?;
     for (k, val) in obj {
         let slot = match k.as_str() {
             "prompt" => &mut t.prompt,
@@ -81,12 +90,15 @@ fn text_lengths(index: &ConfigFile) -> Result<TextLengths> {
             "vqa" => &mut t.vqa,
             _ => return Err(bad(format!("text_lengths.{k}"), "unknown canvas".into())),
         };
-        *slot = val.as_u64().filter(|n| (1..=4096).contains(n)).ok_or_else(|| {
-            bad(
-                format!("text_lengths.{k}"),
-                format!("expected a token count in 1..=4096, found {val}"),
-            )
-        })?;
+        *slot = val
+            .as_u64()
+            .filter(|n| (1..=4096).contains(n))
+            .ok_or_else(|| {
+                bad(
+                    format!("text_lengths.{k}"),
+                    format!("expected a token count in 1..=4096, found {val}"),
+                )
+            })?;
     }
     Ok(t)
 }

@@ -154,7 +154,10 @@ pub async fn publish_job(
         .await
         .map_err(|e| unavailable("publish confirm", e))?;
     if c.is_nack() {
-        return Err(unavailable("publish", "the broker nacked the message"));
+        return Err(WorkerError::unavailable(
+            "amqp publish",
+            "the broker nacked the message",
+        ));
     }
     Ok(())
 }

@@ -89,8 +89,10 @@ mod retry {
             })
             .await;
             assert_eq!(v.ok(), Some(3));
-            let e = with_backoff("t", 2, || async { Err::<(), _>(WorkerError::unavailable("x", "down")) })
-                .await;
+            let e = with_backoff("t", 2, || async {
+                Err::<(), _>(WorkerError::unavailable("x", "down"))
+            })
+            .await;
             assert!(e.is_err_and(|e| e.to_string().contains("down")));
         }
     }

@@ -138,7 +138,13 @@ struct FileSink {
 }
 
 impl ImageSink for FileSink {
-    fn put(&mut self, _job_id: &str, index: u32, png: &[u8], _seed: u64) -> ddit_worker::Result<String> {
+    fn put(
+        &mut self,
+        _job_id: &str,
+        index: u32,
+        png: &[u8],
+        _seed: u64,
+    ) -> ddit_worker::Result<String> {
         let path = if index == 0 {
             self.out.clone()
         } else {
@@ -198,7 +204,11 @@ pub fn generate(a: GenerateArgs) -> anyhow::Result<()> {
 }
 
 pub fn caption(a: CaptionArgs) -> anyhow::Result<()> {
-    let r = run_one(&a.engine, TaskParams::Caption(CaptionParams::from(&a)), None)?;
+    let r = run_one(
+        &a.engine,
+        TaskParams::Caption(CaptionParams::from(&a)),
+        None,
+    )?;
     println!("{}", r.text.unwrap_or_default());
     Ok(())
 }
@@ -222,11 +232,13 @@ pub fn batch(a: BatchArgs) -> anyhow::Result<()> {
     let mut file = ResultFile::open(&results, source.total, !a.no_progress)?;
     let mut sink = FolderSink { dir: out.clone() };
     let start = std::time::Instant::now();
-    Runner::new(&mut engine, &codec, &LocalFetcher, a.engine.runner(a.max_batch)).run(
-        &mut source,
-        &mut sink,
-        &mut file,
-    );
+    Runner::new(
+        &mut engine,
+        &codec,
+        &LocalFetcher,
+        a.engine.runner(a.max_batch),
+    )
+    .run(&mut source, &mut sink, &mut file);
     file.finish();
     let c = file.counts;
     eprintln!(

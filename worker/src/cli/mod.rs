@@ -88,7 +88,11 @@ fn probe(a: ProbeArgs) -> anyhow::Result<()> {
     let timeout = std::time::Duration::from_millis(a.timeout_ms.max(1));
     let (code, body) = ddit_worker::client::probe::get(&a.url, timeout)?;
     if !(200..300).contains(&code) {
-        anyhow::bail!("{}: HTTP {code} {}", a.url, body.lines().next().unwrap_or(""));
+        anyhow::bail!(
+            "{}: HTTP {code} {}",
+            a.url,
+            body.lines().next().unwrap_or("")
+        );
     }
     Ok(())
 }

@@ -71,6 +71,10 @@ pub fn push(a: PushArgs) -> anyhow::Result<()> {
     let hash = with_store(&a.to, a.s3, |st| async move {
         model_store::push(&st, &dir, &url).await
     })?;
-    eprintln!("pushed {} to {}: model hash {hash}", a.model.display(), a.to);
+    eprintln!(
+        "pushed {} to {}: model hash {hash}",
+        a.model.display(),
+        a.to
+    );
     Ok(())
 }

@@ -11,8 +11,8 @@ use ort::value::TensorElementType;
 use ort::value::TensorRef;
 
 use super::providers::EngineConfig;
-use crate::tensor::Tensor;
 use crate::error::{Result, WorkerError};
+use crate::tensor::Tensor;
 
 /// The file name of the ONNX Runtime library ddit is built against.
 pub const ORT_LIBRARY: &str = "libonnxruntime.so.1.31.1";

@@ -6,7 +6,7 @@ pub mod scene;
 
 use std::path::{Path, PathBuf};
 
-use ddit_schemas::{CaptionParams, GenerateParams, Job, JobResult, Status, TaskParams, VqaParams};
+use ddit_schemas::{CaptionParams, GenerateParams, Job, Status, TaskParams, VqaParams};
 use image::RgbImage;
 use serde::{Deserialize, Serialize};
 

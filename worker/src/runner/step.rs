@@ -80,7 +80,12 @@ impl<M: Model> Runner<'_, M> {
     }
 
     /// One batched forward pass over `chunk`, recorded in each of its jobs' spans.
-    fn forward(&mut self, key: &GroupKey, chunk: &[(usize, usize)], hooks: &mut dyn Hooks) -> Result<()> {
+    fn forward(
+        &mut self,
+        key: &GroupKey,
+        chunk: &[(usize, usize)],
+        hooks: &mut dyn Hooks,
+    ) -> Result<()> {
         let t0 = Instant::now();
         let (kind, res) = match key {
             GroupKey::Generate { .. } => ("generate", self.forward_generate(chunk)),
@@ -94,7 +99,15 @@ impl<M: Model> Runner<'_, M> {
             a.batch_max = a.batch_max.max(chunk.len() as u32);
             let (step, total) = a.work.progress();
             a.span.in_scope(|| {
-                tracing::debug!(kind, image = si, step, total, rows = chunk.len(), seconds, "step")
+                tracing::debug!(
+                    kind,
+                    image = si,
+                    step,
+                    total,
+                    rows = chunk.len(),
+                    seconds,
+                    "step"
+                )
             });
         }
         Ok(())

@@ -106,7 +106,10 @@ impl Model for Fake {
         let l = ids[0].len();
         let data = ids
             .iter()
-            .flat_map(|r| r.iter().flat_map(|&t| (0..4).map(move |d| t as f32 * 0.01 + d as f32)))
+            .flat_map(|r| {
+                r.iter()
+                    .flat_map(|&t| (0..4).map(move |d| t as f32 * 0.01 + d as f32))
+            })
             .collect();
         Tensor::new(vec![ids.len(), l, 4], data)
     }
@@ -126,10 +129,7 @@ impl Model for Fake {
         let tok = (0..b)
             .flat_map(|i| std::iter::repeat_n(row_mean(latents, i), 16 * 4))
             .collect();
-        Ok((
-            Tensor::new(vec![b, 16, 4], tok)?,
-            Tensor::zeros(vec![b, 4]),
-        ))
+        Ok((Tensor::new(vec![b, 16, 4], tok)?, Tensor::zeros(vec![b, 4])))
     }
     fn vae_decode(&mut self, z: &Tensor) -> Result<Tensor> {
         let (b, h, w) = (z.batch(), z.shape[2] * 2, z.shape[3] * 2);
@@ -151,11 +151,16 @@ impl Model for Fake {
             .collect();
         Tensor::new(latents.shape.clone(), data)
     }
-    fn logits(&mut self, image_tokens: &Tensor, _temb: &Tensor, ids: &[Vec<i64>]) -> Result<Tensor> {
+    fn logits(
+        &mut self,
+        image_tokens: &Tensor,
+        _temb: &Tensor,
+        ids: &[Vec<i64>],
+    ) -> Result<Tensor> {
         self.record("logits", image_tokens)?;
         let l = ids[0].len();
         let mut data = vec![0f32; ids.len() * l * VOCAB];
-        for (b, row) in ids.iter().enumerate() {
+        for b in 0..ids.len() {
             let img = (row_mean(image_tokens, b) * 100.0).abs() as usize;
             for p in 0..l {
                 let peak = (img + p * 7) % (VOCAB - 1);
@@ -208,7 +213,9 @@ impl Hooks for Collect {
 struct Sink(Rc<RefCell<Vec<(String, u32, Vec<u8>)>>>);
 impl ImageSink for Sink {
     fn put(&mut self, job_id: &str, index: u32, png: &[u8], _seed: u64) -> Result<String> {
-        self.0.borrow_mut().push((job_id.into(), index, png.to_vec()));
+        self.0
+            .borrow_mut()
+            .push((job_id.into(), index, png.to_vec()));
         Ok(format!("mem://{job_id}/{index}"))
     }
 }
@@ -217,7 +224,13 @@ fn run(model: &mut Fake, jobs: Vec<Job>, max_batch: usize, hooks: &mut Collect) 
     run_held(model, jobs, max_batch, hooks, None)
 }
 
-fn run_held(model: &mut Fake, jobs: Vec<Job>, max_batch: usize, hooks: &mut Collect, hold: Option<usize>) {
+fn run_held(
+    model: &mut Fake,
+    jobs: Vec<Job>,
+    max_batch: usize,
+    hooks: &mut Collect,
+    hold: Option<usize>,
+) {
     let codec = codec();
     let pngs = Rc::new(RefCell::new(Vec::new()));
     let mut src = Source {
@@ -257,7 +270,9 @@ fn generate(id: &str, steps: u32, width: u32, images: u32) -> Job {
 }
 
 fn image_uri(shade: u8) -> String {
-    let img = image::RgbImage::from_fn(16, 16, |x, y| image::Rgb([shade, (x * 9) as u8, (y * 5) as u8]));
+    let img = image::RgbImage::from_fn(16, 16, |x, y| {
+        image::Rgb([shade, (x * 9) as u8, (y * 5) as u8])
+    });
     let png = crate::image_io::encode_png(&img).unwrap();
     format!(
         "data:image/png;base64,{}",
@@ -327,8 +342,14 @@ fn batched_equals_unbatched_and_alone() {
     }
     assert_eq!(batched.results.len(), 6);
     // Batching really happened: some job shared a pass.
-    assert!(batched.results.iter().any(|r| r.metrics.as_ref().unwrap().batch_size > 1));
-    assert!(one_row.results.iter().all(|r| r.metrics.as_ref().unwrap().batch_size == 1));
+    assert!(batched
+        .results
+        .iter()
+        .any(|r| r.metrics.as_ref().unwrap().batch_size > 1));
+    assert!(one_row
+        .results
+        .iter()
+        .all(|r| r.metrics.as_ref().unwrap().batch_size == 1));
 }
 
 #[test]
@@ -336,7 +357,11 @@ fn rows_group_by_shape_and_chunk_at_max_batch() {
     let mut fake = Fake::new();
     let mut h = Collect::default();
     // 16x16 (3 images, 1 image) and 32x16: two groups; max_batch 3 admits 16x16 x3 first.
-    let jobs = vec![generate("a", 2, 16, 3), generate("b", 2, 32, 1), generate("c", 2, 16, 1)];
+    let jobs = vec![
+        generate("a", 2, 16, 3),
+        generate("b", 2, 32, 1),
+        generate("c", 2, 16, 1),
+    ];
     run(&mut fake, jobs, 3, &mut h);
     let calls = fake.calls.borrow().clone();
     let rows: Vec<(usize, usize)> = calls.iter().map(|c| (c.rows, c.shape[3])).collect();
@@ -345,7 +370,12 @@ fn rows_group_by_shape_and_chunk_at_max_batch() {
     assert_eq!(rows, vec![(6, 8), (6, 8), (2, 8), (2, 16), (2, 8), (2, 16)]);
     // With max_batch 2, job a's 3 rows are chunked 2 + 1 in every step.
     let mut fake = Fake::new();
-    run(&mut fake, vec![generate("a", 2, 16, 3)], 2, &mut Collect::default());
+    run(
+        &mut fake,
+        vec![generate("a", 2, 16, 3)],
+        2,
+        &mut Collect::default(),
+    );
     let rows: Vec<usize> = fake.calls.borrow().iter().map(|c| c.rows).collect();
     assert_eq!(rows, vec![4, 2, 4, 2]);
 }
@@ -354,12 +384,17 @@ fn rows_group_by_shape_and_chunk_at_max_batch() {
 fn jobs_join_and_leave_between_steps() {
     let mut fake = Fake::new();
     let mut h = Collect::default();
-    // a: 5 steps, b: 2 steps, c held back until the model has made 3 calls.
-    let jobs = vec![generate("a", 5, 16, 1), generate("b", 2, 16, 1), generate("c", 2, 16, 1)];
+    // a: 6 steps; b (2 steps) and c (2 steps) are held back until the model has made 3 calls.
+    let jobs = vec![
+        generate("a", 6, 16, 1),
+        generate("b", 2, 16, 1),
+        generate("c", 2, 16, 1),
+    ];
     run_held(&mut fake, jobs, 2, &mut h, Some(3));
     let rows: Vec<usize> = fake.calls.borrow().iter().map(|c| c.rows).collect();
-    // a+b for 2 steps; b leaves; a alone once; c joins (3 calls made) for its 2 steps; a ends.
-    assert_eq!(rows, vec![4, 4, 2, 4, 4]);
+    // a alone for 3 steps; b joins (max_batch 2 keeps c out) for 2; b leaves and c joins a for
+    // a's last step; c finishes alone. CFG doubles every row.
+    assert_eq!(rows, vec![2, 2, 2, 4, 4, 4, 2]);
     let order: Vec<&str> = h.results.iter().map(|r| r.job_id.as_str()).collect();
     assert_eq!(order, vec!["b", "a", "c"]);
     assert!(h.results.iter().all(|r| r.status == Status::Succeeded));
@@ -372,7 +407,12 @@ fn a_canceled_job_leaves_between_steps_and_the_rest_finish() {
         cancel: Some(("a".into(), 2)),
         ..Collect::default()
     };
-    run(&mut fake, vec![generate("a", 6, 16, 1), generate("b", 6, 16, 1)], 4, &mut h);
+    run(
+        &mut fake,
+        vec![generate("a", 6, 16, 1), generate("b", 6, 16, 1)],
+        4,
+        &mut h,
+    );
     assert_eq!(result(&h, "a").status, Status::Canceled);
     assert_eq!(result(&h, "b").status, Status::Succeeded);
     let rows: Vec<usize> = fake.calls.borrow().iter().map(|c| c.rows).collect();
@@ -392,7 +432,10 @@ fn caption_steps_reuse_the_cache_without_a_forward_pass() {
     // Seven masked tokens (caption canvas 8, one for `</s>`-free text) change at most 8 times
     // in 64 steps: every other step reuses the cached probabilities.
     let passes = fake.calls.borrow().len();
-    assert!((1..=9).contains(&passes), "{passes} forward passes for 64 steps");
+    assert!(
+        (1..=9).contains(&passes),
+        "{passes} forward passes for 64 steps"
+    );
     assert!(!r.text.as_deref().unwrap_or_default().is_empty() || passes > 0);
 }
 
@@ -402,7 +445,11 @@ fn a_failing_chunk_fails_only_its_rows() {
     // max_batch 2: a and b share the first pass (call 0); c runs in call 1, which fails.
     fake.fail_call = Some(1);
     let mut h = Collect::default();
-    let jobs = vec![generate("a", 3, 16, 1), generate("b", 3, 16, 1), generate("c", 3, 32, 1)];
+    let jobs = vec![
+        generate("a", 3, 16, 1),
+        generate("b", 3, 16, 1),
+        generate("c", 3, 32, 1),
+    ];
     run_held(&mut fake, jobs, 4, &mut h, None);
     let status = |id| result(&h, id).status;
     assert_eq!(

@@ -10,8 +10,8 @@ use axum::routing::get;
 use axum::Router;
 
 use super::metrics::Metrics;
-use super::redis::ResultStore;
-use super::s3::S3Store;
+use crate::adapters::redis::ResultStore;
+use crate::adapters::s3::S3Store;
 use crate::error::{Result, WorkerError};
 
 pub struct AppState {

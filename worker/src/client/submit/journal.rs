@@ -45,4 +45,3 @@ pub(super) fn read_journal(path: &Path) -> Result<HashSet<String>> {
         .map(str::to_string)
         .collect())
 }
-

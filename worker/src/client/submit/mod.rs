@@ -30,8 +30,8 @@ use std::time::Duration;
 use crate::adapters::amqp::AmqpConfig;
 use crate::adapters::s3::S3Config;
 use crate::error::Result;
-pub use items::{default_batch, job_id_for, load_items, Item, ManifestLine};
 use items::bad_input;
+pub use items::{default_batch, job_id_for, load_items, Item, ManifestLine};
 use submitter::Submitter;
 
 /// The task of items that do not name one.

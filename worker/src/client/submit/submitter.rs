@@ -4,7 +4,7 @@
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::fs::File;
 use std::io::{IsTerminal, Write};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Instant;
 
 use ddit_schemas::{JobResult, Status, TaskParams};
@@ -14,7 +14,7 @@ use redis::AsyncCommands;
 use sha2::{Digest, Sha256};
 
 use super::items::{bad_input, content_type, Item};
-use super::{journal, Summary, SubmitConfig};
+use super::{journal, SubmitConfig, Summary};
 use crate::adapters::amqp;
 use crate::adapters::local::open_append;
 use crate::adapters::s3::S3Store;
@@ -231,7 +231,10 @@ impl<'a> Submitter<'a> {
             return Ok(());
         }
         if let Some(limit) = self.cfg.result_timeout {
-            let late = self.in_flight.iter().find(|(_, (_, t))| t.elapsed() > limit);
+            let late = self
+                .in_flight
+                .iter()
+                .find(|(_, (_, t))| t.elapsed() > limit);
             if let Some((id, (name, _))) = late {
                 self.bar.finish_and_clear();
                 return Err(WorkerError::unavailable(
@@ -284,4 +287,3 @@ async fn upload(s3: &S3Store, batch: &str, name: &str, path: &Path) -> Result<St
     s3.put_file(&s3.cfg.bucket, &key, path, Some(content_type(path)))
         .await
 }
-
