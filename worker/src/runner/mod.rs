@@ -189,9 +189,11 @@ impl<'a, M: Model> Runner<'a, M> {
             let queue_ms = self.check_times(&job)?;
             let work = crate::tasks::plan(&job, self.model.manifest())
                 .and_then(|p| self.prepare(p))
-                .map_err(|e| self.failed(&job.job_id, Some(task), Status::Failed, Some(&e)))?;
+                .map_err(|e| {
+                    Box::new(self.failed(&job.job_id, Some(task), Status::Failed, Some(&e)))
+                })?;
             tracing::debug!(rows = work.rows(), "admitted");
-            Ok::<_, JobResult>((queue_ms, work))
+            Ok::<_, Box<JobResult>>((queue_ms, work))
         });
         match admitted {
             Ok((queue_ms, work)) => self.active.push(Active {
@@ -203,14 +205,15 @@ impl<'a, M: Model> Runner<'a, M> {
                 span,
                 work,
             }),
-            Err(r) => hooks.result(r),
+            Err(r) => hooks.result(*r),
         }
     }
 
     /// The job's time in the queue (ms), or its failed or expired result.
-    fn check_times(&self, job: &Job) -> std::result::Result<u64, JobResult> {
+    fn check_times(&self, job: &Job) -> std::result::Result<u64, Box<JobResult>> {
         let task = Some(job.task.name());
-        let fail = |e: &WorkerError| self.failed(&job.job_id, task, Status::Failed, Some(e));
+        let fail =
+            |e: &WorkerError| Box::new(self.failed(&job.job_id, task, Status::Failed, Some(e)));
         let now = OffsetDateTime::now_utc();
         let mut queue_ms = 0;
         if let Some(s) = &job.submitted_at {
@@ -225,7 +228,7 @@ impl<'a, M: Model> Runner<'a, M> {
                     message: format!("deadline {d} passed before the job started"),
                     retryable: false,
                 });
-                return Err(r);
+                return Err(Box::new(r));
             }
         }
         Ok(queue_ms)

@@ -210,7 +210,10 @@ impl Hooks for Collect {
     }
 }
 
-struct Sink(Rc<RefCell<Vec<(String, u32, Vec<u8>)>>>);
+/// PNGs by (job id, index).
+type Pngs = Vec<(String, u32, Vec<u8>)>;
+
+struct Sink(Rc<RefCell<Pngs>>);
 impl ImageSink for Sink {
     fn put(&mut self, job_id: &str, index: u32, png: &[u8], _seed: u64) -> Result<String> {
         self.0
