@@ -141,7 +141,6 @@ fn position_bias(c: &mut Ctx<'_>, cfg: &T5Config, ids: &Value) -> Result<Value> 
         vec![("axis", crate::onnx::Attr::Int(0))],
     );
     let bias = g.transpose(&bias, &[2, 0, 1]);
-    let bias = g.unsqueeze(&bias, &[0]);
 
     Ok(g.unsqueeze(&bias, &[0]))
 }
