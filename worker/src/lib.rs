@@ -7,7 +7,7 @@
 //! [`adapters`] connect the runner to the world: `local` (JSONL in, a folder and JSONL out) and,
 //! with the default `service` feature, `amqp`, `s3` and `redis`. [`service`] is the queue
 //! worker and [`client`] the commands that talk to a fleet (bulk submit, model packages in S3,
-//! probes). [`eval`] runs ShapesEval through the same runner.
+//! probes). [`eval`] runs ShapesEval (crate `ddit-shapes-eval`) through the same runner.
 
 pub mod adapters;
 pub mod client;

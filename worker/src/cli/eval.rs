@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 
 use clap::{Args, Subcommand};
+use ddit_shapes_eval::{score_generated, write_predictions, write_sheet};
 use ddit_worker::eval;
 
 use super::engine::EngineArgs;
@@ -48,7 +49,7 @@ pub fn run(cmd: EvalCmd) -> anyhow::Result<()> {
     match cmd {
         EvalCmd::Shapes(a) => shapes(a),
         EvalCmd::ShapesImages { set, images, limit } => {
-            let sc = eval::score_generated(&set, &images, limit)?;
+            let sc = score_generated(&set, &images, limit)?;
             println!(
                 "generation on {} scenes: all {:.3} count {:.3} colour {:.3} shape {:.3} position {:.3}",
                 sc.scenes, sc.generation, sc.gen_count, sc.gen_colour, sc.gen_shape, sc.gen_position
@@ -68,8 +69,8 @@ fn shapes(a: ShapesArgs) -> anyhow::Result<()> {
         seed: a.seed,
     };
     let report = eval::run(&mut engine, &codec, &a.set, opts)?;
-    let (sheet, legend) = eval::write_sheet(&a.out, &report.images)?;
-    let preds = eval::write_predictions(&a.out, &report.predictions)?;
+    let (sheet, legend) = write_sheet(&a.out, &report.images)?;
+    let preds = write_predictions(&a.out, &report.predictions)?;
     eprintln!(
         "evaluated in {:.1}s; contact sheet {} (prompts in {}); predictions {}",
         start.elapsed().as_secs_f64(),

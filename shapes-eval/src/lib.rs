@@ -1,21 +1,40 @@
-//! ShapesEval: captioning, VQA and generation scores of a model on the held-out shapes scenes,
-//! run through the same runner as jobs.
+//! ShapesEval: the demo world's held-out scenes, the scene checker that judges generated images,
+//! and the scores (caption exact match and attributes, VQA by question kind, GenEval-style
+//! generation). No model here: [`jobs`] makes the jobs, whoever runs them hands the texts and
+//! images back to [`score`] (`ddit-worker eval shapes` runs them through its runner).
 
 pub mod font;
 pub mod scene;
 
 use std::path::{Path, PathBuf};
 
-use ddit_schemas::{CaptionParams, GenerateParams, Job, Status, TaskParams, VqaParams};
+use ddit_schemas::{CaptionParams, GenerateParams, Job, TaskParams, VqaParams};
 use image::RgbImage;
 use serde::{Deserialize, Serialize};
 
-use crate::adapters::local::memory::{Collect, MemSink, VecSource};
-use crate::error::{Result, WorkerError};
-use crate::runner::{Model, Runner, RunnerConfig};
-use crate::tasks::input::LocalFetcher;
-use crate::text::TextCodec;
 use scene::{detect, judge, parse_caption, Judgement, COLOURS, SHAPES};
+
+/// Why a set could not be read or a report not written; each names the file.
+#[derive(Debug, thiserror::Error)]
+pub enum EvalError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Invalid { path: PathBuf, message: String },
+}
+
+pub type Result<T, E = EvalError> = std::result::Result<T, E>;
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> EvalError + '_ {
+    move |source| EvalError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
 
 #[derive(Debug, Clone, Deserialize)]
 pub struct Qa {
@@ -34,14 +53,13 @@ pub struct Scene {
 /// Reads `DIR/scenes.jsonl`.
 pub fn load_set(dir: &Path) -> Result<Vec<Scene>> {
     let p = dir.join("scenes.jsonl");
-    let text = std::fs::read_to_string(&p)
-        .map_err(|e| WorkerError::io(format!("reading {}", p.display()), e))?;
+    let text = std::fs::read_to_string(&p).map_err(io(&p))?;
     text.lines()
         .filter(|l| !l.trim().is_empty())
         .map(|l| {
-            serde_json::from_str(l).map_err(|e| WorkerError::Config {
-                name: "set".into(),
-                message: format!("{}: {e}", p.display()),
+            serde_json::from_str(l).map_err(|e| EvalError::Invalid {
+                path: p.clone(),
+                message: e.to_string(),
             })
         })
         .collect()
@@ -169,7 +187,7 @@ pub struct QaPrediction {
     pub correct: bool,
 }
 
-/// What [`run`] returns.
+/// What [`score`] returns.
 pub struct Report {
     pub scores: Scores,
     /// The generated images with their prompts, in scene order.
@@ -177,34 +195,9 @@ pub struct Report {
     pub predictions: Vec<Prediction>,
 }
 
-pub struct EvalOptions {
-    pub limit: Option<usize>,
-    pub runner: RunnerConfig,
-    pub seed: u64,
-}
-
-/// Runs every scene: a caption job, one VQA job per question, one generation job from the
-/// caption. Returns the scores, the generated images with their prompts and every prediction.
-pub fn run<M: Model>(
-    model: &mut M,
-    codec: &TextCodec,
-    set: &Path,
-    opts: EvalOptions,
-) -> Result<Report> {
-    let mut scenes = load_set(set)?;
-    if let Some(n) = opts.limit {
-        scenes.truncate(n);
-    }
-    let jobs = jobs_for(&scenes, set, opts.seed);
-    let mut src = VecSource::new(jobs);
-    let mut hooks = Collect::default();
-    let mut sink = MemSink::default();
-    Runner::new(model, codec, &LocalFetcher, opts.runner).run(&mut src, &mut sink, &mut hooks);
-    Ok(score(&scenes, &hooks, &sink))
-}
-
-/// Per scene: a caption job, one VQA job per question, a generation job from the caption.
-fn jobs_for(scenes: &[Scene], set: &Path, base_seed: u64) -> Vec<Job> {
+/// Per scene: a caption job (`cap-{id}`), one VQA job per question (`vqa-{id}-{k}`) and a
+/// generation job from the caption (`gen-{id}`), all seeded `base_seed + id`.
+pub fn jobs(scenes: &[Scene], set: &Path, base_seed: u64) -> Vec<Job> {
     let img = |s: &Scene| -> String { set.join(&s.image).display().to_string() };
     let mut jobs = Vec::new();
     for s in scenes {
@@ -246,14 +239,13 @@ fn jobs_for(scenes: &[Scene], set: &Path, base_seed: u64) -> Vec<Job> {
     jobs
 }
 
-/// Scores every scene from the runner's results and images.
-fn score(scenes: &[Scene], hooks: &Collect, sink: &MemSink) -> Report {
-    let text_of = |id: &str| -> Option<String> {
-        hooks
-            .get(id)
-            .filter(|r| r.status == Status::Succeeded)
-            .and_then(|r| r.text.clone())
-    };
+/// Scores every scene from the jobs' answers: `text_of(job id)` is a succeeded caption or VQA
+/// job's text, `png_of(job id)` a generation job's first image.
+pub fn score<'a>(
+    scenes: &[Scene],
+    text_of: impl Fn(&str) -> Option<String>,
+    png_of: impl Fn(&str) -> Option<&'a [u8]>,
+) -> Report {
     let mut sc = Scores {
         scenes: scenes.len(),
         ..Scores::default()
@@ -288,7 +280,7 @@ fn score(scenes: &[Scene], hooks: &Collect, sink: &MemSink) -> Report {
                 correct,
             });
         }
-        let judged = match sink.first(&format!("gen-{}", s.id)) {
+        let judged = match png_of(&format!("gen-{}", s.id)) {
             Some(png) => {
                 let (j, rgb) = judge_png(png, &s.caption);
                 if let Some(rgb) = rgb {
@@ -444,33 +436,32 @@ pub fn contact_sheet(images: &[(String, RgbImage)], cols: usize) -> (RgbImage, S
 
 /// Where the sheet and legend go.
 pub fn write_sheet(out: &Path, images: &[(String, RgbImage)]) -> Result<(PathBuf, PathBuf)> {
-    std::fs::create_dir_all(out)
-        .map_err(|e| WorkerError::io(format!("creating {}", out.display()), e))?;
+    std::fs::create_dir_all(out).map_err(io(out))?;
     let (sheet, legend) = contact_sheet(images, 8);
     let png = out.join("contact_sheet.png");
-    sheet
-        .save(&png)
-        .map_err(|e| WorkerError::Internal(format!("saving {}: {e}", png.display())))?;
+    sheet.save(&png).map_err(|e| EvalError::Invalid {
+        path: png.clone(),
+        message: e.to_string(),
+    })?;
     let txt = out.join("contact_sheet.txt");
-    std::fs::write(&txt, legend)
-        .map_err(|e| WorkerError::io(format!("writing {}", txt.display()), e))?;
+    std::fs::write(&txt, legend).map_err(io(&txt))?;
     Ok((png, txt))
 }
 
 /// Writes `OUT/predictions.jsonl`: one [`Prediction`] per scene.
 pub fn write_predictions(out: &Path, predictions: &[Prediction]) -> Result<PathBuf> {
-    std::fs::create_dir_all(out)
-        .map_err(|e| WorkerError::io(format!("creating {}", out.display()), e))?;
+    std::fs::create_dir_all(out).map_err(io(out))?;
+    let path = out.join("predictions.jsonl");
     let mut text = String::new();
     for p in predictions {
-        let line = serde_json::to_string(p)
-            .map_err(|e| WorkerError::Internal(format!("serialising a prediction: {e}")))?;
+        let line = serde_json::to_string(p).map_err(|e| EvalError::Invalid {
+            path: path.clone(),
+            message: format!("serialising a prediction: {e}"),
+        })?;
         text.push_str(&line);
         text.push('\n');
     }
-    let path = out.join("predictions.jsonl");
-    std::fs::write(&path, text)
-        .map_err(|e| WorkerError::io(format!("writing {}", path.display()), e))?;
+    std::fs::write(&path, text).map_err(io(&path))?;
     Ok(path)
 }
 

@@ -1,8 +1,8 @@
 //! The ShapesEval scene checker is right on the ground-truth renders.
 #![allow(clippy::unwrap_used)]
 
-use ddit_worker::eval::load_set;
-use ddit_worker::eval::scene::{detect, judge, parse_caption};
+use ddit_shapes_eval::load_set;
+use ddit_shapes_eval::scene::{detect, judge, parse_caption};
 
 #[test]
 fn checker_scores_ground_truth_renders() {
