@@ -51,6 +51,18 @@ pub const DDIT_TEXT_LENGTHS: TextLengths = TextLengths {
     vqa: 128,
 };
 
+/// The text head's rows: the config's `vocab_size`, else the rows of `text_proj_out.weight`.
+fn vocab_size(root: &Path, tc: &TransformerConfig, w: &WeightStore) -> Result<usize> {
+    let head_rows = w.shape_of("text_proj_out.weight").map(|s| s[0]);
+    tc.vocab_size
+        .or(head_rows)
+        .ok_or_else(|| ExportError::MissingTensor {
+            component: "transformer".into(),
+            key: "text_proj_out.weight".into(),
+            files: root.join("transformer").display().to_string(),
+        })
+}
+
 /// Reads `caption_prompt` from `model_index.json`: absent, or a non-empty string.
 fn caption_prompt(index: &ConfigFile) -> Result<Option<String>> {
     match index.get("caption_prompt") {
@@ -148,20 +160,7 @@ impl Checkpoint {
                 ),
             });
         }
-        let head_rows = transformer_weights
-            .shape_of("text_proj_out.weight")
-            .map(|s| s[0]);
-        let vocab_size = match (transformer.vocab_size, head_rows) {
-            (Some(v), _) => v,
-            (None, Some(rows)) => rows,
-            (None, None) => {
-                return Err(ExportError::MissingTensor {
-                    component: "transformer".into(),
-                    key: "text_proj_out.weight".into(),
-                    files: root.join("transformer").display().to_string(),
-                })
-            }
-        };
+        let vocab_size = vocab_size(root, &transformer, &transformer_weights)?;
         if tokenizer.mask_id as usize >= vocab_size {
             return Err(ExportError::Tokenizer {
                 path: tokenizer.path.clone(),

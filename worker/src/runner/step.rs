@@ -97,18 +97,17 @@ impl<M: Model> Runner<'_, M> {
         for &(ai, si) in chunk {
             let a = &mut self.active[ai];
             a.batch_max = a.batch_max.max(chunk.len() as u32);
-            let (step, total) = a.work.progress();
-            a.span.in_scope(|| {
-                tracing::debug!(
-                    kind,
-                    image = si,
-                    step,
-                    total,
-                    rows = chunk.len(),
-                    seconds,
-                    "step"
-                )
-            });
+            // Recorded in the job's span without entering it; the fields are computed only when
+            // a subscriber wants debug events.
+            tracing::debug!(
+                parent: &a.span,
+                kind,
+                image = si,
+                step = a.work.progress().0,
+                rows = chunk.len(),
+                seconds,
+                "step"
+            );
         }
         Ok(())
     }

@@ -63,7 +63,6 @@ struct Fake {
     calls: Rc<RefCell<Vec<Call>>>,
     /// The forward pass (0-based, velocity and logits counted together) that fails.
     fail_call: Option<usize>,
-    forwards: usize,
 }
 
 impl Fake {
@@ -72,18 +71,18 @@ impl Fake {
             manifest: manifest(),
             calls: Rc::default(),
             fail_call: None,
-            forwards: 0,
         }
     }
 
     fn record(&mut self, kind: &'static str, t: &Tensor) -> Result<()> {
-        self.calls.borrow_mut().push(Call {
+        let mut calls = self.calls.borrow_mut();
+        let index = calls.len();
+        calls.push(Call {
             kind,
             rows: t.batch(),
             shape: t.shape.clone(),
         });
-        self.forwards += 1;
-        if self.fail_call == Some(self.forwards - 1) {
+        if self.fail_call == Some(index) {
             return Err(WorkerError::runtime("fake", "injected failure"));
         }
         Ok(())

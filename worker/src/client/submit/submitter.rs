@@ -69,7 +69,7 @@ impl<'a> Submitter<'a> {
         let links = if queue.is_empty() {
             None
         } else {
-            Some(Self::links(cfg, &queue).await?)
+            Some(Self::open_links(cfg, &queue).await?)
         };
         Ok(Submitter {
             bar: progress_bar(cfg, &summary),
@@ -85,7 +85,7 @@ impl<'a> Submitter<'a> {
         })
     }
 
-    async fn links(cfg: &SubmitConfig, queue: &VecDeque<Item>) -> Result<Links> {
+    async fn open_links(cfg: &SubmitConfig, queue: &VecDeque<Item>) -> Result<Links> {
         let client = redis::Client::open(cfg.redis_url.as_str())
             .map_err(|e| bad_input("redis-url", e.to_string()))?;
         let redis = ConnectionManager::new(client)
@@ -112,6 +112,13 @@ impl<'a> Submitter<'a> {
 
     fn result_key(&self, id: &str) -> String {
         format!("{}:result:{id}", self.cfg.redis_prefix)
+    }
+
+    /// The connections; there are none only when nothing was left to do at start.
+    fn links(&self) -> Result<&Links> {
+        self.links
+            .as_ref()
+            .ok_or_else(|| WorkerError::Internal("submit: not connected".into()))
     }
 
     /// Nothing queued and nothing in flight.
@@ -150,13 +157,13 @@ impl<'a> Submitter<'a> {
             let Some(it) = self.queue.pop_front() else {
                 break;
             };
-            let Some(links) = self.links.as_mut() else {
-                return Err(WorkerError::Internal("submit: not connected".into()));
-            };
             let id = it.job.job_id.clone();
-            let key = format!("{}:result:{id}", self.cfg.redis_prefix);
-            let existing: Option<String> = links
+            let key = self.result_key(&id);
+            // A `ConnectionManager` clone shares the one connection.
+            let existing: Option<String> = self
+                .links()?
                 .redis
+                .clone()
                 .get(key)
                 .await
                 .map_err(|e| WorkerError::unavailable("redis", e))?;
@@ -175,9 +182,7 @@ impl<'a> Submitter<'a> {
 
     /// Uploads a local input, publishes the job (confirmed) and journals its id.
     async fn publish(&mut self, mut it: Item) -> Result<()> {
-        let Some(links) = self.links.as_ref() else {
-            return Err(WorkerError::Internal("submit: not connected".into()));
-        };
+        let links = self.links()?;
         if let (Some(path), Some(s3)) = (&it.local_image, &links.s3) {
             let uri = upload(s3, &self.batch, &it.name, path).await?;
             match &mut it.job.task {
@@ -212,11 +217,10 @@ impl<'a> Submitter<'a> {
             .set_message(format!("{} in flight", self.in_flight.len()));
         let ids: Vec<String> = self.in_flight.keys().cloned().collect();
         let keys: Vec<String> = ids.iter().map(|i| self.result_key(i)).collect();
-        let Some(links) = self.links.as_mut() else {
-            return Err(WorkerError::Internal("submit: not connected".into()));
-        };
-        let vals: Vec<Option<String>> = links
+        let vals: Vec<Option<String>> = self
+            .links()?
             .redis
+            .clone()
             .mget(&keys)
             .await
             .map_err(|e| WorkerError::unavailable("redis", e))?;
