@@ -10,8 +10,8 @@ export ORT_DYLIB_PATH
 cargo build --release --bins
 PKG=.ddit/packages/ddit-shapes
 if ! target/release/ddit-export inspect "$PKG" >/dev/null 2>&1; then
-  target/release/ddit-export convert --checkpoint models/ddit-shapes --out "$PKG" --name ddit-shapes \
-    --prompt-len 16 --caption-len 16 --vqa-len 32 --force
+  # The canvas lengths (16 / 16 / 32) and the caption prompt come from the checkpoint's model_index.json.
+  target/release/ddit-export convert --checkpoint models/ddit-shapes --out "$PKG" --name ddit-shapes --force
 fi
 target/release/ddit-export inspect "$PKG"
 OUT=.ddit/demo
