@@ -31,6 +31,13 @@ cargo fmt --all --check
 
 echo "== cargo clippy"
 cargo clippy --workspace --all-targets -- -D warnings
+# Local mode alone: no lapin, redis, aws-sdk or OpenTelemetry (the `service` feature off).
+cargo clippy -p ddit-worker --no-default-features --all-targets -- -D warnings
+if cargo tree -p ddit-worker --no-default-features -e normal --prefix none |
+  grep -E '^(lapin|redis|aws-sdk-s3|aws-config|opentelemetry[a-z_-]*|tokio) '; then
+  echo "the local-only build pulls in a service dependency (above)" >&2
+  exit 1
+fi
 
 echo "== cargo test"
 # The end-to-end tests start the real ddit-worker binary: build it first.
