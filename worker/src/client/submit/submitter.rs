@@ -225,8 +225,10 @@ impl<'a> Submitter<'a> {
             .await
             .map_err(|e| WorkerError::unavailable("redis", e))?;
         let mut got_any = false;
-        for (id, v) in ids.iter().zip(vals) {
-            if let (Some(body), Some((name, _))) = (v, self.in_flight.remove(id)) {
+        for (id, body) in ids.iter().zip(vals) {
+            // Only a job whose result arrived leaves the window.
+            let Some(body) = body else { continue };
+            if let Some((name, _)) = self.in_flight.remove(id) {
                 self.write_result(&name, &body)?;
                 got_any = true;
             }
