@@ -3,17 +3,26 @@
 //!
 //! Times `t_k = linspace(1, 1e-5, N+1)`. At step k (t = t_k, s = t_{k+1}) every still-masked
 //! position stays masked with probability s/t, else takes a token drawn from
-//! p = softmax(logits) with the mask token's logit at −∞ (Gumbel-max in its exponential-race
-//! form: argmax_i p_i / E_i, E_i ~ Exp(1)). Unmasked tokens and the fixed prefix never change.
-//! If a step changed nothing, the next step reuses p without a forward pass. After the last
-//! step, one more forward pass fills any remaining masks by argmax.
-
-use std::collections::BTreeMap;
+//! p = softmax(logits) with the mask token's logit at −∞. Unmasked tokens and the fixed prefix
+//! never change. If a step changed nothing, the next step reuses the logits without a forward
+//! pass. After the last step, one more forward pass fills any remaining masks by argmax.
+//!
+//! The draw is cheap and exact: per masked position (ascending) one uniform decides "stays
+//! masked" first; only a position that unmasks computes its distribution (in f32) and takes the
+//! token where the cumulative sum first exceeds a second uniform times the total. A step that
+//! unmasks m of M positions costs m softmaxes, not M, and no exponential per vocabulary entry.
 
 use super::rng::JobRng;
 
 /// The smallest time of the schedule.
 pub const EPS: f64 = 1e-5;
+
+/// The logits rows of the masked positions of one canvas, valid while the canvas is unchanged.
+struct Cached {
+    positions: Vec<usize>,
+    /// `positions.len()` rows of `vocab` logits, in the order of `positions`.
+    rows: Vec<f32>,
+}
 
 pub struct MaskedState {
     canvas: Vec<i64>,
@@ -21,8 +30,7 @@ pub struct MaskedState {
     vocab: usize,
     times: Vec<f64>,
     step: usize,
-    /// SUBS probabilities of the masked positions, valid while the canvas is unchanged.
-    cache: Option<BTreeMap<usize, Vec<f32>>>,
+    cache: Option<Cached>,
     finished: bool,
     forwards: u32,
     rng: JobRng,
@@ -99,18 +107,18 @@ impl MaskedState {
     }
 
     /// Takes the logits `[L, V]` of the current canvas (only when [`needs_forward`] said so).
+    /// Keeps the rows of the masked positions; nothing is normalised until a position unmasks.
     ///
     /// [`needs_forward`]: MaskedState::needs_forward
     pub fn set_logits(&mut self, logits: &[f32]) {
         self.forwards += 1;
         let v = self.vocab;
-        let mut probs = BTreeMap::new();
         let positions: Vec<usize> = self.masked().collect();
-        for i in positions {
-            let row = &logits[i * v..(i + 1) * v];
-            probs.insert(i, subs_probs(row, self.mask_id as usize));
+        let mut rows = Vec::with_capacity(positions.len() * v);
+        for &i in &positions {
+            rows.extend_from_slice(&logits[i * v..(i + 1) * v]);
         }
-        self.cache = Some(probs);
+        self.cache = Some(Cached { positions, rows });
     }
 
     /// One step of the sampler (or the final argmax fill). Needs the cache to be set.
@@ -118,76 +126,88 @@ impl MaskedState {
         if self.finished {
             return;
         }
+        let Some(cache) = self.cache.take() else {
+            if self.in_final_pass() {
+                self.finished = true;
+            }
+            return;
+        };
+        let (v, mask) = (self.vocab, self.mask_id as usize);
+        let rows = cache.positions.iter().zip(cache.rows.chunks_exact(v));
         if self.in_final_pass() {
-            if let Some(cache) = self.cache.take() {
-                for (i, p) in cache {
-                    if self.canvas[i] == self.mask_id {
-                        self.canvas[i] = argmax(&p) as i64;
-                    }
-                }
+            for (&i, row) in rows {
+                self.canvas[i] = subs_argmax(row, mask) as i64;
             }
             self.finished = true;
             return;
         }
-        let Some(cache) = self.cache.take() else {
-            return;
-        };
-        let (t, s) = (self.times[self.step], self.times[self.step + 1]);
-        let stay = s / t;
+        let stay = self.times[self.step + 1] / self.times[self.step];
         let mut changed = false;
-        for (&i, p) in &cache {
+        for (&i, row) in rows {
             if self.rng.uniform() < stay {
                 continue;
             }
-            let mut best = (f64::NEG_INFINITY, 0usize);
-            for (tok, &pi) in p.iter().enumerate() {
-                let e = self.rng.exponential();
-                let score = f64::from(pi) / e;
-                if score > best.0 {
-                    best = (score, tok);
-                }
-            }
-            self.canvas[i] = best.1 as i64;
+            self.canvas[i] = subs_draw(row, mask, self.rng.uniform()) as i64;
             changed = true;
         }
         self.step += 1;
         if !changed {
-            // Same canvas, same p: the next step needs no forward pass.
+            // Same canvas, same logits: the next step needs no forward pass.
             self.cache = Some(cache);
         }
     }
 }
 
-/// Softmax of one logits row with the mask token excluded.
-pub fn subs_probs(row: &[f32], mask: usize) -> Vec<f32> {
-    let max = row
-        .iter()
-        .enumerate()
-        .filter(|(i, _)| *i != mask)
-        .map(|(_, &x)| x)
-        .fold(f32::NEG_INFINITY, f32::max);
-    let mut p: Vec<f64> = row
-        .iter()
-        .enumerate()
-        .map(|(i, &x)| {
-            if i == mask || !x.is_finite() {
-                0.0
-            } else {
-                f64::from(x - max).exp()
-            }
-        })
-        .collect();
-    let z: f64 = p.iter().sum();
-    if z > 0.0 {
-        p.iter_mut().for_each(|x| *x /= z);
+/// The SUBS weight of one logit (unnormalised): `exp(x − max)`, 0 for the mask token and for a
+/// non-finite logit.
+fn subs_weight(i: usize, x: f32, mask: usize, max: f32) -> f32 {
+    if i == mask || !x.is_finite() {
+        0.0
+    } else {
+        (x - max).exp()
     }
-    p.into_iter().map(|x| x as f32).collect()
 }
 
-fn argmax(p: &[f32]) -> usize {
+/// The largest finite logit other than the mask token's (−∞ when there is none).
+fn subs_max(row: &[f32], mask: usize) -> f32 {
+    row.iter()
+        .enumerate()
+        .filter(|&(i, x)| i != mask && x.is_finite())
+        .map(|(_, &x)| x)
+        .fold(f32::NEG_INFINITY, f32::max)
+}
+
+/// Draws a token from `softmax(row)` without the mask token, with one uniform `u` in [0, 1):
+/// the first token whose cumulative weight exceeds `u` times the total.
+pub fn subs_draw(row: &[f32], mask: usize, u: f64) -> usize {
+    let max = subs_max(row, mask);
+    let total: f32 = row
+        .iter()
+        .enumerate()
+        .map(|(i, &x)| subs_weight(i, x, mask, max))
+        .sum();
+    let target = u * f64::from(total);
+    let mut cum = 0.0f32;
+    let mut last = 0;
+    for (i, &x) in row.iter().enumerate() {
+        let w = subs_weight(i, x, mask, max);
+        if w > 0.0 {
+            cum += w;
+            last = i;
+            if f64::from(cum) > target {
+                return i;
+            }
+        }
+    }
+    // Only when rounding put `target` at the total: the last token with weight.
+    last
+}
+
+/// The most likely token other than the mask token (the first on a tie).
+fn subs_argmax(row: &[f32], mask: usize) -> usize {
     let mut best = (f32::NEG_INFINITY, 0);
-    for (i, &x) in p.iter().enumerate() {
-        if x > best.0 {
+    for (i, &x) in row.iter().enumerate() {
+        if i != mask && x.is_finite() && x > best.0 {
             best = (x, i);
         }
     }
@@ -276,10 +296,120 @@ mod tests {
         assert_eq!(a, b);
     }
 
+    /// Pearson's chi-square of observed counts against expected probabilities (categories with
+    /// p = 0 must have no counts).
+    fn chi_square(counts: &[u64], p: &[f64]) -> f64 {
+        let n: u64 = counts.iter().sum();
+        counts
+            .iter()
+            .zip(p)
+            .map(|(&c, &pi)| {
+                if pi == 0.0 {
+                    assert_eq!(c, 0, "a token with probability 0 was drawn");
+                    0.0
+                } else {
+                    let e = pi * n as f64;
+                    (c as f64 - e).powi(2) / e
+                }
+            })
+            .sum()
+    }
+
+    /// The exact SUBS distribution in f64.
+    fn exact(row: &[f32], mask: usize) -> Vec<f64> {
+        let w: Vec<f64> = row
+            .iter()
+            .enumerate()
+            .map(|(i, &x)| if i == mask { 0.0 } else { f64::from(x).exp() })
+            .collect();
+        let z: f64 = w.iter().sum();
+        w.into_iter().map(|x| x / z).collect()
+    }
+
+    /// The sampler this one replaced: an f64 softmax, then Gumbel-max as an exponential race
+    /// (argmax p_i / E_i with one Exp(1) per vocabulary entry).
+    fn exponential_race(row: &[f32], mask: usize, rng: &mut JobRng) -> usize {
+        let p = exact(row, mask);
+        let mut best = (f64::NEG_INFINITY, 0);
+        for (i, &pi) in p.iter().enumerate() {
+            let score = pi / rng.exponential();
+            if score > best.0 {
+                best = (score, i);
+            }
+        }
+        best.1
+    }
+
+    // 99.9 % quantiles of chi-square (df 10 and 15).
+    const CHI2_DF10: f64 = 29.59;
+    const CHI2_DF15: f64 = 37.70;
+
     #[test]
-    fn subs_excludes_the_mask_token() {
-        let p = subs_probs(&[1.0, 2.0, 100.0], 2);
-        assert_eq!(p[2], 0.0);
-        assert!((p[0] + p[1] - 1.0).abs() < 1e-6);
+    fn one_uniform_draw_matches_the_exponential_race_and_the_exact_distribution() {
+        let mask = 4;
+        let row: Vec<f32> = vec![
+            0.3, -1.2, 2.0, 0.0, 9.0, 1.1, -0.4, 0.7, -3.0, 1.6, 0.2, -0.9,
+        ];
+        let p = exact(&row, mask);
+        let n = 200_000;
+        let (mut fast, mut race) = (vec![0u64; row.len()], vec![0u64; row.len()]);
+        let mut rng = JobRng::new(1);
+        for _ in 0..n {
+            fast[subs_draw(&row, mask, rng.uniform())] += 1;
+            race[exponential_race(&row, mask, &mut rng)] += 1;
+        }
+        // 11 tokens can be drawn: 10 degrees of freedom.
+        let (cf, cr) = (chi_square(&fast, &p), chi_square(&race, &p));
+        assert!(cf < CHI2_DF10, "new sampler vs exact: chi2 {cf}");
+        assert!(cr < CHI2_DF10, "reference vs exact: chi2 {cr}");
+        // The two samplers against each other (two-sample chi-square, same df).
+        let two: f64 = fast
+            .iter()
+            .zip(&race)
+            .filter(|(a, b)| **a + **b > 0)
+            .map(|(&a, &b)| (a as f64 - b as f64).powi(2) / (a + b) as f64)
+            .sum();
+        assert!(two < CHI2_DF10, "new vs reference: chi2 {two}");
+    }
+
+    #[test]
+    fn the_draw_never_picks_the_mask_or_a_non_finite_logit() {
+        let row = [f32::NAN, 1.0, f32::NEG_INFINITY, 80.0, 2.0];
+        for u in [0.0, 0.5, 0.999_999, 1.0 - f64::EPSILON] {
+            let t = subs_draw(&row, 3, u);
+            assert!(t == 1 || t == 4, "u {u}: token {t}");
+        }
+        assert_eq!(subs_draw(&[1.0, 2.0, 100.0], 2, 0.999_999_999), 1);
+        assert_eq!(subs_argmax(&[1.0, 2.0, 100.0], 2), 1);
+    }
+
+    /// Whole runs over many seeds with canvas-independent logits: every position's final token
+    /// follows p, and the step at which it unmasks is uniform over the steps (the linear schedule
+    /// gives each step the same share of the probability to unmask).
+    #[test]
+    fn whole_runs_over_many_seeds_follow_the_schedule_and_p() {
+        let (vocab, mask, len, steps) = (12usize, 11i64, 6usize, 16usize);
+        let logits = |c: &[i64]| -> Vec<f32> {
+            (0..c.len() * vocab)
+                .map(|k| ((k % vocab) as f32 * 0.37).sin() * 1.5)
+                .collect()
+        };
+        let p = exact(&logits(&[0])[..vocab], mask as usize);
+        let (mut tokens, mut when) = (vec![0u64; vocab], vec![0u64; steps]);
+        for seed in 0..3000 {
+            let mut s = MaskedState::new(&[], len, mask, vocab, steps, JobRng::new(seed));
+            let hist = run(&mut s, logits);
+            for pos in 0..len {
+                let k = hist.iter().position(|c| c[pos] != mask).expect("filled");
+                // hist[k] is the canvas after step k-1 (the final pass is step `steps`, and
+                // reaching it has probability 1e-5 per position).
+                when[(k - 1).min(steps - 1)] += 1;
+                tokens[s.canvas()[pos] as usize] += 1;
+            }
+        }
+        let c = chi_square(&tokens, &p);
+        assert!(c < CHI2_DF10, "tokens: chi2 {c} {tokens:?}");
+        let c = chi_square(&when, &vec![1.0 / steps as f64; steps]);
+        assert!(c < CHI2_DF15, "unmask steps: chi2 {c} {when:?}");
     }
 }

@@ -8,8 +8,9 @@
 //! - Exp(1): `-ln(1 - u)` (one uniform).
 //!
 //! Generated image `i` of a job uses seed `seed + i` (wrapping). A job's draws happen in a fixed
-//! order (latents row-major; masked positions in ascending order, then the vocabulary in order),
-//! so outputs are bit-identical across runs for the same seed, inputs and model.
+//! order (latents row-major; per masked position in ascending order one uniform for "stays
+//! masked", then one for the token if it unmasks), so outputs are bit-identical across runs for
+//! the same seed, inputs and model.
 
 use rand_chacha::ChaCha20Rng;
 use rand_core::{RngCore, SeedableRng};
