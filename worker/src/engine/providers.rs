@@ -86,7 +86,10 @@ pub struct TensorRtOptions {
 #[derive(Debug, Clone)]
 pub struct EngineConfig {
     pub providers: Vec<Provider>,
+    /// Threads of the process's one ONNX Runtime pool (shared by every session).
     pub intra_threads: usize,
+    /// Whether idle pool threads spin (busy-wait) for the next parallel section.
+    pub spin: bool,
     pub tensorrt: TensorRtOptions,
     /// Path of `libonnxruntime.so`; default: `ORT_DYLIB_PATH`, then the standard places (README).
     pub ort_library: Option<PathBuf>,
@@ -97,6 +100,7 @@ impl Default for EngineConfig {
         Self {
             providers: vec![Provider::Cpu],
             intra_threads: 1,
+            spin: true,
             tensorrt: TensorRtOptions::default(),
             ort_library: None,
         }

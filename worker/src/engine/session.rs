@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
 use ddit_schemas::{SegmentSpec, TensorDtype};
-use ort::environment::Environment;
+use ort::environment::{Environment, GlobalThreadPoolOptions};
 use ort::session::{Session, SessionInputValue};
 use ort::value::TensorElementType;
 use ort::value::TensorRef;
@@ -45,7 +45,8 @@ pub fn default_library_candidates() -> Vec<PathBuf> {
     c
 }
 
-/// Loads ONNX Runtime once per process.
+/// Loads ONNX Runtime once per process, with one intra-op thread pool of `intra_threads` that
+/// every session of the process shares (spinning per `spin`); the first engine's config sets it.
 pub fn environment(cfg: &EngineConfig) -> Result<&'static Environment> {
     static ENV: OnceLock<std::result::Result<Environment, String>> = OnceLock::new();
     let res = ENV.get_or_init(|| {
@@ -60,9 +61,15 @@ pub fn environment(cfg: &EngineConfig) -> Result<&'static Environment> {
         if !path.exists() {
             return Err(format!("{} does not exist", path.display()));
         }
+        let pool = GlobalThreadPoolOptions::default()
+            .with_intra_threads(cfg.intra_threads.max(1))
+            .and_then(|p| p.with_inter_threads(1))
+            .and_then(|p| p.with_spin_control(cfg.spin))
+            .map_err(|e| format!("the thread pool: {e}"))?;
         ort::init_from(&path)
             .map_err(|e| format!("loading {}: {e}", path.display()))?
             .with_name("ddit")
+            .with_global_thread_pool(pool)
             .build()
             .map_err(|e| format!("creating the environment: {e}"))
     });
@@ -103,13 +110,8 @@ impl Segment {
         model_hash: &str,
     ) -> Result<Self> {
         let ctx = |what: &str| format!("segment {} ({}): {what}", spec.name, path.display());
+        // Every session runs on the environment's one thread pool (see `environment`).
         let builder = Session::builder(env).map_err(|e| WorkerError::runtime(ctx("builder"), e))?;
-        let builder = builder
-            .with_intra_threads(cfg.intra_threads.max(1))
-            .map_err(|e| WorkerError::runtime(ctx("intra-op threads"), e))?;
-        let builder = builder
-            .with_inter_threads(1)
-            .map_err(|e| WorkerError::runtime(ctx("inter-op threads"), e))?;
         let mut builder = builder
             .with_execution_providers(cfg.dispatch(model_hash))
             .map_err(|e| WorkerError::Provider {

@@ -139,41 +139,48 @@ impl<M: Model> Runner<'_, M> {
     }
 
     fn forward_generate(&mut self, rows: &[(usize, usize)]) -> Result<()> {
-        let n = rows.len();
-        let mut latents = Vec::with_capacity(2 * n);
-        let mut ctx_rows = Vec::with_capacity(2 * n);
-        let mut ts = Vec::with_capacity(2 * n);
-        // Batched as [uncond rows..., cond rows...]; rows are borrowed, copied once by `cat`.
+        // Batched as [uncond rows..., cond rows...], each row only where its guidance needs it
+        // (`FlowState::halves`); rows are borrowed, copied once by `cat`.
+        let mut picks = Vec::with_capacity(2 * rows.len());
+        let (mut latents, mut ctx_rows, mut ts) = (Vec::new(), Vec::new(), Vec::new());
         for half in 0..2 {
-            for &(ai, si) in rows {
+            for (k, &(ai, si)) in rows.iter().enumerate() {
                 let Work::Generate {
                     states, context, ..
                 } = &self.active[ai].work
                 else {
                     return Err(WorkerError::Internal("mixed batch".into()));
                 };
-                latents.push(&states[si].latents);
-                ctx_rows.push(&context[half]);
-                ts.push(states[si].timestep());
+                if states[si].halves()[half] {
+                    picks.push((k, half));
+                    latents.push(&states[si].latents);
+                    ctx_rows.push(&context[half]);
+                    ts.push(states[si].timestep());
+                }
             }
         }
         let lat = Tensor::cat(&latents)?;
         let ctx = Tensor::cat(&ctx_rows)?;
         let v = self.model.velocity(&lat, &ctx, &ts)?;
         let m = v.row_len();
-        if v.data.len() != 2 * n * m {
+        if v.data.len() != picks.len() * m {
             return Err(WorkerError::Internal(format!(
                 "velocity {:?} for {} rows",
                 v.shape,
-                2 * n
+                picks.len()
             )));
         }
-        for (k, &(ai, si)) in rows.iter().enumerate() {
+        // The batch row of each image's [uncond, cond] velocity.
+        let mut at = vec![[None; 2]; rows.len()];
+        for (j, &(k, half)) in picks.iter().enumerate() {
+            at[k][half] = Some(j);
+        }
+        for (&(ai, si), [u, c]) in rows.iter().zip(at) {
+            let (Some(u), Some(c)) = (u.or(c), c.or(u)) else {
+                return Err(WorkerError::Internal("a row with no velocity".into()));
+            };
             if let Work::Generate { states, .. } = &mut self.active[ai].work {
-                states[si].apply(
-                    &v.data[k * m..(k + 1) * m],
-                    &v.data[(n + k) * m..(n + k + 1) * m],
-                );
+                states[si].apply(&v.data[u * m..(u + 1) * m], &v.data[c * m..(c + 1) * m]);
             }
         }
         Ok(())

@@ -474,3 +474,40 @@ fn seeded_runs_repeat_exactly() {
     }
     assert_eq!(first.pngs, second.pngs);
 }
+
+fn guided(id: &str, guidance: f32) -> Job {
+    let mut j = generate(id, 3, 16, 1);
+    if let TaskParams::Generate(p) = &mut j.task {
+        p.guidance = Some(guidance);
+        p.prompt = "a red circle".into();
+    }
+    j
+}
+
+#[test]
+fn guidance_one_or_zero_runs_only_the_row_it_needs() {
+    // Alone: w = 1 needs the conditional row only, w = 0 the unconditional one, w = 7 both.
+    for (w, rows) in [(1.0, 1), (0.0, 1), (7.0, 2)] {
+        let mut fake = Fake::new();
+        run(&mut fake, vec![guided("g", w)], 4, &mut Collect::default());
+        let got: Vec<usize> = fake.calls.borrow().iter().map(|c| c.rows).collect();
+        assert_eq!(got, vec![rows; 3], "guidance {w}");
+    }
+    // Together: 2 + 1 + 1 rows a step, and each image is the one it gets alone.
+    let jobs = || vec![guided("w1", 1.0), guided("w0", 0.0), guided("w7", 7.0)];
+    let mut fake = Fake::new();
+    let mut together = Collect::default();
+    run(&mut fake, jobs(), 4, &mut together);
+    let got: Vec<usize> = fake.calls.borrow().iter().map(|c| c.rows).collect();
+    assert_eq!(got, vec![4; 3]);
+    let mut images = Vec::new();
+    for j in jobs() {
+        let mut alone = Collect::default();
+        run(&mut Fake::new(), vec![j.clone()], 4, &mut alone);
+        let want = outcome(&alone, &j.job_id);
+        assert_eq!(outcome(&together, &j.job_id), want, "{}", j.job_id);
+        images.push(want.1);
+    }
+    // The same prompt and seed: w = 1 (v = v_c), w = 0 (v = v_u) and w = 7 differ.
+    assert!(images[0] != images[1] && images[0] != images[2] && images[1] != images[2]);
+}

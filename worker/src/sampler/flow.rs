@@ -100,7 +100,16 @@ impl FlowState {
         self.timesteps[self.step.min(self.timesteps.len() - 1)]
     }
 
-    /// `v = v_u + w·(v_c − v_u)`; `x ← x + (σ_{i+1} − σ_i)·v`.
+    /// Which velocities the step needs, `[unconditional, conditional]`: both, except at w = 1
+    /// (v = v_c) and w = 0 (v = v_u), where the other row would be multiplied by zero.
+    pub fn halves(&self) -> [bool; 2] {
+        [self.guidance != 1.0, self.guidance != 0.0]
+    }
+
+    /// `v = v_u + w·(v_c − v_u)`; `x ← x + (σ_{i+1} − σ_i)·v`. A half that [`halves`] says is
+    /// not needed is passed as the other one, which gives v exactly.
+    ///
+    /// [`halves`]: FlowState::halves
     pub fn apply(&mut self, v_uncond: &[f32], v_cond: &[f32]) {
         let dt = self.sigmas[self.step + 1] - self.sigmas[self.step];
         let w = self.guidance;
