@@ -217,9 +217,28 @@ impl Model for Engine {
         self.image_head(&x, &temb, grid)
     }
 
-    fn logits(&mut self, image_tokens: &Tensor, temb: &Tensor, ids: &[Vec<i64>]) -> Result<Tensor> {
+    fn logits(
+        &mut self,
+        image_tokens: &Tensor,
+        temb: &Tensor,
+        ids: &[Vec<i64>],
+        positions: &[Vec<usize>],
+    ) -> Result<Tensor> {
         let y = Engine::encode_text(self, ids)?;
         let (_, y) = self.blocks(image_tokens, &y, temb)?;
-        self.text_head(&y)
+        // The head is per token: only the wanted positions go through its `D x V` projection.
+        let (l, d) = (y.shape[1], y.shape[2]);
+        let mut rows = Vec::with_capacity(positions.iter().map(Vec::len).sum::<usize>() * d);
+        for (b, ps) in positions.iter().enumerate() {
+            for &p in ps {
+                let at = (b * l + p) * d;
+                let row = y.data.get(at..at + d).ok_or_else(|| {
+                    WorkerError::Internal(format!("text position {p} of row {b} out of range"))
+                })?;
+                rows.extend_from_slice(row);
+            }
+        }
+        let m = rows.len() / d.max(1);
+        self.text_head(&Tensor::new(vec![1, m, d], rows)?)
     }
 }

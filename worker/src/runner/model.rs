@@ -24,7 +24,14 @@ pub trait Model {
     /// per row on the 0..num_train_timesteps scale -> velocities `[N, C, h, w]`.
     fn velocity(&mut self, latents: &Tensor, context: &Tensor, timesteps: &[f32])
         -> Result<Tensor>;
-    /// Captioning and VQA, one step: image stream `[N, T, D]`, temb `[N, D]`, canvases `[N][L]`
-    /// -> logits `[N, L, V]`.
-    fn logits(&mut self, image_tokens: &Tensor, temb: &Tensor, ids: &[Vec<i64>]) -> Result<Tensor>;
+    /// Captioning and VQA, one step: image stream `[N, T, D]`, temb `[N, D]`, canvases `[N][L]`,
+    /// and the positions of each canvas whose logits are wanted (its masked ones, ascending) ->
+    /// logits `[1, M, V]`, M the number of positions, row `i`'s positions first.
+    fn logits(
+        &mut self,
+        image_tokens: &Tensor,
+        temb: &Tensor,
+        ids: &[Vec<i64>],
+        positions: &[Vec<usize>],
+    ) -> Result<Tensor>;
 }

@@ -190,6 +190,7 @@ impl<M: Model> Runner<'_, M> {
         let mut toks = Vec::with_capacity(rows.len());
         let mut tembs = Vec::with_capacity(rows.len());
         let mut ids = Vec::with_capacity(rows.len());
+        let mut positions = Vec::with_capacity(rows.len());
         for &(ai, _) in rows {
             let Work::Masked {
                 state,
@@ -203,23 +204,27 @@ impl<M: Model> Runner<'_, M> {
             toks.push(image_tokens);
             tembs.push(temb);
             ids.push(state.canvas().to_vec());
+            positions.push(state.masked_positions());
         }
         let x = Tensor::cat(&toks)?;
         let t = Tensor::cat(&tembs)?;
-        let logits = self.model.logits(&x, &t, &ids)?;
-        let m = logits.row_len();
-        if logits.data.len() != rows.len() * m {
+        let logits = self.model.logits(&x, &t, &ids, &positions)?;
+        let total: usize = positions.iter().map(Vec::len).sum();
+        let v = self.model.manifest().values.vocab_size as usize;
+        if logits.data.len() != total * v {
             return Err(WorkerError::Internal(format!(
-                "logits {:?} for {} rows",
-                logits.shape,
-                rows.len()
+                "logits {:?} for {total} masked positions",
+                logits.shape
             )));
         }
-        for (k, &(ai, _)) in rows.iter().enumerate() {
+        let mut at = 0;
+        for (&(ai, _), ps) in rows.iter().zip(&positions) {
+            let n = ps.len() * v;
             if let Work::Masked { state, .. } = &mut self.active[ai].work {
-                state.set_logits(&logits.data[k * m..(k + 1) * m]);
+                state.set_logits(&logits.data[at..at + n]);
                 state.advance();
             }
+            at += n;
         }
         Ok(())
     }

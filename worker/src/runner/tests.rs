@@ -154,19 +154,22 @@ impl Model for Fake {
         &mut self,
         image_tokens: &Tensor,
         _temb: &Tensor,
-        ids: &[Vec<i64>],
+        _ids: &[Vec<i64>],
+        positions: &[Vec<usize>],
     ) -> Result<Tensor> {
         self.record("logits", image_tokens)?;
-        let l = ids[0].len();
-        let mut data = vec![0f32; ids.len() * l * VOCAB];
-        for b in 0..ids.len() {
+        let m: usize = positions.iter().map(Vec::len).sum();
+        let mut data = vec![0f32; m * VOCAB];
+        let mut row = 0;
+        for (b, ps) in positions.iter().enumerate() {
             let img = (row_mean(image_tokens, b) * 100.0).abs() as usize;
-            for p in 0..l {
+            for &p in ps {
                 let peak = (img + p * 7) % (VOCAB - 1);
-                data[(b * l + p) * VOCAB + peak] = 8.0;
+                data[row * VOCAB + peak] = 8.0;
+                row += 1;
             }
         }
-        Tensor::new(vec![ids.len(), l, VOCAB], data)
+        Tensor::new(vec![1, m, VOCAB], data)
     }
 }
 

@@ -90,6 +90,13 @@ impl MaskedState {
             .map(|(i, _)| i)
     }
 
+    /// The positions still masked, ascending: the rows [`set_logits`] takes.
+    ///
+    /// [`set_logits`]: MaskedState::set_logits
+    pub fn masked_positions(&self) -> Vec<usize> {
+        self.masked().collect()
+    }
+
     fn in_final_pass(&self) -> bool {
         self.step + 1 >= self.times.len()
     }
@@ -99,26 +106,24 @@ impl MaskedState {
         if self.finished {
             return false;
         }
-        if self.in_final_pass() {
-            // An unchanged canvas keeps its cached logits: the final argmax needs no new pass.
-            return self.masked().next().is_some() && self.cache.is_none();
-        }
-        self.cache.is_none()
+        // Nothing masked: nothing to draw. An unchanged canvas keeps its cached logits.
+        self.cache.is_none() && self.masked().next().is_some()
     }
 
-    /// Takes the logits `[L, V]` of the current canvas (only when [`needs_forward`] said so).
-    /// Keeps the rows of the masked positions; nothing is normalised until a position unmasks.
+    /// Takes the logits `[M, V]` of the masked positions of the current canvas, in the order of
+    /// [`masked_positions`] (only when [`needs_forward`] said so). Nothing is normalised until a
+    /// position unmasks.
     ///
+    /// [`masked_positions`]: MaskedState::masked_positions
     /// [`needs_forward`]: MaskedState::needs_forward
-    pub fn set_logits(&mut self, logits: &[f32]) {
+    pub fn set_logits(&mut self, rows: &[f32]) {
         self.forwards += 1;
-        let v = self.vocab;
-        let positions: Vec<usize> = self.masked().collect();
-        let mut rows = Vec::with_capacity(positions.len() * v);
-        for &i in &positions {
-            rows.extend_from_slice(&logits[i * v..(i + 1) * v]);
-        }
-        self.cache = Some(Cached { positions, rows });
+        let positions = self.masked_positions();
+        debug_assert_eq!(rows.len(), positions.len() * self.vocab);
+        self.cache = Some(Cached {
+            positions,
+            rows: rows.to_vec(),
+        });
     }
 
     /// One step of the sampler (or the final argmax fill). Needs the cache to be set.
@@ -129,6 +134,9 @@ impl MaskedState {
         let Some(cache) = self.cache.take() else {
             if self.in_final_pass() {
                 self.finished = true;
+            } else if self.masked().next().is_none() {
+                // Everything unmasked before the last step: the remaining steps draw nothing.
+                self.step += 1;
             }
             return;
         };
@@ -225,7 +233,13 @@ mod tests {
         while !state.done() {
             if state.needs_forward() {
                 let l = logits(state.canvas());
-                state.set_logits(&l);
+                let v = l.len() / state.canvas().len();
+                let rows: Vec<f32> = state
+                    .masked_positions()
+                    .iter()
+                    .flat_map(|&i| l[i * v..(i + 1) * v].iter().copied())
+                    .collect();
+                state.set_logits(&rows);
             }
             state.advance();
             history.push(state.canvas().to_vec());
