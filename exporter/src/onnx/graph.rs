@@ -297,14 +297,16 @@ impl Graph {
             n,
         )
     }
-    /// GELU with the tanh approximation, written out (exact on every execution provider).
+    /// GELU with the tanh approximation, 0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³))), written
+    /// out with x³ as `Pow(x, 3)`: the form ONNX Runtime's FastGelu fusion rewrites into one op
+    /// (every other execution provider runs it as written).
     pub fn gelu_tanh(&mut self, x: &str) -> Value {
         let c = self.scalar_f32((2.0f64 / std::f64::consts::PI).sqrt() as f32);
         let k = self.scalar_f32(0.044715);
         let half = self.scalar_f32(0.5);
         let one = self.scalar_f32(1.0);
-        let x2 = self.mul(x, x);
-        let x3 = self.mul(&x2, x);
+        let three = self.scalar_f32(3.0);
+        let x3 = self.op("Pow", &[x, &three], vec![]);
         let kx3 = self.mul(&k, &x3);
         let inner = self.add(x, &kx3);
         let scaled = self.mul(&c, &inner);
