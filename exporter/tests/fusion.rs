@@ -1,5 +1,6 @@
-//! ONNX Runtime fuses what the exporter writes: every tanh-GELU of the transformer becomes one
-//! `FastGelu`. Read from the model ORT saves after its optimisations.
+//! ONNX Runtime fuses what the exporter writes: every tanh-GELU becomes one `FastGelu`, every
+//! T5 RMSNorm one `SimplifiedLayerNormalization`. Read from the model ORT saves after its
+//! optimisations.
 #![allow(clippy::unwrap_used)]
 
 mod common;
@@ -68,25 +69,51 @@ fn op_counts(path: &Path) -> HashMap<String, usize> {
     counts
 }
 
-#[test]
-fn every_tanh_gelu_of_the_joint_blocks_becomes_one_fast_gelu() {
+/// The op counts of one segment as written, and after ONNX Runtime's optimisations.
+fn written_and_optimized(role: Role) -> (HashMap<String, usize>, HashMap<String, usize>) {
     let (dir, m) = common::export("tiny-f32", |_| {});
-    let pkg = dir.path().join("pkg");
-    let seg = m.by_role(Role::JointBlocks).next().unwrap();
-    let written = op_counts(&pkg.join(&seg.files[0].path));
-    let gelus = written["Tanh"];
-    assert!(gelus >= 2, "{written:?}");
-    assert_eq!(written.get("Pow"), Some(&gelus));
-
+    let file = dir
+        .path()
+        .join("pkg")
+        .join(&m.by_role(role).next().unwrap().files[0].path);
     let optimized = dir.path().join("optimized.onnx");
     let _session: Session = Session::builder(common::env())
         .unwrap()
         .with_optimized_model_path(&optimized)
         .unwrap()
-        .commit_from_file(pkg.join(&seg.files[0].path))
+        .commit_from_file(&file)
         .unwrap();
-    let after = op_counts(&optimized);
+    (op_counts(&file), op_counts(&optimized))
+}
+
+#[test]
+fn every_tanh_gelu_of_the_joint_blocks_becomes_one_fast_gelu() {
+    let (written, after) = written_and_optimized(Role::JointBlocks);
+    let gelus = written["Tanh"];
+    assert!(gelus >= 2, "{written:?}");
+    assert_eq!(written.get("Pow"), Some(&gelus));
     assert_eq!(after.get("FastGelu"), Some(&gelus), "{after:?}");
     assert_eq!(after.get("Tanh"), None, "{after:?}");
     assert_eq!(after.get("Pow"), None, "{after:?}");
+}
+
+#[test]
+fn every_rms_norm_and_gelu_of_t5_becomes_one_op() {
+    let (written, after) = written_and_optimized(Role::TextEncoder);
+    let norms = written["Sqrt"];
+    let gelus = written.get("Tanh").copied().unwrap_or(0);
+    assert!(norms >= 3, "{written:?}");
+    assert_eq!(
+        after.get("SimplifiedLayerNormalization"),
+        Some(&norms),
+        "{after:?}"
+    );
+    assert_eq!(
+        after.get("FastGelu").copied().unwrap_or(0),
+        gelus,
+        "{after:?}"
+    );
+    for op in ["Sqrt", "Pow", "Tanh", "ReduceMean"] {
+        assert_eq!(after.get(op), None, "{op} left: {after:?}");
+    }
 }

@@ -136,7 +136,9 @@ impl<'a> Ctx<'a> {
         )
     }
 
-    /// torch `GroupNorm(groups, channels, eps)` on `[B, C, H, W]`, affine from `prefix`.
+    /// torch `GroupNorm(groups, channels, eps)` on `[B, C, H, W]`, affine from `prefix`: one
+    /// `InstanceNormalization` over `[B, groups, C/groups·H·W]` (unit scale, zero bias), then the
+    /// per-channel affine.
     pub fn group_norm(
         &mut self,
         x: &str,
@@ -148,23 +150,13 @@ impl<'a> Ctx<'a> {
         let g = &mut self.g;
         let orig = g.shape(x);
         let grouped = g.reshape(x, &[0, groups as i64, -1]);
-        let axes = g.const_i64(&[2]);
-        let mean = g.op(
-            "ReduceMean",
-            &[&grouped, &axes],
-            vec![("keepdims", Attr::Int(1))],
+        let ones = g.const_f32(&vec![1.0; groups], vec![groups as i64]);
+        let zeros = g.const_f32(&vec![0.0; groups], vec![groups as i64]);
+        let normed = g.op(
+            "InstanceNormalization",
+            &[&grouped, &ones, &zeros],
+            vec![("epsilon", Attr::Float(eps))],
         );
-        let centred = g.sub(&grouped, &mean);
-        let sq = g.mul(&centred, &centred);
-        let var = g.op(
-            "ReduceMean",
-            &[&sq, &axes],
-            vec![("keepdims", Attr::Int(1))],
-        );
-        let e = g.scalar_f32(eps);
-        let ve = g.add(&var, &e);
-        let sd = g.op("Sqrt", &[&ve], vec![]);
-        let normed = g.div(&centred, &sd);
         let back = g.reshape_to(&normed, &orig);
         let c = channels as i64;
         let gamma = self.param_as(&format!("{prefix}.weight"), &[channels], &[c, 1, 1])?;

@@ -31,10 +31,13 @@ pub fn bucket_table(num_buckets: usize, max_distance: usize) -> Vec<i64> {
         .collect()
 }
 
+/// T5's RMSNorm, `x / sqrt(mean(x²) + eps) · w`, in the form ONNX Runtime fuses into one
+/// `SimplifiedLayerNormalization` (`Pow(x, 2)`, then `Div`).
 fn rms_norm(c: &mut Ctx<'_>, x: &str, key: &str, d: usize, eps: f32) -> Result<Value> {
     let w = c.param(key, &[d])?;
     let g = &mut c.g;
-    let sq = g.mul(x, x);
+    let two = g.scalar_f32(2.0);
+    let sq = g.op("Pow", &[x, &two], vec![]);
     let axes = g.const_i64(&[-1]);
     let var = g.op(
         "ReduceMean",
@@ -44,8 +47,7 @@ fn rms_norm(c: &mut Ctx<'_>, x: &str, key: &str, d: usize, eps: f32) -> Result<V
     let e = g.scalar_f32(eps);
     let ve = g.add(&var, &e);
     let r = g.op("Sqrt", &[&ve], vec![]);
-    let inv = g.op("Reciprocal", &[&r], vec![]);
-    let n = g.mul(x, &inv);
+    let n = g.div(x, &r);
     Ok(g.mul(&n, &w))
 }
 
