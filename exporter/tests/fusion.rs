@@ -1,6 +1,6 @@
 //! ONNX Runtime fuses what the exporter writes: every tanh-GELU becomes one `FastGelu`, every
-//! T5 RMSNorm one `SimplifiedLayerNormalization`. Read from the model ORT saves after its
-//! optimisations.
+//! T5 RMSNorm one `SimplifiedLayerNormalization`, and attention stays one `MultiHeadAttention`
+//! (no Softmax left). Read from the model ORT saves after its optimisations.
 #![allow(clippy::unwrap_used)]
 
 mod common;
@@ -95,6 +95,14 @@ fn every_tanh_gelu_of_the_joint_blocks_becomes_one_fast_gelu() {
     assert_eq!(after.get("FastGelu"), Some(&gelus), "{after:?}");
     assert_eq!(after.get("Tanh"), None, "{after:?}");
     assert_eq!(after.get("Pow"), None, "{after:?}");
+    one_attention_op_per_layer(&written, &after);
+}
+
+fn one_attention_op_per_layer(written: &HashMap<String, usize>, after: &HashMap<String, usize>) {
+    let layers = written["MultiHeadAttention"];
+    assert!(layers >= 2, "{written:?}");
+    assert_eq!(after.get("MultiHeadAttention"), Some(&layers), "{after:?}");
+    assert_eq!(after.get("Softmax"), None, "{after:?}");
 }
 
 #[test]
@@ -116,4 +124,5 @@ fn every_rms_norm_and_gelu_of_t5_becomes_one_op() {
     for op in ["Sqrt", "Pow", "Tanh", "ReduceMean"] {
         assert_eq!(after.get(op), None, "{op} left: {after:?}");
     }
+    one_attention_op_per_layer(&written, &after);
 }

@@ -64,8 +64,14 @@ impl Initializer {
     }
 }
 
+/// The domain of ONNX Runtime's contrib ops (`MultiHeadAttention`, ...), imported at version 1
+/// by every segment.
+pub const MS_DOMAIN: &str = "com.microsoft";
+
 pub struct Node {
     pub op: &'static str,
+    /// The operator set: "" (ONNX) or [`MS_DOMAIN`] (ONNX Runtime's contrib ops).
+    pub domain: &'static str,
     pub name: String,
     pub inputs: Vec<Value>,
     pub outputs: Vec<Value>,
@@ -133,6 +139,7 @@ impl Graph {
     pub fn output(&mut self, value: &str, name: &str, dtype: DType, shape: Vec<Dim>) {
         self.nodes.push(Node {
             op: "Identity",
+            domain: "",
             name: format!("output/{name}"),
             inputs: vec![value.to_string()],
             outputs: vec![name.to_string()],
@@ -156,12 +163,27 @@ impl Graph {
         let outputs: Vec<Value> = (0..n).map(|i| format!("{name}:{i}")).collect();
         self.nodes.push(Node {
             op,
+            domain: "",
             name,
             inputs: inputs.iter().map(|s| s.to_string()).collect(),
             outputs: outputs.clone(),
             attrs,
         });
         outputs
+    }
+
+    /// One ONNX Runtime contrib op (domain [`MS_DOMAIN`]) with one output.
+    pub fn ms_op(
+        &mut self,
+        op: &'static str,
+        inputs: &[&str],
+        attrs: Vec<(&'static str, Attr)>,
+    ) -> Value {
+        let out = self.op(op, inputs, attrs);
+        if let Some(n) = self.nodes.last_mut() {
+            n.domain = MS_DOMAIN;
+        }
+        out
     }
 
     pub fn op(

@@ -109,6 +109,7 @@ pub mod field {
         pub const NAME: u32 = 3;
         pub const OP_TYPE: u32 = 4;
         pub const ATTRIBUTE: u32 = 5;
+        pub const DOMAIN: u32 = 7;
     }
     pub mod attr {
         pub const NAME: u32 = 1;

@@ -165,6 +165,9 @@ fn node_msg(n: &Node) -> Msg {
     }
     node.string(f::node::NAME, &n.name)
         .string(f::node::OP_TYPE, n.op);
+    if !n.domain.is_empty() {
+        node.string(f::node::DOMAIN, n.domain);
+    }
     for (name, a) in &n.attrs {
         node.msg(f::node::ATTRIBUTE, attr_msg(name, a));
     }
@@ -185,6 +188,11 @@ fn model_msg(graph: Msg, doc: &str, segment: &str) -> Msg {
         .string(f::model::DOC_STRING, doc)
         .msg(f::model::GRAPH, graph)
         .msg(f::model::OPSET_IMPORT, opset);
+    let mut contrib = Msg::new();
+    contrib
+        .string(f::opset::DOMAIN, super::graph::MS_DOMAIN)
+        .int(f::opset::VERSION, 1);
+    model.msg(f::model::OPSET_IMPORT, contrib);
     let mut meta = Msg::new();
     meta.string(f::entry::KEY, "ddit.segment")
         .string(f::entry::VALUE, segment);

@@ -189,36 +189,30 @@ impl<'a> Ctx<'a> {
         ))
     }
 
-    /// Softmax attention over `[B, S, H*dh]` projections with `(heads, head_dim)`; returns `[B, S, H*dh]`.
-    /// `bias` (broadcastable to `[B, H, S, S]`) is added to the scores before the softmax.
+    /// Softmax attention over `[B, S, H*dh]` projections with `heads` heads; returns
+    /// `[B, S, H*dh]`. Scores are scaled by `scale` (1 when `None`); `bias` (`[1 or B, H, S, S]`)
+    /// is added before the softmax. One ONNX Runtime `MultiHeadAttention` op.
     pub fn attention(
         &mut self,
         q: &str,
         k: &str,
         v: &str,
-        (heads, head_dim): (usize, usize),
+        heads: usize,
         scale: Option<f32>,
         bias: Option<&str>,
     ) -> Value {
-        let g = &mut self.g;
-        let (h, d) = (heads as i64, head_dim as i64);
-        let qh = g.reshape(q, &[0, 0, h, d]);
-        let qh = g.transpose(&qh, &[0, 2, 1, 3]);
-        let kh = g.reshape(k, &[0, 0, h, d]);
-        let kt = g.transpose(&kh, &[0, 2, 3, 1]);
-        let vh = g.reshape(v, &[0, 0, h, d]);
-        let vh = g.transpose(&vh, &[0, 2, 1, 3]);
-        let mut scores = g.matmul(&qh, &kt);
-        if let Some(s) = scale {
-            let sc = g.scalar_f32(s);
-            scores = g.mul(&scores, &sc);
-        }
+        let mut inputs = vec![q, k, v];
         if let Some(b) = bias {
-            scores = g.add(&scores, b);
+            // No projection bias, no key padding mask, then the attention bias.
+            inputs.extend(["", "", b]);
         }
-        let p = g.softmax(&scores, -1);
-        let o = g.matmul(&p, &vh);
-        let o = g.transpose(&o, &[0, 2, 1, 3]);
-        g.reshape(&o, &[0, 0, h * d])
+        self.g.ms_op(
+            "MultiHeadAttention",
+            &inputs,
+            vec![
+                ("num_heads", Attr::Int(heads as i64)),
+                ("scale", Attr::Float(scale.unwrap_or(1.0))),
+            ],
+        )
     }
 }

@@ -159,7 +159,7 @@ fn block(c: &mut Ctx<'_>, cfg: &T5Config, x: &Value, bias: &Value, i: usize) -> 
     let q = c.linear(&n, &format!("{a}.q"), d, inner, false)?;
     let k = c.linear(&n, &format!("{a}.k"), d, inner, false)?;
     let v = c.linear(&n, &format!("{a}.v"), d, inner, false)?;
-    let o = c.attention(&q, &k, &v, (h, dk), None, Some(bias));
+    let o = c.attention(&q, &k, &v, h, None, Some(bias));
     let o = c.linear(&o, &format!("{a}.o"), inner, d, false)?;
     x = c.g.add(&x, &o);
     let n = rms_norm(c, &x, &format!("{p}.1.layer_norm.weight"), d, cfg.eps)?;

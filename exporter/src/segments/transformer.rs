@@ -225,14 +225,7 @@ fn joint_block(
     let ka = c.g.concat(&[&k, &kc], 1);
     let va = c.g.concat(&[&v, &vc], 1);
     let scale = 1.0 / (cfg.head_dim as f32).sqrt();
-    let o = c.attention(
-        &qa,
-        &ka,
-        &va,
-        (cfg.num_heads, cfg.head_dim),
-        Some(scale),
-        None,
-    );
+    let o = c.attention(&qa, &ka, &va, cfg.num_heads, Some(scale), None);
     let nx = c.g.shape_slice(x, 1, 2);
     let ny = c.g.shape_slice(y, 1, 2);
     let sizes = c.g.concat(&[&nx, &ny], 0);

@@ -39,7 +39,7 @@ fn attention(c: &mut Ctx<'_>, x: &str, p: &str, ch: usize, groups: usize) -> Res
     let q = c.linear(&tokens, &format!("{p}.to_q"), ch, ch, true)?;
     let k = c.linear(&tokens, &format!("{p}.to_k"), ch, ch, true)?;
     let v = c.linear(&tokens, &format!("{p}.to_v"), ch, ch, true)?;
-    let o = c.attention(&q, &k, &v, (1, ch), Some(1.0 / (ch as f32).sqrt()), None);
+    let o = c.attention(&q, &k, &v, 1, Some(1.0 / (ch as f32).sqrt()), None);
     let o = c.linear(&o, &format!("{p}.to_out.0"), ch, ch, true)?;
     let o = c.g.transpose(&o, &[0, 2, 1]);
     let o = c.g.reshape_to(&o, &shape);
