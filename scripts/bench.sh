@@ -1,0 +1,72 @@
+#!/usr/bin/env bash
+# ddit against the PyTorch reference on the same checkpoint, steps, canvas lengths and threads, in one
+# run (docs/performance.md). Bounded: N items per task (default 16), then it stops.
+#   scripts/bench.sh [N]
+# Env: DDIT_BENCH_THREADS (default: the machine's cores), DDIT_BENCH_VENV (default /opt/ddit-venv:
+# the reference stack of tools/reference/requirements.txt, installed from PyPI when missing).
+# ddit: `ddit-worker batch --max-batch 8`, model load excluded by subtracting a run with no jobs.
+# PyTorch: tools/bench/reference_speed.py (all prompts in one CFG-doubled call; captions and VQA one
+# image at a time with the no-change cache), model load and a warm-up excluded.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+N="${1:-16}"
+THREADS="${DDIT_BENCH_THREADS:-$(nproc)}"
+VENV="${DDIT_BENCH_VENV:-/opt/ddit-venv}"
+MODEL=models/ddit-shapes
+SET=models/shapes-eval
+ORT_DYLIB_PATH="$(scripts/ort.sh)"
+export ORT_DYLIB_PATH
+if ! "$VENV/bin/python" -c "import torch, diffusers, transformers" 2>/dev/null; then
+  python3 -m venv "$VENV"
+  "$VENV/bin/pip" install --quiet --disable-pip-version-check -r tools/reference/requirements.txt
+fi
+cargo build --release --bins
+WORK="$(mktemp -d)"
+trap 'rm -rf "$WORK"' EXIT
+target/release/ddit-export convert --checkpoint "$MODEL" --out "$WORK/pkg" --name ddit-shapes >/dev/null
+
+# The same items on both sides: scene captions as prompts, scene images, each scene's first question.
+python3 - "$SET" "$N" "$WORK" <<'PY'
+import json, sys
+set_, n, work = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+scenes = [json.loads(l) for l in open(f"{set_}/scenes.jsonl")][:n]
+jobs = {
+    "generate": [{"task": "generate", "params": {"prompt": s["caption"], "seed": s["id"]}} for s in scenes],
+    "caption": [{"task": "caption", "params": {"image": f"{set_}/{s['image']}", "seed": s["id"]}} for s in scenes],
+    "vqa": [{"task": "vqa", "params": {"image": f"{set_}/{s['image']}", "question": s["qa"][0]["question"], "seed": s["id"]}} for s in scenes],
+}
+for task, js in jobs.items():
+    with open(f"{work}/{task}.jsonl", "w") as f:
+        for i, j in enumerate(js):
+            f.write(json.dumps({"job_id": f"{task}-{i}", **j}) + "\n")
+open(f"{work}/none.jsonl", "w").close()
+PY
+
+wall() { # seconds of one `batch` run over a job file
+  local s e
+  rm -rf "$WORK/out"
+  s=$(date +%s.%N)
+  target/release/ddit-worker batch --model "$WORK/pkg" --jobs "$1" --out "$WORK/out" \
+    --intra-threads "$THREADS" --max-batch 8 >/dev/null
+  e=$(date +%s.%N)
+  python3 -c "print($e - $s)"
+}
+wall "$WORK/none.jsonl" >/dev/null # warm the page cache
+LOAD=$(wall "$WORK/none.jsonl")
+declare -A DDIT
+for task in generate caption vqa; do
+  DDIT[$task]=$(python3 -c "print(max($(wall "$WORK/$task.jsonl") - $LOAD, 1e-9))")
+done
+REF=$("$VENV/bin/python" tools/bench/reference_speed.py --model "$MODEL" --set "$SET" --n "$N" --threads "$THREADS")
+
+python3 - "$N" "$THREADS" "$REF" "${DDIT[generate]}" "${DDIT[caption]}" "${DDIT[vqa]}" <<'PY'
+import json, platform, sys
+n, threads, ref = int(sys.argv[1]), int(sys.argv[2]), json.loads(sys.argv[3])
+ddit = dict(zip(["generate", "caption", "vqa"], map(float, sys.argv[4:7])))
+cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), platform.machine())
+print(f"\n{n} items per task, {threads} threads each side, {cpu}; demo model (models/ddit-shapes)")
+print(f"{'task':<10} {'ddit items/s':>13} {'PyTorch items/s':>16} {'ratio':>7}")
+for task in ["generate", "caption", "vqa"]:
+    d, r = n / ddit[task], n / ref[f"{task}_s"]
+    print(f"{task:<10} {d:>13.2f} {r:>16.2f} {d / r:>6.2f}x")
+PY

@@ -1,0 +1,90 @@
+"""The PyTorch side of scripts/bench.sh: the reference samplers of tools/reference, timed at their best.
+
+Text to image passes all prompts in one call, with classifier-free guidance as a doubled batch
+[negative..., positive...] (as the official pipeline batches); captioning and VQA run one image at a
+time with the no-change cache (as the official pipeline does). torch uses --threads threads. Model
+load and a warm-up call are excluded. Prints one JSON line of seconds per task.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "reference"))
+from eval_shapes import VQA, image_latent, load, masked_sample  # noqa: E402
+
+from diffusers import FlowMatchEulerDiscreteScheduler  # noqa: E402
+
+
+@torch.no_grad()
+def generate_batch(dit, t5, vae, tok, model: Path, prompts: list[str], prompt_len: int, steps: int,
+                   guidance: float, g: torch.Generator) -> torch.Tensor:
+    pad = tok.token_to_id("<pad>")
+
+    def ids(text: str) -> list[int]:
+        t = tok.encode(text).ids[:prompt_len]
+        return t + [pad] * (prompt_len - len(t))
+
+    n = len(prompts)
+    ctx = t5(input_ids=torch.tensor([ids("")] * n + [ids(p) for p in prompts])).last_hidden_state
+    sched = FlowMatchEulerDiscreteScheduler.from_pretrained(model / "scheduler")
+    sched.set_timesteps(steps)
+    c, s = dit.config.in_channels, dit.config.sample_size
+    x = torch.randn((n, c, s, s), generator=g)
+    for t in sched.timesteps:
+        v = dit(torch.cat([x, x]), ctx, t.expand(2 * n))[0]
+        v = v[:n] + guidance * (v[n:] - v[:n])
+        x = sched.step(v, t, x).prev_sample
+    return vae.decode(x / vae.config.scaling_factor + vae.config.shift_factor).sample
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", type=Path, required=True)
+    ap.add_argument("--set", type=Path, required=True)
+    ap.add_argument("--n", type=int, default=16)
+    ap.add_argument("--threads", type=int, required=True)
+    ap.add_argument("--prompt-len", type=int, default=16)
+    ap.add_argument("--caption-len", type=int, default=16)
+    ap.add_argument("--vqa-len", type=int, default=32)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    dit, t5, vae, tok = load(args.model)
+    mask = tok.token_to_id("<extra_id_0>")
+    size = dit.config.sample_size * 2 ** (len(vae.config.block_out_channels) - 1)
+    index = json.loads((args.model / "model_index.json").read_text())
+    prompt = index.get("caption_prompt") or ""
+    cap_prefix = tok.encode(prompt).ids[:-1] if prompt else []
+    scenes = [json.loads(line) for line in open(args.set / "scenes.jsonl")][: args.n]
+    g = torch.Generator().manual_seed(0)
+    out = {"n": len(scenes), "threads": args.threads}
+
+    generate_batch(dit, t5, vae, tok, args.model, ["warm up"], args.prompt_len, 2, 7.0, g)
+    t0 = time.perf_counter()
+    generate_batch(dit, t5, vae, tok, args.model, [s["caption"] for s in scenes], args.prompt_len, 28,
+                   7.0, g)
+    out["generate_s"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    for sc in scenes:
+        z = image_latent(vae, args.set / sc["image"], size, g)
+        masked_sample(dit, t5, z, cap_prefix, args.caption_len, mask, 64, g)
+    out["caption_s"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    for sc in scenes:
+        z = image_latent(vae, args.set / sc["image"], size, g)
+        prefix = tok.encode(VQA.format(q=sc["qa"][0]["question"])).ids[:-1]
+        masked_sample(dit, t5, z, prefix, args.vqa_len, mask, 32, g)
+    out["vqa_s"] = time.perf_counter() - t0
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()
