@@ -42,7 +42,14 @@ pub fn decode(bytes: &[u8], source: &str, limits: ImageLimits) -> Result<RgbImag
         .with_guessed_format()
         .map_err(|e| bad(e.to_string()))?;
     match reader.format() {
-        Some(ImageFormat::Png | ImageFormat::Jpeg | ImageFormat::WebP) => {}
+        Some(f @ (ImageFormat::Png | ImageFormat::Jpeg | ImageFormat::WebP)) => {
+            if !complete(bytes, f) {
+                return Err(bad(format!(
+                    "truncated {f:?} file ({} bytes, no end marker)",
+                    bytes.len()
+                )));
+            }
+        }
         Some(f) => return Err(bad(format!("unsupported format {f:?} (PNG, JPEG or WebP)"))),
         None => return Err(bad("not a PNG, JPEG or WebP image".into())),
     }
@@ -72,6 +79,25 @@ pub fn decode(bytes: &[u8], source: &str, limits: ImageLimits) -> Result<RgbImag
         .decode()
         .map_err(|e| bad(format!("cannot decode: {e}")))?;
     Ok(img.to_rgb8())
+}
+
+/// Whether the file ends as its format says a whole file ends (decoders may fill in a truncated
+/// image): PNG's `IEND` chunk, JPEG's end-of-image marker in the last KiB (cameras may append
+/// bytes), WebP's RIFF length covered by the bytes.
+fn complete(bytes: &[u8], format: ImageFormat) -> bool {
+    match format {
+        ImageFormat::Png => {
+            bytes.len() >= 12 && &bytes[bytes.len() - 8..bytes.len() - 4] == b"IEND"
+        }
+        ImageFormat::Jpeg => bytes[bytes.len().saturating_sub(1024)..]
+            .windows(2)
+            .any(|w| w == [0xFF, 0xD9]),
+        ImageFormat::WebP => bytes.get(4..8).is_some_and(|n| {
+            let riff = u32::from_le_bytes([n[0], n[1], n[2], n[3]]) as usize;
+            bytes.len() >= riff.saturating_add(8)
+        }),
+        _ => true,
+    }
 }
 
 /// D-DiT's image transform: resize the shorter side to `size` (bicubic), centre-crop to
@@ -185,5 +211,36 @@ mod tests {
         let mut truncated = png(20, 20);
         truncated.truncate(truncated.len() / 2);
         assert!(decode(&truncated, "t", ImageLimits::default()).is_err());
+    }
+
+    /// A file cut short is refused in every format, whichever byte it ends at (some decoders fill
+    /// the missing rows in); the whole file still decodes.
+    #[test]
+    fn refuses_truncated_files_in_every_format() {
+        let img = RgbImage::from_fn(64, 48, |x, y| {
+            image::Rgb([(x * 7 + y) as u8, (y * 13) as u8, (x * y) as u8])
+        });
+        for fmt in [ImageFormat::Png, ImageFormat::Jpeg, ImageFormat::WebP] {
+            let mut buf = Cursor::new(Vec::new());
+            DynamicImage::ImageRgb8(img.clone())
+                .write_to(&mut buf, fmt)
+                .unwrap_or_else(|e| panic!("{fmt:?}: {e}"));
+            let whole = buf.into_inner();
+            assert!(
+                decode(&whole, "t", ImageLimits::default()).is_ok(),
+                "{fmt:?}"
+            );
+            for cut in [200, whole.len() / 2, whole.len() - 1] {
+                let e = decode(&whole[..cut], "t", ImageLimits::default())
+                    .err()
+                    .map(|e| e.to_string())
+                    .unwrap_or_default();
+                assert!(
+                    !e.is_empty(),
+                    "{fmt:?} cut at {cut} of {} decoded",
+                    whole.len()
+                );
+            }
+        }
     }
 }

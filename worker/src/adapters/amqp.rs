@@ -10,7 +10,7 @@ use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, Consumer
 
 use crate::error::{Result, WorkerError};
 
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct AmqpConfig {
     pub url: String,
     pub queue: String,
@@ -19,6 +19,19 @@ pub struct AmqpConfig {
     pub delivery_limit: u32,
     pub dead_letter_exchange: String,
     pub dead_letter_queue: String,
+}
+
+impl std::fmt::Debug for AmqpConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AmqpConfig")
+            .field("url", &super::secret::redacted(&self.url))
+            .field("queue", &self.queue)
+            .field("prefetch", &self.prefetch)
+            .field("delivery_limit", &self.delivery_limit)
+            .field("dead_letter_exchange", &self.dead_letter_exchange)
+            .field("dead_letter_queue", &self.dead_letter_queue)
+            .finish()
+    }
 }
 
 fn unavailable(what: &str, e: lapin::Error) -> WorkerError {
@@ -30,9 +43,13 @@ pub async fn connect(cfg: &AmqpConfig, name: &str) -> Result<Connection> {
     let props = ConnectionProperties::default()
         .enable_auto_recover()
         .with_connection_name(name.into());
-    Connection::connect(&cfg.url, props)
-        .await
-        .map_err(|e| unavailable("connect", e))
+    // A malformed URL's error may echo it: the password is scrubbed from the message.
+    Connection::connect(&cfg.url, props).await.map_err(|e| {
+        WorkerError::unavailable(
+            "amqp connect",
+            super::secret::scrub(&e.to_string(), &cfg.url),
+        )
+    })
 }
 
 /// Declares the dead-letter exchange and queue, then the work queue (idempotent).
@@ -169,5 +186,48 @@ pub fn header(props: &BasicProperties, name: &str) -> Option<String> {
         AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
         AMQPValue::ShortString(s) => Some(s.as_str().to_string()),
         _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(url: &str) -> AmqpConfig {
+        AmqpConfig {
+            url: url.into(),
+            queue: "q".into(),
+            prefetch: 1,
+            delivery_limit: 5,
+            dead_letter_exchange: "x".into(),
+            dead_letter_queue: "x.q".into(),
+        }
+    }
+
+    #[test]
+    fn the_password_stays_out_of_debug_and_errors() {
+        let c = cfg("amqp://ddit:hunter2@127.0.0.1:5672/%2f");
+        let shown = format!("{c:?}");
+        assert!(
+            !shown.contains("hunter2") && shown.contains("ddit:***@127.0.0.1"),
+            "{shown}"
+        );
+        // A malformed URL fails before any network; its error must not echo the password.
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap_or_else(|e| panic!("{e}"));
+        for url in [
+            "amqp://ddit:hunter2@127.0.0.1:notaport/%2f",
+            "amqp://ddit:hunter2@[::1/%2f",
+        ] {
+            let e = rt
+                .block_on(connect(&cfg(url), "t"))
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default();
+            assert!(!e.is_empty(), "{url} connected");
+            assert!(!e.contains("hunter2"), "{e}");
+        }
     }
 }

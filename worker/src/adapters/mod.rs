@@ -10,6 +10,7 @@
 //! The three network adapters and [`with_backoff`] are built with the `service` feature.
 
 pub mod local;
+pub mod secret;
 
 #[cfg(feature = "service")]
 pub mod amqp;

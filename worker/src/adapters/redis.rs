@@ -12,11 +12,21 @@ use redis::AsyncCommands;
 
 use crate::error::{Result, WorkerError};
 
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct RedisConfig {
     pub url: String,
     pub prefix: String,
     pub result_ttl_secs: u64,
+}
+
+impl std::fmt::Debug for RedisConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisConfig")
+            .field("url", &super::secret::redacted(&self.url))
+            .field("prefix", &self.prefix)
+            .field("result_ttl_secs", &self.result_ttl_secs)
+            .finish()
+    }
 }
 
 #[derive(Clone)]
@@ -33,7 +43,7 @@ impl ResultStore {
     pub async fn connect(cfg: RedisConfig) -> Result<Self> {
         let client = redis::Client::open(cfg.url.as_str()).map_err(|e| WorkerError::Config {
             name: "redis-url".into(),
-            message: e.to_string(),
+            message: super::secret::scrub(&e.to_string(), &cfg.url),
         })?;
         let conn = ConnectionManager::new(client).await.map_err(unavailable)?;
         Ok(Self { conn, cfg })

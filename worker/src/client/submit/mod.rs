@@ -52,7 +52,7 @@ impl DefaultTask {
     }
 }
 
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct SubmitConfig {
     /// A folder of images or a `.jsonl` manifest.
     pub input: PathBuf,

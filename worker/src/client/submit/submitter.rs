@@ -86,8 +86,10 @@ impl<'a> Submitter<'a> {
     }
 
     async fn open_links(cfg: &SubmitConfig, queue: &VecDeque<Item>) -> Result<Links> {
-        let client = redis::Client::open(cfg.redis_url.as_str())
-            .map_err(|e| bad_input("redis-url", e.to_string()))?;
+        let client = redis::Client::open(cfg.redis_url.as_str()).map_err(|e| {
+            let m = crate::adapters::secret::scrub(&e.to_string(), &cfg.redis_url);
+            bad_input("redis-url", m)
+        })?;
         let redis = ConnectionManager::new(client)
             .await
             .map_err(|e| WorkerError::unavailable("redis", e))?;
