@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # ddit against the PyTorch reference on the same checkpoint, steps, canvas lengths and threads, in one
 # run (docs/performance.md). Bounded: N items per task (default 16), then it stops.
-#   scripts/bench.sh [N]
+#   scripts/bench.sh [N] [demo|medium]
+# demo: models/ddit-shapes. medium: a random checkpoint at realistic width that
+# tools/bench/make_medium.py writes into .ddit/bench/medium (hidden 768, 4 blocks, x8 VAE at 256 px,
+# vocabulary 32 128); timing only.
 # Env: DDIT_BENCH_THREADS (default: the machine's cores), DDIT_BENCH_VENV (default /opt/ddit-venv:
 # the reference stack of tools/reference/requirements.txt, installed from PyPI when missing).
 # ddit: `ddit-worker batch --max-batch 8`, model load excluded by subtracting a run with no jobs.
@@ -10,9 +13,9 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 N="${1:-16}"
+WHICH="${2:-demo}"
 THREADS="${DDIT_BENCH_THREADS:-$(nproc)}"
 VENV="${DDIT_BENCH_VENV:-/opt/ddit-venv}"
-MODEL=models/ddit-shapes
 SET=models/shapes-eval
 ORT_DYLIB_PATH="$(scripts/ort.sh)"
 export ORT_DYLIB_PATH
@@ -20,6 +23,14 @@ if ! "$VENV/bin/python" -c "import torch, diffusers, transformers" 2>/dev/null; 
   python3 -m venv "$VENV"
   "$VENV/bin/pip" install --quiet --disable-pip-version-check -r tools/reference/requirements.txt
 fi
+case "$WHICH" in
+  demo) MODEL=models/ddit-shapes ;;
+  medium)
+    MODEL=.ddit/bench/medium
+    [ -f "$MODEL/model_index.json" ] || "$VENV/bin/python" tools/bench/make_medium.py --out "$MODEL"
+    ;;
+  *) echo "usage: scripts/bench.sh [N] [demo|medium]" >&2; exit 2 ;;
+esac
 cargo build --release --bins
 WORK="$(mktemp -d)"
 trap 'rm -rf "$WORK"' EXIT
@@ -59,12 +70,12 @@ for task in generate caption vqa; do
 done
 REF=$("$VENV/bin/python" tools/bench/reference_speed.py --model "$MODEL" --set "$SET" --n "$N" --threads "$THREADS")
 
-python3 - "$N" "$THREADS" "$REF" "${DDIT[generate]}" "${DDIT[caption]}" "${DDIT[vqa]}" <<'PY'
+python3 - "$N" "$THREADS" "$REF" "${DDIT[generate]}" "${DDIT[caption]}" "${DDIT[vqa]}" "$MODEL" <<'PY'
 import json, platform, sys
 n, threads, ref = int(sys.argv[1]), int(sys.argv[2]), json.loads(sys.argv[3])
 ddit = dict(zip(["generate", "caption", "vqa"], map(float, sys.argv[4:7])))
 cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), platform.machine())
-print(f"\n{n} items per task, {threads} threads each side, {cpu}; demo model (models/ddit-shapes)")
+print(f"\n{n} items per task, {threads} threads each side, {cpu}; checkpoint {sys.argv[7]}")
 print(f"{'task':<10} {'ddit items/s':>13} {'PyTorch items/s':>16} {'ratio':>7}")
 for task in ["generate", "caption", "vqa"]:
     d, r = n / ddit[task], n / ref[f"{task}_s"]

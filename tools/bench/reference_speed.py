@@ -50,15 +50,15 @@ def main() -> None:
     ap.add_argument("--set", type=Path, required=True)
     ap.add_argument("--n", type=int, default=16)
     ap.add_argument("--threads", type=int, required=True)
-    ap.add_argument("--prompt-len", type=int, default=16)
-    ap.add_argument("--caption-len", type=int, default=16)
-    ap.add_argument("--vqa-len", type=int, default=32)
     args = ap.parse_args()
+    # The canvas lengths the checkpoint carries (model_index.json), as ddit-export uses them.
+    index = json.loads((args.model / "model_index.json").read_text())
+    lengths = {"prompt": 256, "caption": 128, "vqa": 128, **index.get("text_lengths", {})}
+    args.prompt_len, args.caption_len, args.vqa_len = lengths["prompt"], lengths["caption"], lengths["vqa"]
     torch.set_num_threads(args.threads)
     dit, t5, vae, tok = load(args.model)
     mask = tok.token_to_id("<extra_id_0>")
     size = dit.config.sample_size * 2 ** (len(vae.config.block_out_channels) - 1)
-    index = json.loads((args.model / "model_index.json").read_text())
     prompt = index.get("caption_prompt") or ""
     cap_prefix = tok.encode(prompt).ids[:-1] if prompt else []
     scenes = [json.loads(line) for line in open(args.set / "scenes.jsonl")][: args.n]
