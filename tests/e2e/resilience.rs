@@ -116,6 +116,63 @@ async fn sigterm_under_load_exits_within_the_deadline_and_loses_nothing() {
     cleanup(&names).await;
 }
 
+/// Jobs delivered to a worker but not yet started by its inference thread go back to the queue
+/// at SIGTERM; only the running one finishes (the deadline is long, so waiting would finish all).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_requeues_at_once_the_jobs_that_had_not_started() {
+    let _g = SERIAL.lock().await;
+    let names = Names::new("drain");
+    let dir = tempfile::tempdir().unwrap();
+    let model = export_model(dir.path());
+    let args = [
+        "--max-batch",
+        "1",
+        "--prefetch",
+        "4",
+        "--shutdown-deadline",
+        "120",
+    ];
+    let mut w = Worker::start(&names, &model, dir.path(), "w", &args);
+    w.wait_ready(Duration::from_secs(60));
+    let (ids, bodies) = generate_jobs("dr", 4, 600);
+    publish(&names, &bodies).await;
+    for _ in 0..400 {
+        if in_flight(w.port) >= 4 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert_eq!(in_flight(w.port), 4);
+    w.sigterm();
+    let (status, w) = tokio::task::spawn_blocking(move || (w.child.wait().unwrap(), w))
+        .await
+        .unwrap();
+    assert!(status.success(), "exit {status:?}:\n{}", w.log_text());
+    let done = wait_results(&names, &ids, Duration::from_secs(1))
+        .await
+        .len();
+    let requeued = queue_depth(&names, &names.queue).await;
+    // One job ran when SIGTERM came (two if it landed as the first finished); the rest were
+    // never started and are back in the queue, none lost.
+    assert!(
+        (1..=2).contains(&done),
+        "{done} finished:\n{}",
+        w.log_text()
+    );
+    assert_eq!(
+        done + requeued as usize,
+        4,
+        "{done} finished, {requeued} requeued"
+    );
+    assert!(
+        w.log_text()
+            .contains("requeued the jobs no inference thread had started"),
+        "{}",
+        w.log_text()
+    );
+    cleanup(&names).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wrong_s3_credentials_make_readyz_fail_with_a_reason() {
     let _g = SERIAL.lock().await;

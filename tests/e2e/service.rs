@@ -1,4 +1,4 @@
-//! `ddit-worker serve` against real RabbitMQ, Redis and Garage on loopback.
+//! `ddit-worker serve` against real RabbitMQ, Redis and S3 (SeaweedFS) on loopback.
 #![allow(clippy::unwrap_used)]
 
 use std::collections::HashMap;

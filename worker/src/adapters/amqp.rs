@@ -1,5 +1,7 @@
 //! AMQP (RabbitMQ) through lapin: a durable quorum queue with a delivery limit and a dead-letter
-//! exchange and queue; bounded prefetch; manual acks; publisher confirms for publishing.
+//! exchange and queue; a retry queue whose per-message TTL dead-letters each copy back to the work
+//! queue (delayed retries that never touch the delivery count); bounded prefetch; manual acks;
+//! publisher confirms for publishing.
 
 use lapin::options::{
     BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions,
@@ -31,6 +33,13 @@ impl std::fmt::Debug for AmqpConfig {
             .field("dead_letter_exchange", &self.dead_letter_exchange)
             .field("dead_letter_queue", &self.dead_letter_queue)
             .finish()
+    }
+}
+
+impl AmqpConfig {
+    /// Where delayed retries wait: `{queue}.retry`.
+    pub fn retry_queue(&self) -> String {
+        format!("{}.retry", self.queue)
     }
 }
 
@@ -97,7 +106,30 @@ pub async fn declare(ch: &Channel, cfg: &AmqpConfig) -> Result<()> {
     )
     .await
     .map_err(|e| unavailable("declare queue", e))?;
+    ch.queue_declare(
+        ShortString::from(cfg.retry_queue().as_str()),
+        durable,
+        retry_queue_args(cfg),
+    )
+    .await
+    .map_err(|e| unavailable("declare retry queue", e))?;
     Ok(())
+}
+
+/// The retry queue: nothing consumes it; an expired copy is dead-lettered, at least once, through
+/// the default exchange back to the work queue.
+fn retry_queue_args(cfg: &AmqpConfig) -> FieldTable {
+    let mut args = FieldTable::default();
+    for (k, v) in [
+        ("x-queue-type", "quorum"),
+        ("x-dead-letter-exchange", ""),
+        ("x-dead-letter-routing-key", cfg.queue.as_str()),
+        ("x-dead-letter-strategy", "at-least-once"),
+        ("x-overflow", "reject-publish"),
+    ] {
+        args.insert(k.into(), AMQPValue::LongString(LongString::from(v)));
+    }
+    args
 }
 
 /// The work queue's arguments (clients declaring it must use the same).
@@ -143,9 +175,6 @@ pub async fn publish_job(
     body: &[u8],
     traceparent: Option<&str>,
 ) -> Result<()> {
-    ch.confirm_select(ConfirmSelectOptions::default())
-        .await
-        .map_err(|e| unavailable("confirm_select", e))?;
     let mut headers = FieldTable::default();
     if let Some(tp) = traceparent {
         headers.insert(
@@ -153,16 +182,44 @@ pub async fn publish_job(
             AMQPValue::LongString(LongString::from(tp)),
         );
     }
-    let props = BasicProperties::default()
+    let msg = Message {
+        exchange: "",
+        routing_key: queue,
+        body,
+        headers,
+        expiration_ms: None,
+    };
+    publish(ch, msg).await
+}
+
+/// A persistent JSON message to publish with confirms.
+pub struct Message<'a> {
+    pub exchange: &'a str,
+    pub routing_key: &'a str,
+    pub body: &'a [u8],
+    pub headers: FieldTable,
+    /// Per-message TTL (the retry queue's delay).
+    pub expiration_ms: Option<u64>,
+}
+
+/// Publishes `m` and waits for the broker's confirm (a nack is an error).
+pub async fn publish(ch: &Channel, m: Message<'_>) -> Result<()> {
+    ch.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .map_err(|e| unavailable("confirm_select", e))?;
+    let mut props = BasicProperties::default()
         .with_delivery_mode(2)
         .with_content_type(ShortString::from("application/json"))
-        .with_headers(headers);
+        .with_headers(m.headers);
+    if let Some(ms) = m.expiration_ms {
+        props = props.with_expiration(ShortString::from(ms.to_string()));
+    }
     let confirm = ch
         .basic_publish(
-            ShortString::from(""),
-            ShortString::from(queue),
+            ShortString::from(m.exchange),
+            ShortString::from(m.routing_key),
             BasicPublishOptions::default(),
-            body,
+            m.body,
             props,
         )
         .await
@@ -187,6 +244,22 @@ pub fn header(props: &BasicProperties, name: &str) -> Option<String> {
         AMQPValue::ShortString(s) => Some(s.as_str().to_string()),
         _ => None,
     }
+}
+
+/// A numeric header (e.g. the quorum queue's `x-delivery-count`), whatever integer type it came as.
+pub fn header_count(props: &BasicProperties, name: &str) -> Option<u32> {
+    let h = props.headers().as_ref()?;
+    let n: i64 = match h.inner().get(name)? {
+        AMQPValue::ShortShortInt(v) => (*v).into(),
+        AMQPValue::ShortShortUInt(v) => (*v).into(),
+        AMQPValue::ShortInt(v) => (*v).into(),
+        AMQPValue::ShortUInt(v) => (*v).into(),
+        AMQPValue::LongInt(v) => (*v).into(),
+        AMQPValue::LongUInt(v) => (*v).into(),
+        AMQPValue::LongLongInt(v) => *v,
+        _ => return None,
+    };
+    u32::try_from(n).ok()
 }
 
 #[cfg(test)]

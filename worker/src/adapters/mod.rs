@@ -20,7 +20,7 @@ pub mod redis;
 pub mod s3;
 
 #[cfg(feature = "service")]
-pub use retry::with_backoff;
+pub use retry::{jitter, with_backoff};
 
 #[cfg(feature = "service")]
 mod retry {
@@ -31,7 +31,7 @@ mod retry {
     use crate::error::{Result, WorkerError};
 
     /// A factor in [0.5, 1): "equal jitter", so that workers retrying the same outage spread out.
-    fn jitter() -> f64 {
+    pub fn jitter() -> f64 {
         let r = std::collections::hash_map::RandomState::new()
             .build_hasher()
             .finish();

@@ -4,9 +4,11 @@
 //! - `{prefix}:result:{job_id}`: the result JSON, written once with `SET NX` and a TTL;
 //! - `{prefix}:results` (pub/sub channel): the job id, published after the result is stored;
 //! - `{prefix}:progress:{job_id}` (pub/sub channel): `{"job_id","step","total"}`, throttled;
-//! - `{prefix}:cancel:{job_id}`: set by a client to cancel a job; checked between steps.
+//! - `{prefix}:cancel:{job_id}`: set by a client to cancel a job; checked between steps;
+//! - `{prefix}:attempts:{job_id}`: deliveries of the job a worker admitted (`INCR`, the result TTL);
+//! - `{prefix}:last_error:{job_id}`: the last transient failure's `ErrorInfo` JSON (same TTL).
 
-use ddit_schemas::JobResult;
+use ddit_schemas::{ErrorInfo, JobResult};
 use redis::aio::ConnectionManager;
 use redis::AsyncCommands;
 
@@ -63,6 +65,52 @@ impl ResultStore {
 
     pub fn progress_channel(&self, job_id: &str) -> String {
         format!("{}:progress:{job_id}", self.cfg.prefix)
+    }
+
+    fn attempts_key(&self, job_id: &str) -> String {
+        format!("{}:attempts:{job_id}", self.cfg.prefix)
+    }
+
+    fn last_error_key(&self, job_id: &str) -> String {
+        format!("{}:last_error:{job_id}", self.cfg.prefix)
+    }
+
+    /// Counts one more admitted delivery of `job_id`; returns the count and the last transient
+    /// failure recorded for it.
+    pub async fn begin_attempt(&self, job_id: &str) -> Result<(u32, Option<ErrorInfo>)> {
+        let mut c = self.conn.clone();
+        let key = self.attempts_key(job_id);
+        let (n, _, last): (u32, bool, Option<String>) = redis::pipe()
+            .atomic()
+            .incr(&key, 1)
+            .expire(&key, self.cfg.result_ttl_secs as i64)
+            .get(self.last_error_key(job_id))
+            .query_async(&mut c)
+            .await
+            .map_err(unavailable)?;
+        Ok((n, last.and_then(|s| serde_json::from_str(&s).ok())))
+    }
+
+    /// Takes back an admission that never ran (a job requeued at shutdown before it started).
+    pub async fn forget_attempt(&self, job_id: &str) -> Result<()> {
+        let mut c = self.conn.clone();
+        let _: i64 = c
+            .decr(self.attempts_key(job_id), 1)
+            .await
+            .map_err(unavailable)?;
+        Ok(())
+    }
+
+    /// Keeps a transient failure as the job's last cause (named by its final result if the
+    /// attempts run out on a delivery that could not record one, e.g. after a crash).
+    pub async fn record_failure(&self, job_id: &str, e: &ErrorInfo) -> Result<()> {
+        let mut c = self.conn.clone();
+        let body = serde_json::to_string(e).map_err(|e| WorkerError::Internal(e.to_string()))?;
+        let _: () = c
+            .set_ex(self.last_error_key(job_id), body, self.cfg.result_ttl_secs)
+            .await
+            .map_err(unavailable)?;
+        Ok(())
     }
 
     pub async fn ping(&self) -> Result<()> {

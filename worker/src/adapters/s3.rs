@@ -1,7 +1,11 @@
 //! S3: generated images out, input images in (from configured buckets only).
 //!
-//! Output keys are deterministic, `{prefix}/{job_id}/{n}.png`, so a retried job overwrites
-//! rather than duplicates. Objects carry `image/png` and metadata (seed, model hash, job id).
+//! Output keys are content-addressed, `{prefix}/{job_id}/{n}-{sha256}.png`: the bytes under a key
+//! are always the bytes its name hashes to, so two copies of one job (a duplicate publish, a
+//! redelivery) can never overwrite each other's images with different bytes, and the result that
+//! wins `SET NX` names exactly the objects it describes. The copy that loses deletes the objects
+//! the winner does not name ([`S3Store::delete_uris`]). Objects carry `image/png` and metadata
+//! (seed, model hash, job id).
 
 use aws_sdk_s3::config::{BehaviorVersion, Credentials, Region};
 use aws_sdk_s3::primitives::ByteStream;
@@ -64,7 +68,15 @@ impl S3Store {
         // Checksums only where the API requires them: file uploads then go as one signed body
         // rather than `aws-chunked` with a trailer, which not every S3 server accepts (Garage
         // answers "Invalid payload signature").
+        // A stalled server is a timeout (transient), never a hung job: 5 s to connect, 30 s to
+        // the first byte of an answer. Transfers themselves are not capped in time (model files
+        // are large).
+        let timeouts = aws_sdk_s3::config::timeout::TimeoutConfig::builder()
+            .connect_timeout(std::time::Duration::from_secs(5))
+            .read_timeout(std::time::Duration::from_secs(30))
+            .build();
         let conf = aws_sdk_s3::config::Builder::from(&shared)
+            .timeout_config(timeouts)
             .force_path_style(cfg.path_style)
             .request_checksum_calculation(
                 aws_sdk_s3::config::RequestChecksumCalculation::WhenRequired,
@@ -76,13 +88,33 @@ impl S3Store {
         })
     }
 
-    pub fn key_for(&self, job_id: &str, index: u32) -> String {
+    /// The key of output `index` of `job_id` whose PNG hashes to `sha256` (hex).
+    pub fn key_for(&self, job_id: &str, index: u32, sha256: &str) -> String {
         let p = self.cfg.prefix.trim_matches('/');
         if p.is_empty() {
-            format!("{job_id}/{index}.png")
+            format!("{job_id}/{index}-{sha256}.png")
         } else {
-            format!("{p}/{job_id}/{index}.png")
+            format!("{p}/{job_id}/{index}-{sha256}.png")
         }
+    }
+
+    /// Deletes objects of this bucket by `s3://` URI (a losing copy's outputs); retried.
+    pub async fn delete_uris(&self, uris: &[String]) -> Result<()> {
+        let prefix = format!("s3://{}/", self.cfg.bucket);
+        for key in uris.iter().filter_map(|u| u.strip_prefix(&prefix)) {
+            crate::adapters::with_backoff("s3 delete_object", 4, || async {
+                self.client
+                    .delete_object()
+                    .bucket(&self.cfg.bucket)
+                    .key(key)
+                    .send()
+                    .await
+                    .map_err(|e| unavailable("delete_object", e))?;
+                Ok(())
+            })
+            .await?;
+        }
+        Ok(())
     }
 
     pub async fn ping(&self) -> Result<()> {
@@ -171,7 +203,9 @@ impl S3Store {
             .map_err(|e| {
                 let no_such_key = e.as_service_error().is_some_and(|s| s.is_no_such_key());
                 let status = e.raw_response().map(|r| r.status().as_u16());
-                if no_such_key || matches!(status, Some(403 | 404)) {
+                // A 403 (an expired credential, a policy being rolled out) may pass: it is
+                // transient, like a 5xx or a timeout; only a missing object is the job's fault.
+                if no_such_key || status == Some(404) {
                     WorkerError::InputNotFound {
                         source_ref: uri.to_string(),
                     }
@@ -179,18 +213,27 @@ impl S3Store {
                     unavailable("get_object", e)
                 }
             })?;
+        let too_big = || WorkerError::InvalidInput {
+            source_ref: uri.to_string(),
+            message: format!("object is larger than {} bytes", self.cfg.max_input_bytes),
+        };
         if out.content_length().unwrap_or(0) as usize > self.cfg.max_input_bytes {
-            return Err(WorkerError::InvalidInput {
-                source_ref: uri.to_string(),
-                message: format!("object is larger than {} bytes", self.cfg.max_input_bytes),
-            });
+            return Err(too_big());
         }
-        let body = out
-            .body
-            .collect()
+        // Read in chunks under the cap: a body without a Content-Length is never read unbounded.
+        let mut body = out.body;
+        let mut bytes = Vec::new();
+        while let Some(chunk) = body
+            .try_next()
             .await
-            .map_err(|e| unavailable("get_object body", e))?;
-        Ok(body.into_bytes().to_vec())
+            .map_err(|e| unavailable("get_object body", e))?
+        {
+            if bytes.len() + chunk.len() > self.cfg.max_input_bytes {
+                return Err(too_big());
+            }
+            bytes.extend_from_slice(&chunk);
+        }
+        Ok(bytes)
     }
 }
 
@@ -219,7 +262,9 @@ impl InputFetcher for S3Io {
 
 impl ImageSink for S3Io {
     fn put(&mut self, job_id: &str, index: u32, png: &[u8], seed: u64) -> Result<String> {
-        let key = self.store.key_for(job_id, index);
+        use sha2::Digest;
+        let sha = ddit_schemas::hex(&sha2::Sha256::digest(png));
+        let key = self.store.key_for(job_id, index, &sha);
         let meta = [
             ("seed", seed.to_string()),
             ("model-hash", self.model_hash.clone()),

@@ -56,6 +56,10 @@ pub struct EngineArgs {
     /// Largest input image accepted, in pixels (width x height).
     #[arg(long, default_value_t = 40_000_000, env = "DDIT_MAX_IMAGE_PIXELS")]
     max_image_pixels: u64,
+    /// Seconds a job may run once started; it then ends `expired` (checked between steps;
+    /// 0: no limit). Keep it under RabbitMQ's `consumer_timeout` (30 min by default).
+    #[arg(long, default_value_t = 1500, env = "DDIT_JOB_TIMEOUT")]
+    job_timeout: u64,
     /// Log filter (tracing EnvFilter syntax), e.g. `info` or `ddit_worker=debug`.
     #[arg(long, default_value = "warn", env = "DDIT_LOG")]
     pub log: String,
@@ -98,6 +102,8 @@ impl EngineArgs {
                 max_pixels: self.max_image_pixels,
                 ..ImageLimits::default()
             },
+            job_timeout: (self.job_timeout > 0)
+                .then(|| std::time::Duration::from_secs(self.job_timeout)),
         }
     }
 

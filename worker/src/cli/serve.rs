@@ -23,7 +23,8 @@ pub struct AmqpArgs {
     /// Work queue (a durable quorum queue, declared if absent).
     #[arg(long, default_value = "ddit.jobs", env = "DDIT_QUEUE")]
     queue: String,
-    /// Deliveries after which a message is dead-lettered (quorum `x-delivery-limit`).
+    /// Attempts per job: the last one stores a final `failed` result and dead-letters the message
+    /// (also the quorum queue's `x-delivery-limit`, which catches what no worker could count).
     #[arg(long, default_value_t = 5, env = "DDIT_DELIVERY_LIMIT")]
     delivery_limit: u32,
     /// Dead-letter exchange (fanout); its queue is `{exchange}.queue` unless set.
@@ -84,7 +85,7 @@ pub struct S3Args {
     /// Bucket for generated images (and, for `submit`, uploaded inputs).
     #[arg(long, env = "DDIT_S3_BUCKET")]
     s3_bucket: String,
-    /// Key prefix: images go to `{prefix}/{job_id}/{n}.png`, submitted inputs to
+    /// Key prefix: images go to `{prefix}/{job_id}/{n}-{sha256}.png`, submitted inputs to
     /// `{prefix}/inputs/{batch}/`.
     #[arg(long, default_value = "ddit", env = "DDIT_S3_PREFIX")]
     s3_prefix: String,
@@ -155,6 +156,10 @@ struct ServeArgs {
     /// Least milliseconds between two progress events of one job.
     #[arg(long, default_value_t = 500, env = "DDIT_PROGRESS_INTERVAL_MS")]
     progress_interval_ms: u64,
+    /// Milliseconds before the first retry of a transient failure; doubled per attempt (at most
+    /// 60 s) and jittered. `--delivery-limit` is the number of attempts.
+    #[arg(long, default_value_t = 2000, env = "DDIT_RETRY_DELAY_MS")]
+    retry_delay_ms: u64,
     /// OTLP/HTTP traces endpoint, e.g. http://collector:4318/v1/traces (unset: no export).
     #[arg(long, env = "DDIT_OTLP_ENDPOINT")]
     otlp_endpoint: Option<String>,
@@ -186,6 +191,7 @@ impl TryFrom<ServeCmd> for ServeConfig {
             shutdown_deadline: std::time::Duration::from_secs(s.shutdown_deadline),
             listen: s.listen,
             progress_interval: std::time::Duration::from_millis(s.progress_interval_ms),
+            retry_delay: std::time::Duration::from_millis(s.retry_delay_ms),
             name: s.worker_name,
         })
     }

@@ -31,6 +31,7 @@ pub fn ended_result(
             message: e.to_string(),
             retryable: e.kind().retryable(),
         }),
+        attempts: None,
         model: model.clone(),
         finished_at: now_rfc3339(),
     }
@@ -72,6 +73,7 @@ impl<M: Model> Runner<'_, M> {
                         execution_provider: provider,
                     }),
                     error: None,
+                    attempts: None,
                     model: self.model_ref(),
                     finished_at: now_rfc3339(),
                 }

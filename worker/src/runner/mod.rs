@@ -45,6 +45,8 @@ pub struct RunnerConfig {
     pub max_batch: usize,
     pub caption_latent: LatentMode,
     pub image_limits: ImageLimits,
+    /// Longest a job may run once admitted; it then ends `expired` (checked between steps).
+    pub job_timeout: Option<std::time::Duration>,
 }
 
 impl Default for RunnerConfig {
@@ -53,6 +55,7 @@ impl Default for RunnerConfig {
             max_batch: 8,
             caption_latent: LatentMode::Sample,
             image_limits: ImageLimits::default(),
+            job_timeout: None,
         }
     }
 }
@@ -188,7 +191,11 @@ impl<'a, M: Model> Runner<'a, M> {
         let admitted = span.in_scope(|| {
             let queue_ms = self.check_times(&job)?;
             let work = crate::tasks::plan(&job, self.model.manifest())
-                .and_then(|p| self.prepare(p))
+                .and_then(|p| {
+                    let run = std::panic::AssertUnwindSafe(|| self.prepare(p));
+                    std::panic::catch_unwind(run)
+                        .unwrap_or_else(|x| Err(step::panicked("preparing the job", x.as_ref())))
+                })
                 .map_err(|e| {
                     Box::new(self.failed(&job.job_id, Some(task), Status::Failed, Some(&e)))
                 })?;
@@ -200,6 +207,7 @@ impl<'a, M: Model> Runner<'a, M> {
                 job_id: job.job_id.clone(),
                 task,
                 started,
+                ends: self.ends_at(&job, started),
                 queue_ms,
                 batch_max: 0,
                 span,
@@ -207,6 +215,16 @@ impl<'a, M: Model> Runner<'a, M> {
             }),
             Err(r) => hooks.result(*r),
         }
+    }
+
+    /// When the job must have ended: its deadline or `job_timeout` after `started`, the earlier.
+    fn ends_at(&self, job: &Job, started: Instant) -> Option<Instant> {
+        let by_deadline = job.deadline.as_deref().and_then(|d| {
+            let left = parse_time("deadline", d).ok()? - OffsetDateTime::now_utc();
+            Some(started + std::time::Duration::try_from(left).unwrap_or_default())
+        });
+        let by_timeout = self.cfg.job_timeout.map(|t| started + t);
+        by_deadline.into_iter().chain(by_timeout).min()
     }
 
     /// The job's time in the queue (ms), or its failed or expired result.

@@ -14,10 +14,20 @@ use crate::tensor::Tensor;
 /// (index of the active job, index of its image) for each row of a forward pass.
 type Rows = Vec<(usize, usize)>;
 
+/// A caught panic as an error that names where it happened and what it said.
+pub(super) fn panicked(what: &str, payload: &(dyn std::any::Any + Send)) -> WorkerError {
+    let msg = payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "no message".into());
+    WorkerError::Internal(format!("panic in {what}: {msg}"))
+}
+
 impl<M: Model> Runner<'_, M> {
     /// One step for every active job.
     pub(super) fn tick(&mut self, sink: &mut dyn ImageSink, hooks: &mut dyn Hooks) {
-        self.drop_canceled(hooks);
+        self.drop_ended(hooks);
         // Masked jobs whose cache holds advance without the model.
         for a in &mut self.active {
             if let Work::Masked { state, .. } = &mut a.work {
@@ -29,11 +39,22 @@ impl<M: Model> Runner<'_, M> {
         let mut failed: BTreeMap<usize, WorkerError> = BTreeMap::new();
         for (key, rows) in self.groups() {
             for chunk in rows.chunks(self.cfg.max_batch.max(1)) {
-                if let Err(e) = self.forward(&key, chunk, hooks) {
-                    for &(ai, _) in chunk {
-                        failed
-                            .entry(ai)
-                            .or_insert_with(|| WorkerError::runtime("batch forward", &e));
+                let Err(e) = self.guarded(&key, chunk, hooks) else {
+                    continue;
+                };
+                if chunk.len() == 1 {
+                    failed.entry(chunk[0].0).or_insert(e);
+                    continue;
+                }
+                // One bad row must not fail its neighbours: each row again, alone. A failure
+                // happens before any row is updated, so the retried rows step exactly once.
+                tracing::warn!(
+                    rows = chunk.len(),
+                    "batched step failed, retrying rows alone: {e}"
+                );
+                for row in chunk {
+                    if let Err(e) = self.guarded(&key, std::slice::from_ref(row), hooks) {
+                        failed.entry(row.0).or_insert(e);
                     }
                 }
             }
@@ -41,18 +62,46 @@ impl<M: Model> Runner<'_, M> {
         self.settle(failed, sink, hooks);
     }
 
-    /// Cancellation between steps.
-    fn drop_canceled(&mut self, hooks: &mut dyn Hooks) {
+    /// [`Self::forward`], with a panic turned into an error: the thread and the other jobs live on.
+    fn guarded(
+        &mut self,
+        key: &GroupKey,
+        chunk: &[(usize, usize)],
+        hooks: &mut dyn Hooks,
+    ) -> Result<()> {
+        let run = std::panic::AssertUnwindSafe(|| self.forward(key, chunk, hooks));
+        std::panic::catch_unwind(run).unwrap_or_else(|p| Err(panicked("a step", p.as_ref())))
+    }
+
+    /// Cancellation, deadlines and the job timeout, between steps.
+    fn drop_ended(&mut self, hooks: &mut dyn Hooks) {
+        let now = Instant::now();
         let mut i = 0;
         while i < self.active.len() {
-            if hooks.canceled(&self.active[i].job_id) {
-                let a = self.active.remove(i);
+            let a = &self.active[i];
+            let r = if hooks.canceled(&a.job_id) {
                 a.span.in_scope(|| tracing::info!("canceled"));
-                let r = self.failed(&a.job_id, Some(a.task), Status::Canceled, None);
-                hooks.result(r);
+                self.failed(&a.job_id, Some(a.task), Status::Canceled, None)
+            } else if a.ends.is_some_and(|t| now >= t) {
+                let (step, total) = a.work.progress();
+                let secs = a.started.elapsed().as_secs_f64();
+                let message = format!(
+                    "the deadline or the job timeout passed after {secs:.1} s, at step {step} of {total}"
+                );
+                a.span.in_scope(|| tracing::warn!("{message}"));
+                let mut r = self.failed(&a.job_id, Some(a.task), Status::Expired, None);
+                r.error = Some(ddit_schemas::ErrorInfo {
+                    kind: ddit_schemas::ErrorKind::InvalidJob,
+                    message,
+                    retryable: false,
+                });
+                r
             } else {
                 i += 1;
-            }
+                continue;
+            };
+            self.active.remove(i);
+            hooks.result(r);
         }
     }
 
@@ -127,7 +176,12 @@ impl<M: Model> Runner<'_, M> {
                 let r = self.failed(&a.job_id, Some(a.task), Status::Failed, Some(&e));
                 hooks.result(r);
             } else if a.work.done() {
-                let r = self.finish(a, sink);
+                let (id, task) = (a.job_id.clone(), a.task);
+                let run = std::panic::AssertUnwindSafe(|| self.finish(a, sink));
+                let r = std::panic::catch_unwind(run).unwrap_or_else(|p| {
+                    let e = panicked("finishing the job", p.as_ref());
+                    self.failed(&id, Some(task), Status::Failed, Some(&e))
+                });
                 hooks.result(r);
             } else {
                 let (step, total) = a.work.progress();

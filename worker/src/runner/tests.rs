@@ -63,6 +63,8 @@ struct Fake {
     calls: Rc<RefCell<Vec<Call>>>,
     /// The forward pass (0-based, velocity and logits counted together) that fails.
     fail_call: Option<usize>,
+    /// Image tokens whose row mean is above this make the text forward panic (a bright image).
+    poison: Option<f32>,
 }
 
 impl Fake {
@@ -71,6 +73,7 @@ impl Fake {
             manifest: manifest(),
             calls: Rc::default(),
             fail_call: None,
+            poison: None,
         }
     }
 
@@ -158,6 +161,13 @@ impl Model for Fake {
         positions: &[Vec<usize>],
     ) -> Result<Tensor> {
         self.record("logits", image_tokens)?;
+        if let Some(p) = self.poison {
+            let rows = image_tokens.batch();
+            assert!(
+                (0..rows).all(|b| row_mean(image_tokens, b) <= p),
+                "poisoned row"
+            );
+        }
         let m: usize = positions.iter().map(Vec::len).sum();
         let mut data = vec![0f32; m * VOCAB];
         let mut row = 0;
@@ -236,15 +246,25 @@ fn run_held(
     hooks: &mut Collect,
     hold: Option<usize>,
 ) {
+    let cfg = RunnerConfig {
+        max_batch,
+        ..RunnerConfig::default()
+    };
+    run_with(model, jobs, cfg, hooks, hold)
+}
+
+fn run_with(
+    model: &mut Fake,
+    jobs: Vec<Job>,
+    cfg: RunnerConfig,
+    hooks: &mut Collect,
+    hold: Option<usize>,
+) {
     let codec = codec();
     let pngs = Rc::new(RefCell::new(Vec::new()));
     let mut src = Source {
         jobs: jobs.into(),
         hold: hold.map(|n| (n, model.calls.clone())),
-    };
-    let cfg = RunnerConfig {
-        max_batch,
-        ..RunnerConfig::default()
     };
     Runner::new(model, &codec, &LocalFetcher, cfg).run(&mut src, &mut Sink(pngs.clone()), hooks);
     hooks.pngs = pngs.take();
@@ -513,4 +533,78 @@ fn guidance_one_or_zero_runs_only_the_row_it_needs() {
     }
     // The same prompt and seed: w = 1 (v = v_c), w = 0 (v = v_u) and w = 7 differ.
     assert!(images[0] != images[1] && images[0] != images[2] && images[1] != images[2]);
+}
+
+fn asking(id: &str, shade: u8, question: &str) -> Job {
+    let mut j = vqa(id, shade);
+    if let TaskParams::Vqa(p) = &mut j.task {
+        p.question = question.into();
+    }
+    j
+}
+
+#[test]
+fn a_panicking_row_fails_alone_and_its_batch_mates_match_their_solo_runs() {
+    let fine = || {
+        vec![
+            asking("a", 60, "what colour?"),
+            asking("b", 90, "what shape?"),
+        ]
+    };
+    let mut alone = Collect::default();
+    run(&mut Fake::new(), fine(), 1, &mut alone);
+    let mut fake = Fake::new();
+    fake.poison = Some(-0.6);
+    let mut h = Collect::default();
+    let mut jobs = fine();
+    jobs.insert(1, asking("p", 250, "is it a zebra?"));
+    run(&mut fake, jobs, 4, &mut h);
+    assert_eq!(h.results.len(), 3);
+    let p = result(&h, "p");
+    assert_eq!(p.status, Status::Failed);
+    let e = p.error.clone().unwrap();
+    assert!(
+        e.message.contains("panic in a step: poisoned row"),
+        "{}",
+        e.message
+    );
+    for id in ["a", "b"] {
+        assert_eq!(
+            result(&h, id).status,
+            Status::Succeeded,
+            "{:?}",
+            result(&h, id).error
+        );
+        assert_eq!(
+            outcome(&h, id),
+            outcome(&alone, id),
+            "{id} changed by the retry"
+        );
+    }
+    // The first pass held all three rows; after it panicked each row ran alone.
+    let calls = fake.calls.borrow();
+    assert_eq!(calls[0].rows, 3);
+    assert!(calls[1..4].iter().all(|c| c.rows == 1), "{calls:?}");
+}
+
+#[test]
+fn a_job_past_its_timeout_ends_expired_between_steps() {
+    let mut fake = Fake::new();
+    let mut h = Collect::default();
+    let cfg = RunnerConfig {
+        job_timeout: Some(std::time::Duration::ZERO),
+        ..RunnerConfig::default()
+    };
+    run_with(
+        &mut fake,
+        vec![generate("slow", 50, 16, 1)],
+        cfg,
+        &mut h,
+        None,
+    );
+    let r = result(&h, "slow");
+    assert_eq!(r.status, Status::Expired);
+    let msg = &r.error.as_ref().unwrap().message;
+    assert!(msg.contains("at step 0 of 50"), "{msg}");
+    assert!(fake.calls.borrow().iter().all(|c| c.kind != "velocity"));
 }

@@ -82,6 +82,8 @@ pub(super) struct Active {
     pub job_id: String,
     pub task: &'static str,
     pub started: Instant,
+    /// The deadline or the job timeout, whichever comes first (checked between steps).
+    pub ends: Option<Instant>,
     pub queue_ms: u64,
     pub batch_max: u32,
     /// The job's span: its steps are recorded under it, on whichever thread runs them.

@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use ddit_schemas::{Job, JobResult, ModelRef, Status};
 use lapin::message::Delivery;
@@ -12,10 +12,12 @@ use lapin::Acker;
 use tokio::sync::mpsc;
 use tracing::Instrument;
 
+use super::attempts::{self, Retained};
 use super::inference::Event;
 use super::metrics::{JobLabels, Metrics, StepLabels};
 use super::{telemetry, ServeConfig};
 use crate::adapters::redis::ResultStore;
+use crate::adapters::s3::S3Store;
 use crate::adapters::{amqp, with_backoff};
 use crate::error::WorkerError;
 use crate::runner::ended_result;
@@ -26,17 +28,34 @@ pub(super) struct InFlight {
     pub duplicates: Vec<Acker>,
     span: tracing::Span,
     received: Instant,
+    /// Which attempt this delivery is (1 = the first).
+    pub attempt: u32,
+    /// What a retry republishes.
+    pub message: Retained,
+}
+
+impl InFlight {
+    /// The delivery and its duplicates, which share its fate.
+    pub fn ackers(&self) -> impl Iterator<Item = &Acker> {
+        std::iter::once(&self.acker).chain(&self.duplicates)
+    }
 }
 
 pub(super) struct Service {
     pub cfg: ServeConfig,
     pub redis: ResultStore,
+    pub s3: S3Store,
     pub metrics: Arc<Metrics>,
     pub model: ModelRef,
     pub in_flight: HashMap<String, InFlight>,
     pub last_progress: HashMap<String, Instant>,
     /// Jobs to the inference threads, each with its span; `None` once draining.
     pub jobs: Option<mpsc::Sender<(Job, tracing::Span)>>,
+    /// A confirm-mode channel for retry copies and dead letters (set once the broker is reached).
+    pub publisher: Option<lapin::Channel>,
+    /// What was handed over and not started, and the flag that stops starting it.
+    pub queued: super::inference::Queued,
+    pub draining: Arc<std::sync::atomic::AtomicBool>,
 }
 
 fn job_id_of(data: &[u8]) -> Option<String> {
@@ -81,9 +100,19 @@ impl Service {
                     tracing::warn!("reject: {e}");
                 }
             }
-            Err(_) => Self::nack_requeue(&d.acker).await,
+            Err(_) => {
+                // Nothing stored: back through the retry queue, not counted as an attempt.
+                let made = attempts::attempt_of(&d.properties, 0).saturating_sub(1);
+                let delay = attempts::backoff(self.cfg.retry_delay, 1);
+                self.retry_later(
+                    std::slice::from_ref(&d.acker),
+                    &Retained::of(d),
+                    made,
+                    delay,
+                )
+                .await;
+            }
         }
-        self.metrics.in_flight.dec();
     }
 
     pub(super) async fn on_delivery(&mut self, d: Delivery) {
@@ -91,54 +120,48 @@ impl Service {
         if d.redelivered {
             self.metrics.redeliveries.inc();
         }
+        if !self.take(d).await {
+            self.metrics.in_flight.dec();
+        }
+    }
+
+    /// Admits a delivery, or settles it at once (dead letter, duplicate result, retry later).
+    /// Returns whether it is now in flight (a duplicate joins its first copy: true).
+    async fn take(&mut self, d: Delivery) -> bool {
         let traceparent = amqp::header(&d.properties, "traceparent");
+        let Some(id) = job_id_of(&d.data) else {
+            let why = "no usable job_id (not JSON, or a missing or invalid id)";
+            self.dead_letter_unusable(&d, why).await;
+            return false;
+        };
         let job: Job = match serde_json::from_slice(&d.data) {
             Ok(j) => j,
+            Err(e) if self.in_flight.contains_key(&id) => {
+                // The slot belongs to the valid job running under this id.
+                let why = format!("invalid job carrying the id of a job in flight: {e}");
+                self.dead_letter_unusable(&d, &why).await;
+                return false;
+            }
             Err(e) => {
-                let id =
-                    job_id_of(&d.data).unwrap_or_else(|| format!("delivery-{}", d.delivery_tag));
                 let r = self.failed(&id, None, &WorkerError::invalid("job", e.to_string()));
                 tracing::warn!(job_id = %id, "invalid job: {e}");
-                return self.dead_letter(&d, &r).await;
+                self.dead_letter(&d, &r).await;
+                return false;
             }
         };
-        if let Err(e) = crate::tasks::validate_job_id(&job.job_id) {
-            let r = self.failed(
-                &format!("delivery-{}", d.delivery_tag),
-                Some(job.task.name()),
-                &e,
-            );
-            return self.dead_letter(&d, &r).await;
-        }
         let span = tracing::info_span!("job", job_id = %job.job_id, task = job.task.name(), redelivered = d.redelivered);
         telemetry::continue_trace(&span, traceparent.as_deref());
         if let Some(f) = self.in_flight.get_mut(&job.job_id) {
             // A duplicate publish while the first copy runs: acked with it.
             f.duplicates.push(d.acker);
-            return;
+            return true;
         }
-        match self.redis.has_result(&job.job_id).await {
-            Ok(true) => {
-                span.in_scope(|| {
-                    tracing::info!("result exists; acknowledging without recomputing")
-                });
-                if let Err(e) = d.acker.ack(BasicAckOptions::default()).await {
-                    tracing::warn!("ack: {e}");
-                }
-                self.metrics.in_flight.dec();
-                return;
-            }
-            Ok(false) => {}
-            Err(e) => {
-                tracing::warn!("redis unavailable, requeueing {}: {e}", job.job_id);
-                tokio::time::sleep(Duration::from_millis(500)).await;
-                Self::nack_requeue(&d.acker).await;
-                self.metrics.in_flight.dec();
-                return;
-            }
-        }
-        span.in_scope(|| tracing::info!("accepted"));
+        let Some(attempt) = self.admit(&d, &job, &span).await else {
+            return false;
+        };
+        span.in_scope(|| tracing::info!(attempt, "accepted"));
         let job_span = span.clone();
+        let message = Retained::of(&d);
         self.in_flight.insert(
             job.job_id.clone(),
             InFlight {
@@ -147,6 +170,8 @@ impl Service {
                 duplicates: vec![],
                 span,
                 received: Instant::now(),
+                attempt,
+                message,
             },
         );
         if let Some(tx) = &self.jobs {
@@ -154,77 +179,159 @@ impl Service {
                 tracing::error!("inference threads are gone");
             }
         }
+        true
     }
 
-    async fn on_result(&mut self, r: JobResult) {
+    /// Decides whether a parsed job runs: an existing result acks it, Redis trouble sends it
+    /// back through the retry queue, and a job past its last attempt gets its final result.
+    /// Returns the attempt number when it runs.
+    async fn admit(&self, d: &Delivery, job: &Job, span: &tracing::Span) -> Option<u32> {
+        let limit = self.cfg.amqp.delivery_limit;
+        let counted = match self.redis.has_result(&job.job_id).await {
+            Ok(true) => {
+                span.in_scope(|| {
+                    tracing::info!("result exists; acknowledging without recomputing")
+                });
+                if let Err(e) = d.acker.ack(BasicAckOptions::default()).await {
+                    tracing::warn!("ack: {e}");
+                }
+                return None;
+            }
+            Ok(false) => self.redis.begin_attempt(&job.job_id).await,
+            Err(e) => Err(e),
+        };
+        let (counted, last) = match counted {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!("redis unavailable, retrying {} later: {e}", job.job_id);
+                let again = attempts::attempt_of(&d.properties, 0).saturating_sub(1);
+                let delay = attempts::backoff(self.cfg.retry_delay, 1);
+                self.retry_later(
+                    std::slice::from_ref(&d.acker),
+                    &Retained::of(d),
+                    again,
+                    delay,
+                )
+                .await;
+                return None;
+            }
+        };
+        let attempt = attempts::attempt_of(&d.properties, counted);
+        if attempt <= limit {
+            return Some(attempt);
+        }
+        let r = attempts::exhausted(self, &job.job_id, Some(job.task.name()), last, attempt - 1);
+        span.in_scope(|| tracing::warn!(attempts = attempt - 1, "attempts ran out"));
+        self.dead_letter(d, &r).await;
+        None
+    }
+
+    async fn on_result(&mut self, mut r: JobResult) {
         let Some(f) = self.in_flight.remove(&r.job_id) else {
             tracing::warn!(job_id = %r.job_id, "result for a job not in flight");
             return;
         };
         self.last_progress.remove(&r.job_id);
+        r.attempts = Some(f.attempt);
         let span = f.span.clone();
         async {
-            let retryable = r.error.as_ref().is_some_and(|e| e.retryable);
-            let mut all = vec![f.acker];
-            all.extend(f.duplicates);
-            if retryable {
-                tracing::warn!("transient failure, requeueing: {:?}", r.error);
-                for a in &all {
-                    Self::nack_requeue(a).await;
-                }
-            } else {
-                match with_backoff("store result", 6, || self.redis.put_result(&r)).await {
-                    Ok(stored) => {
-                        if !stored {
-                            tracing::info!("a result already existed (duplicate delivery)");
-                        }
-                        let status = serde_json::to_value(r.status)
-                            .ok()
-                            .and_then(|v| v.as_str().map(str::to_string))
-                            .unwrap_or_default();
-                        self.metrics
-                            .jobs
-                            .get_or_create(&JobLabels {
-                                task: f.task.clone(),
-                                status: status.clone(),
-                            })
-                            .inc();
-                        if let Some(m) = &r.metrics {
-                            self.metrics
-                                .queue_wait_seconds
-                                .observe(m.queue_ms as f64 / 1000.0);
-                        }
-                        let permanent_failure = r.status == Status::Failed;
-                        for (i, a) in all.iter().enumerate() {
-                            let res = if permanent_failure && i == 0 {
-                                a.reject(BasicRejectOptions { requeue: false }).await
-                            } else {
-                                a.ack(BasicAckOptions::default()).await
-                            };
-                            if let Err(e) = res {
-                                tracing::warn!("ack: {e}");
-                            }
-                        }
-                        tracing::info!(
-                            status,
-                            elapsed_ms = f.received.elapsed().as_millis() as u64,
-                            "done"
-                        );
+            let transient = r.error.clone().filter(|e| e.retryable);
+            match transient {
+                Some(e) if f.attempt < self.cfg.amqp.delivery_limit => {
+                    tracing::warn!(attempt = f.attempt, "transient failure: {}", e.message);
+                    if let Err(e) = self.redis.record_failure(&r.job_id, &e).await {
+                        tracing::warn!("cannot record the cause: {e}");
                     }
-                    Err(e) => {
-                        tracing::error!("cannot store the result, requeueing: {e}");
-                        for a in &all {
-                            Self::nack_requeue(a).await;
-                        }
-                    }
+                    let ackers: Vec<Acker> = f.ackers().cloned().collect();
+                    let delay = attempts::backoff(self.cfg.retry_delay, f.attempt);
+                    self.retry_later(&ackers, &f.message, f.attempt, delay)
+                        .await;
                 }
+                _ => self.settle(&r, &f).await,
             }
-            for _ in &all {
+            for _ in f.ackers() {
                 self.metrics.in_flight.dec();
             }
         }
         .instrument(span)
         .await;
+    }
+
+    /// Stores a final result (a success, a permanent failure, or the last attempt's transient
+    /// one), then acks; a failed job's delivery is rejected to the dead-letter queue. If the
+    /// result cannot be stored, the job goes back through the retry queue.
+    async fn settle(&self, r: &JobResult, f: &InFlight) {
+        let stored = match with_backoff("store result", 6, || self.redis.put_result(r)).await {
+            Ok(stored) => stored,
+            Err(e) => {
+                tracing::error!("cannot store the result, retrying the job later: {e}");
+                let ackers: Vec<Acker> = f.ackers().cloned().collect();
+                let delay = attempts::backoff(self.cfg.retry_delay, 1);
+                return self
+                    .retry_later(&ackers, &f.message, f.attempt, delay)
+                    .await;
+            }
+        };
+        if !stored {
+            tracing::info!("a result already existed (duplicate delivery)");
+            self.discard_losing_outputs(r).await;
+        }
+        let status = serde_json::to_value(r.status)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_string))
+            .unwrap_or_default();
+        self.metrics
+            .jobs
+            .get_or_create(&JobLabels {
+                task: f.task.clone(),
+                status: status.clone(),
+            })
+            .inc();
+        if let Some(m) = &r.metrics {
+            self.metrics
+                .queue_wait_seconds
+                .observe(m.queue_ms as f64 / 1000.0);
+        }
+        let failed = r.status == Status::Failed;
+        for (i, a) in f.ackers().enumerate() {
+            let res = if failed && i == 0 {
+                a.reject(BasicRejectOptions { requeue: false }).await
+            } else {
+                a.ack(BasicAckOptions::default()).await
+            };
+            if let Err(e) = res {
+                tracing::warn!("ack: {e}");
+            }
+        }
+        tracing::info!(
+            status,
+            attempts = f.attempt,
+            elapsed_ms = f.received.elapsed().as_millis() as u64,
+            "done"
+        );
+    }
+
+    /// A copy of a job that lost `SET NX` deletes the images the stored result does not name
+    /// (with content-addressed keys, identical bytes share a key and are kept).
+    async fn discard_losing_outputs(&self, r: &JobResult) {
+        if r.outputs.is_empty() {
+            return;
+        }
+        let winner = match self.redis.get_result(&r.job_id).await {
+            Ok(Some(w)) => w,
+            Ok(None) => return,
+            Err(e) => return tracing::warn!("cannot read the stored result: {e}"),
+        };
+        let stale: Vec<String> = r
+            .outputs
+            .iter()
+            .filter(|o| !winner.outputs.iter().any(|w| w.uri == o.uri))
+            .map(|o| o.uri.clone())
+            .collect();
+        match self.s3.delete_uris(&stale).await {
+            Ok(()) => tracing::info!(deleted = stale.len(), "removed the losing copy's images"),
+            Err(e) => tracing::warn!("cannot remove the losing copy's images: {e}"),
+        }
     }
 
     async fn on_progress(&mut self, job_id: String, step: usize, total: usize) {

@@ -1,7 +1,7 @@
 //! `/healthz`, `/readyz` and `/metrics`.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use axum::extract::State;
@@ -16,14 +16,24 @@ use crate::error::{Result, WorkerError};
 
 pub struct AppState {
     pub model_ready: AtomicBool,
+    /// Live inference threads, and how many were started.
+    pub threads_alive: Arc<AtomicUsize>,
+    pub threads: usize,
     pub broker: std::sync::Mutex<Option<Arc<lapin::Connection>>>,
     pub redis: ResultStore,
     pub s3: S3Store,
     pub metrics: Arc<Metrics>,
 }
 
-async fn healthz() -> &'static str {
-    "ok\n"
+/// Alive while every inference thread is: a dead one would strand the jobs handed to it.
+async fn healthz(State(s): State<Arc<AppState>>) -> (StatusCode, String) {
+    let alive = s.threads_alive.load(Ordering::SeqCst);
+    if alive < s.threads {
+        tracing::error!(alive, started = s.threads, "an inference thread has died");
+        let msg = format!("{alive} of {} inference threads alive\n", s.threads);
+        return (StatusCode::SERVICE_UNAVAILABLE, msg);
+    }
+    (StatusCode::OK, "ok\n".into())
 }
 
 async fn readyz(State(s): State<Arc<AppState>>) -> (StatusCode, String) {

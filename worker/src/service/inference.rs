@@ -2,6 +2,7 @@
 //! bounded channel. The async side never runs a model, so AMQP heartbeats and acks stay on time.
 
 use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
@@ -36,8 +37,13 @@ pub type CancelSet = Arc<Mutex<HashSet<String>>>;
 /// A job and the span its steps are recorded under.
 type Sent = (Job, tracing::Span);
 
+/// The jobs handed to the inference threads and not yet taken by one.
+pub type Queued = Arc<tokio::sync::Mutex<mpsc::Receiver<Sent>>>;
+
 struct ChannelSource {
-    rx: Arc<tokio::sync::Mutex<mpsc::Receiver<Sent>>>,
+    rx: Queued,
+    /// Set when the service drains: no queued job starts any more.
+    draining: Arc<AtomicBool>,
 }
 
 fn incoming((job, span): Sent) -> Incoming {
@@ -49,6 +55,9 @@ fn incoming((job, span): Sent) -> Incoming {
 
 impl JobSource for ChannelSource {
     fn next_job(&mut self, wait: bool) -> Option<Incoming> {
+        if self.draining.load(Ordering::SeqCst) {
+            return None;
+        }
         if wait {
             let mut rx = self.rx.blocking_lock();
             rx.blocking_recv().map(incoming)
@@ -91,8 +100,20 @@ impl Hooks for EventHooks {
     }
 }
 
+/// Counts a live inference thread until dropped (also when the thread unwinds from a panic).
+struct Alive(Arc<AtomicUsize>);
+
+impl Drop for Alive {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 pub struct Pool {
     pub jobs: mpsc::Sender<Sent>,
+    /// The receiving end the threads share: on drain the service takes back what none started.
+    pub queued: Queued,
+    pub draining: Arc<AtomicBool>,
     pub threads: Vec<JoinHandle<()>>,
 }
 
@@ -103,6 +124,8 @@ pub struct PoolConfig {
     pub engine: EngineConfig,
     pub runner: RunnerConfig,
     pub capacity: usize,
+    /// Counts the threads that run (`/healthz` fails when one has died).
+    pub alive: Arc<AtomicUsize>,
 }
 
 pub fn start(
@@ -113,9 +136,14 @@ pub fn start(
 ) -> Pool {
     let (tx, rx) = mpsc::channel::<Sent>(cfg.capacity.max(1));
     let rx = Arc::new(tokio::sync::Mutex::new(rx));
+    let draining = Arc::new(AtomicBool::new(false));
+    let alive = cfg.alive.clone();
     let threads = (0..cfg.threads.max(1))
         .map(|i| {
+            alive.fetch_add(1, Ordering::SeqCst);
+            let guard = Alive(alive.clone());
             let rx = rx.clone();
+            let draining = draining.clone();
             let events = events.clone();
             let canceled = canceled.clone();
             let fetcher = io.clone();
@@ -126,6 +154,7 @@ pub fn start(
             std::thread::Builder::new()
                 .name(format!("ddit-inference-{i}"))
                 .spawn(move || {
+                    let _alive = guard;
                     let loaded = Engine::load(&package, &ecfg).and_then(|e| {
                         let codec = TextCodec::for_package(&e.tokenizer_path, &e.manifest.values)?;
                         Ok((e, codec))
@@ -138,7 +167,7 @@ pub fn start(
                         }
                     };
                     let _ = events.send(Event::Ready);
-                    let mut source = ChannelSource { rx };
+                    let mut source = ChannelSource { rx, draining };
                     let mut hooks = EventHooks {
                         tx: events,
                         canceled,
@@ -152,5 +181,10 @@ pub fn start(
                 .unwrap_or_else(|e| panic!("cannot spawn an inference thread: {e}"))
         })
         .collect();
-    Pool { jobs: tx, threads }
+    Pool {
+        jobs: tx,
+        queued: rx,
+        draining,
+        threads,
+    }
 }

@@ -11,6 +11,7 @@
 //! [`serve`] is three phases: [`start`] (verify the package once, connect Redis and S3, HTTP,
 //! load the inference threads), [`connect`] (the broker), then the loop and [`drain`].
 
+mod attempts;
 mod deliveries;
 pub mod http;
 pub mod inference;
@@ -55,6 +56,8 @@ pub struct ServeConfig {
     pub listen: SocketAddr,
     /// Least time between two progress events of one job.
     pub progress_interval: Duration,
+    /// First delay before a transient failure's retry (doubled per attempt, jittered, ≤ 60 s).
+    pub retry_delay: Duration,
     pub name: String,
 }
 
@@ -76,6 +79,11 @@ pub async fn serve(cfg: ServeConfig, shutdown: impl Future<Output = ()>) -> Resu
     } = start(&cfg).await?;
     let tag = format!("{}-{}", cfg.name, std::process::id());
     let (conn, ch, mut consumer) = connect(&cfg, &tag).await?;
+    svc.publisher = Some(
+        conn.create_channel()
+            .await
+            .map_err(|e| WorkerError::unavailable("amqp publishing channel", e))?,
+    );
     if let Ok(mut b) = state.broker.lock() {
         *b = Some(conn.clone());
     }
@@ -130,8 +138,11 @@ async fn start(cfg: &ServeConfig) -> Result<Started> {
     if let Err(e) = s3.ping().await {
         tracing::error!("s3 bucket {} not reachable: {e}", cfg.s3.bucket);
     }
+    let alive = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let state = Arc::new(http::AppState {
         model_ready: false.into(),
+        threads_alive: alive.clone(),
+        threads: cfg.inference_threads.max(1),
         broker: Mutex::new(None),
         redis: redis.clone(),
         s3: s3.clone(),
@@ -143,7 +154,7 @@ async fn start(cfg: &ServeConfig) -> Result<Started> {
     let canceled: inference::CancelSet = Arc::new(Mutex::new(HashSet::new()));
     let (ev_tx, mut events) = mpsc::unbounded_channel();
     let io = S3Io {
-        store: s3,
+        store: s3.clone(),
         handle: tokio::runtime::Handle::current(),
         model_hash: model.hash.clone(),
     };
@@ -153,6 +164,7 @@ async fn start(cfg: &ServeConfig) -> Result<Started> {
         engine: cfg.engine.clone(),
         runner: cfg.runner.clone(),
         capacity: usize::from(cfg.amqp.prefetch).max(1),
+        alive,
     };
     let pool = inference::start(pool_cfg, io, canceled.clone(), ev_tx);
     wait_ready(cfg, &mut events).await?;
@@ -160,11 +172,15 @@ async fn start(cfg: &ServeConfig) -> Result<Started> {
     let svc = Service {
         cfg: cfg.clone(),
         redis,
+        s3,
         metrics,
         model,
         in_flight: HashMap::new(),
         last_progress: HashMap::new(),
         jobs: Some(pool.jobs),
+        publisher: None,
+        queued: pool.queued,
+        draining: pool.draining,
     };
     Ok(Started {
         svc,
@@ -210,8 +226,8 @@ async fn connect(cfg: &ServeConfig, tag: &str) -> Result<(Arc<Connection>, Chann
     .await
 }
 
-/// Graceful shutdown: stop consuming, finish what is in flight before the deadline, requeue
-/// the rest.
+/// Graceful shutdown: stop consuming, requeue at once what no inference thread has started,
+/// finish what runs before the deadline, requeue the rest.
 async fn drain(
     svc: &mut Service,
     events: &mut mpsc::UnboundedReceiver<Event>,
@@ -222,7 +238,30 @@ async fn drain(
     let _ = ch
         .basic_cancel(tag.into(), BasicCancelOptions::default())
         .await;
+    svc.draining.store(true, Ordering::SeqCst);
     svc.jobs = None;
+    let mut not_started = 0;
+    {
+        let queued = svc.queued.clone();
+        let mut rx = queued.lock().await;
+        while let Ok((job, _)) = rx.try_recv() {
+            if let Some(f) = svc.in_flight.remove(&job.job_id) {
+                // Never started: the admission is taken back, so it costs no attempt.
+                if let Err(e) = svc.redis.forget_attempt(&job.job_id).await {
+                    tracing::warn!("attempt count of {}: {e}", job.job_id);
+                }
+                for a in f.ackers() {
+                    Service::nack_requeue(a).await;
+                    svc.metrics.in_flight.dec();
+                }
+                not_started += 1;
+            }
+        }
+    }
+    tracing::info!(
+        not_started,
+        "requeued the jobs no inference thread had started"
+    );
     let deadline = tokio::time::Instant::now() + svc.cfg.shutdown_deadline;
     while !svc.in_flight.is_empty() {
         tokio::select! {
@@ -235,8 +274,7 @@ async fn drain(
     }
     for (id, f) in svc.in_flight.drain() {
         tracing::info!(job_id = %id, "requeueing unfinished job");
-        Service::nack_requeue(&f.acker).await;
-        for a in &f.duplicates {
+        for a in f.ackers() {
             Service::nack_requeue(a).await;
         }
     }

@@ -1,0 +1,212 @@
+//! Attempts that end. Every admitted delivery of a job is counted (a Redis counter, the copy's
+//! own `x-ddit-attempts` header and the quorum queue's `x-delivery-count`, whichever is highest,
+//! so a flushed Redis or a broker whose nacks do not count still ends). A transient failure sends
+//! the job back through the retry queue after a growing, jittered delay, never a hot loop. The last
+//! allowed attempt stores a final `failed` result with the kind, the last cause and the attempt
+//! count, and dead-letters the message. A message without a usable job id goes to the dead-letter
+//! exchange with an `x-ddit-reason` header and no result.
+
+use std::time::Duration;
+
+use ddit_schemas::{ErrorInfo, ErrorKind, JobResult, Status};
+use lapin::message::Delivery;
+use lapin::options::{BasicAckOptions, BasicRejectOptions};
+use lapin::types::{AMQPValue, FieldTable, LongString};
+use lapin::{Acker, BasicProperties};
+
+use super::deliveries::Service;
+use crate::adapters::amqp::{self, Message};
+use crate::runner::ended_result;
+
+/// Attempts already made, on a copy sent back through the retry queue.
+pub const ATTEMPTS_HEADER: &str = "x-ddit-attempts";
+/// Why a message went to the dead-letter queue without a result.
+pub const REASON_HEADER: &str = "x-ddit-reason";
+
+/// The wait before the attempt after `attempt`: `base` doubled per attempt up to 60 s, scaled
+/// by a random factor in [0.5, 1) so that jobs failing together spread out.
+pub fn backoff(base: Duration, attempt: u32) -> Duration {
+    let doubled = base.saturating_mul(1 << attempt.saturating_sub(1).min(16));
+    doubled
+        .min(Duration::from_secs(60))
+        .mul_f64(crate::adapters::jitter())
+}
+
+/// Which attempt a delivery is, given the Redis count (the highest of the three counts).
+pub fn attempt_of(props: &BasicProperties, counted: u32) -> u32 {
+    let ours = amqp::header_count(props, ATTEMPTS_HEADER).map_or(1, |n| n.saturating_add(1));
+    let broker = amqp::header_count(props, "x-delivery-count").map_or(1, |n| n.saturating_add(1));
+    counted.max(ours).max(broker)
+}
+
+/// What a retried copy is made of: the body and the headers (the broker's counters left out).
+pub struct Retained {
+    pub body: Vec<u8>,
+    pub headers: FieldTable,
+}
+
+impl Retained {
+    pub fn of(d: &Delivery) -> Self {
+        let headers = d
+            .properties
+            .headers()
+            .as_ref()
+            .map(|h| {
+                h.inner()
+                    .iter()
+                    .filter(|(k, _)| !k.as_str().starts_with("x-delivery-count"))
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect::<std::collections::BTreeMap<_, _>>()
+                    .into()
+            })
+            .unwrap_or_default();
+        Self {
+            body: d.data.clone(),
+            headers,
+        }
+    }
+}
+
+/// The final result of a job whose attempts ran out: the last cause, or, when no attempt could
+/// record one (each ended with the worker dying or losing the broker), a message saying so.
+pub fn exhausted(
+    svc: &Service,
+    job_id: &str,
+    task: Option<&str>,
+    last: Option<ErrorInfo>,
+    attempts: u32,
+) -> JobResult {
+    let mut r = ended_result(&svc.model, job_id, task, Status::Failed, None);
+    r.error = Some(
+        last.unwrap_or(ErrorInfo {
+            kind: ErrorKind::Internal,
+            message: "no attempt ended with a result (a worker died or lost the broker while \
+                  running the job)"
+                .into(),
+            retryable: true,
+        }),
+    );
+    r.attempts = Some(attempts);
+    r
+}
+
+impl Service {
+    /// Sends a job back to the work queue after `delay`: a copy carrying `attempts` goes to the
+    /// retry queue, whose per-message TTL dead-letters it back, then every delivery of the job
+    /// here is acked. Unlike a nack, this neither counts toward the broker's delivery limit nor
+    /// loops at once. If no copy can be published, the deliveries are nacked after the delay.
+    pub(super) async fn retry_later(
+        &self,
+        ackers: &[Acker],
+        msg: &Retained,
+        attempts: u32,
+        delay: Duration,
+    ) {
+        let mut headers = msg.headers.clone();
+        headers.insert(ATTEMPTS_HEADER.into(), AMQPValue::LongUInt(attempts));
+        let queue = self.cfg.amqp.retry_queue();
+        let copy = Message {
+            exchange: "",
+            routing_key: &queue,
+            body: &msg.body,
+            headers,
+            expiration_ms: Some(delay.as_millis() as u64),
+        };
+        let sent = match &self.publisher {
+            Some(ch) => amqp::publish(ch, copy).await,
+            None => Err(crate::error::WorkerError::Internal(
+                "no publishing channel".into(),
+            )),
+        };
+        match sent {
+            Ok(()) => {
+                tracing::info!(
+                    attempts,
+                    delay_ms = delay.as_millis() as u64,
+                    "retry scheduled"
+                );
+                for a in ackers {
+                    if let Err(e) = a.ack(BasicAckOptions::default()).await {
+                        tracing::warn!("ack: {e}");
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::warn!("cannot schedule a retry ({e}); requeueing after the delay");
+                tokio::time::sleep(delay.min(Duration::from_secs(5))).await;
+                for a in ackers {
+                    Self::nack_requeue(a).await;
+                }
+            }
+        }
+    }
+
+    /// A message with no usable job id: no result slot can be named, so it goes to the
+    /// dead-letter exchange with the reason as a header (a plain reject if that fails).
+    pub(super) async fn dead_letter_unusable(&self, d: &Delivery, reason: &str) {
+        tracing::warn!(
+            delivery_tag = d.delivery_tag,
+            "dead-lettering without a result: {reason}"
+        );
+        let mut headers = Retained::of(d).headers;
+        headers.insert(
+            REASON_HEADER.into(),
+            AMQPValue::LongString(LongString::from(reason)),
+        );
+        let copy = Message {
+            exchange: &self.cfg.amqp.dead_letter_exchange,
+            routing_key: "",
+            body: &d.data,
+            headers,
+            expiration_ms: None,
+        };
+        let sent = match &self.publisher {
+            Some(ch) => amqp::publish(ch, copy).await.is_ok(),
+            None => false,
+        };
+        let res = if sent {
+            d.acker.ack(BasicAckOptions::default()).await
+        } else {
+            d.acker.reject(BasicRejectOptions { requeue: false }).await
+        };
+        if let Err(e) = res {
+            tracing::warn!("ack: {e}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn props(pairs: &[(&str, u32)]) -> BasicProperties {
+        let mut h = FieldTable::default();
+        for (k, v) in pairs {
+            h.insert((*k).into(), AMQPValue::LongLongInt((*v).into()));
+        }
+        BasicProperties::default().with_headers(h)
+    }
+
+    #[test]
+    fn the_highest_count_wins() {
+        assert_eq!(attempt_of(&props(&[]), 1), 1);
+        assert_eq!(attempt_of(&props(&[]), 3), 3);
+        // Redis flushed: the copy's header still counts.
+        assert_eq!(attempt_of(&props(&[(ATTEMPTS_HEADER, 4)]), 1), 5);
+        // Crash redeliveries the worker never saw end: the broker's count.
+        assert_eq!(attempt_of(&props(&[("x-delivery-count", 2)]), 1), 3);
+    }
+
+    #[test]
+    fn backoff_grows_jittered_and_capped() {
+        let base = Duration::from_millis(1000);
+        for attempt in 1..=12 {
+            let full = (base * (1 << (attempt - 1).min(16))).min(Duration::from_secs(60));
+            let d = backoff(base, attempt);
+            assert!(
+                d >= full / 2 && d < full,
+                "attempt {attempt}: {d:?} vs {full:?}"
+            );
+        }
+    }
+}
