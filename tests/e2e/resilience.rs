@@ -68,7 +68,12 @@ async fn broker_restart_mid_run_loses_nothing() {
     assert_eq!(results.len(), 30, "worker log:\n{}", w.log_text());
     assert!(results.iter().all(|r| r.status == Status::Succeeded));
     w.wait_ready(Duration::from_secs(60));
+    // One result per job, the bytes they name, and nothing dead-lettered or left waiting.
+    assert_eq!(result_count(&names).await, 30);
+    assert_outputs_match(&results).await;
     assert_eq!(queue_depth(&names, &names.queue).await, 0);
+    assert_eq!(queue_depth(&names, &names.amqp().retry_queue()).await, 0);
+    assert_eq!(queue_depth(&names, &names.dlq).await, 0);
     cleanup(&names).await;
 }
 

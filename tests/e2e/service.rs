@@ -152,25 +152,24 @@ async fn fifty_mixed_jobs_give_fifty_results_with_images_in_s3() {
     assert_eq!(images, 17 + 8);
 
     // Poison and bad inputs: failed results, and their messages in the dead-letter queue.
-    let bad = wait_results(
-        &names,
-        &["poison-task".to_string(), "missing-input".to_string()],
-        Duration::from_secs(30),
-    )
-    .await;
-    assert_eq!(bad.len(), 2);
-    for r in &bad {
-        assert_eq!(r.status, Status::Failed);
-    }
+    // Every bad job with an id has its failed result, of the right kind, after one attempt.
+    let expected = [
+        ("poison-task", ErrorKind::InvalidJob),
+        ("missing-input", ErrorKind::InputNotFound),
+        ("bad-steps", ErrorKind::InvalidJob),
+        ("too-big", ErrorKind::InvalidInput),
+        ("other-bucket", ErrorKind::InvalidJob),
+    ];
+    let bad_ids: Vec<String> = expected.iter().map(|(id, _)| id.to_string()).collect();
+    let bad = wait_results(&names, &bad_ids, Duration::from_secs(30)).await;
+    assert_eq!(bad.len(), expected.len());
     let by: HashMap<_, _> = bad.iter().map(|r| (r.job_id.clone(), r)).collect();
-    assert_eq!(
-        by["poison-task"].error.as_ref().unwrap().kind,
-        ErrorKind::InvalidJob
-    );
-    assert_eq!(
-        by["missing-input"].error.as_ref().unwrap().kind,
-        ErrorKind::InputNotFound
-    );
+    for (id, kind) in expected {
+        let r = by[id];
+        assert_eq!(r.status, Status::Failed, "{id}");
+        assert_eq!(r.error.as_ref().unwrap().kind, kind, "{id}: {:?}", r.error);
+        assert_eq!(r.attempts, Some(1), "{id}");
+    }
     let mut dlq = 0;
     for _ in 0..50 {
         dlq = queue_depth(&names, &names.dlq).await;
@@ -182,6 +181,15 @@ async fn fifty_mixed_jobs_give_fifty_results_with_images_in_s3() {
     assert_eq!(
         dlq, 6,
         "not JSON, unknown task, missing input, out of range, too big, other bucket"
+    );
+    let dead = take_dead_letters(&names).await;
+    let (_, reason) = dead
+        .iter()
+        .find(|(b, _)| b.starts_with(b"{ this is not json"))
+        .unwrap();
+    assert!(
+        reason.as_deref().unwrap_or("").contains("no usable job_id"),
+        "{reason:?}"
     );
     assert_eq!(queue_depth(&names, &names.queue).await, 0);
 
@@ -283,8 +291,12 @@ async fn a_worker_killed_mid_job_loses_nothing() {
     for r in &results {
         assert_eq!(r.status, Status::Succeeded, "{}: {:?}", r.job_id, r.error);
     }
-    // Exactly one final result each: one key per job, and nothing left in either queue.
+    // The images the results name hold the bytes they say, killed copies notwithstanding.
+    assert_outputs_match(&results).await;
+    // Exactly one final result each: one key per job, and nothing left in any queue.
+    assert_eq!(result_count(&names).await, 16);
     assert_eq!(queue_depth(&names, &names.queue).await, 0);
+    assert_eq!(queue_depth(&names, &names.amqp().retry_queue()).await, 0);
     assert_eq!(queue_depth(&names, &names.dlq).await, 0);
     // B took over A's unacknowledged deliveries.
     let (_, m) = http_get(b.port, "/metrics").unwrap();

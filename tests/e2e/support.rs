@@ -33,6 +33,8 @@ pub struct Names {
     pub dlq: String,
     pub redis_prefix: String,
     pub s3_prefix: String,
+    /// The queue's `x-delivery-limit` (workers and publishers must agree).
+    pub delivery_limit: u32,
 }
 
 impl Names {
@@ -48,6 +50,7 @@ impl Names {
             dlq: format!("e2e.{id}.dlq"),
             redis_prefix: format!("e2e:{id}"),
             s3_prefix: format!("e2e/{id}"),
+            delivery_limit: 5,
             id,
         }
     }
@@ -57,9 +60,10 @@ impl Names {
             url: var("DDIT_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/%2f"),
             queue: self.queue.clone(),
             prefetch: 4,
-            delivery_limit: 5,
+            delivery_limit: self.delivery_limit,
             dead_letter_exchange: self.dlx.clone(),
             dead_letter_queue: self.dlq.clone(),
+            ca_pem: None,
         }
     }
 }
@@ -187,6 +191,19 @@ impl Worker {
     ) -> Self {
         let port = free_port();
         let log = log_dir.join(format!("{label}.log"));
+        // Defaults a test's `extra` flags may override.
+        let delivery_limit = names.delivery_limit.to_string();
+        let defaults = [
+            ("--prefetch", "4"),
+            ("--max-batch", "4"),
+            ("--intra-threads", "1"),
+            ("--delivery-limit", delivery_limit.as_str()),
+            ("--log", "info"),
+        ];
+        let defaults = defaults
+            .iter()
+            .filter(|(flag, _)| !extra.contains(flag))
+            .flat_map(|(flag, value)| [*flag, *value]);
         let child = Command::new(worker_bin())
             .arg("serve")
             .arg("--model")
@@ -210,23 +227,13 @@ impl Worker {
                 "--s3-endpoint",
                 &var("DDIT_S3_ENDPOINT", "http://127.0.0.1:3900"),
             ])
-            .args([
-                "--s3-bucket",
-                &bucket(),
-                "--prefetch",
-                "4",
-                "--max-batch",
-                "4",
-                "--intra-threads",
-                "1",
-            ])
+            .args(["--s3-bucket", &bucket()])
+            .args(defaults)
             .args([
                 "--listen",
                 &format!("127.0.0.1:{port}"),
                 "--worker-name",
                 label,
-                "--log",
-                "info",
             ])
             .args(extra)
             .envs(service_env())
@@ -372,6 +379,53 @@ pub async fn queue_depth(names: &Names, queue: &str) -> u32 {
     n
 }
 
+/// Checks that every output a result names is in S3 with the bytes its sha256 says.
+pub async fn assert_outputs_match(results: &[JobResult]) {
+    use sha2::Digest;
+    let s3 = s3_client().await;
+    for o in results.iter().flat_map(|r| &r.outputs) {
+        let key = o.uri.strip_prefix(&format!("s3://{}/", bucket())).unwrap();
+        let obj = s3
+            .get_object()
+            .bucket(bucket())
+            .key(key)
+            .send()
+            .await
+            .unwrap();
+        let bytes = obj.body.collect().await.unwrap().into_bytes();
+        let sha: String = sha2::Sha256::digest(&bytes)
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        assert_eq!(sha, o.sha256, "{}", o.uri);
+    }
+}
+
+/// How many results are stored under the test's prefix.
+pub async fn result_count(names: &Names) -> usize {
+    let mut r = redis().await;
+    let keys: Vec<String> =
+        redis::AsyncCommands::keys(&mut r, format!("{}:result:*", names.redis_prefix))
+            .await
+            .unwrap();
+    keys.len()
+}
+
+/// Takes every message from the dead-letter queue: (body, its `x-ddit-reason` header).
+pub async fn take_dead_letters(names: &Names) -> Vec<(Vec<u8>, Option<String>)> {
+    let cfg = names.amqp();
+    let conn = amqp::connect(&cfg, "e2e-dlq").await.unwrap();
+    let ch = conn.create_channel().await.unwrap();
+    let mut out = Vec::new();
+    let opts = lapin::options::BasicGetOptions { no_ack: true };
+    while let Some(m) = ch.basic_get(names.dlq.as_str().into(), opts).await.unwrap() {
+        let reason = amqp::header(&m.delivery.properties, "x-ddit-reason");
+        out.push((m.delivery.data.clone(), reason));
+    }
+    let _ = conn.close(200, "done".into()).await;
+    out
+}
+
 /// Waits for results of `ids` in Redis; returns them (missing ones are absent).
 pub async fn wait_results(names: &Names, ids: &[String], timeout: Duration) -> Vec<JobResult> {
     use redis::AsyncCommands;
@@ -408,7 +462,7 @@ pub async fn cleanup(names: &Names) {
     let cfg = names.amqp();
     if let Ok(conn) = amqp::connect(&cfg, "e2e-cleanup").await {
         if let Ok(ch) = conn.create_channel().await {
-            for q in [&names.queue, &names.dlq] {
+            for q in [&names.queue, &cfg.retry_queue(), &names.dlq] {
                 let _ = ch.queue_delete(q.as_str().into(), Default::default()).await;
             }
             let _ = ch

@@ -21,6 +21,8 @@ pub struct AmqpConfig {
     pub delivery_limit: u32,
     pub dead_letter_exchange: String,
     pub dead_letter_queue: String,
+    /// A private CA (PEM) that `amqps://` servers are verified against, besides the system's.
+    pub ca_pem: Option<String>,
 }
 
 impl std::fmt::Debug for AmqpConfig {
@@ -32,6 +34,7 @@ impl std::fmt::Debug for AmqpConfig {
             .field("delivery_limit", &self.delivery_limit)
             .field("dead_letter_exchange", &self.dead_letter_exchange)
             .field("dead_letter_queue", &self.dead_letter_queue)
+            .field("private_ca", &self.ca_pem.is_some())
             .finish()
     }
 }
@@ -48,17 +51,28 @@ fn unavailable(what: &str, e: lapin::Error) -> WorkerError {
 }
 
 /// Connects with lapin's auto-recovery (reconnects and restores topology after a broker restart).
+/// `amqps://` is TLS (rustls) verified against the system's roots or `ca_pem`: a plaintext
+/// server or a certificate that does not verify is an error, never a plaintext fallback.
 pub async fn connect(cfg: &AmqpConfig, name: &str) -> Result<Connection> {
+    super::install_crypto();
     let props = ConnectionProperties::default()
         .enable_auto_recover()
         .with_connection_name(name.into());
+    let tls = lapin::tcp::OwnedTLSConfig {
+        identity: None,
+        cert_chain: cfg.ca_pem.clone(),
+    };
+    let runtime = lapin::runtime::default_runtime()
+        .map_err(|e| WorkerError::unavailable("amqp runtime", e))?;
     // A malformed URL's error may echo it: the password is scrubbed from the message.
-    Connection::connect(&cfg.url, props).await.map_err(|e| {
-        WorkerError::unavailable(
-            "amqp connect",
-            super::secret::scrub(&e.to_string(), &cfg.url),
-        )
-    })
+    Connection::connect_with_config(&cfg.url, props, tls, runtime)
+        .await
+        .map_err(|e| {
+            WorkerError::unavailable(
+                "amqp connect",
+                super::secret::scrub(&e.to_string(), &cfg.url),
+            )
+        })
 }
 
 /// Declares the dead-letter exchange and queue, then the work queue (idempotent).
@@ -274,6 +288,7 @@ mod tests {
             delivery_limit: 5,
             dead_letter_exchange: "x".into(),
             dead_letter_queue: "x.q".into(),
+            ca_pem: None,
         }
     }
 

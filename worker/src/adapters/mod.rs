@@ -22,6 +22,15 @@ pub mod s3;
 #[cfg(feature = "service")]
 pub use retry::{jitter, with_backoff};
 
+/// Installs rustls' aws-lc provider for the process (once; AMQP and Redis TLS use it).
+#[cfg(feature = "service")]
+pub(crate) fn install_crypto() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    });
+}
+
 #[cfg(feature = "service")]
 mod retry {
     use std::future::Future;

@@ -19,6 +19,8 @@ pub struct RedisConfig {
     pub url: String,
     pub prefix: String,
     pub result_ttl_secs: u64,
+    /// A private CA (PEM) that `rediss://` servers are verified against (else the system's).
+    pub ca_pem: Option<String>,
 }
 
 impl std::fmt::Debug for RedisConfig {
@@ -27,6 +29,7 @@ impl std::fmt::Debug for RedisConfig {
             .field("url", &super::secret::redacted(&self.url))
             .field("prefix", &self.prefix)
             .field("result_ttl_secs", &self.result_ttl_secs)
+            .field("private_ca", &self.ca_pem.is_some())
             .finish()
     }
 }
@@ -41,12 +44,29 @@ fn unavailable(e: redis::RedisError) -> WorkerError {
     WorkerError::unavailable("redis", e)
 }
 
+/// A client for `url`: `rediss://` is TLS (rustls) verified against the system's roots, or
+/// against `ca_pem` when given; a plaintext server is an error, never a fallback.
+pub fn client(url: &str, ca_pem: Option<&str>) -> Result<redis::Client> {
+    super::install_crypto();
+    let bad = |e: redis::RedisError| WorkerError::Config {
+        name: "redis-url".into(),
+        message: super::secret::scrub(&e.to_string(), url),
+    };
+    match ca_pem {
+        Some(pem) if url.starts_with("rediss://") => {
+            let certs = redis::TlsCertificates {
+                client_tls: None,
+                root_cert: Some(pem.as_bytes().to_vec()),
+            };
+            redis::Client::build_with_tls(url, certs).map_err(bad)
+        }
+        _ => redis::Client::open(url).map_err(bad),
+    }
+}
+
 impl ResultStore {
     pub async fn connect(cfg: RedisConfig) -> Result<Self> {
-        let client = redis::Client::open(cfg.url.as_str()).map_err(|e| WorkerError::Config {
-            name: "redis-url".into(),
-            message: super::secret::scrub(&e.to_string(), &cfg.url),
-        })?;
+        let client = client(&cfg.url, cfg.ca_pem.as_deref())?;
         let conn = ConnectionManager::new(client).await.map_err(unavailable)?;
         Ok(Self { conn, cfg })
     }

@@ -35,8 +35,9 @@ pub struct AmqpArgs {
 }
 
 impl AmqpArgs {
-    pub fn config(self, prefetch: u16) -> AmqpConfig {
+    pub fn config(self, prefetch: u16, ca_pem: Option<String>) -> AmqpConfig {
         AmqpConfig {
+            ca_pem,
             url: self.amqp_url,
             queue: self.queue,
             prefetch: prefetch.max(1),
@@ -46,6 +47,29 @@ impl AmqpArgs {
                 .unwrap_or_else(|| format!("{}.queue", self.dead_letter_exchange)),
             dead_letter_exchange: self.dead_letter_exchange,
         }
+    }
+}
+
+/// TLS trust for `amqps://` and `rediss://` (shared by `serve` and `submit`).
+#[derive(Args, Clone)]
+pub struct TlsArgs {
+    /// PEM file of a private CA that amqps:// and rediss:// servers are verified against (the
+    /// system's roots are used otherwise).
+    #[arg(long, env = "DDIT_TLS_CA_FILE")]
+    tls_ca_file: Option<std::path::PathBuf>,
+}
+
+impl TlsArgs {
+    pub fn ca_pem(&self) -> anyhow::Result<Option<String>> {
+        let Some(path) = &self.tls_ca_file else {
+            return Ok(None);
+        };
+        let pem = std::fs::read_to_string(path)
+            .map_err(|e| anyhow::anyhow!("--tls-ca-file {}: {e}", path.display()))?;
+        if !pem.contains("-----BEGIN CERTIFICATE-----") {
+            anyhow::bail!("--tls-ca-file {}: no PEM certificate in it", path.display());
+        }
+        Ok(Some(pem))
     }
 }
 
@@ -128,6 +152,8 @@ pub struct ServeCmd {
 struct ServeArgs {
     #[command(flatten)]
     amqp: AmqpArgs,
+    #[command(flatten)]
+    tls: TlsArgs,
     /// Unacknowledged deliveries per worker.
     #[arg(long, default_value_t = 8, env = "DDIT_PREFETCH")]
     prefetch: u16,
@@ -173,8 +199,9 @@ impl TryFrom<ServeCmd> for ServeConfig {
 
     fn try_from(c: ServeCmd) -> anyhow::Result<Self> {
         let (e, s) = (c.engine, c.serve);
+        let ca_pem = s.tls.ca_pem()?;
         Ok(ServeConfig {
-            amqp: s.amqp.config(s.prefetch),
+            amqp: s.amqp.config(s.prefetch, ca_pem.clone()),
             s3: S3Config {
                 input_buckets: s.s3_input_buckets,
                 ..s.s3.config(e.max_image_bytes)
@@ -183,6 +210,7 @@ impl TryFrom<ServeCmd> for ServeConfig {
                 url: s.redis.redis_url,
                 prefix: s.redis.redis_prefix,
                 result_ttl_secs: s.result_ttl,
+                ca_pem,
             },
             engine: EngineConfig::try_from(&e)?,
             runner: e.runner(s.max_batch),

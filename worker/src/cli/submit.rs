@@ -49,6 +49,8 @@ pub struct SubmitArgs {
     #[command(flatten)]
     amqp: AmqpArgs,
     #[command(flatten)]
+    tls: super::serve::TlsArgs,
+    #[command(flatten)]
     s3: S3Args,
     #[command(flatten)]
     redis: RedisArgs,
@@ -56,9 +58,12 @@ pub struct SubmitArgs {
     log: String,
 }
 
-impl From<SubmitArgs> for SubmitConfig {
-    fn from(a: SubmitArgs) -> Self {
-        SubmitConfig {
+impl TryFrom<SubmitArgs> for SubmitConfig {
+    type Error = anyhow::Error;
+
+    fn try_from(a: SubmitArgs) -> anyhow::Result<Self> {
+        let ca_pem = a.tls.ca_pem()?;
+        Ok(SubmitConfig {
             input: a.input,
             task: match a.task {
                 SubmitTask::Caption => DefaultTask::Caption,
@@ -69,7 +74,7 @@ impl From<SubmitArgs> for SubmitConfig {
             out: a.out,
             ahead: a.ahead.max(1),
             batch: a.batch,
-            amqp: a.amqp.config(1),
+            amqp: a.amqp.config(1, ca_pem),
             s3: a.s3.config(0),
             redis_url: a.redis.redis_url,
             redis_prefix: a.redis.redis_prefix,
@@ -77,13 +82,13 @@ impl From<SubmitArgs> for SubmitConfig {
             result_timeout: (a.result_timeout > 0)
                 .then(|| std::time::Duration::from_secs(a.result_timeout)),
             show_progress: !a.no_progress,
-        }
+        })
     }
 }
 
 pub fn run(a: SubmitArgs) -> anyhow::Result<()> {
     super::init_logging(&a.log);
-    let cfg = SubmitConfig::from(a);
+    let cfg = SubmitConfig::try_from(a)?;
     let out = cfg.out.clone();
     let s = super::runtime()?.block_on(submit::run(cfg))?;
     eprintln!(

@@ -85,7 +85,10 @@ impl Service {
     }
 
     /// Stores a permanent failure and dead-letters the delivery.
-    async fn dead_letter(&self, d: &Delivery, r: &JobResult) {
+    async fn dead_letter(&self, d: &Delivery, mut r: JobResult) {
+        r.attempts
+            .get_or_insert(attempts::attempt_of(&d.properties, 1));
+        let r = &r;
         let stored = with_backoff("store failed result", 5, || self.redis.put_result(r)).await;
         match stored {
             Ok(_) => {
@@ -145,7 +148,7 @@ impl Service {
             Err(e) => {
                 let r = self.failed(&id, None, &WorkerError::invalid("job", e.to_string()));
                 tracing::warn!(job_id = %id, "invalid job: {e}");
-                self.dead_letter(&d, &r).await;
+                self.dead_letter(&d, r).await;
                 return false;
             }
         };
@@ -222,7 +225,7 @@ impl Service {
         }
         let r = attempts::exhausted(self, &job.job_id, Some(job.task.name()), last, attempt - 1);
         span.in_scope(|| tracing::warn!(attempts = attempt - 1, "attempts ran out"));
-        self.dead_letter(d, &r).await;
+        self.dead_letter(d, r).await;
         None
     }
 

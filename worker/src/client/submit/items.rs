@@ -317,6 +317,7 @@ mod tests {
                 delivery_limit: 5,
                 dead_letter_exchange: "x".into(),
                 dead_letter_queue: "x.queue".into(),
+                ca_pem: None,
             },
             s3: S3Config {
                 endpoint: None,

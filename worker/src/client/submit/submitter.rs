@@ -13,7 +13,7 @@ use redis::aio::ConnectionManager;
 use redis::AsyncCommands;
 use sha2::{Digest, Sha256};
 
-use super::items::{bad_input, content_type, Item};
+use super::items::{content_type, Item};
 use super::{journal, SubmitConfig, Summary};
 use crate::adapters::amqp;
 use crate::adapters::local::open_append;
@@ -86,10 +86,8 @@ impl<'a> Submitter<'a> {
     }
 
     async fn open_links(cfg: &SubmitConfig, queue: &VecDeque<Item>) -> Result<Links> {
-        let client = redis::Client::open(cfg.redis_url.as_str()).map_err(|e| {
-            let m = crate::adapters::secret::scrub(&e.to_string(), &cfg.redis_url);
-            bad_input("redis-url", m)
-        })?;
+        // `--tls-ca-file` is one trust for both connections.
+        let client = crate::adapters::redis::client(&cfg.redis_url, cfg.amqp.ca_pem.as_deref())?;
         let redis = ConnectionManager::new(client)
             .await
             .map_err(|e| WorkerError::unavailable("redis", e))?;
