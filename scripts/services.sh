@@ -154,7 +154,7 @@ s3_bucket() {
   for _ in $(seq 1 30); do
     out="$(echo "s3.bucket.list" | "$WEED" shell -master=127.0.0.1:19333 2>&1 || true)"
     grep -qw -- "$1" <<< "$out" && return 0
-    echo "s3.bucket.create -name $1 -owner ddit-test" | "$WEED" shell -master=127.0.0.1:19333 >/dev/null 2>&1 || true
+    echo "s3.bucket.create -name $1 -owner $2" | "$WEED" shell -master=127.0.0.1:19333 >/dev/null 2>&1 || true
     sleep 1
   done
   log "seaweedfs: could not create bucket $1: $out"
@@ -170,7 +170,10 @@ s3_up() {
     log "starting seaweedfs"
     # Its internal ports (master 19333, volume 18080, filer 18888 and each +10000 for gRPC) stay
     # off the usual ones; everything binds to loopback.
-    nohup "$WEED" server -ip=127.0.0.1 -ip.bind=127.0.0.1 -dir="$SEAWEED_STATE/data" \
+    # Without the AWS_* variables: SeaweedFS makes an admin of a key it finds there, which would
+    # lift the test key's bucket scope.
+    nohup env -u AWS_ACCESS_KEY_ID -u AWS_SECRET_ACCESS_KEY -u AWS_SESSION_TOKEN \
+      "$WEED" server -ip=127.0.0.1 -ip.bind=127.0.0.1 -dir="$SEAWEED_STATE/data" \
       -master.port=19333 -volume.port=18080 -filer.port=18888 \
       -volume.max=64 -master.volumeSizeLimitMB=256 \
       -s3 -s3.port=3900 -s3.config="$SEAWEED_STATE/s3.json" \
@@ -179,8 +182,8 @@ s3_up() {
     echo $! > "$SEAWEED_STATE/weed.pid"
     wait_port 3900 60 || { tail -20 "$SEAWEED_STATE/weed.log" >&2; return 1; }
   fi
-  s3_bucket "$BUCKET"
-  s3_bucket "$LOCKED"
+  s3_bucket "$BUCKET" ddit-test
+  s3_bucket "$LOCKED" nobody
 }
 
 print_env() {
