@@ -40,6 +40,9 @@ if cargo tree -p ddit-worker --no-default-features -e normal --prefix none |
 fi
 
 echo "== cargo test"
-# The end-to-end tests start the real ddit-worker binary: build it first.
+# The end-to-end tests start the real ddit-worker binary: build it first, and once with the
+# test-only fault-injection feature (the panic-isolation test), under another name.
+cargo build -p ddit-worker --features fault-injection
+cp target/debug/ddit-worker target/debug/ddit-worker-fault-injection
 cargo build --workspace --bins
 cargo test --workspace

@@ -1,5 +1,5 @@
 //! Every job ends with exactly one true result: attempts that end, dead letters without a usable
-//! id, and two copies of one job at once on two workers.
+//! id, two copies of one job at once on two workers, and a panic in one job's step.
 #![allow(clippy::unwrap_used)]
 
 use std::time::{Duration, Instant};
@@ -195,5 +195,57 @@ async fn two_copies_of_a_job_at_once_leave_only_the_winners_images() {
         .count();
     eprintln!("losing copies that removed images: {losers}");
     drop((a, b));
+    cleanup(&names).await;
+}
+
+/// A panic injected in one job's step (a worker built with the test-only `fault-injection`
+/// feature panics in any step whose batch holds a job whose id contains `ddit-inject-panic`):
+/// the batch is retried row by row, that job alone fails, its batch mates succeed, and the worker
+/// stays healthy and serves the next job.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panic_in_one_jobs_step_fails_that_job_alone() {
+    let names = Names::new("panic");
+    let dir = tempfile::tempdir().unwrap();
+    let model = export_model(dir.path());
+    let bin = fault_injection_bin();
+    let extra = ["--prefetch", "4", "--max-batch", "4"];
+    let mut w = Worker::start_bin(&bin, &names, &model, dir.path(), "w", &extra, &[]);
+    w.wait_ready(Duration::from_secs(60));
+    let ids = ["mate-1", "ddit-inject-panic", "mate-2", "mate-3"];
+    let bodies: Vec<Vec<u8>> = ids
+        .iter()
+        .map(|id| {
+            serde_json::to_vec(&json!({"job_id": id, "task": "generate",
+                "params": {"prompt": "a red circle", "steps": 8, "seed": 1}}))
+            .unwrap()
+        })
+        .collect();
+    publish(&names, &bodies).await;
+    let ids: Vec<String> = ids.iter().map(|s| s.to_string()).collect();
+    let got = wait_results(&names, &ids, Duration::from_secs(120)).await;
+    assert_eq!(got.len(), 4, "{}", w.log_text());
+    for r in &got {
+        if r.job_id == "ddit-inject-panic" {
+            assert_eq!(r.status, Status::Failed);
+            let e = r.error.as_ref().unwrap();
+            assert!(e.message.contains("injected panic"), "{}", e.message);
+        } else {
+            assert_eq!(r.status, Status::Succeeded, "{}: {:?}", r.job_id, r.error);
+        }
+    }
+    let log = w.log_text();
+    assert!(
+        log.contains("batched step failed, retrying rows alone"),
+        "the poisoned job never shared a batch:\n{log}"
+    );
+    assert_eq!(http_get(w.port, "/healthz").map(|(c, _)| c), Some(200));
+    let next = json!({"job_id": "after", "task": "generate",
+        "params": {"prompt": "a blue square", "steps": 4, "seed": 2}});
+    publish(&names, &[serde_json::to_vec(&next).unwrap()]).await;
+    let got = wait_results(&names, &["after".into()], Duration::from_secs(60)).await;
+    assert_eq!(got.len(), 1, "{}", w.log_text());
+    assert_eq!(got[0].status, Status::Succeeded);
+    assert!(w.child.try_wait().unwrap().is_none(), "the worker exited");
+    drop(w);
     cleanup(&names).await;
 }

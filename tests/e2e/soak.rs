@@ -67,9 +67,10 @@ async fn soak() {
 
     let t = tally::Tally::count(&names, &redis.url, &plan, &announced, &logs).await;
     eprintln!("soak: took {:?}", t0.elapsed());
+    eprint!("{}", t.details);
     let line = t.line();
     println!("{line}");
-    assert!(t.clean(), "{line}\n{}", t.details);
+    assert!(t.clean(), "{line}");
     redis.stop();
     cleanup(&names).await;
 }

@@ -100,6 +100,16 @@ pub fn bucket() -> String {
 
 /// The built `ddit-worker` binary (the e2e tests run the real thing).
 pub fn worker_bin() -> PathBuf {
+    built("ddit-worker")
+}
+
+/// `ddit-worker` built with the test-only `fault-injection` feature (`scripts/test.sh` builds it:
+/// `cargo build -p ddit-worker --features fault-injection`, copied to this name).
+pub fn fault_injection_bin() -> PathBuf {
+    built("ddit-worker-fault-injection")
+}
+
+fn built(name: &str) -> PathBuf {
     let bin = workspace()
         .join("target")
         .join(if cfg!(debug_assertions) {
@@ -107,7 +117,7 @@ pub fn worker_bin() -> PathBuf {
         } else {
             "release"
         })
-        .join("ddit-worker");
+        .join(name);
     assert!(
         bin.exists(),
         "{} missing: build the workspace first",
@@ -189,6 +199,19 @@ impl Worker {
         extra: &[&str],
         envs: &[(&str, &str)],
     ) -> Self {
+        Self::start_bin(&worker_bin(), names, model, log_dir, label, extra, envs)
+    }
+
+    /// [`Self::start_with_env`] with another build of the worker.
+    pub fn start_bin(
+        bin: &Path,
+        names: &Names,
+        model: &Path,
+        log_dir: &Path,
+        label: &str,
+        extra: &[&str],
+        envs: &[(&str, &str)],
+    ) -> Self {
         let port = free_port();
         let log = log_dir.join(format!("{label}.log"));
         // Defaults a test's `extra` flags may override.
@@ -206,7 +229,7 @@ impl Worker {
             .iter()
             .filter(|(flag, _)| !extra.contains(flag))
             .flat_map(|(flag, value)| [*flag, *value]);
-        let child = Command::new(worker_bin())
+        let child = Command::new(bin)
             .arg("serve")
             .arg("--model")
             .arg(model)

@@ -69,7 +69,15 @@ impl<M: Model> Runner<'_, M> {
         chunk: &[(usize, usize)],
         hooks: &mut dyn Hooks,
     ) -> Result<()> {
-        let run = std::panic::AssertUnwindSafe(|| self.forward(key, chunk, hooks));
+        #[cfg(feature = "fault-injection")]
+        let poisoned = chunk
+            .iter()
+            .any(|&(ai, _)| self.active[ai].job_id.contains("ddit-inject-panic"));
+        let run = std::panic::AssertUnwindSafe(|| {
+            #[cfg(feature = "fault-injection")]
+            assert!(!poisoned, "injected panic (the fault-injection feature)");
+            self.forward(key, chunk, hooks)
+        });
         std::panic::catch_unwind(run).unwrap_or_else(|p| Err(panicked("a step", p.as_ref())))
     }
 
