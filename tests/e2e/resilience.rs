@@ -72,7 +72,7 @@ async fn broker_restart_mid_run_loses_nothing() {
     assert_eq!(result_count(&names).await, 30);
     assert_outputs_match(&results).await;
     assert_eq!(queue_depth(&names, &names.queue).await, 0);
-    assert_eq!(queue_depth(&names, &names.amqp().retry_queue()).await, 0);
+    assert_eq!(retry_depth(&names).await, 0);
     assert_eq!(queue_depth(&names, &names.dlq).await, 0);
     cleanup(&names).await;
 }

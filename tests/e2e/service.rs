@@ -296,7 +296,7 @@ async fn a_worker_killed_mid_job_loses_nothing() {
     // Exactly one final result each: one key per job, and nothing left in any queue.
     assert_eq!(result_count(&names).await, 16);
     assert_eq!(queue_depth(&names, &names.queue).await, 0);
-    assert_eq!(queue_depth(&names, &names.amqp().retry_queue()).await, 0);
+    assert_eq!(retry_depth(&names).await, 0);
     assert_eq!(queue_depth(&names, &names.dlq).await, 0);
     // B took over A's unacknowledged deliveries.
     let (_, m) = http_get(b.port, "/metrics").unwrap();

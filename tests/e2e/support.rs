@@ -400,6 +400,15 @@ pub async fn queue_depth(names: &Names, queue: &str) -> u32 {
     n
 }
 
+/// Messages waiting in all the retry queues.
+pub async fn retry_depth(names: &Names) -> u32 {
+    let mut n = 0;
+    for q in names.amqp().retry_queues() {
+        n += queue_depth(names, &q).await;
+    }
+    n
+}
+
 /// Checks that every output a result names is in S3 with the bytes its sha256 says.
 pub async fn assert_outputs_match(results: &[JobResult]) {
     use sha2::Digest;
@@ -483,7 +492,8 @@ pub async fn cleanup(names: &Names) {
     let cfg = names.amqp();
     if let Ok(conn) = amqp::connect(&cfg, "e2e-cleanup").await {
         if let Ok(ch) = conn.create_channel().await {
-            for q in [&names.queue, &cfg.retry_queue(), &names.dlq] {
+            let retries = cfg.retry_queues();
+            for q in [&names.queue, &names.dlq].into_iter().chain(&retries) {
                 let _ = ch.queue_delete(q.as_str().into(), Default::default()).await;
             }
             let _ = ch

@@ -73,9 +73,7 @@ pub async fn wait_done(names: &Names, url: &str, ids: &[String], limit: Duration
             last = have;
         }
         if have == ids.len() {
-            let retry = names.amqp().retry_queue();
-            if queue_depth(names, &names.queue).await == 0 && queue_depth(names, &retry).await == 0
-            {
+            if queue_depth(names, &names.queue).await == 0 && retry_depth(names).await == 0 {
                 // The last dead-letterings follow their results.
                 tokio::time::sleep(Duration::from_secs(3)).await;
                 return true;

@@ -40,9 +40,19 @@ impl std::fmt::Debug for AmqpConfig {
 }
 
 impl AmqpConfig {
-    /// Where delayed retries wait: `{queue}.retry`.
-    pub fn retry_queue(&self) -> String {
-        format!("{}.retry", self.queue)
+    /// Where a retry after backoff step `step` waits: `{queue}.retry.{step}`, one queue per step
+    /// (the last one shared by the steps beyond it). A message expires only at the head of its
+    /// queue, so one queue holds only TTLs of one step's jitter range, [½, 1) × its delay: a short
+    /// delay never waits behind a long one.
+    pub fn retry_queue(&self, step: u32) -> String {
+        let last = self.delivery_limit.saturating_sub(1).max(1);
+        format!("{}.retry.{}", self.queue, step.clamp(1, last))
+    }
+
+    /// Every retry queue of this work queue.
+    pub fn retry_queues(&self) -> Vec<String> {
+        let last = self.delivery_limit.saturating_sub(1).max(1);
+        (1..=last).map(|s| self.retry_queue(s)).collect()
     }
 }
 
@@ -128,17 +138,19 @@ pub async fn declare(ch: &Channel, cfg: &AmqpConfig) -> Result<()> {
     )
     .await
     .map_err(|e| unavailable("declare queue", e))?;
-    ch.queue_declare(
-        ShortString::from(cfg.retry_queue().as_str()),
-        durable,
-        retry_queue_args(cfg),
-    )
-    .await
-    .map_err(|e| unavailable("declare retry queue", e))?;
+    for q in cfg.retry_queues() {
+        ch.queue_declare(
+            ShortString::from(q.as_str()),
+            durable,
+            retry_queue_args(cfg),
+        )
+        .await
+        .map_err(|e| unavailable("declare retry queue", e))?;
+    }
     Ok(())
 }
 
-/// The retry queue: nothing consumes it; an expired copy is dead-lettered, at least once, through
+/// A retry queue: nothing consumes it; an expired copy is dead-lettered, at least once, through
 /// the default exchange back to the work queue.
 fn retry_queue_args(cfg: &AmqpConfig) -> FieldTable {
     let mut args = FieldTable::default();

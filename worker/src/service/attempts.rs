@@ -100,11 +100,12 @@ impl Service {
         ackers: &[Acker],
         msg: &Retained,
         attempts: u32,
-        delay: Duration,
+        step: u32,
     ) {
+        let delay = backoff(self.cfg.retry_delay, step);
         let mut headers = msg.headers.clone();
         headers.insert(ATTEMPTS_HEADER.into(), AMQPValue::LongUInt(attempts));
-        let queue = self.cfg.amqp.retry_queue();
+        let queue = self.cfg.amqp.retry_queue(step);
         let copy = Message {
             exchange: "",
             routing_key: &queue,

@@ -106,14 +106,8 @@ impl Service {
             Err(_) => {
                 // Nothing stored: back through the retry queue, not counted as an attempt.
                 let made = attempts::attempt_of(&d.properties, 0).saturating_sub(1);
-                let delay = attempts::backoff(self.cfg.retry_delay, 1);
-                self.retry_later(
-                    std::slice::from_ref(&d.acker),
-                    &Retained::of(d),
-                    made,
-                    delay,
-                )
-                .await;
+                self.retry_later(std::slice::from_ref(&d.acker), &Retained::of(d), made, 1)
+                    .await;
             }
         }
     }
@@ -208,14 +202,8 @@ impl Service {
             Err(e) => {
                 tracing::warn!("redis unavailable, retrying {} later: {e}", job.job_id);
                 let again = attempts::attempt_of(&d.properties, 0).saturating_sub(1);
-                let delay = attempts::backoff(self.cfg.retry_delay, 1);
-                self.retry_later(
-                    std::slice::from_ref(&d.acker),
-                    &Retained::of(d),
-                    again,
-                    delay,
-                )
-                .await;
+                self.retry_later(std::slice::from_ref(&d.acker), &Retained::of(d), again, 1)
+                    .await;
                 return None;
             }
         };
@@ -246,8 +234,7 @@ impl Service {
                         tracing::warn!("cannot record the cause: {e}");
                     }
                     let ackers: Vec<Acker> = f.ackers().cloned().collect();
-                    let delay = attempts::backoff(self.cfg.retry_delay, f.attempt);
-                    self.retry_later(&ackers, &f.message, f.attempt, delay)
+                    self.retry_later(&ackers, &f.message, f.attempt, f.attempt)
                         .await;
                 }
                 _ => self.settle(&r, &f).await,
@@ -269,10 +256,7 @@ impl Service {
             Err(e) => {
                 tracing::error!("cannot store the result, retrying the job later: {e}");
                 let ackers: Vec<Acker> = f.ackers().cloned().collect();
-                let delay = attempts::backoff(self.cfg.retry_delay, 1);
-                return self
-                    .retry_later(&ackers, &f.message, f.attempt, delay)
-                    .await;
+                return self.retry_later(&ackers, &f.message, f.attempt, 1).await;
             }
         };
         if !stored {
