@@ -72,12 +72,13 @@ pub async fn wait_done(names: &Names, url: &str, ids: &[String], limit: Duration
             );
             last = have;
         }
-        if have == ids.len() {
-            if queue_depth(names, &names.queue).await == 0 && retry_depth(names).await == 0 {
-                // The last dead-letterings follow their results.
-                tokio::time::sleep(Duration::from_secs(3)).await;
-                return true;
-            }
+        let drained = have == ids.len()
+            && queue_depth(names, &names.queue).await == 0
+            && retry_depth(names).await == 0;
+        if drained {
+            // The last dead-letterings follow their results.
+            tokio::time::sleep(Duration::from_secs(3)).await;
+            return true;
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
