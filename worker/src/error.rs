@@ -107,17 +107,57 @@ impl WorkerError {
         }
     }
 
-    /// The fixed kind reported in results and metrics.
+    /// The fixed kind reported in results and metrics, and with [`ErrorKind::retryable`] the one
+    /// place that says what is transient: a dependency that did not answer, an I/O error, and an
+    /// allocation that failed (another attempt, alone or on another worker, may fit); the rest is
+    /// the job's or the model's and is final.
     pub fn kind(&self) -> ErrorKind {
         match self {
             WorkerError::InvalidJob { .. } => ErrorKind::InvalidJob,
             WorkerError::InvalidInput { .. } => ErrorKind::InvalidInput,
             WorkerError::InputNotFound { .. } => ErrorKind::InputNotFound,
+            WorkerError::Runtime { message, .. } if out_of_memory(message) => {
+                ErrorKind::Unavailable
+            }
             WorkerError::Package { .. }
             | WorkerError::Runtime { .. }
             | WorkerError::Provider { .. } => ErrorKind::ModelError,
             WorkerError::Unavailable { .. } | WorkerError::Io { .. } => ErrorKind::Unavailable,
             WorkerError::Config { .. } | WorkerError::Internal(_) => ErrorKind::Internal,
         }
+    }
+}
+
+/// ONNX Runtime's and CUDA's words for an allocation that failed.
+fn out_of_memory(message: &str) -> bool {
+    let m = message.to_ascii_lowercase();
+    [
+        "failed to allocate",
+        "out of memory",
+        "bad_alloc",
+        "smaller than requested bytes",
+    ]
+    .iter()
+    .any(|p| m.contains(p))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failed_allocation_is_transient_and_other_runtime_errors_are_final() {
+        let rt = |message: &str| WorkerError::Runtime {
+            context: "joint_blocks".into(),
+            message: message.into(),
+        };
+        let oom = rt("BFCArena::AllocateRawInternal Available memory of 0 is smaller than requested bytes of 4096");
+        assert_eq!(oom.kind(), ErrorKind::Unavailable);
+        assert!(oom.kind().retryable());
+        assert!(rt("CUDA failure 2: out of memory").kind().retryable());
+        let shape = rt("Got invalid dimensions for input: timestep");
+        assert_eq!(shape.kind(), ErrorKind::ModelError);
+        assert!(!shape.kind().retryable());
+        assert!(!WorkerError::invalid("steps", "0").kind().retryable());
     }
 }

@@ -8,6 +8,8 @@
 //! - `{prefix}:attempts:{job_id}`: deliveries of the job a worker admitted (`INCR`, the result TTL);
 //! - `{prefix}:last_error:{job_id}`: the last transient failure's `ErrorInfo` JSON (same TTL).
 
+use std::time::Duration;
+
 use ddit_schemas::{ErrorInfo, JobResult};
 use redis::aio::ConnectionManager;
 use redis::AsyncCommands;
@@ -67,7 +69,16 @@ pub fn client(url: &str, ca_pem: Option<&str>) -> Result<redis::Client> {
 impl ResultStore {
     pub async fn connect(cfg: RedisConfig) -> Result<Self> {
         let client = client(&cfg.url, cfg.ca_pem.as_deref())?;
-        let conn = ConnectionManager::new(client).await.map_err(unavailable)?;
+        // A handshake that never completes (rediss:// at a plaintext port) or a server that stops
+        // answering is an error after these, never a wait. One try per (re)connect: the callers
+        // retry with their own backoff (`with_backoff`, the retry queues).
+        let limits = redis::aio::ConnectionManagerConfig::new()
+            .set_number_of_retries(0)
+            .set_connection_timeout(Some(Duration::from_secs(5)))
+            .set_response_timeout(Some(Duration::from_secs(10)));
+        let conn = ConnectionManager::new_with_config(client, limits)
+            .await
+            .map_err(unavailable)?;
         Ok(Self { conn, cfg })
     }
 

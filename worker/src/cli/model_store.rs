@@ -3,10 +3,10 @@
 use std::path::PathBuf;
 
 use clap::Args;
-use ddit_worker::adapters::s3::S3Store;
+use ddit_worker::adapters::s3::{S3Config, S3Store};
 use ddit_worker::client::model_store::{self, parse_s3_url, Fetched};
 
-use super::serve::S3ConnArgs;
+use super::serve::{S3ConnArgs, TlsArgs};
 
 #[derive(Args)]
 pub struct FetchArgs {
@@ -18,6 +18,8 @@ pub struct FetchArgs {
     out: PathBuf,
     #[command(flatten)]
     s3: S3ConnArgs,
+    #[command(flatten)]
+    tls: TlsArgs,
 }
 
 #[derive(Args)]
@@ -30,18 +32,24 @@ pub struct PushArgs {
     to: String,
     #[command(flatten)]
     s3: S3ConnArgs,
+    #[command(flatten)]
+    tls: TlsArgs,
 }
 
 /// Runs `f` with an S3 client for the bucket of `url` (`s3://bucket/prefix`).
-fn with_store<T, F, Fut>(url: &str, s3: S3ConnArgs, f: F) -> anyhow::Result<T>
+fn with_store<T, F, Fut>(url: &str, s3: S3ConnArgs, tls: &TlsArgs, f: F) -> anyhow::Result<T>
 where
     F: FnOnce(S3Store) -> Fut,
     Fut: std::future::Future<Output = ddit_worker::Result<T>>,
 {
     super::init_logging("warn");
     let (bucket, _) = parse_s3_url(url)?;
+    let cfg = S3Config {
+        ca_pem: tls.ca_pem()?,
+        ..s3.config(bucket, String::new(), 0)
+    };
     let out = super::runtime()?.block_on(async {
-        let store = S3Store::connect(s3.config(bucket, String::new(), 0)).await?;
+        let store = S3Store::connect(cfg).await?;
         f(store).await
     })?;
     Ok(out)
@@ -49,7 +57,7 @@ where
 
 pub fn fetch(a: FetchArgs) -> anyhow::Result<()> {
     let (url, dest) = (a.from.clone(), a.out.clone());
-    let fetched = with_store(&a.from, a.s3, |st| async move {
+    let fetched = with_store(&a.from, a.s3, &a.tls, |st| async move {
         model_store::fetch(&st, &url, &dest).await
     })?;
     match fetched {
@@ -68,7 +76,7 @@ pub fn fetch(a: FetchArgs) -> anyhow::Result<()> {
 
 pub fn push(a: PushArgs) -> anyhow::Result<()> {
     let (url, dir) = (a.to.clone(), a.model.clone());
-    let hash = with_store(&a.to, a.s3, |st| async move {
+    let hash = with_store(&a.to, a.s3, &a.tls, |st| async move {
         model_store::push(&st, &dir, &url).await
     })?;
     eprintln!(
