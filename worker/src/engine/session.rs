@@ -61,13 +61,16 @@ pub fn environment(cfg: &EngineConfig) -> Result<&'static Environment> {
         if !path.exists() {
             return Err(format!("{} does not exist", path.display()));
         }
+        // The library first: any ONNX Runtime call before it (the pool options are one) makes
+        // `ort` load its default library name instead, and panic when that is not on the path.
+        let builder =
+            ort::init_from(&path).map_err(|e| format!("loading {}: {e}", path.display()))?;
         let pool = GlobalThreadPoolOptions::default()
             .with_intra_threads(cfg.intra_threads.max(1))
             .and_then(|p| p.with_inter_threads(1))
             .and_then(|p| p.with_spin_control(cfg.spin))
             .map_err(|e| format!("the thread pool: {e}"))?;
-        ort::init_from(&path)
-            .map_err(|e| format!("loading {}: {e}", path.display()))?
+        builder
             .with_name("ddit")
             .with_global_thread_pool(pool)
             .build()
