@@ -7,11 +7,6 @@ use std::time::{Duration, Instant};
 use ddit_e2e::*;
 use ddit_schemas::{ErrorKind, Status};
 use serde_json::json;
-use sha2::Digest;
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
 
 async fn upload_input(names: &Names) -> String {
     let key = format!("{}/inputs/red.png", names.s3_prefix);
@@ -161,30 +156,10 @@ async fn two_copies_of_a_job_at_once_leave_only_the_winners_images() {
         .filter_map(|o| o.key().map(str::to_string))
         .collect();
     keys.sort();
-    let mut named: Vec<String> = r
-        .outputs
-        .iter()
-        .map(|o| {
-            o.uri
-                .strip_prefix(&format!("s3://{}/", bucket()))
-                .unwrap()
-                .to_string()
-        })
-        .collect();
+    let mut named: Vec<String> = r.outputs.iter().map(|o| s3_key(&o.uri).into()).collect();
     named.sort();
     assert_eq!(keys, named, "images the result does not name are left");
-    for o in &r.outputs {
-        let key = o.uri.strip_prefix(&format!("s3://{}/", bucket())).unwrap();
-        let obj = s3
-            .get_object()
-            .bucket(bucket())
-            .key(key)
-            .send()
-            .await
-            .unwrap();
-        let bytes = obj.body.collect().await.unwrap().into_bytes();
-        assert_eq!(hex(&sha2::Sha256::digest(&bytes)), o.sha256, "{key}");
-    }
+    assert_outputs_match(std::slice::from_ref(r)).await;
     // Both copies ran (each worker holds one delivery at a time).
     for w in [&a, &b] {
         assert!(w.log_text().contains("accepted"), "{}", w.log_text());

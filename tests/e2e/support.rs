@@ -409,25 +409,26 @@ pub async fn retry_depth(names: &Names) -> u32 {
     n
 }
 
+/// The key of an `s3://{bucket}/{key}` URI in the test bucket.
+pub fn s3_key(uri: &str) -> &str {
+    uri.strip_prefix(&format!("s3://{}/", bucket())).unwrap()
+}
+
+/// The sha256 (hex) of an object of the test bucket, or why it could not be read.
+pub async fn object_sha256(s3: &aws_sdk_s3::Client, key: &str) -> Result<String, String> {
+    use sha2::Digest;
+    let obj = s3.get_object().bucket(bucket()).key(key).send().await;
+    let obj = obj.map_err(|e| format!("missing: {e}"))?;
+    let bytes = obj.body.collect().await.map_err(|e| e.to_string())?;
+    Ok(ddit_schemas::hex(&sha2::Sha256::digest(bytes.into_bytes())))
+}
+
 /// Checks that every output a result names is in S3 with the bytes its sha256 says.
 pub async fn assert_outputs_match(results: &[JobResult]) {
-    use sha2::Digest;
     let s3 = s3_client().await;
     for o in results.iter().flat_map(|r| &r.outputs) {
-        let key = o.uri.strip_prefix(&format!("s3://{}/", bucket())).unwrap();
-        let obj = s3
-            .get_object()
-            .bucket(bucket())
-            .key(key)
-            .send()
-            .await
-            .unwrap();
-        let bytes = obj.body.collect().await.unwrap().into_bytes();
-        let sha: String = sha2::Sha256::digest(&bytes)
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect();
-        assert_eq!(sha, o.sha256, "{}", o.uri);
+        let sha = object_sha256(&s3, s3_key(&o.uri)).await;
+        assert_eq!(sha.as_deref(), Ok(o.sha256.as_str()), "{}", o.uri);
     }
 }
 

@@ -7,7 +7,6 @@ use std::time::{Duration, Instant};
 use ddit_e2e::*;
 use ddit_schemas::{ErrorKind, JobResult, Status};
 use futures_util::StreamExt;
-use sha2::Digest;
 
 use super::jobs::{Expect, Plan};
 
@@ -230,22 +229,8 @@ impl Tally {
         let s3 = s3_client().await;
         let mut named = HashSet::new();
         for o in results.flat_map(|r| &r.outputs) {
-            let key = o
-                .uri
-                .strip_prefix(&format!("s3://{}/", bucket()))
-                .unwrap()
-                .to_string();
-            let got = s3.get_object().bucket(bucket()).key(&key).send().await;
-            let sha = match got {
-                Ok(obj) => {
-                    let bytes = obj.body.collect().await.unwrap().into_bytes();
-                    sha2::Sha256::digest(&bytes)
-                        .iter()
-                        .map(|b| format!("{b:02x}"))
-                        .collect::<String>()
-                }
-                Err(e) => format!("missing: {e}"),
-            };
+            let key = s3_key(&o.uri).to_string();
+            let sha = object_sha256(&s3, &key).await.unwrap_or_else(|e| e);
             if sha != o.sha256 {
                 self.mismatched += 1;
                 self.details

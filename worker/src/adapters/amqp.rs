@@ -45,14 +45,19 @@ impl AmqpConfig {
     /// queue, so one queue holds only TTLs of one step's jitter range, [½, 1) × its delay: a short
     /// delay never waits behind a long one.
     pub fn retry_queue(&self, step: u32) -> String {
-        let last = self.delivery_limit.saturating_sub(1).max(1);
-        format!("{}.retry.{}", self.queue, step.clamp(1, last))
+        format!("{}.retry.{}", self.queue, step.clamp(1, self.retry_steps()))
     }
 
     /// Every retry queue of this work queue.
     pub fn retry_queues(&self) -> Vec<String> {
-        let last = self.delivery_limit.saturating_sub(1).max(1);
-        (1..=last).map(|s| self.retry_queue(s)).collect()
+        (1..=self.retry_steps())
+            .map(|s| self.retry_queue(s))
+            .collect()
+    }
+
+    /// How many retries a job can have: one fewer than its attempts (at least one queue).
+    fn retry_steps(&self) -> u32 {
+        self.delivery_limit.saturating_sub(1).max(1)
     }
 }
 
