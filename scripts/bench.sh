@@ -2,6 +2,8 @@
 # ddit against the PyTorch reference on the same checkpoint, steps, canvas lengths and threads, in one
 # run (docs/performance.md). Bounded: N items per task (default 16), then it stops.
 #   scripts/bench.sh [N] [demo|medium]
+#   scripts/bench.sh N gateway: the HTTP gateway's median submit-to-queued latency over N jobs
+#   against publishing directly with confirms (tests/e2e/gateway_bench.rs), on the loopback services.
 # demo: models/ddit-shapes. medium: a random checkpoint at realistic width that
 # tools/bench/make_medium.py writes into .ddit/bench/medium (hidden 768, 4 blocks, x8 VAE at 256 px,
 # vocabulary 32 128); timing only.
@@ -14,6 +16,13 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 N="${1:-16}"
 WHICH="${2:-demo}"
+if [ "$WHICH" = gateway ]; then
+  scripts/services.sh up
+  # shellcheck disable=SC1091
+  source .ddit/services/env
+  cargo build -p ddit-worker --bin ddit-worker
+  DDIT_BENCH_JOBS="$N" exec cargo test -p ddit-e2e --test gateway_bench -- --ignored --nocapture
+fi
 THREADS="${DDIT_BENCH_THREADS:-$(nproc)}"
 VENV="${DDIT_BENCH_VENV:-/opt/ddit-venv}"
 SET=models/shapes-eval
@@ -29,7 +38,7 @@ case "$WHICH" in
     MODEL=.ddit/bench/medium
     [ -f "$MODEL/model_index.json" ] || "$VENV/bin/python" tools/bench/make_medium.py --out "$MODEL"
     ;;
-  *) echo "usage: scripts/bench.sh [N] [demo|medium]" >&2; exit 2 ;;
+  *) echo "usage: scripts/bench.sh [N] [demo|medium|gateway]" >&2; exit 2 ;;
 esac
 cargo build --release --bins
 WORK="$(mktemp -d)"

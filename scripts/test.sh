@@ -6,6 +6,8 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
+# A clean CI build gains nothing from incremental caches, and they cost disk.
+if [ "${CI:-}" = true ]; then export CARGO_INCREMENTAL=0; fi
 
 echo "== onnxruntime"
 ORT_DYLIB_PATH="$(scripts/ort.sh)"
@@ -21,6 +23,19 @@ echo "== python client example (examples/python/requirements.txt into .ddit/pycl
 if ! .ddit/pyclient/bin/python -c "import pika, redis, boto3" 2>/dev/null; then
   python3 -m venv .ddit/pyclient
   .ddit/pyclient/bin/pip install --quiet --disable-pip-version-check -r examples/python/requirements.txt
+fi
+
+echo "== gateway test tools (curl and Chromium from Debian, playwright-core from npm)"
+missing=()
+command -v curl >/dev/null || missing+=(curl)
+[ -x /usr/bin/chromium ] || missing+=(chromium)
+if [ ${#missing[@]} -gt 0 ]; then
+  as_root() { if [[ $(id -u) -eq 0 ]]; then "$@"; else sudo "$@"; fi; }
+  as_root apt-get update -qq
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}"
+fi
+if [ ! -d tests/browser/node_modules/playwright-core ]; then
+  (cd tests/browser && npm ci --silent --no-audit --no-fund)
 fi
 
 echo "== deploy/ (Kubernetes + KEDA schemas, compose, dashboard)"
@@ -46,3 +61,4 @@ cargo build -p ddit-worker --features fault-injection
 cp target/debug/ddit-worker target/debug/ddit-worker-fault-injection
 cargo build --workspace --bins
 cargo test --workspace
+echo "== disk: target/ $(du -sh target | cut -f1), $(df -h --output=avail . | tail -1 | tr -d ' ') free"

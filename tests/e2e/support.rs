@@ -11,6 +11,9 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use ddit_schemas::JobResult;
+
+#[path = "support/gateway.rs"]
+pub mod gateway;
 use ddit_worker::adapters::amqp::{self, AmqpConfig};
 
 pub fn workspace() -> PathBuf {

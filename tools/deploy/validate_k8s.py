@@ -25,6 +25,45 @@ KEDA_KINDS = {"ScaledObject", "TriggerAuthentication", "ScaledJob", "ClusterTrig
 HERE = Path(__file__).resolve().parent
 
 
+def worker_rules(spec: dict, name: str, cms: dict, source: str) -> list[str]:
+    """A worker drains before its kill, runs the image matching its device, fetches its model."""
+    errs = []
+    grace = spec.get("terminationGracePeriodSeconds", 30)
+    deadline = None
+    for ref in spec["containers"][0].get("envFrom", []):
+        cm = ref.get("configMapRef", {}).get("name")
+        if cm in cms and "DDIT_SHUTDOWN_DEADLINE" in cms[cm]:
+            deadline = int(cms[cm]["DDIT_SHUTDOWN_DEADLINE"])
+    if deadline is None:
+        errs.append(f"{source}: Deployment/{name}: DDIT_SHUTDOWN_DEADLINE is not set by its ConfigMap")
+    elif grace <= deadline:
+        errs.append(f"{source}: Deployment/{name}: terminationGracePeriodSeconds {grace} "
+                    f"must exceed DDIT_SHUTDOWN_DEADLINE {deadline}")
+    gpu = any("nvidia.com/gpu" in c.get("resources", {}).get("limits", {}) for c in spec["containers"])
+    for c in spec["containers"] + spec.get("initContainers", []):
+        tag = c.get("image", "").rsplit(":", 1)[-1]
+        if gpu and tag.startswith("cpu"):
+            errs.append(f"{source}: Deployment/{name}: requests a GPU but runs the CPU image {c['image']}")
+    if not spec.get("initContainers"):
+        errs.append(f"{source}: Deployment/{name}: no init container fetches the model package")
+    return errs
+
+
+def gateway_rules(spec: dict, name: str, hpa_targets: set, source: str) -> list[str]:
+    """A gateway is autoscaled and reads its clients from a mounted Secret, by file."""
+    errs = []
+    if name not in hpa_targets:
+        errs.append(f"{source}: Deployment/{name}: no HorizontalPodAutoscaler scales the gateway")
+    c = spec["containers"][0]
+    env = {e["name"]: e.get("value") for e in c.get("env", [])}
+    tokens = env.get("DDIT_TOKENS_FILE")
+    mounts = {m["name"]: m["mountPath"] for m in c.get("volumeMounts", [])}
+    secrets = {v["name"] for v in spec.get("volumes", []) if "secret" in v}
+    if not tokens or not any(tokens.startswith(mounts[v] + "/") for v in secrets if v in mounts):
+        errs.append(f"{source}: Deployment/{name}: DDIT_TOKENS_FILE must be a file of a mounted Secret")
+    return errs
+
+
 def fleet_rules(docs: list[dict], source: str) -> list[str]:
     """The deployment's own invariants; each failure names the document and field."""
     errs = []
@@ -32,33 +71,23 @@ def fleet_rules(docs: list[dict], source: str) -> list[str]:
     for d in docs:
         by_kind.setdefault(d["kind"], []).append(d)
     cms = {c["metadata"]["name"]: c.get("data", {}) for c in by_kind.get("ConfigMap", [])}
+    hpa_targets = {h["spec"]["scaleTargetRef"]["name"] for h in by_kind.get("HorizontalPodAutoscaler", [])}
     for dep in by_kind.get("Deployment", []):
         name = dep["metadata"]["name"]
         spec = dep["spec"]["template"]["spec"]
-        grace = spec.get("terminationGracePeriodSeconds", 30)
-        deadline = None
-        for ref in spec["containers"][0].get("envFrom", []):
-            cm = ref.get("configMapRef", {}).get("name")
-            if cm in cms and "DDIT_SHUTDOWN_DEADLINE" in cms[cm]:
-                deadline = int(cms[cm]["DDIT_SHUTDOWN_DEADLINE"])
-        if deadline is None:
-            errs.append(f"{source}: Deployment/{name}: DDIT_SHUTDOWN_DEADLINE is not set by its ConfigMap")
-        elif grace <= deadline:
-            errs.append(f"{source}: Deployment/{name}: terminationGracePeriodSeconds {grace} "
-                        f"must exceed DDIT_SHUTDOWN_DEADLINE {deadline}")
         for c in spec["containers"]:
             for probe in ("livenessProbe", "readinessProbe"):
                 if probe not in c:
                     errs.append(f"{source}: Deployment/{name}: container {c['name']} has no {probe}")
             if "resources" not in c or "requests" not in c["resources"]:
                 errs.append(f"{source}: Deployment/{name}: container {c['name']} has no resource requests")
-        gpu = any("nvidia.com/gpu" in c.get("resources", {}).get("limits", {}) for c in spec["containers"])
-        for c in spec["containers"] + spec.get("initContainers", []):
-            tag = c.get("image", "").rsplit(":", 1)[-1]
-            if gpu and tag.startswith("cpu"):
-                errs.append(f"{source}: Deployment/{name}: requests a GPU but runs the CPU image {c['image']}")
-        if not spec.get("initContainers"):
-            errs.append(f"{source}: Deployment/{name}: no init container fetches the model package")
+        role = (spec["containers"][0].get("args") or ["?"])[0]
+        if role == "serve":
+            errs += worker_rules(spec, name, cms, source)
+        elif role == "gateway":
+            errs += gateway_rules(spec, name, hpa_targets, source)
+        else:
+            errs.append(f"{source}: Deployment/{name}: runs `{role}`, neither `serve` nor `gateway`")
     for sec in by_kind.get("Secret", []):
         for key, url in sec.get("stringData", {}).items():
             scheme = str(url).split("://", 1)[0] if "://" in str(url) else None

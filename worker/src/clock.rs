@@ -17,3 +17,11 @@ pub fn parse_time(field: &str, s: &str) -> Result<OffsetDateTime> {
     OffsetDateTime::parse(s, &Rfc3339)
         .map_err(|e| WorkerError::invalid(field, format!("`{s}` is not an RFC 3339 time: {e}")))
 }
+
+/// Seconds since the Unix epoch (fixed windows and ages; 0 on a clock before 1970).
+pub fn unix_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}

@@ -6,7 +6,7 @@
 //! together (cross-job batching) through its `Model` trait, which the engine implements.
 //! [`adapters`] connect the runner to the world: `local` (JSONL in, a folder and JSONL out) and,
 //! with the default `service` feature, `amqp`, `s3` and `redis`. [`service`] is the queue
-//! worker and [`client`] the commands that talk to a fleet (bulk submit, model packages in S3,
+//! worker, [`gateway`] its HTTP front door, and [`client`] the commands that talk to a fleet (bulk submit, model packages in S3,
 //! probes). [`eval`] runs ShapesEval (crate `ddit-shapes-eval`) through the same runner.
 
 pub mod adapters;
@@ -15,6 +15,8 @@ pub mod clock;
 pub mod engine;
 pub mod error;
 pub mod eval;
+#[cfg(feature = "service")]
+pub mod gateway;
 pub mod image_io;
 pub mod runner;
 pub mod sampler;

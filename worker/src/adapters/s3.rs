@@ -156,16 +156,23 @@ impl S3Store {
         Ok(())
     }
 
-    /// Uploads, retried with the service's backoff (4 attempts from 0.2 s, doubling).
-    pub async fn put_png(&self, key: &str, png: &[u8], meta: &[(&str, String)]) -> Result<String> {
+    /// Uploads `body` to `key` of the bucket, retried with the service's backoff (4 attempts
+    /// from 0.2 s, doubling); returns its `s3://` URI.
+    pub async fn put(
+        &self,
+        key: &str,
+        body: &[u8],
+        content_type: &str,
+        meta: &[(&str, String)],
+    ) -> Result<String> {
         crate::adapters::with_backoff("s3 put_object", 4, || async {
             let mut req = self
                 .client
                 .put_object()
                 .bucket(&self.cfg.bucket)
                 .key(key)
-                .content_type("image/png")
-                .body(ByteStream::from(png.to_vec()));
+                .content_type(content_type)
+                .body(ByteStream::from(body.to_vec()));
             for (k, v) in meta {
                 req = req.metadata(*k, v);
             }
@@ -203,7 +210,8 @@ impl S3Store {
         .await
     }
 
-    pub async fn get(&self, uri: &str) -> Result<Vec<u8>> {
+    /// Opens an object of an allowed bucket by `s3://` URI: its length (if sent) and its body.
+    pub async fn open(&self, uri: &str) -> Result<(Option<i64>, ByteStream)> {
         let rest = uri.strip_prefix("s3://").unwrap_or(uri);
         let (bucket, key) = rest.split_once('/').ok_or_else(|| {
             WorkerError::invalid("params.image", format!("`{uri}` is not s3://bucket/key"))
@@ -234,15 +242,20 @@ impl S3Store {
                     unavailable("get_object", e)
                 }
             })?;
+        Ok((out.content_length(), out.body))
+    }
+
+    /// Reads an input object whole, refusing one larger than `max_input_bytes`.
+    pub async fn get(&self, uri: &str) -> Result<Vec<u8>> {
+        let (length, mut body) = self.open(uri).await?;
         let too_big = || WorkerError::InvalidInput {
             source_ref: uri.to_string(),
             message: format!("object is larger than {} bytes", self.cfg.max_input_bytes),
         };
-        if out.content_length().unwrap_or(0) as usize > self.cfg.max_input_bytes {
+        if length.unwrap_or(0) as usize > self.cfg.max_input_bytes {
             return Err(too_big());
         }
         // Read in chunks under the cap: a body without a Content-Length is never read unbounded.
-        let mut body = out.body;
         let mut bytes = Vec::new();
         while let Some(chunk) = body
             .try_next()
@@ -291,6 +304,7 @@ impl ImageSink for S3Io {
             ("model-hash", self.model_hash.clone()),
             ("job-id", job_id.to_string()),
         ];
-        self.handle.block_on(self.store.put_png(&key, png, &meta))
+        self.handle
+            .block_on(self.store.put(&key, png, "image/png", &meta))
     }
 }

@@ -3,6 +3,8 @@
 
 mod engine;
 mod eval;
+#[cfg(feature = "service")]
+mod gateway;
 mod local;
 #[cfg(feature = "service")]
 mod model_store;
@@ -40,6 +42,10 @@ enum Cmd {
     /// The queue worker: jobs from AMQP, images to S3, results and progress to Redis.
     #[cfg(feature = "service")]
     Serve(Box<serve::ServeCmd>),
+    /// The HTTP front door: jobs in over HTTP (validated, published with confirms), state, Server-Sent
+    /// Events, outputs, cancel; a playground page at `/` and the OpenAPI document at `/openapi.json`.
+    #[cfg(feature = "service")]
+    Gateway(Box<gateway::GatewayArgs>),
     /// Bulk client: uploads a folder or JSONL manifest of inputs, publishes their jobs (publisher
     /// confirms, at most --ahead unanswered), collects results from Redis into one JSONL. Resumable.
     #[cfg(feature = "service")]
@@ -74,6 +80,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Eval { what } => eval::run(what),
         #[cfg(feature = "service")]
         Cmd::Serve(a) => serve::run(*a),
+        #[cfg(feature = "service")]
+        Cmd::Gateway(a) => gateway::run(*a),
         #[cfg(feature = "service")]
         Cmd::Submit(a) => submit::run(*a),
         #[cfg(feature = "service")]

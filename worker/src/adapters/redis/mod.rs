@@ -4,9 +4,13 @@
 //! - `{prefix}:result:{job_id}`: the result JSON, written once with `SET NX` and a TTL;
 //! - `{prefix}:results` (pub/sub channel): the job id, published after the result is stored;
 //! - `{prefix}:progress:{job_id}` (pub/sub channel): `{"job_id","step","total"}`, throttled;
+//! - `{prefix}:step:{job_id}`: the last progress event, for a client that asks rather than listens;
 //! - `{prefix}:cancel:{job_id}`: set by a client to cancel a job; checked between steps;
 //! - `{prefix}:attempts:{job_id}`: deliveries of the job a worker admitted (`INCR`, the result TTL);
-//! - `{prefix}:last_error:{job_id}`: the last transient failure's `ErrorInfo` JSON (same TTL).
+//! - `{prefix}:last_error:{job_id}`: the last transient failure's `ErrorInfo` JSON (same TTL);
+//! - `{prefix}:gw:…`: the gateway's job records, idempotency keys and limits ([`gateway`]).
+
+pub mod gateway;
 
 use std::time::Duration;
 
@@ -42,7 +46,7 @@ pub struct ResultStore {
     pub cfg: RedisConfig,
 }
 
-fn unavailable(e: redis::RedisError) -> WorkerError {
+pub(super) fn unavailable(e: redis::RedisError) -> WorkerError {
     WorkerError::unavailable("redis", e)
 }
 
@@ -96,6 +100,10 @@ impl ResultStore {
 
     pub fn progress_channel(&self, job_id: &str) -> String {
         format!("{}:progress:{job_id}", self.cfg.prefix)
+    }
+
+    fn step_key(&self, job_id: &str) -> String {
+        format!("{}:step:{job_id}", self.cfg.prefix)
     }
 
     fn attempts_key(&self, job_id: &str) -> String {
@@ -186,6 +194,7 @@ impl ResultStore {
         Ok(stored)
     }
 
+    /// Publishes a progress event and keeps it as the job's last one (same TTL as results).
     pub async fn publish_progress(&self, job_id: &str, step: usize, total: usize) -> Result<()> {
         let mut c = self.conn.clone();
         let event = ddit_schemas::Progress {
@@ -195,11 +204,44 @@ impl ResultStore {
         };
         let msg =
             serde_json::to_string(&event).map_err(|e| WorkerError::Internal(e.to_string()))?;
-        let _: i64 = c
-            .publish(self.progress_channel(job_id), msg)
+        let _: ((), i64) = redis::pipe()
+            .set_ex(self.step_key(job_id), &msg, self.cfg.result_ttl_secs)
+            .publish(self.progress_channel(job_id), &msg)
+            .query_async(&mut c)
             .await
             .map_err(unavailable)?;
         Ok(())
+    }
+
+    /// The last progress event of a job that has not finished, if it has started.
+    pub async fn last_progress(&self, job_id: &str) -> Result<Option<ddit_schemas::Progress>> {
+        let mut c = self.conn.clone();
+        let v: Option<String> = c.get(self.step_key(job_id)).await.map_err(unavailable)?;
+        Ok(v.and_then(|s| serde_json::from_str(&s).ok()))
+    }
+
+    /// Asks the workers to cancel `job_id` (checked at admission and between steps).
+    pub async fn request_cancel(&self, job_id: &str) -> Result<()> {
+        let mut c = self.conn.clone();
+        let _: () = c
+            .set_ex(self.cancel_key(job_id), "1", self.cfg.result_ttl_secs)
+            .await
+            .map_err(unavailable)?;
+        Ok(())
+    }
+
+    /// A dedicated pub/sub connection subscribed to `channels` (one per listener).
+    pub async fn subscribe(&self, channels: &[String]) -> Result<redis::aio::PubSub> {
+        let client = client(&self.cfg.url, self.cfg.ca_pem.as_deref())?;
+        let connecting = client.get_async_pubsub();
+        let mut ps = tokio::time::timeout(Duration::from_secs(5), connecting)
+            .await
+            .map_err(|_| WorkerError::unavailable("redis", "no pub/sub connection within 5 s"))?
+            .map_err(unavailable)?;
+        for ch in channels {
+            ps.subscribe(ch).await.map_err(unavailable)?;
+        }
+        Ok(ps)
     }
 
     /// Which of `ids` have a cancel key.

@@ -1,0 +1,76 @@
+//! The gateway's submit-to-queued latency against publishing directly with confirms, on the same
+//! broker in the same run. A benchmark, not a timed test: it prints the medians and their ratio.
+//! Run by `scripts/bench.sh gateway` (`cargo test -p ddit-e2e --test gateway_bench -- --ignored`).
+#![allow(clippy::unwrap_used)]
+
+use std::time::{Duration, Instant};
+
+use ddit_e2e::gateway::{token_line, Gateway};
+use ddit_e2e::*;
+use ddit_worker::adapters::amqp;
+use serde_json::json;
+
+fn median_ms(mut xs: Vec<Duration>) -> f64 {
+    xs.sort();
+    xs[xs.len() / 2].as_secs_f64() * 1e3
+}
+
+fn job(i: usize, prefix: &str) -> serde_json::Value {
+    json!({"job_id": format!("{prefix}-{i}"), "task": "generate", "params": {"prompt": "a red circle", "steps": 4, "seed": i}})
+}
+
+#[test]
+#[ignore = "a benchmark: scripts/bench.sh gateway"]
+fn gateway_submit_to_queued_latency_against_direct_publishing() {
+    let n: usize = var("DDIT_BENCH_JOBS", "1000").parse().unwrap();
+    let names = Names::new("gwbench");
+    let dir = tempfile::tempdir().unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+
+    // Direct: one channel, each publish awaited to its confirm.
+    let direct = rt.block_on(async {
+        let cfg = names.amqp();
+        let conn = amqp::connect(&cfg, "bench-direct").await.unwrap();
+        let ch = conn.create_channel().await.unwrap();
+        amqp::declare(&ch, &cfg).await.unwrap();
+        let mut times = Vec::with_capacity(n);
+        for i in 0..n {
+            let body = job(i, "direct").to_string();
+            let t = Instant::now();
+            amqp::publish_job(&ch, &cfg.queue, body.as_bytes(), None)
+                .await
+                .unwrap();
+            times.push(t.elapsed());
+        }
+        let _ = conn.close(200, "done".into()).await;
+        times
+    });
+
+    // Through the gateway: one keep-alive HTTP connection, each POST until its 202.
+    let tokens = token_line("bench", "bench-token", ":0:0");
+    let gw = Gateway::start(&names, dir.path(), "gw", &tokens, &[]);
+    let http = reqwest::blocking::Client::new();
+    let url = gw.url("/v1/jobs");
+    let mut via = Vec::with_capacity(n);
+    for i in 0..n {
+        let body = job(i, "gw").to_string();
+        let t = Instant::now();
+        let r = http
+            .post(&url)
+            .bearer_auth("bench-token")
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .unwrap();
+        via.push(t.elapsed());
+        assert_eq!(r.status().as_u16(), 202);
+    }
+    let depth = rt.block_on(queue_depth(&names, &names.queue));
+    assert_eq!(depth as usize, 2 * n, "every job is on the queue once");
+    let (d, g) = (median_ms(direct), median_ms(via));
+    println!(
+        "gateway bench: jobs={n} direct_median_ms={d:.3} gateway_median_ms={g:.3} ratio={:.2}",
+        g / d
+    );
+    rt.block_on(cleanup(&names));
+}

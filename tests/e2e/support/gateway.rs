@@ -1,0 +1,181 @@
+//! A `ddit-worker gateway` process on this test's queue and prefixes, and `curl` to talk to it.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use sha2::Digest;
+
+use super::{bucket, free_port, http_get, service_env, var, worker_bin, Names};
+
+pub struct Gateway {
+    pub child: Child,
+    pub port: u16,
+    pub log: PathBuf,
+}
+
+/// A tokens-file line for `name` holding `token`, with optional `:rpm:in_flight` limits.
+pub fn token_line(name: &str, token: &str, limits: &str) -> String {
+    let h = ddit_schemas::hex(&sha2::Sha256::digest(token.as_bytes()));
+    format!("{name}:{h}{limits}\n")
+}
+
+impl Gateway {
+    /// Starts a gateway with `tokens` (tokens-file text) and `extra` flags; waits until ready.
+    pub fn start(names: &Names, dir: &Path, label: &str, tokens: &str, extra: &[&str]) -> Self {
+        let port = free_port();
+        let log = dir.join(format!("{label}.log"));
+        let tokens_file = dir.join(format!("{label}.tokens"));
+        std::fs::write(&tokens_file, tokens).unwrap();
+        let endpoint = var("DDIT_S3_ENDPOINT", "http://127.0.0.1:3900");
+        let limit = names.delivery_limit.to_string();
+        let child = Command::new(worker_bin())
+            .arg("gateway")
+            .args([
+                "--queue",
+                &names.queue,
+                "--dead-letter-exchange",
+                &names.dlx,
+            ])
+            .args([
+                "--dead-letter-queue",
+                &names.dlq,
+                "--delivery-limit",
+                &limit,
+            ])
+            .args([
+                "--redis-prefix",
+                &names.redis_prefix,
+                "--s3-prefix",
+                &names.s3_prefix,
+            ])
+            .args([
+                "--s3-bucket",
+                &bucket(),
+                "--s3-endpoint",
+                &endpoint,
+                "--s3-path-style",
+            ])
+            .args(["--listen", &format!("127.0.0.1:{port}"), "--log", "info"])
+            .arg("--tokens-file")
+            .arg(&tokens_file)
+            .args(extra)
+            .envs(service_env())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        let mut g = Self { child, port, log };
+        g.wait_ready(Duration::from_secs(30));
+        g
+    }
+
+    fn wait_ready(&mut self, timeout: Duration) {
+        let start = Instant::now();
+        while start.elapsed() < timeout {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                panic!("gateway exited ({status}): {}", self.log_text());
+            }
+            if http_get(self.port, "/readyz").is_some_and(|(code, _)| code == 200) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!("gateway not ready: {}", self.log_text());
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.port)
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// An HTTP answer as `curl -i` printed it.
+#[derive(Debug)]
+pub struct Http {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl Http {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        let name = name.to_ascii_lowercase();
+        self.headers
+            .iter()
+            .find(|(k, _)| *k == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("{} {e}: {}", self.status, self.text()))
+    }
+}
+
+/// Runs `curl -sS -i` with `args`; the answer split into status, headers and body.
+pub fn curl(args: &[&str]) -> Http {
+    let out = Command::new("curl")
+        .args(["-sS", "-i", "--max-time", "120"])
+        .args(args)
+        .output()
+        .expect("curl (Debian package curl)");
+    assert!(
+        out.status.success(),
+        "curl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let raw = out.stdout;
+    let split = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .unwrap_or_else(|| panic!("no header end: {}", String::from_utf8_lossy(&raw)));
+    let head = String::from_utf8_lossy(&raw[..split]).into_owned();
+    let mut lines = head.lines();
+    let status = lines
+        .next()
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|c| c.parse().ok())
+        .unwrap();
+    let headers = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+        .collect();
+    Http {
+        status,
+        headers,
+        body: raw[split + 4..].to_vec(),
+    }
+}
+
+/// The events of a Server-Sent Events body: (event name, data).
+pub fn sse_events(body: &str) -> Vec<(String, serde_json::Value)> {
+    body.split("\n\n")
+        .filter_map(|block| {
+            let mut name = None;
+            let mut data = String::new();
+            for line in block.lines() {
+                if let Some(n) = line.strip_prefix("event:") {
+                    name = Some(n.trim().to_string());
+                } else if let Some(d) = line.strip_prefix("data:") {
+                    data.push_str(d.trim());
+                }
+            }
+            Some((name?, serde_json::from_str(&data).ok()?))
+        })
+        .collect()
+}

@@ -1,0 +1,163 @@
+//! The gateway's keys (it keeps no state of its own, so any number of replicas can serve):
+//! - `{prefix}:gw:job:{job_id}`: the [`JobRecord`] of a job it accepted (`SET NX`, result TTL);
+//! - `{prefix}:gw:idem:{client}:{sha256(key)}`: the job an `Idempotency-Key` was first used for;
+//! - `{prefix}:gw:rate:{client}:{window}`: requests of a client in one fixed window;
+//! - `{prefix}:gw:open:{client}`: a sorted set of the client's jobs without a result yet.
+
+use redis::AsyncCommands;
+use serde::{Deserialize, Serialize};
+
+use super::{unavailable, ResultStore};
+use crate::error::{Result, WorkerError};
+
+/// What the gateway knows of a job it accepted.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobRecord {
+    /// The client (token name) that submitted it: only it may see or cancel the job.
+    pub owner: String,
+    /// sha256 of the job as published, to tell a replay from a different job with the same id.
+    pub job_sha256: String,
+    /// Whether the broker confirmed the publish. A record left unconfirmed (a gateway that died
+    /// between claim and confirm) is published again by the next identical request.
+    pub confirmed: bool,
+}
+
+fn internal(e: serde_json::Error) -> WorkerError {
+    WorkerError::Internal(e.to_string())
+}
+
+impl ResultStore {
+    fn gw_key(&self, kind: &str, id: &str) -> String {
+        format!("{}:gw:{kind}:{id}", self.cfg.prefix)
+    }
+
+    /// Claims `job_id` for `rec` unless it is taken; returns the record already there, if any.
+    pub async fn claim_job(&self, job_id: &str, rec: &JobRecord) -> Result<Option<JobRecord>> {
+        let mut c = self.conn.clone();
+        let opts = redis::SetOptions::default()
+            .conditional_set(redis::ExistenceCheck::NX)
+            .get(true)
+            .with_expiration(redis::SetExpiry::EX(self.cfg.result_ttl_secs));
+        let body = serde_json::to_string(rec).map_err(internal)?;
+        let old: Option<String> = c
+            .set_options(self.gw_key("job", job_id), body, opts)
+            .await
+            .map_err(unavailable)?;
+        old.map(|s| serde_json::from_str(&s).map_err(internal))
+            .transpose()
+    }
+
+    /// Replaces the record of `job_id` (e.g. once its publish is confirmed).
+    pub async fn put_job_record(&self, job_id: &str, rec: &JobRecord) -> Result<()> {
+        let mut c = self.conn.clone();
+        let body = serde_json::to_string(rec).map_err(internal)?;
+        let _: () = c
+            .set_ex(self.gw_key("job", job_id), body, self.cfg.result_ttl_secs)
+            .await
+            .map_err(unavailable)?;
+        Ok(())
+    }
+
+    /// Forgets a claim whose publish failed, so that a retry publishes again.
+    pub async fn release_job(&self, job_id: &str) -> Result<()> {
+        let mut c = self.conn.clone();
+        let _: i64 = c
+            .del(self.gw_key("job", job_id))
+            .await
+            .map_err(unavailable)?;
+        Ok(())
+    }
+
+    pub async fn job_record(&self, job_id: &str) -> Result<Option<JobRecord>> {
+        let mut c = self.conn.clone();
+        let v: Option<String> = c
+            .get(self.gw_key("job", job_id))
+            .await
+            .map_err(unavailable)?;
+        v.map(|s| serde_json::from_str(&s).map_err(internal))
+            .transpose()
+    }
+
+    /// Binds `client`'s idempotency key (hashed) to `job_id` unless it is bound already; returns
+    /// the job id it is bound to.
+    pub async fn bind_idempotency_key(
+        &self,
+        client: &str,
+        key_sha256: &str,
+        job_id: &str,
+    ) -> Result<String> {
+        let mut c = self.conn.clone();
+        let opts = redis::SetOptions::default()
+            .conditional_set(redis::ExistenceCheck::NX)
+            .get(true)
+            .with_expiration(redis::SetExpiry::EX(self.cfg.result_ttl_secs));
+        let key = self.gw_key("idem", &format!("{client}:{key_sha256}"));
+        let old: Option<String> = c
+            .set_options(key, job_id, opts)
+            .await
+            .map_err(unavailable)?;
+        Ok(old.unwrap_or_else(|| job_id.to_string()))
+    }
+
+    /// Counts one request of `client` in the current fixed window of `window_secs`; returns the
+    /// count so far and the seconds until the window ends.
+    pub async fn count_request(&self, client: &str, window_secs: u64) -> Result<(u64, u64)> {
+        let now = crate::clock::unix_secs();
+        let window = now / window_secs.max(1);
+        let key = self.gw_key("rate", &format!("{client}:{window}"));
+        let mut c = self.conn.clone();
+        let (n, _): (u64, i64) = redis::pipe()
+            .incr(&key, 1)
+            .expire(&key, window_secs.max(1) as i64 + 1)
+            .query_async(&mut c)
+            .await
+            .map_err(unavailable)?;
+        let left = (window + 1) * window_secs.max(1) - now;
+        Ok((n, left.max(1)))
+    }
+
+    /// How many of `client`'s accepted jobs have no result yet (finished ones are dropped from
+    /// the set as a side effect).
+    pub async fn open_jobs(&self, client: &str) -> Result<usize> {
+        let key = self.gw_key("open", client);
+        let mut c = self.conn.clone();
+        let horizon = crate::clock::unix_secs().saturating_sub(self.cfg.result_ttl_secs);
+        let _: i64 = c
+            .zrembyscore(&key, 0, horizon as f64)
+            .await
+            .map_err(unavailable)?;
+        let ids: Vec<String> = c.zrange(&key, 0, -1).await.map_err(unavailable)?;
+        if ids.is_empty() {
+            return Ok(0);
+        }
+        let mut p = redis::pipe();
+        for id in &ids {
+            p.exists(self.result_key(id));
+        }
+        let done: Vec<bool> = p.query_async(&mut c).await.map_err(unavailable)?;
+        let finished: Vec<&String> = ids
+            .iter()
+            .zip(&done)
+            .filter(|(_, d)| **d)
+            .map(|(i, _)| i)
+            .collect();
+        if !finished.is_empty() {
+            let _: i64 = c.zrem(&key, finished.clone()).await.map_err(unavailable)?;
+        }
+        Ok(ids.len() - finished.len())
+    }
+
+    /// Adds a job to `client`'s open set.
+    pub async fn add_open_job(&self, client: &str, job_id: &str) -> Result<()> {
+        let key = self.gw_key("open", client);
+        let mut c = self.conn.clone();
+        let now = crate::clock::unix_secs() as f64;
+        let (_, _): (i64, i64) = redis::pipe()
+            .zadd(&key, job_id, now)
+            .expire(&key, self.cfg.result_ttl_secs as i64)
+            .query_async(&mut c)
+            .await
+            .map_err(unavailable)?;
+        Ok(())
+    }
+}

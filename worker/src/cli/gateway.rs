@@ -1,0 +1,90 @@
+//! `ddit-worker gateway`: the HTTP front door.
+
+use clap::Args;
+use ddit_worker::adapters::redis::RedisConfig;
+use ddit_worker::adapters::s3::S3Config;
+use ddit_worker::gateway::{self, GatewayConfig, Limits, Tokens};
+
+use super::serve::{AmqpArgs, RedisArgs, S3Args, TlsArgs};
+
+#[derive(Args)]
+pub struct GatewayArgs {
+    #[command(flatten)]
+    amqp: AmqpArgs,
+    #[command(flatten)]
+    tls: TlsArgs,
+    #[command(flatten)]
+    s3: S3Args,
+    #[command(flatten)]
+    redis: RedisArgs,
+    /// Seconds the gateway's job records and idempotency keys are kept (as results are).
+    #[arg(long, default_value_t = 7 * 24 * 3600, env = "DDIT_RESULT_TTL")]
+    result_ttl: u64,
+    /// HTTP address of the API, the playground, /openapi.json, /healthz, /readyz and /metrics.
+    #[arg(long, default_value = "0.0.0.0:8080", env = "DDIT_GATEWAY_LISTEN")]
+    listen: std::net::SocketAddr,
+    /// The clients: one `name:sha256-hex-of-token[:requests-per-minute[:jobs-in-flight]]` per line.
+    #[arg(long, env = "DDIT_TOKENS_FILE")]
+    tokens_file: std::path::PathBuf,
+    /// Requests per minute per client, over all replicas (0: unlimited); 429 above it.
+    #[arg(long, default_value_t = 600, env = "DDIT_RATE_LIMIT")]
+    rate_limit: u64,
+    /// Jobs per client accepted and without a result yet (0: unlimited); 429 above it.
+    #[arg(long, default_value_t = 256, env = "DDIT_MAX_IN_FLIGHT")]
+    max_in_flight: usize,
+    /// Largest request body in bytes, uploads included; 413 above it.
+    #[arg(long, default_value_t = 16 << 20, env = "DDIT_MAX_BODY_BYTES")]
+    max_body_bytes: usize,
+    /// Largest input image kept in S3, in bytes (the workers' `--max-image-bytes`).
+    #[arg(long, default_value_t = 16 << 20, env = "DDIT_MAX_IMAGE_BYTES")]
+    max_image_bytes: usize,
+    /// Most jobs in one `POST /v1/jobs/batch`.
+    #[arg(long, default_value_t = 100, env = "DDIT_MAX_BATCH_JOBS")]
+    max_batch_jobs: usize,
+    /// Log filter (RUST_LOG syntax).
+    #[arg(long, default_value = "info", env = "DDIT_LOG")]
+    log: String,
+}
+
+impl TryFrom<GatewayArgs> for GatewayConfig {
+    type Error = anyhow::Error;
+
+    fn try_from(a: GatewayArgs) -> anyhow::Result<Self> {
+        let path = &a.tokens_file;
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| anyhow::anyhow!("--tokens-file {}: {e}", path.display()))?;
+        let tokens = Tokens::parse(&text)
+            .map_err(|e| anyhow::anyhow!("--tokens-file {}: {e}", path.display()))?;
+        let ca_pem = a.tls.ca_pem()?;
+        Ok(GatewayConfig {
+            amqp: a.amqp.config(1, ca_pem.clone()),
+            s3: S3Config {
+                ca_pem: ca_pem.clone(),
+                ..a.s3.config(a.max_image_bytes)
+            },
+            redis: RedisConfig {
+                url: a.redis.redis_url,
+                prefix: a.redis.redis_prefix,
+                result_ttl_secs: a.result_ttl,
+                ca_pem,
+            },
+            listen: a.listen,
+            tokens,
+            limits: Limits {
+                requests_per_minute: a.rate_limit,
+                jobs_in_flight: a.max_in_flight,
+            },
+            max_body_bytes: a.max_body_bytes,
+            max_batch_jobs: a.max_batch_jobs.max(1),
+            name: "ddit-gateway".into(),
+        })
+    }
+}
+
+pub fn run(a: GatewayArgs) -> anyhow::Result<()> {
+    super::init_logging(&a.log);
+    let cfg = GatewayConfig::try_from(a)?;
+    let rt = super::runtime()?;
+    rt.block_on(gateway::run(cfg, super::serve::shutdown_signal()))?;
+    Ok(())
+}

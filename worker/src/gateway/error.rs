@@ -1,0 +1,101 @@
+//! The gateway's one error answer: a status, a stable `code`, a message naming the offending
+//! field, and `Retry-After` where waiting helps (429, 503).
+
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use ddit_schemas::ErrorKind;
+use serde::Serialize;
+
+use crate::error::WorkerError;
+
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+pub struct ApiError {
+    #[serde(skip)]
+    pub status: StatusCode,
+    /// Stable, machine-readable: `unauthorized`, `rate_limited`, `invalid_job`, …
+    pub code: String,
+    pub message: String,
+    #[serde(skip)]
+    pub retry_after: Option<u64>,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, code: &str, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            code: code.into(),
+            message: message.into(),
+            retry_after: None,
+        }
+    }
+
+    pub fn retry_after(mut self, secs: u64) -> Self {
+        self.retry_after = Some(secs.max(1));
+        self
+    }
+
+    pub fn invalid(field: &str, message: impl std::fmt::Display) -> Self {
+        Self::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_job",
+            format!("`{field}`: {message}"),
+        )
+    }
+
+    pub fn bad_request(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "bad_request", message)
+    }
+
+    pub fn not_found(what: impl Into<String>) -> Self {
+        Self::new(StatusCode::NOT_FOUND, "not_found", what)
+    }
+}
+
+/// A dependency that failed is 503 (retry); a job's fault is 422; anything else 500.
+impl From<WorkerError> for ApiError {
+    fn from(e: WorkerError) -> Self {
+        match e.kind() {
+            ErrorKind::InvalidJob | ErrorKind::InvalidInput => Self::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "invalid_job",
+                e.to_string(),
+            ),
+            ErrorKind::InputNotFound => {
+                Self::new(StatusCode::NOT_FOUND, "not_found", e.to_string())
+            }
+            ErrorKind::Unavailable => {
+                tracing::warn!("{e}");
+                Self::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "unavailable",
+                    e.to_string(),
+                )
+                .retry_after(1)
+            }
+            _ => {
+                tracing::error!("{e}");
+                Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())
+            }
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut r = (
+            self.status,
+            axum::Json(serde_json::json!({ "error": &self })),
+        )
+            .into_response();
+        if let Some(s) = self.retry_after {
+            if let Ok(v) = HeaderValue::from_str(&s.to_string()) {
+                r.headers_mut().insert(header::RETRY_AFTER, v);
+            }
+        }
+        if self.status == StatusCode::UNAUTHORIZED {
+            r.headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        r
+    }
+}
