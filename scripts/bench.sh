@@ -20,8 +20,9 @@ if [ "$WHICH" = gateway ]; then
   scripts/services.sh up
   # shellcheck disable=SC1091
   source .ddit/services/env
-  cargo build -p ddit-worker --bin ddit-worker
-  DDIT_BENCH_JOBS="$N" exec cargo test -p ddit-e2e --test gateway_bench -- --ignored --nocapture
+  cargo build --release -p ddit-worker --bin ddit-worker
+  DDIT_WORKER_BIN="$PWD/target/release/ddit-worker" DDIT_BENCH_JOBS="$N" \
+    exec cargo test -p ddit-e2e --test gateway_bench -- --ignored --nocapture
 fi
 THREADS="${DDIT_BENCH_THREADS:-$(nproc)}"
 VENV="${DDIT_BENCH_VENV:-/opt/ddit-venv}"

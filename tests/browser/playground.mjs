@@ -23,8 +23,8 @@ try {
   await page.dispatchEvent("#token", "change");
 
   await page.selectOption("#task", "generate");
-  await page.fill("#prompt", "a red circle on a blue background");
-  await page.fill("#steps", "12");
+  await page.fill("#prompt", process.env.PROMPT || "a red circle left of a blue square");
+  await page.fill("#steps", process.env.STEPS || "12");
   await page.click("#run");
   await page.waitForFunction(() => document.getElementById("status").textContent.startsWith("queued"));
   console.log("queued");
@@ -35,7 +35,8 @@ try {
   const size = await page.$eval("#picture", (img) => [img.naturalWidth, img.naturalHeight]);
   if (!(size[0] > 0 && size[1] > 0)) throw new Error(`no image shown: ${size}`);
   const bar = await page.$eval("#bar", (b) => [b.value, b.max]);
-  if (bar[0] !== 12 || bar[1] !== 12) throw new Error(`progress bar at ${bar[0]} of ${bar[1]}`);
+  const steps = Number(process.env.STEPS || 12);
+  if (bar[0] !== steps || bar[1] !== steps) throw new Error(`progress bar at ${bar[0]} of ${bar[1]}`);
   await page.screenshot({ path: screenshot, fullPage: true });
   console.log(`generate: ${status}; image ${size[0]}x${size[1]}; screenshot ${screenshot}`);
 

@@ -101,9 +101,13 @@ pub fn bucket() -> String {
     var("DDIT_S3_BUCKET", "ddit-test")
 }
 
-/// The built `ddit-worker` binary (the e2e tests run the real thing).
+/// The built `ddit-worker` binary (the e2e tests run the real thing), or `$DDIT_WORKER_BIN`
+/// (the gateway benchmark runs the release build).
 pub fn worker_bin() -> PathBuf {
-    built("ddit-worker")
+    match std::env::var_os("DDIT_WORKER_BIN") {
+        Some(p) => PathBuf::from(p),
+        None => built("ddit-worker"),
+    }
 }
 
 /// `ddit-worker` built with the test-only `fault-injection` feature (`scripts/test.sh` builds it:

@@ -241,11 +241,14 @@ pub struct Message<'a> {
     pub expiration_ms: Option<u64>,
 }
 
-/// Publishes `m` and waits for the broker's confirm (a nack is an error).
+/// Publishes `m` and waits for the broker's confirm (a nack is an error). The channel is put in
+/// confirm mode on its first publish (one round trip, once).
 pub async fn publish(ch: &Channel, m: Message<'_>) -> Result<()> {
-    ch.confirm_select(ConfirmSelectOptions::default())
-        .await
-        .map_err(|e| unavailable("confirm_select", e))?;
+    if !ch.status().confirm() {
+        ch.confirm_select(ConfirmSelectOptions::default())
+            .await
+            .map_err(|e| unavailable("confirm_select", e))?;
+    }
     let mut props = BasicProperties::default()
         .with_delivery_mode(2)
         .with_content_type(ShortString::from("application/json"))

@@ -164,14 +164,19 @@ async fn materialize(gw: &Gateway, job: &mut Value) -> Result<(), ApiError> {
     Ok(())
 }
 
-/// Accepts one validated job for `client`: see the module's steps. A repeated request (same
-/// idempotency key, or same `job_id` and body) returns the first one's job without a new one.
+/// Accepts one validated job for `client`. A repeated request (same idempotency key, or same
+/// `job_id` and body) returns the first one's job and publishes nothing.
+///
+/// A job given neither has a fresh random id nobody else can repeat, so there is nothing to
+/// claim: its record is written while it is published. Otherwise the id is claimed first
+/// (`SET NX`), published, then marked confirmed. A failed publish forgets the job again.
 pub async fn accept(
     gw: &Arc<Gateway>,
     client: &Client,
     mut job: Value,
     idempotency_key: Option<&str>,
 ) -> Result<Accepted, ApiError> {
+    let fresh = idempotency_key.is_none() && job.get("job_id").is_none();
     let job_id = identify(gw, client, &mut job, idempotency_key).await?;
     let mut as_sent = job.clone();
     if let Some(o) = as_sent.as_object_mut() {
@@ -180,53 +185,54 @@ pub async fn accept(
     let rec = JobRecord {
         owner: client.name.clone(),
         job_sha256: sha256_hex(as_sent.to_string().as_bytes()),
-        confirmed: false,
+        confirmed: true,
     };
     let accepted = |replayed| Accepted {
         status_url: format!("/v1/jobs/{job_id}"),
         job_id: job_id.clone(),
         replayed,
     };
-    match gw.redis.claim_job(&job_id, &rec).await? {
-        Some(old) if old.owner != rec.owner => {
-            return Err(ApiError::new(
-                StatusCode::CONFLICT,
-                "job_id_taken",
-                format!("job `{job_id}` exists"),
-            ))
+    materialize(gw, &mut job).await?;
+    let done = if fresh {
+        let (recorded, published) =
+            tokio::join!(gw.redis.record_accepted(&job_id, &rec), publish(gw, &job));
+        published.and(recorded.map_err(ApiError::from))
+    } else {
+        let claim = JobRecord {
+            confirmed: false,
+            ..rec.clone()
+        };
+        match gw.redis.claim_job(&job_id, &claim).await? {
+            Some(old) if old.owner != rec.owner || old.job_sha256 != rec.job_sha256 => {
+                return Err(ApiError::new(
+                    StatusCode::CONFLICT,
+                    "job_id_taken",
+                    format!("job `{job_id}` was submitted with another body or by another client"),
+                ))
+            }
+            Some(old) if old.confirmed => return Ok(accepted(true)),
+            // Claimed but never confirmed (a gateway died mid-way, or the same request runs
+            // right now): publishing again is safe, the workers keep one result per job id.
+            _ => {}
         }
-        Some(old) if old.job_sha256 != rec.job_sha256 => {
-            return Err(ApiError::new(
-                StatusCode::CONFLICT,
-                "job_id_taken",
-                format!("job `{job_id}` was submitted with a different body"),
-            ))
+        match publish(gw, &job).await {
+            Ok(()) => gw
+                .redis
+                .record_accepted(&job_id, &rec)
+                .await
+                .map_err(ApiError::from),
+            Err(e) => Err(e),
         }
-        Some(old) if old.confirmed => return Ok(accepted(true)),
-        // Claimed but never confirmed (a gateway died mid-way, or the same request runs right
-        // now): publishing again is safe, the workers keep one result per job id.
-        _ => {}
-    }
-    if let Err(e) = publish(gw, &mut job).await {
-        let _ = gw.redis.release_job(&job_id).await;
+    };
+    if let Err(e) = done {
+        let _ = gw.redis.forget_job(&job_id, &client.name).await;
         return Err(e);
     }
-    gw.redis
-        .put_job_record(
-            &job_id,
-            &JobRecord {
-                confirmed: true,
-                ..rec
-            },
-        )
-        .await?;
-    gw.redis.add_open_job(&client.name, &job_id).await?;
     gw.metrics.accepted.inc();
     Ok(accepted(false))
 }
 
-async fn publish(gw: &Gateway, job: &mut Value) -> Result<(), ApiError> {
-    materialize(gw, job).await?;
+async fn publish(gw: &Gateway, job: &Value) -> Result<(), ApiError> {
     let body = job.to_string();
     let started = std::time::Instant::now();
     let ch = gw.channel().await?;

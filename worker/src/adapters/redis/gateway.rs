@@ -2,7 +2,8 @@
 //! - `{prefix}:gw:job:{job_id}`: the [`JobRecord`] of a job it accepted (`SET NX`, result TTL);
 //! - `{prefix}:gw:idem:{client}:{sha256(key)}`: the job an `Idempotency-Key` was first used for;
 //! - `{prefix}:gw:rate:{client}:{window}`: requests of a client in one fixed window;
-//! - `{prefix}:gw:open:{client}`: a sorted set of the client's jobs without a result yet.
+//! - `{prefix}:gw:open:{client}`: a sorted set of the client's jobs without a result yet (scored
+//!   by acceptance time).
 
 use redis::AsyncCommands;
 use serde::{Deserialize, Serialize};
@@ -47,22 +48,32 @@ impl ResultStore {
             .transpose()
     }
 
-    /// Replaces the record of `job_id` (e.g. once its publish is confirmed).
-    pub async fn put_job_record(&self, job_id: &str, rec: &JobRecord) -> Result<()> {
+    /// Stores the record of an accepted job and adds it to its owner's open set, in one round
+    /// trip.
+    pub async fn record_accepted(&self, job_id: &str, rec: &JobRecord) -> Result<()> {
         let mut c = self.conn.clone();
         let body = serde_json::to_string(rec).map_err(internal)?;
-        let _: () = c
-            .set_ex(self.gw_key("job", job_id), body, self.cfg.result_ttl_secs)
+        let open = self.gw_key("open", &rec.owner);
+        let ttl = self.cfg.result_ttl_secs;
+        let now = crate::clock::unix_secs() as f64;
+        let _: ((), i64, i64) = redis::pipe()
+            .set_ex(self.gw_key("job", job_id), body, ttl)
+            .zadd(&open, job_id, now)
+            .expire(&open, ttl as i64)
+            .query_async(&mut c)
             .await
             .map_err(unavailable)?;
         Ok(())
     }
 
-    /// Forgets a claim whose publish failed, so that a retry publishes again.
-    pub async fn release_job(&self, job_id: &str) -> Result<()> {
+    /// Forgets a job whose publish failed (its claim or record, and its place in the open set),
+    /// so that a retry publishes again.
+    pub async fn forget_job(&self, job_id: &str, owner: &str) -> Result<()> {
         let mut c = self.conn.clone();
-        let _: i64 = c
+        let _: (i64, i64) = redis::pipe()
             .del(self.gw_key("job", job_id))
+            .zrem(self.gw_key("open", owner), job_id)
+            .query_async(&mut c)
             .await
             .map_err(unavailable)?;
         Ok(())
@@ -116,48 +127,30 @@ impl ResultStore {
         Ok((n, left.max(1)))
     }
 
-    /// How many of `client`'s accepted jobs have no result yet (finished ones are dropped from
-    /// the set as a side effect).
+    /// How many of `client`'s accepted jobs have no result yet, in one round trip (a script drops
+    /// the finished and the expired from the set as it counts).
     pub async fn open_jobs(&self, client: &str) -> Result<usize> {
-        let key = self.gw_key("open", client);
+        const COUNT_OPEN: &str = r"
+            redis.call('ZREMRANGEBYSCORE', KEYS[1], 0, ARGV[1])
+            local open = 0
+            for _, id in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
+                if redis.call('EXISTS', ARGV[2] .. id) == 1 then
+                    redis.call('ZREM', KEYS[1], id)
+                else
+                    open = open + 1
+                end
+            end
+            return open";
         let mut c = self.conn.clone();
         let horizon = crate::clock::unix_secs().saturating_sub(self.cfg.result_ttl_secs);
-        let _: i64 = c
-            .zrembyscore(&key, 0, horizon as f64)
-            .await
-            .map_err(unavailable)?;
-        let ids: Vec<String> = c.zrange(&key, 0, -1).await.map_err(unavailable)?;
-        if ids.is_empty() {
-            return Ok(0);
-        }
-        let mut p = redis::pipe();
-        for id in &ids {
-            p.exists(self.result_key(id));
-        }
-        let done: Vec<bool> = p.query_async(&mut c).await.map_err(unavailable)?;
-        let finished: Vec<&String> = ids
-            .iter()
-            .zip(&done)
-            .filter(|(_, d)| **d)
-            .map(|(i, _)| i)
-            .collect();
-        if !finished.is_empty() {
-            let _: i64 = c.zrem(&key, finished.clone()).await.map_err(unavailable)?;
-        }
-        Ok(ids.len() - finished.len())
-    }
-
-    /// Adds a job to `client`'s open set.
-    pub async fn add_open_job(&self, client: &str, job_id: &str) -> Result<()> {
-        let key = self.gw_key("open", client);
-        let mut c = self.conn.clone();
-        let now = crate::clock::unix_secs() as f64;
-        let (_, _): (i64, i64) = redis::pipe()
-            .zadd(&key, job_id, now)
-            .expire(&key, self.cfg.result_ttl_secs as i64)
+        redis::cmd("EVAL")
+            .arg(COUNT_OPEN)
+            .arg(1)
+            .arg(self.gw_key("open", client))
+            .arg(horizon)
+            .arg(self.result_key(""))
             .query_async(&mut c)
             .await
-            .map_err(unavailable)?;
-        Ok(())
+            .map_err(unavailable)
     }
 }
