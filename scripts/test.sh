@@ -20,7 +20,7 @@ scripts/services.sh up
 source .ddit/services/env
 
 echo "== python client example (examples/python/requirements.txt into .ddit/pyclient)"
-if ! .ddit/pyclient/bin/python -c "import pika, redis, boto3" 2>/dev/null; then
+if ! .ddit/pyclient/bin/python -c "import pika, redis, boto3, pyarrow" 2>/dev/null; then
   python3 -m venv .ddit/pyclient
   .ddit/pyclient/bin/pip install --quiet --disable-pip-version-check -r examples/python/requirements.txt
 fi

@@ -18,17 +18,28 @@ enum SubmitTask {
 /// Settings of `submit`.
 #[derive(Args, Clone)]
 pub struct SubmitArgs {
-    /// A folder of images (.png, .jpg, .webp) or a JSONL manifest (one item per line: `image`,
-    /// `question`, `prompt`, `task`, `id`, and optional `steps`, `seed`, ...).
+    /// A folder of images (.png, .jpg, .webp), a JSONL manifest (one item per line: `image`,
+    /// `question`, `prompt`, `task`, `id`, and optional `steps`, `seed`, ...), or WebDataset `.tar`
+    /// shards or `.parquet` files: a path, a glob (`shards/*.tar`) or brace ranges
+    /// (`shard-{000..009}.tar`). Read as a stream.
     #[arg(long, env = "DDIT_INPUT")]
     input: PathBuf,
+    /// Parquet input: the column of images (bytes, `{bytes, path}` structs, or s3://, data: or
+    /// local paths).
+    #[arg(long, default_value = "image", env = "DDIT_IMAGE_COLUMN")]
+    image_column: String,
+    /// Parquet input: the column that keys each sample (default: `key` if present, else
+    /// `{file}:{row}`).
+    #[arg(long, env = "DDIT_KEY_COLUMN")]
+    key_column: Option<String>,
     /// Task of items that name none.
     #[arg(long, value_enum, default_value = "caption", env = "DDIT_TASK")]
     task: SubmitTask,
     /// Question of VQA items that carry none.
     #[arg(long, env = "DDIT_QUESTION")]
     question: Option<String>,
-    /// Output JSONL (one line per item: `item` plus the result). Its journal is `{out}.submitted`.
+    /// Output JSONL (one line per item: `item` plus the result), or `.parquet` with the same
+    /// columns (collected in `{out}.jsonl`, written when all are done). Journal: `{out}.submitted`.
     #[arg(long, env = "DDIT_OUT")]
     out: PathBuf,
     /// Most jobs published and not yet answered (flow control).
@@ -66,6 +77,8 @@ impl TryFrom<SubmitArgs> for SubmitConfig {
         let ca_pem = a.tls.ca_pem()?;
         Ok(SubmitConfig {
             input: a.input,
+            image_column: Some(a.image_column),
+            key_column: a.key_column,
             task: match a.task {
                 SubmitTask::Caption => DefaultTask::Caption,
                 SubmitTask::Vqa => DefaultTask::Vqa,

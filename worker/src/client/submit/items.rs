@@ -1,5 +1,7 @@
-//! The items of one `submit` run: a folder of images or a JSONL manifest, each item with its
-//! stable job id. Every problem names the file, line and field.
+//! The items of one `submit` run, read as a stream (memory stays bounded however many there are):
+//! a folder of images, a JSONL manifest, or (the `datasets` feature, [`super::shards`]) WebDataset
+//! `.tar` shards and Parquet files. Each item has its stable job id; every problem names the
+//! file, line and field.
 
 use std::collections::HashSet;
 use std::fs::File;
@@ -54,10 +56,21 @@ pub struct ManifestLine {
 pub struct Item {
     pub name: String,
     pub job: Job,
-    pub local_image: Option<PathBuf>,
+    pub local_image: Option<Local>,
 }
 
-const IMAGE_EXTENSIONS: [&str; 4] = ["png", "jpg", "jpeg", "webp"];
+/// An input image that is uploaded before its job is published.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Local {
+    File(PathBuf),
+    /// Bytes read from a shard, with the file extension they came under (`png`, `jpg`, …).
+    Bytes {
+        bytes: Vec<u8>,
+        ext: String,
+    },
+}
+
+pub(super) const IMAGE_EXTENSIONS: [&str; 4] = ["png", "jpg", "jpeg", "webp"];
 
 pub(super) fn bad_input(where_: impl Into<String>, message: impl Into<String>) -> WorkerError {
     WorkerError::Config {
@@ -82,7 +95,7 @@ pub fn job_id_for(batch: &str, name: &str) -> String {
     format!("{batch}-{}", &ddit_schemas::hex(&h)[..16])
 }
 
-fn params_for(
+pub(super) fn params_for(
     task: &str,
     image: Option<String>,
     line: &ManifestLine,
@@ -144,49 +157,95 @@ fn params_for(
     })
 }
 
-/// Reads the items of a folder (every image file, sorted by name) or a JSONL manifest.
-/// Every problem names the file, line and field.
-pub fn load_items(cfg: &SubmitConfig, batch: &str) -> Result<Vec<Item>> {
-    let input = &cfg.input;
-    let meta = std::fs::metadata(input)
-        .map_err(|e| bad_input("input", format!("{}: {e}", input.display())))?;
-    let mut items = Vec::new();
-    let mut names = HashSet::new();
-    let mut push = |name: String, params: TaskParams, local: Option<PathBuf>| -> Result<()> {
-        if !names.insert(name.clone()) {
+/// Makes items from (name, params, local image): checks that names are unique (by a 64-bit hash
+/// of each, so that a million names stay small) and derives their job ids.
+pub(super) struct Push<'a> {
+    batch: &'a str,
+    seen: HashSet<u64>,
+    emit: &'a mut dyn FnMut(Item) -> Result<()>,
+    pub count: usize,
+}
+
+impl Push<'_> {
+    pub fn push(&mut self, name: String, params: TaskParams, local: Option<Local>) -> Result<()> {
+        let h = Sha256::digest(name.as_bytes());
+        let mut first = [0u8; 8];
+        first.copy_from_slice(&h[..8]);
+        if !self.seen.insert(u64::from_le_bytes(first)) {
             return Err(bad_input(
                 "input",
                 format!("item `{name}` appears twice (ids must be unique)"),
             ));
         }
-        items.push(Item {
+        self.count += 1;
+        (self.emit)(Item {
             job: Job {
-                job_id: job_id_for(batch, &name),
+                job_id: job_id_for(self.batch, &name),
                 task: params,
                 deadline: None,
                 submitted_at: None,
             },
             name,
             local_image: local,
-        });
-        Ok(())
-    };
-    if meta.is_dir() {
-        folder_items(cfg, &mut push)?;
-    } else {
-        manifest_items(cfg, &mut push)?;
-        if items.is_empty() {
-            return Err(bad_input(
-                "input",
-                format!("{} holds no items", input.display()),
-            ));
-        }
+        })
     }
-    Ok(items)
 }
 
-/// `push(name, params, local image)` of [`load_items`].
-type Push<'a> = dyn FnMut(String, TaskParams, Option<PathBuf>) -> Result<()> + 'a;
+/// Reads every item of the input in order, handing each to `emit` as it is read; returns how
+/// many there were. A folder, a `.jsonl` manifest, or `.tar` / `.parquet` files (paths, globs,
+/// brace ranges; the `datasets` feature).
+pub fn read_items(
+    cfg: &SubmitConfig,
+    batch: &str,
+    mut emit: impl FnMut(Item) -> Result<()>,
+) -> Result<usize> {
+    let input = &cfg.input;
+    let mut push = Push {
+        batch,
+        seen: HashSet::new(),
+        emit: &mut emit,
+        count: 0,
+    };
+    let text = input.to_string_lossy();
+    if input.is_dir() {
+        folder_items(cfg, &mut push)?;
+    } else if text.ends_with(".tar") || text.ends_with(".parquet") {
+        #[cfg(feature = "datasets")]
+        super::shards::shard_items(cfg, &mut push)?;
+        #[cfg(not(feature = "datasets"))]
+        return Err(bad_input(
+            "input",
+            "shards need ddit-worker built with the `datasets` feature",
+        ));
+    } else {
+        std::fs::metadata(input)
+            .map_err(|e| bad_input("input", format!("{}: {e}", input.display())))?;
+        manifest_items(cfg, &mut push)?;
+    }
+    if push.count == 0 {
+        return Err(bad_input(
+            "input",
+            format!("{} holds no items", input.display()),
+        ));
+    }
+    Ok(push.count)
+}
+
+/// [`read_items`] on a thread of its own, handing items over a bounded channel: the submit loop
+/// takes them as its window has room, so only a few are ever in memory.
+pub fn spawn_items(cfg: SubmitConfig, batch: String) -> tokio::sync::mpsc::Receiver<Result<Item>> {
+    let (tx, rx) = tokio::sync::mpsc::channel(64);
+    std::thread::spawn(move || {
+        let sent = read_items(&cfg, &batch, |it| {
+            tx.blocking_send(Ok(it))
+                .map_err(|_| WorkerError::Internal("submit stopped reading items".into()))
+        });
+        if let Err(e) = sent {
+            let _ = tx.blocking_send(Err(e));
+        }
+    });
+    rx
+}
 
 /// Every image file of the input folder, sorted by name.
 fn folder_items(cfg: &SubmitConfig, push: &mut Push<'_>) -> Result<()> {
@@ -228,7 +287,7 @@ fn folder_items(cfg: &SubmitConfig, push: &mut Push<'_>) -> Result<()> {
                 cfg.question.as_deref(),
                 &name,
             )?;
-            push(name, params, Some(f))?;
+            push.push(name, params, Some(Local::File(f)))?;
         }
     }
     Ok(())
@@ -267,7 +326,7 @@ fn manifest_items(cfg: &SubmitConfig, push: &mut Push<'_>) -> Result<()> {
                             format!("{} is not a file", p.display()),
                         ));
                     }
-                    (Some(String::new()), Some(p))
+                    (Some(String::new()), Some(Local::File(p)))
                 }
             };
             let name =
@@ -275,36 +334,33 @@ fn manifest_items(cfg: &SubmitConfig, push: &mut Push<'_>) -> Result<()> {
                     .or_else(|| l.image.clone().filter(|i| !i.starts_with("data:")))
                     .unwrap_or_else(|| format!("line-{}", n + 1));
             let params = params_for(&task, image, &l, cfg.question.as_deref(), &where_)?;
-            push(name, params, local)?;
+            push.push(name, params, local)?;
         }
     }
     Ok(())
 }
 
-pub(super) fn content_type(path: &Path) -> &'static str {
-    match path
-        .extension()
-        .and_then(|x| x.to_str())
-        .map(str::to_ascii_lowercase)
-        .as_deref()
-    {
-        Some("jpg" | "jpeg") => "image/jpeg",
-        Some("webp") => "image/webp",
+pub(super) fn content_type(ext: &str) -> &'static str {
+    match ext.to_ascii_lowercase().as_str() {
+        "jpg" | "jpeg" => "image/jpeg",
+        "webp" => "image/webp",
         _ => "image/png",
     }
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use std::time::Duration;
 
     use super::*;
     use crate::adapters::amqp::AmqpConfig;
     use crate::adapters::s3::S3Config;
 
-    fn cfg(input: &Path, task: DefaultTask) -> SubmitConfig {
+    pub(crate) fn cfg(input: &Path, task: DefaultTask) -> SubmitConfig {
         SubmitConfig {
             input: input.to_path_buf(),
+            image_column: None,
+            key_column: None,
             task,
             question: None,
             out: input.join("out.jsonl"),
@@ -335,6 +391,15 @@ mod tests {
             result_timeout: None,
             show_progress: false,
         }
+    }
+
+    fn load_items(cfg: &SubmitConfig, batch: &str) -> Result<Vec<Item>> {
+        let mut v = Vec::new();
+        read_items(cfg, batch, |it| {
+            v.push(it);
+            Ok(())
+        })?;
+        Ok(v)
     }
 
     #[test]

@@ -16,22 +16,26 @@
 //!   result exists without recomputing.
 
 //!
-//! [`items`] reads the input, [`journal`] the files kept between runs, and [`Submitter`] fills
-//! the window and collects results.
+//! [`items`] reads the input as a stream ([`shards`]: WebDataset and Parquet), [`journal`] the
+//! files kept between runs, [`Submitter`] fills the window and collects results, and
+//! [`parquet_out`] writes `--out x.parquet` at the end.
 
 mod items;
 mod journal;
+#[cfg(feature = "datasets")]
+mod parquet_out;
+#[cfg(feature = "datasets")]
+mod shards;
 mod submitter;
 
-use std::collections::VecDeque;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::adapters::amqp::AmqpConfig;
 use crate::adapters::s3::S3Config;
 use crate::error::Result;
 use items::bad_input;
-pub use items::{default_batch, job_id_for, load_items, Item, ManifestLine};
+pub use items::{default_batch, job_id_for, read_items, spawn_items, Item, Local, ManifestLine};
 use submitter::Submitter;
 
 /// The task of items that do not name one.
@@ -54,11 +58,17 @@ impl DefaultTask {
 
 #[derive(Clone)]
 pub struct SubmitConfig {
-    /// A folder of images or a `.jsonl` manifest.
+    /// A folder of images, a `.jsonl` manifest, or `.tar` / `.parquet` shards (globs and brace
+    /// ranges allowed).
     pub input: PathBuf,
+    /// Parquet input: the column holding images (bytes, `{bytes, path}`, or URIs); default `image`.
+    pub image_column: Option<String>,
+    /// Parquet input: the column naming samples; default `key` when present, else `{file}:{row}`.
+    pub key_column: Option<String>,
     pub task: DefaultTask,
     /// The question of VQA items that carry none.
     pub question: Option<String>,
+    /// The results: JSONL, or Parquet when it ends in `.parquet` (see [`results_path`]).
     pub out: PathBuf,
     /// Most jobs published and not yet answered.
     pub ahead: usize,
@@ -105,21 +115,10 @@ pub async fn run(cfg: SubmitConfig) -> Result<Summary> {
     if batch.len() > 100 {
         return Err(bad_input("batch", "at most 100 characters"));
     }
-    let items = load_items(&cfg, &batch)?;
-    let done = journal::finished(&cfg.out)?;
-    let mut summary = Summary {
-        items: items.len(),
-        ..Summary::default()
-    };
-    let mut queue = VecDeque::new();
-    for it in items {
-        if done.contains(&it.job.job_id) {
-            summary.done_before += 1;
-        } else {
-            queue.push_back(it);
-        }
-    }
-    let mut s = Submitter::connect(&cfg, batch, queue, summary).await?;
+    let results = results_path(&cfg.out);
+    let done = journal::finished(&results)?;
+    let items = spawn_items(cfg.clone(), batch.clone());
+    let mut s = Submitter::connect(&cfg, batch, items, done).await?;
     loop {
         s.fill().await?;
         if s.idle() {
@@ -127,5 +126,20 @@ pub async fn run(cfg: SubmitConfig) -> Result<Summary> {
         }
         s.collect().await?;
     }
-    Ok(s.finish().await)
+    let summary = s.finish().await;
+    if results != cfg.out {
+        #[cfg(feature = "datasets")]
+        parquet_out::jsonl_to_parquet(&results, &cfg.out)?;
+    }
+    Ok(summary)
+}
+
+/// Where results are appended as JSONL (the resumable record): `out` itself, or `{out}.jsonl`
+/// when `out` is a `.parquet` file, which is written from it once every item has its result.
+pub fn results_path(out: &Path) -> PathBuf {
+    if cfg!(feature = "datasets") && out.extension().is_some_and(|e| e == "parquet") {
+        PathBuf::from(format!("{}.jsonl", out.display()))
+    } else {
+        out.to_path_buf()
+    }
 }

@@ -1,10 +1,9 @@
 //! The submit loop's state: the window of jobs published and not yet answered, filled from the
-//! queue of items and emptied by reading results from Redis.
+//! stream of items and emptied by reading results from Redis.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::io::{IsTerminal, Write};
-use std::path::Path;
 use std::time::Instant;
 
 use ddit_schemas::{JobResult, Status, TaskParams};
@@ -13,7 +12,7 @@ use redis::aio::ConnectionManager;
 use redis::AsyncCommands;
 use sha2::{Digest, Sha256};
 
-use super::items::{content_type, Item};
+use super::items::{content_type, Item, Local};
 use super::{journal, SubmitConfig, Summary};
 use crate::adapters::amqp;
 use crate::adapters::local::open_append;
@@ -23,7 +22,7 @@ use crate::error::{Result, WorkerError};
 /// The connections are opened only when something is left to do.
 struct Links {
     redis: ConnectionManager,
-    s3: Option<S3Store>,
+    s3: S3Store,
     conn: lapin::Connection,
     ch: lapin::Channel,
 }
@@ -31,7 +30,11 @@ struct Links {
 pub(super) struct Submitter<'a> {
     cfg: &'a SubmitConfig,
     batch: String,
-    queue: VecDeque<Item>,
+    items: tokio::sync::mpsc::Receiver<Result<Item>>,
+    /// No item is left to read.
+    exhausted: bool,
+    /// Job ids already in the results file.
+    done: HashSet<String>,
     journaled: HashSet<String>,
     /// job id -> (item name, when it was published or found in flight)
     in_flight: HashMap<String, (String, Instant)>,
@@ -42,60 +45,52 @@ pub(super) struct Submitter<'a> {
     links: Option<Links>,
 }
 
-fn progress_bar(cfg: &SubmitConfig, s: &Summary) -> ProgressBar {
+/// Items are streamed, so their number is not known ahead: the bar counts results.
+fn progress_bar(cfg: &SubmitConfig) -> ProgressBar {
     if !(cfg.show_progress && std::io::stderr().is_terminal()) {
         return ProgressBar::hidden();
     }
-    let b = ProgressBar::with_draw_target(Some(s.items as u64), ProgressDrawTarget::stderr());
+    let b = ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr());
     b.set_style(
-        ProgressStyle::with_template("{bar:40} {pos}/{len} {elapsed_precise} eta {eta} {msg}")
-            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        ProgressStyle::with_template("{pos} results {elapsed_precise} {per_sec} {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_spinner()),
     );
-    b.set_position(s.done_before as u64);
     b
 }
 
 impl<'a> Submitter<'a> {
-    /// Opens the output and the journal, and connects Redis, S3 (when an item is a local file)
-    /// and the broker when the queue is not empty.
+    /// Opens the results file and the journal; connections open with the first item left to do.
     pub async fn connect(
         cfg: &'a SubmitConfig,
         batch: String,
-        queue: VecDeque<Item>,
-        summary: Summary,
+        items: tokio::sync::mpsc::Receiver<Result<Item>>,
+        done: HashSet<String>,
     ) -> Result<Submitter<'a>> {
         let jpath = journal::journal_path(&cfg.out);
         let journaled = journal::read_journal(&jpath)?;
-        let links = if queue.is_empty() {
-            None
-        } else {
-            Some(Self::open_links(cfg, &queue).await?)
-        };
         Ok(Submitter {
-            bar: progress_bar(cfg, &summary),
-            out: open_append(&cfg.out)?,
+            bar: progress_bar(cfg),
+            out: open_append(&super::results_path(&cfg.out))?,
             journal: open_append(&jpath)?,
             cfg,
             batch,
-            queue,
+            items,
+            exhausted: false,
+            done,
             journaled,
             in_flight: HashMap::new(),
-            summary,
-            links,
+            summary: Summary::default(),
+            links: None,
         })
     }
 
-    async fn open_links(cfg: &SubmitConfig, queue: &VecDeque<Item>) -> Result<Links> {
+    async fn open_links(cfg: &SubmitConfig) -> Result<Links> {
         // `--tls-ca-file` is one trust for both connections.
         let client = crate::adapters::redis::client(&cfg.redis_url, cfg.amqp.ca_pem.as_deref())?;
         let redis = ConnectionManager::new(client)
             .await
             .map_err(|e| WorkerError::unavailable("redis", e))?;
-        let s3 = if queue.iter().any(|i| i.local_image.is_some()) {
-            Some(S3Store::connect(cfg.s3.clone()).await?)
-        } else {
-            None
-        };
+        let s3 = S3Store::connect(cfg.s3.clone()).await?;
         let conn = amqp::connect(&cfg.amqp, "ddit-submit").await?;
         let ch = conn
             .create_channel()
@@ -121,9 +116,9 @@ impl<'a> Submitter<'a> {
             .ok_or_else(|| WorkerError::Internal("submit: not connected".into()))
     }
 
-    /// Nothing queued and nothing in flight.
+    /// Nothing left to read and nothing in flight.
     pub fn idle(&self) -> bool {
-        self.in_flight.is_empty() && self.queue.is_empty()
+        self.in_flight.is_empty() && self.exhausted
     }
 
     /// Appends one result line (`item` plus the result) and counts it.
@@ -149,15 +144,25 @@ impl<'a> Submitter<'a> {
         Ok(())
     }
 
-    /// Publishes queued items until `ahead` jobs are in flight. An item whose result is already
-    /// in Redis is written without publishing; one in the journal is waited for.
+    /// Reads items and publishes them until `ahead` jobs are in flight. An item already in the
+    /// results file is skipped; one whose result is in Redis is written without publishing; one
+    /// in the journal is waited for.
     pub async fn fill(&mut self) -> Result<()> {
         let ahead = self.cfg.ahead.max(1);
-        while self.in_flight.len() < ahead {
-            let Some(it) = self.queue.pop_front() else {
+        while self.in_flight.len() < ahead && !self.exhausted {
+            let Some(it) = self.items.recv().await.transpose()? else {
+                self.exhausted = true;
                 break;
             };
+            self.summary.items += 1;
             let id = it.job.job_id.clone();
+            if self.done.contains(&id) {
+                self.summary.done_before += 1;
+                continue;
+            }
+            if self.links.is_none() {
+                self.links = Some(Self::open_links(self.cfg).await?);
+            }
             let key = self.result_key(&id);
             // A `ConnectionManager` clone shares the one connection.
             let existing: Option<String> = self
@@ -183,8 +188,8 @@ impl<'a> Submitter<'a> {
     /// Uploads a local input, publishes the job (confirmed) and journals its id.
     async fn publish(&mut self, mut it: Item) -> Result<()> {
         let links = self.links()?;
-        if let (Some(path), Some(s3)) = (&it.local_image, &links.s3) {
-            let uri = upload(s3, &self.batch, &it.name, path).await?;
+        if let Some(local) = &it.local_image {
+            let uri = upload(&links.s3, &self.batch, &it.name, local).await?;
             match &mut it.job.task {
                 TaskParams::Caption(p) => p.image = uri,
                 TaskParams::Vqa(p) => p.image = uri,
@@ -267,12 +272,15 @@ impl<'a> Submitter<'a> {
     }
 }
 
-/// Uploads one input image under `{prefix}/inputs/{batch}/{hash}-{file name}`.
-async fn upload(s3: &S3Store, batch: &str, name: &str, path: &Path) -> Result<String> {
-    let file_name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "image".into());
+/// Uploads one input image under `{prefix}/inputs/{batch}/{hash of its name}-{file name}`.
+async fn upload(s3: &S3Store, batch: &str, name: &str, local: &Local) -> Result<String> {
+    let file_name = match local {
+        Local::File(path) => path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "image".into()),
+        Local::Bytes { ext, .. } => format!("image.{ext}"),
+    };
     let safe: String = file_name
         .chars()
         .map(|c| {
@@ -290,6 +298,12 @@ async fn upload(s3: &S3Store, batch: &str, name: &str, path: &Path) -> Result<St
     } else {
         format!("{p}/inputs/{batch}/{h}-{safe}")
     };
-    s3.put_file(&s3.cfg.bucket, &key, path, Some(content_type(path)))
-        .await
+    let ext = safe.rsplit_once('.').map_or("", |(_, e)| e).to_string();
+    match local {
+        Local::File(path) => {
+            s3.put_file(&s3.cfg.bucket, &key, path, Some(content_type(&ext)))
+                .await
+        }
+        Local::Bytes { bytes, .. } => s3.put(&key, bytes, content_type(&ext), &[]).await,
+    }
 }
