@@ -46,6 +46,8 @@ cargo fmt --all --check
 
 echo "== cargo clippy"
 cargo clippy --workspace --all-targets -- -D warnings
+# The service without dataset shards (no tar, arrow, parquet: the `datasets` feature off).
+cargo clippy -p ddit-worker --no-default-features --features service --all-targets -- -D warnings
 # Local mode alone: no lapin, redis, aws-sdk or OpenTelemetry (the `service` feature off).
 cargo clippy -p ddit-worker --no-default-features --all-targets -- -D warnings
 if cargo tree -p ddit-worker --no-default-features -e normal --prefix none |
