@@ -249,7 +249,7 @@ pub async fn check_in_flight(gw: &Gateway, client: &Client, n: usize) -> Result<
     if limit == 0 {
         return Ok(());
     }
-    let open = gw.redis.open_jobs(&client.name).await?;
+    let open = gw.redis.open_jobs(&client.name, n, limit).await?;
     if open + n > limit {
         gw.metrics.limited.inc();
         return Err(ApiError::new(

@@ -127,11 +127,16 @@ impl ResultStore {
         Ok((n, left.max(1)))
     }
 
-    /// How many of `client`'s accepted jobs have no result yet, in one round trip (a script drops
-    /// the finished and the expired from the set as it counts).
-    pub async fn open_jobs(&self, client: &str) -> Result<usize> {
+    /// How many of `client`'s accepted jobs have no result yet, as far as it matters for taking
+    /// `more` within `limit`: one round trip, and O(1) below the limit (the set's size counts); at
+    /// it, a script drops the finished jobs from the set and counts again.
+    pub async fn open_jobs(&self, client: &str, more: usize, limit: usize) -> Result<usize> {
         const COUNT_OPEN: &str = r"
             redis.call('ZREMRANGEBYSCORE', KEYS[1], 0, ARGV[1])
+            local n = redis.call('ZCARD', KEYS[1])
+            if n + tonumber(ARGV[3]) <= tonumber(ARGV[4]) then
+                return n
+            end
             local open = 0
             for _, id in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
                 if redis.call('EXISTS', ARGV[2] .. id) == 1 then
@@ -149,6 +154,8 @@ impl ResultStore {
             .arg(self.gw_key("open", client))
             .arg(horizon)
             .arg(self.result_key(""))
+            .arg(more)
+            .arg(limit)
             .query_async(&mut c)
             .await
             .map_err(unavailable)

@@ -422,3 +422,74 @@ mod tests {
         assert!(e.to_string().contains("no column `id`"), "{e}");
     }
 }
+
+/// Streaming, measured: a shard of 1,000,000 samples read through [`read_items`] (what `submit`
+/// runs on its reader thread). Prints the peak resident memory; run with
+/// `cargo test -p ddit-worker --release -- --ignored a_million_samples`.
+#[cfg(test)]
+mod million {
+    use super::tests_support::*;
+
+    #[test]
+    #[ignore = "writes a 1 GB shard; run by hand"]
+    fn a_million_samples_stream_in_bounded_memory() {
+        let d = tempfile::tempdir().expect("tmp");
+        let shard = d.path().join("big.tar");
+        write_tiny_shard(&shard, 1_000_000);
+        let before = peak_rss_kib();
+        let n = count_items(&shard);
+        let after = peak_rss_kib();
+        println!("million: {n} items; peak RSS {before} KiB before, {after} KiB after reading");
+        assert_eq!(n, 1_000_000);
+        // The names' 64-bit hashes (about 32 MB for a million) are all that grows.
+        assert!(
+            after - before < 200 * 1024,
+            "peak RSS grew {} KiB",
+            after - before
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests_support {
+    use std::path::Path;
+
+    use crate::client::submit::items::{read_items, tests::cfg};
+    use crate::client::submit::DefaultTask;
+
+    pub fn write_tiny_shard(path: &Path, n: usize) {
+        let f = std::io::BufWriter::new(std::fs::File::create(path).expect("create"));
+        let mut t = tar::Builder::new(f);
+        for i in 0..n {
+            let body = b"\x89PNG tiny";
+            let mut h = tar::Header::new_gnu();
+            h.set_size(body.len() as u64);
+            h.set_mode(0o644);
+            h.set_cksum();
+            t.append_data(&mut h, format!("{i:07}.png"), &body[..])
+                .expect("append");
+        }
+        t.finish().expect("finish");
+    }
+
+    pub fn count_items(shard: &Path) -> usize {
+        let mut c = cfg(Path::new("."), DefaultTask::Caption);
+        c.input = shard.to_path_buf();
+        let mut n = 0;
+        read_items(&c, "t", |_| {
+            n += 1;
+            Ok(())
+        })
+        .expect("read");
+        n
+    }
+
+    /// VmHWM of this process, in KiB.
+    pub fn peak_rss_kib() -> i64 {
+        let s = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+        s.lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap_or(0)
+    }
+}
