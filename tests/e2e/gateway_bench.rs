@@ -47,11 +47,11 @@ fn gateway_submit_to_queued_latency_against_direct_publishing() {
     });
 
     // Through the gateway, limits on (set high enough for the run): one keep-alive HTTP
-    // connection, each POST until its 202. First jobs without ids (the gateway assigns them),
+    // connection from an async client on the same runtime, each POST until its 202. First jobs without ids (the gateway assigns them),
     // then jobs with an Idempotency-Key (claimed before they are published).
     let tokens = token_line("bench", "bench-token", ":100000000:100000000");
     let gw = Gateway::start(&names, dir.path(), "gw", &tokens, &[]);
-    let http = reqwest::blocking::Client::new();
+    let http = reqwest::Client::new();
     let url = gw.url("/v1/jobs");
     let post = |i: usize, key: bool| {
         let mut body = job(i, "gw");
@@ -60,18 +60,28 @@ fn gateway_submit_to_queued_latency_against_direct_publishing() {
         if key {
             req = req.header("idempotency-key", format!("bench-{i}"));
         }
-        let t = Instant::now();
-        let r = req
+        let req = req
             .header("content-type", "application/json")
-            .body(body.to_string())
-            .send()
-            .unwrap();
-        let took = t.elapsed();
-        assert_eq!(r.status().as_u16(), 202);
-        took
+            .body(body.to_string());
+        async move {
+            let t = Instant::now();
+            let r = req.send().await.unwrap();
+            let took = t.elapsed();
+            assert_eq!(r.status().as_u16(), 202);
+            took
+        }
     };
-    let fresh: Vec<Duration> = (0..n).map(|i| post(i, false)).collect();
-    let keyed: Vec<Duration> = (0..n).map(|i| post(i, true)).collect();
+    let (fresh, keyed) = rt.block_on(async {
+        let mut fresh = Vec::with_capacity(n);
+        for i in 0..n {
+            fresh.push(post(i, false).await);
+        }
+        let mut keyed = Vec::with_capacity(n);
+        for i in 0..n {
+            keyed.push(post(i, true).await);
+        }
+        (fresh, keyed)
+    });
     let depth = rt.block_on(queue_depth(&names, &names.queue));
     assert_eq!(depth as usize, 3 * n, "every job is on the queue once");
     let (d, f, k) = (median_ms(direct), median_ms(fresh), median_ms(keyed));

@@ -172,9 +172,9 @@ async fn submit_job(
     req: Request,
 ) -> Result<Response, ApiError> {
     let key = idempotency_key(req.headers())?;
+    submit::admit(&gw, &client, 1).await?;
     let job = job_body(&gw, req).await?;
     submit::validate(&gw, &with_placeholder_id(&job), "")?;
-    submit::check_in_flight(&gw, &client, 1).await?;
     Ok(accepted_response(
         submit::accept(&gw, &client, job, key.as_deref()).await?,
     ))
@@ -241,7 +241,7 @@ async fn submit_batch(
     for (i, job) in batch.jobs.iter().enumerate() {
         submit::validate(&gw, &with_placeholder_id(job), &format!("jobs[{i}]."))?;
     }
-    submit::check_in_flight(&gw, &client, batch.jobs.len()).await?;
+    submit::admit(&gw, &client, batch.jobs.len()).await?;
     let all = batch
         .jobs
         .into_iter()

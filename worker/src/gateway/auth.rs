@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use axum::extract::FromRequestParts;
 use axum::http::request::Parts;
-use axum::http::{header, StatusCode};
+use axum::http::{header, Method, StatusCode};
 use sha2::{Digest, Sha256};
 
 use super::error::ApiError;
@@ -143,21 +143,32 @@ impl FromRequestParts<Arc<Gateway>> for Client {
                     "a valid `Authorization: Bearer <token>` is required",
                 )
             })?;
-        let rpm = client.limits.requests_per_minute;
-        if rpm > 0 {
-            let (n, left) = gw.redis.count_request(&client.name, 60).await?;
-            if n > rpm {
-                gw.metrics.limited.inc();
-                return Err(ApiError::new(
-                    StatusCode::TOO_MANY_REQUESTS,
-                    "rate_limited",
-                    format!("more than {rpm} requests this minute"),
-                )
-                .retry_after(left));
-            }
+        // A submission counts against the rate in `submit::admit`, in the same round trip as its
+        // in-flight check.
+        if parts.method != Method::POST {
+            check_rate(gw, &client).await?;
         }
         Ok(client)
     }
+}
+
+/// Counts one request of `client`; 429 with `Retry-After` above its requests per minute.
+pub(super) async fn check_rate(gw: &Gateway, client: &Client) -> Result<(), ApiError> {
+    let rpm = client.limits.requests_per_minute;
+    if rpm == 0 {
+        return Ok(());
+    }
+    let (n, left) = gw.redis.count_request(&client.name, 60).await?;
+    if n > rpm {
+        gw.metrics.limited.inc();
+        return Err(ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate_limited",
+            format!("more than {rpm} requests this minute"),
+        )
+        .retry_after(left));
+    }
+    Ok(())
 }
 
 #[cfg(test)]
