@@ -27,28 +27,11 @@ fn gateway_submit_to_queued_latency_against_direct_publishing() {
     let dir = tempfile::tempdir().unwrap();
     let rt = tokio::runtime::Runtime::new().unwrap();
 
-    // Direct: one channel, each publish awaited to its confirm.
-    let direct = rt.block_on(async {
-        let cfg = names.amqp();
-        let conn = amqp::connect(&cfg, "bench-direct").await.unwrap();
-        let ch = conn.create_channel().await.unwrap();
-        amqp::declare(&ch, &cfg).await.unwrap();
-        let mut times = Vec::with_capacity(n);
-        for i in 0..n {
-            let body = job(i, "direct").to_string();
-            let t = Instant::now();
-            amqp::publish_job(&ch, &cfg.queue, body.as_bytes(), None)
-                .await
-                .unwrap();
-            times.push(t.elapsed());
-        }
-        let _ = conn.close(200, "done".into()).await;
-        times
-    });
-
     // Through the gateway, limits on (set high enough for the run): one keep-alive HTTP
-    // connection from an async client on the same runtime, each POST until its 202. First jobs without ids (the gateway assigns them),
-    // then jobs with an Idempotency-Key (claimed before they are published).
+    // connection from an async client on the same runtime, each POST until its 202; jobs without
+    // ids (the gateway assigns them) and jobs with an Idempotency-Key (claimed before publishing).
+    // Direct: one channel, each publish awaited to its confirm. The three alternate job by job,
+    // so that each sees the same queue length and machine state.
     let tokens = token_line("bench", "bench-token", ":100000000:100000000");
     let gw = Gateway::start(&names, dir.path(), "gw", &tokens, &[]);
     let http = reqwest::Client::new();
@@ -71,16 +54,35 @@ fn gateway_submit_to_queued_latency_against_direct_publishing() {
             took
         }
     };
-    let (fresh, keyed) = rt.block_on(async {
-        let mut fresh = Vec::with_capacity(n);
+    let health = gw.url("/healthz");
+    let (direct, fresh, keyed, bare) = rt.block_on(async {
+        let cfg = names.amqp();
+        let conn = amqp::connect(&cfg, "bench-direct").await.unwrap();
+        let ch = conn.create_channel().await.unwrap();
+        amqp::declare(&ch, &cfg).await.unwrap();
+        let (mut direct, mut fresh, mut keyed, mut bare) = (vec![], vec![], vec![], vec![]);
         for i in 0..n {
+            let body = job(i, "direct").to_string();
+            let t = Instant::now();
+            amqp::publish_job(&ch, &cfg.queue, body.as_bytes(), None)
+                .await
+                .unwrap();
+            direct.push(t.elapsed());
             fresh.push(post(i, false).await);
-        }
-        let mut keyed = Vec::with_capacity(n);
-        for i in 0..n {
             keyed.push(post(i, true).await);
+            // The floor: a bare HTTP round trip to the same server.
+            let t = Instant::now();
+            http.get(&health)
+                .send()
+                .await
+                .unwrap()
+                .bytes()
+                .await
+                .unwrap();
+            bare.push(t.elapsed());
         }
-        (fresh, keyed)
+        let _ = conn.close(200, "done".into()).await;
+        (direct, fresh, keyed, bare)
     });
     let depth = rt.block_on(queue_depth(&names, &names.queue));
     assert_eq!(depth as usize, 3 * n, "every job is on the queue once");
@@ -92,6 +94,10 @@ fn gateway_submit_to_queued_latency_against_direct_publishing() {
     println!(
         "gateway bench: with Idempotency-Key: gateway_median_ms={k:.3} ratio={:.2}",
         k / d
+    );
+    println!(
+        "gateway bench: bare HTTP round trip (/healthz) median_ms={:.3}",
+        median_ms(bare)
     );
     rt.block_on(cleanup(&names));
 }
