@@ -45,7 +45,11 @@ fn sha256_hex(bytes: &[u8]) -> String {
 
 /// Checks `job` against the job schema and the typed contract, naming the first bad field.
 pub fn validate(gw: &Gateway, job: &Value, at: &str) -> Result<(), ApiError> {
-    if let Some(e) = gw.schema.iter_errors(job).next() {
+    // The fast yes/no first; the error walk only for a job that fails.
+    if !gw.schema.is_valid(job) {
+        let Some(e) = gw.schema.iter_errors(job).next() else {
+            return Err(ApiError::invalid("body", "does not match job.schema.json"));
+        };
         let path = e.instance_path().to_string();
         let field = format!("{at}{}", path.trim_start_matches('/').replace('/', "."));
         let field = if field.is_empty() {
@@ -55,7 +59,7 @@ pub fn validate(gw: &Gateway, job: &Value, at: &str) -> Result<(), ApiError> {
         };
         return Err(ApiError::invalid(&field, e));
     }
-    let parsed: ddit_schemas::Job = serde_json::from_value(job.clone())
+    let parsed = <ddit_schemas::Job as serde::Deserialize>::deserialize(job)
         .map_err(|e| ApiError::invalid(at.trim_end_matches('.'), e))?;
     for (field, uri) in image_fields(&parsed.task) {
         if !(uri.starts_with("s3://") || uri.starts_with("data:")) {
