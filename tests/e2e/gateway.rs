@@ -43,6 +43,12 @@ fn wait_state(gw: &Gateway, id: &str, done: impl Fn(&Value) -> bool, timeout: Du
     }
 }
 
+/// A gateway whose one client, alice, holds `alice-secret-token` without limits of its own.
+fn alice_gateway(names: &Names, dir: &std::path::Path) -> Gateway {
+    let tokens = token_line("alice", "alice-secret-token", "");
+    Gateway::start(names, dir, "gw", &tokens, &[])
+}
+
 fn red_png(path: &std::path::Path) {
     let mut img = image::RgbImage::from_pixel(24, 24, image::Rgb([255, 255, 255]));
     for (x, y) in (6..14).flat_map(|x| (6..14).map(move |y| (x, y))) {
@@ -56,13 +62,7 @@ fn curl_posts_streams_fetches_uploads_cancels_and_replays() {
     let names = Names::new("gw");
     let dir = tempfile::tempdir().unwrap();
     let model = export_model(dir.path());
-    let gw = Gateway::start(
-        &names,
-        dir.path(),
-        "gw",
-        &token_line("alice", "alice-secret-token", ""),
-        &[],
-    );
+    let gw = alice_gateway(&names, dir.path());
 
     // Queued before any worker runs, so the event stream sees the job from its first step.
     let job =
@@ -397,13 +397,7 @@ fn the_playground_page_generates_and_captions_in_headless_chromium() {
     let names = Names::new("gwbrowser");
     let dir = tempfile::tempdir().unwrap();
     let model = export_model(dir.path());
-    let gw = Gateway::start(
-        &names,
-        dir.path(),
-        "gw",
-        &token_line("alice", "alice-secret-token", ""),
-        &[],
-    );
+    let gw = alice_gateway(&names, dir.path());
     let script = workspace().join("tests/browser/playground.mjs");
     assert!(
         workspace()

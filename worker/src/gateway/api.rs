@@ -74,32 +74,21 @@ async fn job_body(gw: &Arc<Gateway>, req: Request) -> Result<Value, ApiError> {
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.starts_with("multipart/form-data"));
-    let too_big = |s: StatusCode, m: String| {
-        ApiError::new(
-            s,
-            if s == StatusCode::PAYLOAD_TOO_LARGE {
-                "too_large"
-            } else {
-                "bad_request"
-            },
-            m,
-        )
-    };
     if !multipart {
         let bytes = Bytes::from_request(req, gw)
             .await
-            .map_err(|r| too_big(r.status(), r.body_text()))?;
+            .map_err(|r| ApiError::body(r.status(), r.body_text()))?;
         return serde_json::from_slice(&bytes)
             .map_err(|e| ApiError::bad_request(format!("body is not JSON: {e}")));
     }
     let mut form = Multipart::from_request(req, gw)
         .await
-        .map_err(|r| too_big(r.status(), r.body_text()))?;
+        .map_err(|r| ApiError::body(r.status(), r.body_text()))?;
     let (mut job, mut image) = (None, None);
     while let Some(field) = form
         .next_field()
         .await
-        .map_err(|e| too_big(e.status(), e.body_text()))?
+        .map_err(|e| ApiError::body(e.status(), e.body_text()))?
     {
         let name = field.name().unwrap_or_default().to_string();
         let ct = field
@@ -109,7 +98,7 @@ async fn job_body(gw: &Arc<Gateway>, req: Request) -> Result<Value, ApiError> {
         let bytes = field
             .bytes()
             .await
-            .map_err(|e| too_big(e.status(), e.body_text()))?;
+            .map_err(|e| ApiError::body(e.status(), e.body_text()))?;
         match name.as_str() {
             "job" => {
                 job =
@@ -218,17 +207,9 @@ async fn submit_batch(
     client: Client,
     req: Request,
 ) -> Result<Response, ApiError> {
-    let bytes = Bytes::from_request(req, &gw).await.map_err(|r| {
-        ApiError::new(
-            r.status(),
-            if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
-                "too_large"
-            } else {
-                "bad_request"
-            },
-            r.body_text(),
-        )
-    })?;
+    let bytes = Bytes::from_request(req, &gw)
+        .await
+        .map_err(|r| ApiError::body(r.status(), r.body_text()))?;
     let batch: Batch = serde_json::from_slice(&bytes)
         .map_err(|e| ApiError::bad_request(format!("body is not {{\"jobs\": [...]}}: {e}")))?;
     let max = gw.cfg.max_batch_jobs;

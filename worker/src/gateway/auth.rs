@@ -11,7 +11,6 @@ use std::sync::Arc;
 use axum::extract::FromRequestParts;
 use axum::http::request::Parts;
 use axum::http::{header, Method, StatusCode};
-use sha2::{Digest, Sha256};
 
 use super::error::ApiError;
 use super::Gateway;
@@ -105,7 +104,7 @@ impl Tokens {
     fn find(&self, token: &str, defaults: Limits) -> Option<Client> {
         let e = self
             .by_hash
-            .get(&ddit_schemas::hex(&Sha256::digest(token.as_bytes())))?;
+            .get(&super::submit::sha256_hex(token.as_bytes()))?;
         Some(Client {
             name: e.name.clone(),
             limits: Limits {

@@ -184,11 +184,7 @@ async fn readyz(State(gw): State<Arc<Gateway>>) -> (StatusCode, String) {
     if let Err(e) = gw.s3.ping().await {
         problems.push(e.to_string());
     }
-    if problems.is_empty() {
-        (StatusCode::OK, "ready\n".into())
-    } else {
-        (StatusCode::SERVICE_UNAVAILABLE, problems.join("\n") + "\n")
-    }
+    crate::service::http::readiness(&problems)
 }
 
 async fn metrics(State(gw): State<Arc<Gateway>>) -> impl IntoResponse {

@@ -39,7 +39,7 @@ fn new_job_id() -> Result<String, ApiError> {
     Ok(format!("gw-{}", ddit_schemas::hex(&b)))
 }
 
-fn sha256_hex(bytes: &[u8]) -> String {
+pub(super) fn sha256_hex(bytes: &[u8]) -> String {
     ddit_schemas::hex(&Sha256::digest(bytes))
 }
 

@@ -56,6 +56,11 @@ async fn readyz(State(s): State<Arc<AppState>>) -> (StatusCode, String) {
     if let Err(e) = s.s3.ping().await {
         problems.push(e.to_string());
     }
+    readiness(&problems)
+}
+
+/// The `/readyz` answer (the worker's and the gateway's): 200, or 503 listing what is wrong.
+pub fn readiness(problems: &[String]) -> (StatusCode, String) {
     if problems.is_empty() {
         (StatusCode::OK, "ready\n".into())
     } else {
