@@ -9,7 +9,8 @@
 # vocabulary 32 128); timing only.
 # Env: DDIT_BENCH_THREADS (default: the machine's cores), DDIT_BENCH_VENV (default /opt/ddit-venv:
 # the reference stack of tools/reference/requirements.txt, installed from PyPI when missing).
-# ddit: `ddit-worker batch --max-batch 8`, model load excluded by subtracting a run with no jobs.
+# ddit: `ddit-worker batch --max-batch 8` on the f32 package and on the `--weights int8` one, model
+# load excluded by subtracting a run with no jobs; the int8 ratio is against the same fp32 reference.
 # PyTorch: tools/bench/reference_speed.py (all prompts in one CFG-doubled call; captions and VQA one
 # image at a time with the no-change cache), model load and a warm-up excluded.
 set -euo pipefail
@@ -44,7 +45,10 @@ esac
 cargo build --release --bins
 WORK="$(mktemp -d)"
 trap 'rm -rf "$WORK"' EXIT
-target/release/ddit-export convert --checkpoint "$MODEL" --out "$WORK/pkg" --name ddit-shapes >/dev/null
+for w in f32 int8; do
+  target/release/ddit-export convert --checkpoint "$MODEL" --out "$WORK/pkg-$w" --name ddit-shapes \
+    --weights "$w" >/dev/null
+done
 
 # The same items on both sides: scene captions as prompts, scene images, each scene's first question.
 python3 - "$SET" "$N" "$WORK" <<'PY'
@@ -63,31 +67,43 @@ for task, js in jobs.items():
 open(f"{work}/none.jsonl", "w").close()
 PY
 
-wall() { # seconds of one `batch` run over a job file
+wall() { # seconds of one `batch` run of package $1 over a job file $2
   local s e
   rm -rf "$WORK/out"
   s=$(date +%s.%N)
-  target/release/ddit-worker batch --model "$WORK/pkg" --jobs "$1" --out "$WORK/out" \
+  target/release/ddit-worker batch --model "$WORK/pkg-$1" --jobs "$2" --out "$WORK/out" \
     --intra-threads "$THREADS" --max-batch 8 >/dev/null
   e=$(date +%s.%N)
   python3 -c "print($e - $s)"
 }
-wall "$WORK/none.jsonl" >/dev/null # warm the page cache
-LOAD=$(wall "$WORK/none.jsonl")
 declare -A DDIT
-for task in generate caption vqa; do
-  DDIT[$task]=$(python3 -c "print(max($(wall "$WORK/$task.jsonl") - $LOAD, 1e-9))")
+for w in f32 int8; do
+  wall "$w" "$WORK/none.jsonl" >/dev/null # warm the page cache
+  LOAD=$(wall "$w" "$WORK/none.jsonl")
+  for task in generate caption vqa; do
+    DDIT[$w-$task]=$(python3 -c "print(max($(wall "$w" "$WORK/$task.jsonl") - $LOAD, 1e-9))")
+  done
 done
 REF=$("$VENV/bin/python" tools/bench/reference_speed.py --model "$MODEL" --set "$SET" --n "$N" --threads "$THREADS")
 
-python3 - "$N" "$THREADS" "$REF" "${DDIT[generate]}" "${DDIT[caption]}" "${DDIT[vqa]}" "$MODEL" <<'PY'
+python3 - "$N" "$THREADS" "$REF" "$MODEL" \
+  "${DDIT[f32-generate]}" "${DDIT[f32-caption]}" "${DDIT[f32-vqa]}" \
+  "${DDIT[int8-generate]}" "${DDIT[int8-caption]}" "${DDIT[int8-vqa]}" <<'PY'
 import json, platform, sys
-n, threads, ref = int(sys.argv[1]), int(sys.argv[2]), json.loads(sys.argv[3])
-ddit = dict(zip(["generate", "caption", "vqa"], map(float, sys.argv[4:7])))
+n, threads, ref, model = int(sys.argv[1]), int(sys.argv[2]), json.loads(sys.argv[3]), sys.argv[4]
+tasks = ["generate", "caption", "vqa"]
+ddit = {"f32": dict(zip(tasks, map(float, sys.argv[5:8]))), "int8": dict(zip(tasks, map(float, sys.argv[8:11])))}
 cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), platform.machine())
-print(f"\n{n} items per task, {threads} threads each side, {cpu}; checkpoint {sys.argv[7]}")
-print(f"{'task':<10} {'ddit items/s':>13} {'PyTorch items/s':>16} {'ratio':>7}")
-for task in ["generate", "caption", "vqa"]:
-    d, r = n / ddit[task], n / ref[f"{task}_s"]
-    print(f"{task:<10} {d:>13.2f} {r:>16.2f} {d / r:>6.2f}x")
+peak = ref["sgemm_gflops"] * 1e9
+print(f"\n{n} items per task, {threads} threads each side, {cpu}; checkpoint {model}")
+print(f"fp32 ceiling: sgemm {ref['sgemm_gflops']:.1f} GFLOP/s at {threads} threads; a task's ceiling is that over its "
+      "FLOPs per item (torch's count of one reference job); share = items/s over the ceiling")
+print(f"{'task':<9} {'GFLOP/item':>10} {'PyTorch/s':>10} {'share':>6} {'ddit/s':>9} {'share':>6} {'ratio':>7}"
+      f" {'int8/s':>9} {'ratio':>7}")
+for t in tasks:
+    flops = ref[f"{t}_flops"]
+    r, d, q = n / ref[f"{t}_s"], n / ddit["f32"][t], n / ddit["int8"][t]
+    share = lambda ips: ips * flops / peak
+    print(f"{t:<9} {flops / 1e9:>10.2f} {r:>10.3f} {share(r):>6.2f} {d:>9.3f} {share(d):>6.2f} {d / r:>6.2f}x"
+          f" {q:>9.3f} {q / r:>6.2f}x")
 PY

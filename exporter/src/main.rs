@@ -24,6 +24,8 @@ struct Cli {
 enum Dtype {
     F32,
     F16,
+    /// f32, with the joint blocks' and T5's linear layers as 8-bit `MatMulNBits`.
+    Int8,
 }
 
 #[derive(Subcommand)]
@@ -36,8 +38,15 @@ enum Cmd {
         /// Output package folder.
         #[arg(long, env = "DDIT_OUT")]
         out: PathBuf,
-        /// Weight storage dtype in the ONNX files (I/O and arithmetic stay f32).
-        #[arg(long, value_enum, default_value = "f32", env = "DDIT_DTYPE")]
+        /// Weight storage in the ONNX files (I/O stays f32). `int8`: the joint blocks' and T5's
+        /// linear layers 8-bit block-quantized, the rest f32.
+        #[arg(
+            long = "weights",
+            alias = "dtype",
+            value_enum,
+            default_value = "f32",
+            env = "DDIT_WEIGHTS"
+        )]
         dtype: Dtype,
         /// Joint blocks per ONNX file (default: all blocks in one file).
         #[arg(long, env = "DDIT_BLOCKS_PER_SEGMENT")]
@@ -97,6 +106,7 @@ fn main() -> ExitCode {
             o.dtype = match dtype {
                 Dtype::F32 => StoreDtype::F32,
                 Dtype::F16 => StoreDtype::F16,
+                Dtype::Int8 => StoreDtype::Int8,
             };
             o.blocks_per_segment = blocks_per_segment;
             o.external_data_threshold = external_data_threshold;

@@ -87,7 +87,8 @@ fn spec(io: &Io) -> TensorSpec {
     TensorSpec {
         name: io.name.clone(),
         dtype: match io.dtype {
-            DType::F32 => TensorDtype::F32,
+            // Graph I/O is never u8 (only weight codes are).
+            DType::F32 | DType::U8 => TensorDtype::F32,
             DType::F16 => TensorDtype::F16,
             DType::I64 => TensorDtype::I64,
         },
@@ -166,14 +167,16 @@ pub fn block_ranges(num_layers: usize, k: Option<usize>) -> Result<Vec<(usize, u
 /// Builds and writes every segment, one graph at a time (bounded memory). Returns the manifest
 /// entries and the number of tokens `null_image_embd` stands in with.
 fn write_segments(ck: &Checkpoint, opts: &ExportOptions) -> Result<(Vec<SegmentSpec>, usize)> {
-    let (tc, tw, store) = (&ck.transformer, &ck.transformer_weights, opts.dtype);
+    // int8 applies to the joint blocks and T5 (most of the FLOPs); the rest stays float.
+    let (tc, tw, quantized) = (&ck.transformer, &ck.transformer_weights, opts.dtype);
+    let store = quantized.unquantized();
     let mut w = SegmentWriter {
         out: &opts.out,
         threshold: opts.external_data_threshold,
         segments: Vec::new(),
     };
     w.write(
-        &t5::encoder(&ck.t5, &ck.t5_weights, store)?,
+        &t5::encoder(&ck.t5, &ck.t5_weights, quantized)?,
         Role::TextEncoder,
         None,
     )?;
@@ -189,7 +192,7 @@ fn write_segments(ck: &Checkpoint, opts: &ExportOptions) -> Result<(Vec<SegmentS
     let (null_graph, null_tokens) = transformer::null_image(tc, tw, store)?;
     w.write(&null_graph, Role::NullImage, None)?;
     for (s, e) in block_ranges(tc.num_layers, opts.blocks_per_segment)? {
-        let g = transformer::joint_blocks(tc, tw, store, s, e)?;
+        let g = transformer::joint_blocks(tc, tw, quantized, s, e)?;
         w.write(&g, Role::JointBlocks, Some([s as u64, e as u64]))?;
     }
     w.write(

@@ -8,6 +8,7 @@ mod common;
 use std::collections::HashMap;
 use std::path::Path;
 
+use ddit_export::StoreDtype;
 use ddit_schemas::Role;
 use ort::session::Session;
 
@@ -70,8 +71,11 @@ fn op_counts(path: &Path) -> HashMap<String, usize> {
 }
 
 /// The op counts of one segment as written, and after ONNX Runtime's optimisations.
-fn written_and_optimized(role: Role) -> (HashMap<String, usize>, HashMap<String, usize>) {
-    let (dir, m) = common::export("tiny-f32", |_| {});
+fn written_and_optimized(
+    role: Role,
+    dtype: StoreDtype,
+) -> (HashMap<String, usize>, HashMap<String, usize>) {
+    let (dir, m) = common::export("tiny-f32", |o| o.dtype = dtype);
     let file = dir
         .path()
         .join("pkg")
@@ -88,7 +92,7 @@ fn written_and_optimized(role: Role) -> (HashMap<String, usize>, HashMap<String,
 
 #[test]
 fn every_tanh_gelu_of_the_joint_blocks_becomes_one_fast_gelu() {
-    let (written, after) = written_and_optimized(Role::JointBlocks);
+    let (written, after) = written_and_optimized(Role::JointBlocks, StoreDtype::F32);
     let gelus = written["Tanh"];
     assert!(gelus >= 2, "{written:?}");
     assert_eq!(written.get("Pow"), Some(&gelus));
@@ -107,7 +111,7 @@ fn one_attention_op_per_layer(written: &HashMap<String, usize>, after: &HashMap<
 
 #[test]
 fn every_rms_norm_and_gelu_of_t5_becomes_one_op() {
-    let (written, after) = written_and_optimized(Role::TextEncoder);
+    let (written, after) = written_and_optimized(Role::TextEncoder, StoreDtype::F32);
     let norms = written["Sqrt"];
     let gelus = written.get("Tanh").copied().unwrap_or(0);
     assert!(norms >= 3, "{written:?}");
@@ -125,4 +129,23 @@ fn every_rms_norm_and_gelu_of_t5_becomes_one_op() {
         assert_eq!(after.get(op), None, "{op} left: {after:?}");
     }
     one_attention_op_per_layer(&written, &after);
+}
+
+#[test]
+fn int8_turns_every_linear_layer_of_the_blocks_and_t5_into_one_matmul_nbits() {
+    for role in [Role::JointBlocks, Role::TextEncoder] {
+        let (f32_written, _) = written_and_optimized(role, StoreDtype::F32);
+        let (written, after) = written_and_optimized(role, StoreDtype::Int8);
+        let linears = f32_written["MatMul"];
+        assert!(linears >= 8, "{role}: {f32_written:?}");
+        assert_eq!(written.get("MatMulNBits"), Some(&linears), "{role}");
+        assert_eq!(written.get("MatMul"), None, "{role}: {written:?}");
+        // ONNX Runtime keeps them quantized (no dequantize-to-float fallback).
+        assert_eq!(
+            after.get("MatMulNBits"),
+            Some(&linears),
+            "{role}: {after:?}"
+        );
+        assert_eq!(after.get("DequantizeLinear"), None, "{role}: {after:?}");
+    }
 }

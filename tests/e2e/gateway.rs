@@ -388,6 +388,47 @@ fn tokens_limits_and_the_contract_are_enforced() {
     rt.block_on(cleanup(&names));
 }
 
+/// Two replicas share a client's request rate through Redis: together they admit its limit (no
+/// refusal below it, at most a quarter over it), though most requests are admitted from memory.
+#[test]
+fn two_replicas_share_a_clients_rate_limit() {
+    let names = Names::new("gwshare");
+    let dir = tempfile::tempdir().unwrap();
+    let tokens = token_line("dave", "dave-token", ":40");
+    let a = Gateway::start(&names, dir.path(), "gw-a", &tokens, &[]);
+    let b = Gateway::start(&names, dir.path(), "gw-b", &tokens, &[]);
+    let dave = "Authorization: Bearer dave-token";
+    let codes: Vec<u16> = (0..60)
+        .map(|i| get(if i % 2 == 0 { &a } else { &b }, "/v1/jobs/none", dave).status)
+        .collect();
+    let admitted = codes.iter().filter(|&&c| c == 404).count();
+    assert!(codes[..40].iter().all(|&c| c == 404), "{codes:?}");
+    assert!((40..=50).contains(&admitted), "{admitted}: {codes:?}");
+    assert!(codes.iter().all(|&c| c == 404 || c == 429), "{codes:?}");
+    // Every request reaches Redis's count (with the next flush at the latest).
+    std::thread::sleep(Duration::from_millis(500));
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let counted: u64 = rt.block_on(async {
+        let mut c = redis().await;
+        let keys: Vec<String> = redis::cmd("KEYS")
+            .arg(format!("{}:gw:rate:dave:*", names.redis_prefix))
+            .query_async(&mut c)
+            .await
+            .unwrap();
+        let mut n = 0;
+        for k in keys {
+            n += redis::cmd("GET")
+                .arg(&k)
+                .query_async::<u64>(&mut c)
+                .await
+                .unwrap();
+        }
+        n
+    });
+    assert_eq!(counted, 60);
+    rt.block_on(cleanup(&names));
+}
+
 /// The playground page in Debian's headless Chromium (`tests/browser/playground.mjs`, with
 /// playwright-core from npm; `scripts/test.sh` installs both). The screenshot is kept at
 /// `target/test-artifacts/playground.png`.

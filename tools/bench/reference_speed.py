@@ -3,7 +3,11 @@
 Text to image passes all prompts in one call, with classifier-free guidance as a doubled batch
 [negative..., positive...] (as the official pipeline batches); captioning and VQA run one image at a
 time with the no-change cache (as the official pipeline does). torch uses --threads threads. Model
-load and a warm-up call are excluded. Prints one JSON line of seconds per task.
+load and a warm-up call are excluded. Prints one JSON line of seconds per task, the FLOPs of one
+item of each task (torch's FlopCounterMode over a whole job: T5, every transformer pass, the VAE;
+matrix products, convolutions and attention) and the machine's fp32 GEMM rate at --threads threads
+(the best of five 2048^3 `torch.mm`), from which scripts/bench.sh derives each side's share of the
+fp32 ceiling.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "reference"))
 from eval_shapes import VQA, image_latent, load, masked_sample  # noqa: E402
@@ -83,6 +88,28 @@ def main() -> None:
         prefix = tok.encode(VQA.format(q=sc["qa"][0]["question"])).ids[:-1]
         masked_sample(dit, t5, z, prefix, args.vqa_len, mask, 32, g)
     out["vqa_s"] = time.perf_counter() - t0
+
+    sc = scenes[0]
+    jobs = {
+        "generate": lambda: generate_batch(dit, t5, vae, tok, args.model, [sc["caption"]],
+                                           args.prompt_len, 28, 7.0, g),
+        "caption": lambda: masked_sample(dit, t5, image_latent(vae, args.set / sc["image"], size, g),
+                                         cap_prefix, args.caption_len, mask, 64, g),
+        "vqa": lambda: masked_sample(dit, t5, image_latent(vae, args.set / sc["image"], size, g),
+                                     tok.encode(VQA.format(q=sc["qa"][0]["question"])).ids[:-1],
+                                     args.vqa_len, mask, 32, g),
+    }
+    for task, job in jobs.items():
+        with torch.no_grad(), FlopCounterMode(display=False) as fc:
+            job()
+        out[f"{task}_flops"] = fc.get_total_flops()
+    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    best = float("inf")
+    for _ in range(5):
+        t0 = time.perf_counter()
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - t0)
+    out["sgemm_gflops"] = 2 * 2048**3 / best / 1e9
     print(json.dumps(out))
 
 

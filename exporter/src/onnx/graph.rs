@@ -9,6 +9,8 @@ pub type Value = String;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DType {
     F32 = 1,
+    /// Only for initializers (8-bit weight codes).
+    U8 = 2,
     I64 = 7,
     F16 = 10,
 }
@@ -17,6 +19,7 @@ impl DType {
     pub fn size(self) -> usize {
         match self {
             DType::F32 => 4,
+            DType::U8 => 1,
             DType::I64 => 8,
             DType::F16 => 2,
         }

@@ -13,17 +13,34 @@ use crate::onnx::{Attr, DType, Graph, Value, WeightData};
 
 /// How weights are stored in the ONNX files. Graph I/O and arithmetic stay f32; f16 storage
 /// halves the package and is cast up at load (execution providers may then fold or fuse it).
+/// `Int8` keeps f32 everywhere except the linear layers of the segments that take it (the joint
+/// blocks and T5): those become ONNX Runtime `MatMulNBits` with 8-bit codes in blocks of
+/// [`INT8_BLOCK`] along the input axis, one f32 scale per block (symmetric), accuracy level 4
+/// (activations quantized to int8 on the fly, int8 dot products).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StoreDtype {
     F32,
     F16,
+    Int8,
 }
+
+/// Input-axis block of the 8-bit weights: one scale per this many weights.
+pub const INT8_BLOCK: usize = 32;
 
 impl StoreDtype {
     pub fn as_str(self) -> &'static str {
         match self {
             StoreDtype::F32 => "f32",
             StoreDtype::F16 => "f16",
+            StoreDtype::Int8 => "int8",
+        }
+    }
+
+    /// The storage for a segment that keeps its linear layers in floating point.
+    pub fn unquantized(self) -> Self {
+        match self {
+            StoreDtype::Int8 => StoreDtype::F32,
+            s => s,
         }
     }
 }
@@ -37,7 +54,7 @@ pub struct Ctx<'a> {
 
 fn encode(vals: &[f32], store: StoreDtype) -> Vec<u8> {
     match store {
-        StoreDtype::F32 => vals.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        StoreDtype::F32 | StoreDtype::Int8 => vals.iter().flat_map(|v| v.to_le_bytes()).collect(),
         StoreDtype::F16 => vals
             .iter()
             .flat_map(|v| f16::from_f32(*v).to_le_bytes())
@@ -53,6 +70,28 @@ fn transpose2(vals: &[f32], rows: usize, cols: usize) -> Vec<f32> {
         }
     }
     out
+}
+
+/// Row-major `[rows, cols]` weights as 8-bit codes `[rows, ceil(cols / INT8_BLOCK), INT8_BLOCK]`
+/// (zero-padded) with one scale per block: `w ≈ (code − 128) · scale`.
+pub fn quantize_int8(w: &[f32], rows: usize, cols: usize) -> (Vec<u8>, Vec<f32>) {
+    let blocks = cols.div_ceil(INT8_BLOCK);
+    let mut codes = vec![128u8; rows * blocks * INT8_BLOCK];
+    let mut scales = vec![0f32; rows * blocks];
+    for r in 0..rows {
+        for b in 0..blocks {
+            let (lo, hi) = (b * INT8_BLOCK, ((b + 1) * INT8_BLOCK).min(cols));
+            let row = &w[r * cols + lo..r * cols + hi];
+            let amax = row.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let scale = if amax > 0.0 { amax / 127.0 } else { 1.0 };
+            scales[r * blocks + b] = scale;
+            let at = (r * blocks + b) * INT8_BLOCK;
+            for (i, v) in row.iter().enumerate() {
+                codes[at + i] = ((v / scale).round().clamp(-127.0, 127.0) as i32 + 128) as u8;
+            }
+        }
+    }
+    (codes, scales)
 }
 
 impl<'a> Ctx<'a> {
@@ -76,12 +115,12 @@ impl<'a> Ctx<'a> {
             Ok(encode(&v, store))
         }));
         let dtype = match store {
-            StoreDtype::F32 => DType::F32,
+            StoreDtype::F32 | StoreDtype::Int8 => DType::F32,
             StoreDtype::F16 => DType::F16,
         };
         let name = self.g.initializer(&hint, dims, dtype, data, true);
         match store {
-            StoreDtype::F32 => name,
+            StoreDtype::F32 | StoreDtype::Int8 => name,
             StoreDtype::F16 => {
                 self.g
                     .op("Cast", &[&name], vec![("to", Attr::Int(DType::F32 as i64))])
@@ -115,14 +154,61 @@ impl<'a> Ctx<'a> {
         out: usize,
         bias: bool,
     ) -> Result<Value> {
-        let w = self.param_t(&format!("{prefix}.weight"), out, inp)?;
-        let y = self.g.matmul(x, &w);
+        let y = if self.store == StoreDtype::Int8 {
+            self.linear_int8(x, &format!("{prefix}.weight"), inp, out)?
+        } else {
+            let w = self.param_t(&format!("{prefix}.weight"), out, inp)?;
+            self.g.matmul(x, &w)
+        };
         if bias {
             let b = self.param(&format!("{prefix}.bias"), &[out])?;
             Ok(self.g.add(&y, &b))
         } else {
             Ok(y)
         }
+    }
+
+    /// `x @ W^T` with the `[out, in]` checkpoint matrix `key` quantized to 8 bits (see
+    /// [`StoreDtype::Int8`]): codes `round(w / s) + 128` with `s = max|w| / 127` per block.
+    fn linear_int8(&mut self, x: &str, key: &str, inp: usize, out: usize) -> Result<Value> {
+        let t = self.w.get(key, &[out, inp])?;
+        let blocks = inp.div_ceil(INT8_BLOCK);
+        let codes = {
+            let t = t.clone();
+            WeightData::Lazy(Box::new(
+                move || Ok(quantize_int8(&t.to_f32()?, out, inp).0),
+            ))
+        };
+        let scales = WeightData::Lazy(Box::new(move || {
+            let s = quantize_int8(&t.to_f32()?, out, inp).1;
+            Ok(s.iter().flat_map(|v| v.to_le_bytes()).collect())
+        }));
+        let (n, b) = (out as i64, blocks as i64);
+        let codes = self.g.initializer(
+            &format!("{key}.int8"),
+            vec![n, b, INT8_BLOCK as i64],
+            DType::U8,
+            codes,
+            true,
+        );
+        let scales = self.g.initializer(
+            &format!("{key}.scale"),
+            vec![n * b],
+            DType::F32,
+            scales,
+            false,
+        );
+        Ok(self.g.ms_op(
+            "MatMulNBits",
+            &[x, &codes, &scales],
+            vec![
+                ("K", Attr::Int(inp as i64)),
+                ("N", Attr::Int(n)),
+                ("bits", Attr::Int(8)),
+                ("block_size", Attr::Int(INT8_BLOCK as i64)),
+                ("accuracy_level", Attr::Int(4)),
+            ],
+        ))
     }
 
     /// LayerNorm over the last axis without affine parameters.
@@ -214,5 +300,41 @@ impl<'a> Ctx<'a> {
                 ("scale", Attr::Float(scale.unwrap_or(1.0))),
             ],
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn int8_codes_round_trip_within_half_a_step_per_block() {
+        // Two rows of 40 inputs: two blocks each, the second padded; one all-zero block.
+        let (rows, cols) = (2, 40);
+        let mut w: Vec<f32> = (0..rows * cols)
+            .map(|i| ((i * 37 % 23) as f32 - 11.0) / 7.0)
+            .collect();
+        w[cols..cols + INT8_BLOCK].iter_mut().for_each(|v| *v = 0.0);
+        let (codes, scales) = quantize_int8(&w, rows, cols);
+        assert_eq!(
+            (codes.len(), scales.len()),
+            (rows * 2 * INT8_BLOCK, rows * 2)
+        );
+        for r in 0..rows {
+            for c in 0..cols {
+                let (b, i) = (c / INT8_BLOCK, c % INT8_BLOCK);
+                let s = scales[r * 2 + b];
+                let q = codes[(r * 2 + b) * INT8_BLOCK + i];
+                let back = (f32::from(q) - 128.0) * s;
+                assert!((back - w[r * cols + c]).abs() <= s / 2.0 + 1e-7, "{r},{c}");
+            }
+            // Padding past the last input decodes to zero.
+            let pad =
+                &codes[(r * 2 + 1) * INT8_BLOCK + (cols - INT8_BLOCK)..(r * 2 + 2) * INT8_BLOCK];
+            assert!(pad.iter().all(|&q| q == 128));
+        }
+        // The largest magnitude of a block takes the full code range.
+        assert!(codes[..INT8_BLOCK].iter().any(|&q| q == 1 || q == 255));
+        assert_eq!(scales[2], 1.0, "an all-zero block");
     }
 }

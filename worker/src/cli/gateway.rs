@@ -41,6 +41,10 @@ pub struct GatewayArgs {
     /// Most jobs in one `POST /v1/jobs/batch`.
     #[arg(long, default_value_t = 100, env = "DDIT_MAX_BATCH_JOBS")]
     max_batch_jobs: usize,
+    /// Threads serving requests. 1 (one event loop) answers fastest on a small host; scale out
+    /// with replicas, or raise it for a replica that should use more cores.
+    #[arg(long, default_value_t = 1, env = "DDIT_GATEWAY_THREADS")]
+    threads: usize,
     /// Log filter (RUST_LOG syntax).
     #[arg(long, default_value = "info", env = "DDIT_LOG")]
     log: String,
@@ -83,8 +87,17 @@ impl TryFrom<GatewayArgs> for GatewayConfig {
 
 pub fn run(a: GatewayArgs) -> anyhow::Result<()> {
     super::init_logging(&a.log);
+    let threads = a.threads;
     let cfg = GatewayConfig::try_from(a)?;
-    let rt = super::runtime()?;
+    let rt = if threads <= 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        let mut b = tokio::runtime::Builder::new_multi_thread();
+        b.worker_threads(threads);
+        b
+    }
+    .enable_all()
+    .build()?;
     rt.block_on(gateway::run(cfg, super::serve::shutdown_signal()))?;
     Ok(())
 }

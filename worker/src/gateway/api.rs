@@ -18,6 +18,7 @@ use utoipa_axum::routes;
 use super::auth::Client;
 use super::error::ApiError;
 use super::events::{self, JobState};
+use super::limits;
 use super::submit::{self, Accepted};
 use super::Gateway;
 
@@ -161,9 +162,12 @@ async fn submit_job(
     req: Request,
 ) -> Result<Response, ApiError> {
     let key = idempotency_key(req.headers())?;
-    submit::admit(&gw, &client, 1).await?;
-    let job = job_body(&gw, req).await?;
-    submit::validate(&gw, &with_placeholder_id(&job), "")?;
+    // The limits are asked while the body is read and checked; the first refusal answers.
+    let ((), job) = tokio::try_join!(limits::admit(&gw, &client, 1), async {
+        let job = job_body(&gw, req).await?;
+        submit::validate(&gw, &with_placeholder_id(&job), "")?;
+        Ok(job)
+    })?;
     Ok(accepted_response(
         submit::accept(&gw, &client, job, key.as_deref()).await?,
     ))
@@ -222,7 +226,7 @@ async fn submit_batch(
     for (i, job) in batch.jobs.iter().enumerate() {
         submit::validate(&gw, &with_placeholder_id(job), &format!("jobs[{i}]."))?;
     }
-    submit::admit(&gw, &client, batch.jobs.len()).await?;
+    limits::admit(&gw, &client, batch.jobs.len()).await?;
     let all = batch
         .jobs
         .into_iter()

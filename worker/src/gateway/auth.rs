@@ -1,4 +1,4 @@
-//! Bearer tokens and per-client limits.
+//! Bearer tokens and each client's limits (enforced by [`super::limits`]).
 //!
 //! The tokens file holds one client per line, `name:sha256-hex-of-token`, optionally followed by
 //! `:requests-per-minute` and `:jobs-in-flight` to override the gateway's defaults for that
@@ -142,32 +142,13 @@ impl FromRequestParts<Arc<Gateway>> for Client {
                     "a valid `Authorization: Bearer <token>` is required",
                 )
             })?;
-        // A submission counts against the rate in `submit::admit`, in the same round trip as its
-        // in-flight check.
+        // A submission is admitted by its handler, in the same round trip as its in-flight
+        // check.
         if parts.method != Method::POST {
-            check_rate(gw, &client).await?;
+            super::limits::admit(gw, &client, 0).await?;
         }
         Ok(client)
     }
-}
-
-/// Counts one request of `client`; 429 with `Retry-After` above its requests per minute.
-pub(super) async fn check_rate(gw: &Gateway, client: &Client) -> Result<(), ApiError> {
-    let rpm = client.limits.requests_per_minute;
-    if rpm == 0 {
-        return Ok(());
-    }
-    let (n, left) = gw.redis.count_request(&client.name, 60).await?;
-    if n > rpm {
-        gw.metrics.limited.inc();
-        return Err(ApiError::new(
-            StatusCode::TOO_MANY_REQUESTS,
-            "rate_limited",
-            format!("more than {rpm} requests this minute"),
-        )
-        .retry_after(left));
-    }
-    Ok(())
 }
 
 #[cfg(test)]

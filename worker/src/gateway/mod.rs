@@ -11,6 +11,7 @@ mod api;
 pub mod auth;
 mod error;
 mod events;
+mod limits;
 mod submit;
 
 use std::net::SocketAddr;
@@ -56,6 +57,7 @@ pub struct Gateway {
     s3: S3Store,
     schema: jsonschema::Validator,
     link: tokio::sync::Mutex<Option<(lapin::Connection, lapin::Channel)>>,
+    limiter: limits::Limiter,
     metrics: GatewayMetrics,
 }
 
@@ -110,6 +112,7 @@ impl Gateway {
             s3,
             schema,
             link: tokio::sync::Mutex::new(None),
+            limiter: limits::Limiter::new(new_replica_name()),
             metrics: GatewayMetrics::new(),
         };
         if let Err(e) = gw.channel().await {
@@ -199,6 +202,14 @@ async fn metrics(State(gw): State<Arc<Gateway>>) -> impl IntoResponse {
     )
 }
 
+/// A name for this replica among those counting limits in Redis: the host and 32 random bits.
+fn new_replica_name() -> String {
+    let mut b = [0u8; 4];
+    let _ = getrandom::fill(&mut b);
+    let host = std::env::var("HOSTNAME").unwrap_or_default();
+    format!("{host}-{}", ddit_schemas::hex(&b))
+}
+
 /// The whole application: `/v1`, the playground at `/`, `/openapi.json`, health and metrics.
 pub fn router(gw: Arc<Gateway>) -> Router {
     let (v1, doc) = api::v1();
@@ -240,6 +251,7 @@ pub async fn run(
         .local_addr()
         .map_err(|e| WorkerError::io("listen address", e))?;
     tracing::info!(%bound, clients = gw.cfg.tokens.len(), "gateway listening");
+    tokio::spawn(limits::flush_forever(Arc::downgrade(&gw)));
     axum::serve(listener, router(gw))
         .with_graceful_shutdown(shutdown)
         .await

@@ -246,32 +246,3 @@ async fn publish(gw: &Gateway, job: &Value) -> Result<(), ApiError> {
         .observe(started.elapsed().as_secs_f64());
     Ok(())
 }
-
-/// Admits `n` more jobs of `client`: within its request rate and its jobs in flight (both asked
-/// at once: one round trip).
-pub async fn admit(gw: &Gateway, client: &Client, n: usize) -> Result<(), ApiError> {
-    let (rate, in_flight) = tokio::join!(
-        super::auth::check_rate(gw, client),
-        check_in_flight(gw, client, n)
-    );
-    rate.and(in_flight)
-}
-
-/// Refuses `n` more jobs when they would take `client` over its in-flight limit.
-async fn check_in_flight(gw: &Gateway, client: &Client, n: usize) -> Result<(), ApiError> {
-    let limit = client.limits.jobs_in_flight;
-    if limit == 0 {
-        return Ok(());
-    }
-    let open = gw.redis.open_jobs(&client.name, n, limit).await?;
-    if open + n > limit {
-        gw.metrics.limited.inc();
-        return Err(ApiError::new(
-            StatusCode::TOO_MANY_REQUESTS,
-            "too_many_jobs",
-            format!("{open} jobs in flight; the limit is {limit}"),
-        )
-        .retry_after(5));
-    }
-    Ok(())
-}

@@ -3,7 +3,8 @@
 //! - `{prefix}:gw:idem:{client}:{sha256(key)}`: the job an `Idempotency-Key` was first used for;
 //! - `{prefix}:gw:rate:{client}:{window}`: requests of a client in one fixed window;
 //! - `{prefix}:gw:open:{client}`: a sorted set of the client's jobs without a result yet (scored
-//!   by acceptance time).
+//!   by acceptance time);
+//! - `{prefix}:gw:replicas:{window}`: the replicas that counted requests in one window.
 
 use redis::AsyncCommands;
 use serde::{Deserialize, Serialize};
@@ -48,19 +49,28 @@ impl ResultStore {
             .transpose()
     }
 
-    /// Stores the record of an accepted job and adds it to its owner's open set, in one round
-    /// trip.
+    /// Stores the record of an accepted job and adds it to its owner's open set: one script, one
+    /// reply.
     pub async fn record_accepted(&self, job_id: &str, rec: &JobRecord) -> Result<()> {
+        static SCRIPT: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
+            redis::Script::new(
+                r"
+                redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+                redis.call('ZADD', KEYS[2], ARGV[3], ARGV[4])
+                redis.call('EXPIRE', KEYS[2], ARGV[2])
+                return 1",
+            )
+        });
         let mut c = self.conn.clone();
         let body = serde_json::to_string(rec).map_err(internal)?;
-        let open = self.gw_key("open", &rec.owner);
-        let ttl = self.cfg.result_ttl_secs;
-        let now = crate::clock::unix_secs() as f64;
-        let _: ((), i64, i64) = redis::pipe()
-            .set_ex(self.gw_key("job", job_id), body, ttl)
-            .zadd(&open, job_id, now)
-            .expire(&open, ttl as i64)
-            .query_async(&mut c)
+        let _: i64 = SCRIPT
+            .key(self.gw_key("job", job_id))
+            .key(self.gw_key("open", &rec.owner))
+            .arg(body)
+            .arg(self.cfg.result_ttl_secs)
+            .arg(crate::clock::unix_secs())
+            .arg(job_id)
+            .invoke_async(&mut c)
             .await
             .map_err(unavailable)?;
         Ok(())
@@ -110,54 +120,86 @@ impl ResultStore {
         Ok(old.unwrap_or_else(|| job_id.to_string()))
     }
 
-    /// Counts one request of `client` in the current fixed window of `window_secs`; returns the
-    /// count so far and the seconds until the window ends.
-    pub async fn count_request(&self, client: &str, window_secs: u64) -> Result<(u64, u64)> {
+    /// Counts `requests` requests of `client` in the current fixed window of `window_secs` (unless
+    /// `window_secs` is 0), notes `replica` as counting in this window and, when `limit` is not 0, how many of its accepted jobs have no result
+    /// yet as far as it matters for taking `more` within `limit`. One script, one round trip:
+    /// O(1) below the limit (the open set's size counts); at it, the script drops the finished
+    /// jobs from the set and counts again.
+    pub async fn count_admission(
+        &self,
+        client: &str,
+        replica: &str,
+        window_secs: u64,
+        requests: u64,
+        more: usize,
+        limit: usize,
+    ) -> Result<Admission> {
+        static SCRIPT: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
+            redis::Script::new(
+                r"
+                local requests = 0
+                if tonumber(ARGV[1]) > 0 then
+                    requests = redis.call('INCRBY', KEYS[1], ARGV[6])
+                    if requests == tonumber(ARGV[6]) then
+                        redis.call('EXPIRE', KEYS[1], ARGV[1] + 1)
+                    end
+                end
+                redis.call('SADD', KEYS[3], ARGV[7])
+                redis.call('EXPIRE', KEYS[3], 2 * ARGV[1] + 1)
+                local replicas = redis.call('SCARD', KEYS[3])
+                local limit = tonumber(ARGV[5])
+                if limit == 0 then return {requests, 0, replicas} end
+                redis.call('ZREMRANGEBYSCORE', KEYS[2], 0, ARGV[2])
+                local n = redis.call('ZCARD', KEYS[2])
+                if n + tonumber(ARGV[4]) <= limit then return {requests, n, replicas} end
+                local open = 0
+                for _, id in ipairs(redis.call('ZRANGE', KEYS[2], 0, -1)) do
+                    if redis.call('EXISTS', ARGV[3] .. id) == 1 then
+                        redis.call('ZREM', KEYS[2], id)
+                    else
+                        open = open + 1
+                    end
+                end
+                return {requests, open, replicas}",
+            )
+        });
         let now = crate::clock::unix_secs();
         let window = now / window_secs.max(1);
-        let key = self.gw_key("rate", &format!("{client}:{window}"));
+        let horizon = now.saturating_sub(self.cfg.result_ttl_secs);
         let mut c = self.conn.clone();
-        let (n, _): (u64, i64) = redis::pipe()
-            .incr(&key, 1)
-            .expire(&key, window_secs.max(1) as i64 + 1)
-            .query_async(&mut c)
-            .await
-            .map_err(unavailable)?;
-        let left = (window + 1) * window_secs.max(1) - now;
-        Ok((n, left.max(1)))
-    }
-
-    /// How many of `client`'s accepted jobs have no result yet, as far as it matters for taking
-    /// `more` within `limit`: one round trip, and O(1) below the limit (the set's size counts); at
-    /// it, a script drops the finished jobs from the set and counts again.
-    pub async fn open_jobs(&self, client: &str, more: usize, limit: usize) -> Result<usize> {
-        const COUNT_OPEN: &str = r"
-            redis.call('ZREMRANGEBYSCORE', KEYS[1], 0, ARGV[1])
-            local n = redis.call('ZCARD', KEYS[1])
-            if n + tonumber(ARGV[3]) <= tonumber(ARGV[4]) then
-                return n
-            end
-            local open = 0
-            for _, id in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
-                if redis.call('EXISTS', ARGV[2] .. id) == 1 then
-                    redis.call('ZREM', KEYS[1], id)
-                else
-                    open = open + 1
-                end
-            end
-            return open";
-        let mut c = self.conn.clone();
-        let horizon = crate::clock::unix_secs().saturating_sub(self.cfg.result_ttl_secs);
-        redis::cmd("EVAL")
-            .arg(COUNT_OPEN)
-            .arg(1)
-            .arg(self.gw_key("open", client))
+        let (requests, open, replicas): (u64, usize, u64) = SCRIPT
+            .key(self.gw_key("rate", &format!("{client}:{window}")))
+            .key(self.gw_key("open", client))
+            .key(self.gw_key("replicas", &window.to_string()))
+            .arg(window_secs)
             .arg(horizon)
             .arg(self.result_key(""))
             .arg(more)
             .arg(limit)
-            .query_async(&mut c)
+            .arg(requests)
+            .arg(replica)
+            .invoke_async(&mut c)
             .await
-            .map_err(unavailable)
+            .map_err(unavailable)?;
+        let secs_left = ((window + 1) * window_secs.max(1)).saturating_sub(now);
+        Ok(Admission {
+            requests,
+            secs_left: secs_left.max(1),
+            open,
+            replicas: replicas.max(1),
+        })
     }
+}
+
+/// What [`ResultStore::count_admission`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Admission {
+    /// Requests of the client in the current window, these included (0 when not counted).
+    pub requests: u64,
+    /// Seconds until the window ends.
+    pub secs_left: u64,
+    /// The client's jobs without a result (0 when not asked).
+    pub open: usize,
+    /// Gateway replicas that counted requests in this window or the one before.
+    pub replicas: u64,
 }
