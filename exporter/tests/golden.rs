@@ -16,9 +16,10 @@ const F32_TOL: f32 = 1e-4;
 /// fp16 weight storage of an fp32 checkpoint: weights rounded to 11 significant bits.
 /// Measured about 3e-3 on the tiny fixture; 2e-2 leaves headroom across segments.
 const F16_TOL: f32 = 2e-2;
-/// int8 joint blocks and T5 (8-bit codes, a scale per 32 weights; activations quantized on the
-/// fly): measured INT8_MEASURED on the tiny fixture.
-const INT8_TOL: f32 = 5e-2;
+/// int8 joint blocks and T5 (8-bit codes, a scale per 32 weights; activations quantized to int8
+/// on the fly): measured 5.1e-2 (T5 hidden states), 5.8e-3 (joint blocks) and 9.5e-2 (chained
+/// logits) on the tiny fixture. Its quality is judged on ShapesEval (docs/performance.md).
+const INT8_TOL: f32 = 2e-1;
 
 fn inputs(seg: &ddit_schemas::SegmentSpec, vals: Vec<Gold>) -> Vec<(&str, Gold)> {
     assert_eq!(seg.inputs.len(), vals.len(), "{}: input count", seg.name);
