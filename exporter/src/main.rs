@@ -24,7 +24,7 @@ struct Cli {
 enum Dtype {
     F32,
     F16,
-    /// f32, with the joint blocks' and T5's linear layers as 8-bit `MatMulNBits`.
+    /// f32, with the joint blocks' and T5's linear layers in int8 (`DynamicQuantizeMatMul`).
     Int8,
 }
 

@@ -87,8 +87,8 @@ fn spec(io: &Io) -> TensorSpec {
     TensorSpec {
         name: io.name.clone(),
         dtype: match io.dtype {
-            // Graph I/O is never u8 (only weight codes are).
-            DType::F32 | DType::U8 => TensorDtype::F32,
+            // Graph I/O is never int8 (only weights are).
+            DType::F32 | DType::I8 => TensorDtype::F32,
             DType::F16 => TensorDtype::F16,
             DType::I64 => TensorDtype::I64,
         },

@@ -132,20 +132,18 @@ fn every_rms_norm_and_gelu_of_t5_becomes_one_op() {
 }
 
 #[test]
-fn int8_turns_every_linear_layer_of_the_blocks_and_t5_into_one_matmul_nbits() {
+fn int8_turns_every_linear_layer_of_the_blocks_and_t5_into_one_integer_matmul() {
     for role in [Role::JointBlocks, Role::TextEncoder] {
         let (f32_written, _) = written_and_optimized(role, StoreDtype::F32);
         let (written, after) = written_and_optimized(role, StoreDtype::Int8);
         let linears = f32_written["MatMul"];
         assert!(linears >= 8, "{role}: {f32_written:?}");
-        assert_eq!(written.get("MatMulNBits"), Some(&linears), "{role}");
+        let op = "DynamicQuantizeMatMul";
+        assert_eq!(written.get(op), Some(&linears), "{role}");
         assert_eq!(written.get("MatMul"), None, "{role}: {written:?}");
-        // ONNX Runtime keeps them quantized (no dequantize-to-float fallback).
-        assert_eq!(
-            after.get("MatMulNBits"),
-            Some(&linears),
-            "{role}: {after:?}"
-        );
+        // ONNX Runtime keeps them integer (nothing dequantized back to a float MatMul).
+        assert_eq!(after.get(op), Some(&linears), "{role}: {after:?}");
+        assert_eq!(after.get("MatMul"), None, "{role}: {after:?}");
         assert_eq!(after.get("DequantizeLinear"), None, "{role}: {after:?}");
     }
 }

@@ -9,8 +9,8 @@ pub type Value = String;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DType {
     F32 = 1,
-    /// Only for initializers (8-bit weight codes).
-    U8 = 2,
+    /// Only for initializers (int8 weights).
+    I8 = 3,
     I64 = 7,
     F16 = 10,
 }
@@ -19,7 +19,7 @@ impl DType {
     pub fn size(self) -> usize {
         match self {
             DType::F32 => 4,
-            DType::U8 => 1,
+            DType::I8 => 1,
             DType::I64 => 8,
             DType::F16 => 2,
         }

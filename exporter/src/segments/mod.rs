@@ -14,18 +14,16 @@ use crate::onnx::{Attr, DType, Graph, Value, WeightData};
 /// How weights are stored in the ONNX files. Graph I/O and arithmetic stay f32; f16 storage
 /// halves the package and is cast up at load (execution providers may then fold or fuse it).
 /// `Int8` keeps f32 everywhere except the linear layers of the segments that take it (the joint
-/// blocks and T5): those become ONNX Runtime `MatMulNBits` with 8-bit codes in blocks of
-/// [`INT8_BLOCK`] along the input axis, one f32 scale per block (symmetric), accuracy level 4
-/// (activations quantized to int8 on the fly, int8 dot products).
+/// blocks and T5): those become ONNX Runtime `DynamicQuantizeMatMul`, with int8 weights and one
+/// f32 scale per output channel (symmetric), the activations quantized to uint8 per tensor at run
+/// time and multiplied in integers. (`MatMulNBits` with 8-bit blocks of 32 at accuracy level 4
+/// measured 1.7× slower here: docs/performance.md.)
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StoreDtype {
     F32,
     F16,
     Int8,
 }
-
-/// Input-axis block of the 8-bit weights: one scale per this many weights.
-pub const INT8_BLOCK: usize = 32;
 
 impl StoreDtype {
     pub fn as_str(self) -> &'static str {
@@ -72,26 +70,20 @@ fn transpose2(vals: &[f32], rows: usize, cols: usize) -> Vec<f32> {
     out
 }
 
-/// Row-major `[rows, cols]` weights as 8-bit codes `[rows, ceil(cols / INT8_BLOCK), INT8_BLOCK]`
-/// (zero-padded) with one scale per block: `w ≈ (code − 128) · scale`.
-pub fn quantize_int8(w: &[f32], rows: usize, cols: usize) -> (Vec<u8>, Vec<f32>) {
-    let blocks = cols.div_ceil(INT8_BLOCK);
-    let mut codes = vec![128u8; rows * blocks * INT8_BLOCK];
-    let mut scales = vec![0f32; rows * blocks];
-    for r in 0..rows {
-        for b in 0..blocks {
-            let (lo, hi) = (b * INT8_BLOCK, ((b + 1) * INT8_BLOCK).min(cols));
-            let row = &w[r * cols + lo..r * cols + hi];
-            let amax = row.iter().fold(0f32, |m, v| m.max(v.abs()));
-            let scale = if amax > 0.0 { amax / 127.0 } else { 1.0 };
-            scales[r * blocks + b] = scale;
-            let at = (r * blocks + b) * INT8_BLOCK;
-            for (i, v) in row.iter().enumerate() {
-                codes[at + i] = ((v / scale).round().clamp(-127.0, 127.0) as i32 + 128) as u8;
-            }
+/// A torch `[out, inp]` weight as int8 `[inp, out]` (the `MatMul` layout) with one scale per
+/// output channel: `w ≈ q · scale`, `scale = max|w| / 127` over the channel.
+pub fn quantize_int8(w: &[f32], out: usize, inp: usize) -> (Vec<i8>, Vec<f32>) {
+    let mut q = vec![0i8; out * inp];
+    let mut scales = vec![1f32; out];
+    for (n, row) in w.chunks_exact(inp).take(out).enumerate() {
+        let amax = row.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let s = if amax > 0.0 { amax / 127.0 } else { 1.0 };
+        scales[n] = s;
+        for (k, v) in row.iter().enumerate() {
+            q[k * out + n] = (v / s).round().clamp(-127.0, 127.0) as i8;
         }
     }
-    (codes, scales)
+    (q, scales)
 }
 
 impl<'a> Ctx<'a> {
@@ -168,47 +160,35 @@ impl<'a> Ctx<'a> {
         }
     }
 
-    /// `x @ W^T` with the `[out, in]` checkpoint matrix `key` quantized to 8 bits (see
-    /// [`StoreDtype::Int8`]): codes `round(w / s) + 128` with `s = max|w| / 127` per block.
+    /// `x @ W^T` with the `[out, in]` checkpoint matrix `key` quantized to int8 (see
+    /// [`StoreDtype::Int8`] and [`quantize_int8`]).
     fn linear_int8(&mut self, x: &str, key: &str, inp: usize, out: usize) -> Result<Value> {
         let t = self.w.get(key, &[out, inp])?;
-        let blocks = inp.div_ceil(INT8_BLOCK);
-        let codes = {
+        let weights = {
             let t = t.clone();
-            WeightData::Lazy(Box::new(
-                move || Ok(quantize_int8(&t.to_f32()?, out, inp).0),
-            ))
+            WeightData::Lazy(Box::new(move || {
+                let q = quantize_int8(&t.to_f32()?, out, inp).0;
+                Ok(q.into_iter().map(|v| v as u8).collect())
+            }))
         };
         let scales = WeightData::Lazy(Box::new(move || {
             let s = quantize_int8(&t.to_f32()?, out, inp).1;
             Ok(s.iter().flat_map(|v| v.to_le_bytes()).collect())
         }));
-        let (n, b) = (out as i64, blocks as i64);
-        let codes = self.g.initializer(
-            &format!("{key}.int8"),
-            vec![n, b, INT8_BLOCK as i64],
-            DType::U8,
-            codes,
-            true,
-        );
+        let dims = vec![inp as i64, out as i64];
+        let weights = self
+            .g
+            .initializer(&format!("{key}.int8"), dims, DType::I8, weights, true);
         let scales = self.g.initializer(
             &format!("{key}.scale"),
-            vec![n * b],
+            vec![out as i64],
             DType::F32,
             scales,
             false,
         );
-        Ok(self.g.ms_op(
-            "MatMulNBits",
-            &[x, &codes, &scales],
-            vec![
-                ("K", Attr::Int(inp as i64)),
-                ("N", Attr::Int(n)),
-                ("bits", Attr::Int(8)),
-                ("block_size", Attr::Int(INT8_BLOCK as i64)),
-                ("accuracy_level", Attr::Int(4)),
-            ],
-        ))
+        Ok(self
+            .g
+            .ms_op("DynamicQuantizeMatMul", &[x, &weights, &scales], vec![]))
     }
 
     /// LayerNorm over the last axis without affine parameters.
@@ -308,33 +288,27 @@ mod tests {
     use super::*;
 
     #[test]
-    fn int8_codes_round_trip_within_half_a_step_per_block() {
-        // Two rows of 40 inputs: two blocks each, the second padded; one all-zero block.
-        let (rows, cols) = (2, 40);
-        let mut w: Vec<f32> = (0..rows * cols)
+    fn int8_weights_round_trip_within_half_a_step_per_channel() {
+        // Three output channels of five inputs, transposed; one channel all zero.
+        let (out, inp) = (3, 5);
+        let mut w: Vec<f32> = (0..out * inp)
             .map(|i| ((i * 37 % 23) as f32 - 11.0) / 7.0)
             .collect();
-        w[cols..cols + INT8_BLOCK].iter_mut().for_each(|v| *v = 0.0);
-        let (codes, scales) = quantize_int8(&w, rows, cols);
-        assert_eq!(
-            (codes.len(), scales.len()),
-            (rows * 2 * INT8_BLOCK, rows * 2)
-        );
-        for r in 0..rows {
-            for c in 0..cols {
-                let (b, i) = (c / INT8_BLOCK, c % INT8_BLOCK);
-                let s = scales[r * 2 + b];
-                let q = codes[(r * 2 + b) * INT8_BLOCK + i];
-                let back = (f32::from(q) - 128.0) * s;
-                assert!((back - w[r * cols + c]).abs() <= s / 2.0 + 1e-7, "{r},{c}");
+        w[inp..2 * inp].iter_mut().for_each(|v| *v = 0.0);
+        let (q, scales) = quantize_int8(&w, out, inp);
+        assert_eq!((q.len(), scales.len()), (out * inp, out));
+        for n in 0..out {
+            for k in 0..inp {
+                let back = f32::from(q[k * out + n]) * scales[n];
+                assert!(
+                    (back - w[n * inp + k]).abs() <= scales[n] / 2.0 + 1e-7,
+                    "{n},{k}"
+                );
             }
-            // Padding past the last input decodes to zero.
-            let pad =
-                &codes[(r * 2 + 1) * INT8_BLOCK + (cols - INT8_BLOCK)..(r * 2 + 2) * INT8_BLOCK];
-            assert!(pad.iter().all(|&q| q == 128));
         }
-        // The largest magnitude of a block takes the full code range.
-        assert!(codes[..INT8_BLOCK].iter().any(|&q| q == 1 || q == 255));
-        assert_eq!(scales[2], 1.0, "an all-zero block");
+        // A channel's largest magnitude takes the full range; a zero channel stays zero.
+        assert!((0..inp).any(|k| q[k * out].abs() == 127));
+        assert_eq!(scales[1], 1.0);
+        assert!((0..inp).all(|k| q[k * out + 1] == 0));
     }
 }
