@@ -24,7 +24,7 @@ use super::Gateway;
 use crate::adapters::redis::gateway::Admission;
 
 /// How often a replica sends what it admitted from memory to Redis (and looks again).
-pub const FLUSH: Duration = Duration::from_millis(200);
+const FLUSH: Duration = Duration::from_millis(200);
 /// A look older than this no longer admits from memory.
 const FRESH: Duration = Duration::from_secs(1);
 /// The rate window.
