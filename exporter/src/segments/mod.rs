@@ -70,15 +70,28 @@ fn transpose2(vals: &[f32], rows: usize, cols: usize) -> Vec<f32> {
     out
 }
 
+/// One scale per output channel of a torch `[out, inp]` weight: `max|w| / 127` (1 for a zero
+/// channel).
+pub fn int8_scales(w: &[f32], out: usize, inp: usize) -> Vec<f32> {
+    w.chunks_exact(inp)
+        .take(out)
+        .map(|row| {
+            let amax = row.iter().fold(0f32, |m, v| m.max(v.abs()));
+            if amax > 0.0 {
+                amax / 127.0
+            } else {
+                1.0
+            }
+        })
+        .collect()
+}
+
 /// A torch `[out, inp]` weight as int8 `[inp, out]` (the `MatMul` layout) with one scale per
-/// output channel: `w ≈ q · scale`, `scale = max|w| / 127` over the channel.
+/// output channel ([`int8_scales`]): `w ≈ q · scale`.
 pub fn quantize_int8(w: &[f32], out: usize, inp: usize) -> (Vec<i8>, Vec<f32>) {
+    let scales = int8_scales(w, out, inp);
     let mut q = vec![0i8; out * inp];
-    let mut scales = vec![1f32; out];
-    for (n, row) in w.chunks_exact(inp).take(out).enumerate() {
-        let amax = row.iter().fold(0f32, |m, v| m.max(v.abs()));
-        let s = if amax > 0.0 { amax / 127.0 } else { 1.0 };
-        scales[n] = s;
+    for (n, (row, s)) in w.chunks_exact(inp).zip(&scales).enumerate() {
         for (k, v) in row.iter().enumerate() {
             q[k * out + n] = (v / s).round().clamp(-127.0, 127.0) as i8;
         }
@@ -172,7 +185,7 @@ impl<'a> Ctx<'a> {
             }))
         };
         let scales = WeightData::Lazy(Box::new(move || {
-            let s = quantize_int8(&t.to_f32()?, out, inp).1;
+            let s = int8_scales(&t.to_f32()?, out, inp);
             Ok(s.iter().flat_map(|v| v.to_le_bytes()).collect())
         }));
         let dims = vec![inp as i64, out as i64];

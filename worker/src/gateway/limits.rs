@@ -100,13 +100,13 @@ impl Limiter {
     }
 
     /// Records a look at Redis (which now holds every request this replica admitted before it).
-    fn looked(&self, client: &str, window: u64, a: Admission) {
+    fn looked(&self, client: &str, a: Admission) {
         if let Ok(mut seen) = self.seen.lock() {
             let unflushed = seen.get(client).map(|s| s.unflushed).unwrap_or(0);
             seen.insert(
                 client.to_string(),
                 Seen {
-                    window,
+                    window: a.window,
                     requests: a.requests,
                     unflushed,
                     open: a.open,
@@ -115,6 +115,26 @@ impl Limiter {
                     at: Instant::now(),
                 },
             );
+        }
+    }
+
+    /// Returns requests a failed flush took, for the next one.
+    fn give_back(&self, client: &str, count: u64) {
+        if let Ok(mut seen) = self.seen.lock() {
+            if let Some(s) = seen.get_mut(client) {
+                s.unflushed += count;
+            }
+        }
+    }
+
+    /// Records the minute's requests after a flush (the open-jobs count stays as it was).
+    fn refresh_requests(&self, client: &str, a: Admission) {
+        if let Ok(mut seen) = self.seen.lock() {
+            if let Some(s) = seen.get_mut(client) {
+                s.window = a.window;
+                s.requests = a.requests;
+                s.replicas = a.replicas;
+            }
         }
     }
 
@@ -143,7 +163,6 @@ pub async fn admit(gw: &Gateway, client: &Client, jobs: usize) -> Result<(), Api
     if rpm == 0 && in_flight == 0 || gw.limiter.admit_locally(client, jobs) {
         return Ok(());
     }
-    let window = window_now();
     let count = 1 + gw.limiter.take_unflushed(&client.name);
     let a = match gw
         .redis
@@ -163,7 +182,7 @@ pub async fn admit(gw: &Gateway, client: &Client, jobs: usize) -> Result<(), Api
             return Err(e.into());
         }
     };
-    gw.limiter.looked(&client.name, window, a);
+    gw.limiter.looked(&client.name, a);
     let refused = if rpm > 0 && a.requests > rpm {
         ApiError::new(
             StatusCode::TOO_MANY_REQUESTS,
@@ -198,40 +217,17 @@ pub async fn flush_forever(gw: std::sync::Weak<Gateway>) {
             if count == 0 {
                 continue;
             }
-            let window = window_now();
             match gw
                 .redis
                 .count_admission(&client, &gw.limiter.replica, WINDOW_SECS, count, 0, 0)
                 .await
             {
                 // The open-jobs count is only refreshed by an exact check; keep it.
-                Ok(a) => gw.limiter.refresh_requests(&client, window, a),
+                Ok(a) => gw.limiter.refresh_requests(&client, a),
                 Err(e) => {
                     gw.limiter.give_back(&client, count);
                     tracing::warn!(%client, "limits flush: {e}");
                 }
-            }
-        }
-    }
-}
-
-impl Limiter {
-    /// Returns requests a failed flush took, for the next one.
-    fn give_back(&self, client: &str, count: u64) {
-        if let Ok(mut seen) = self.seen.lock() {
-            if let Some(s) = seen.get_mut(client) {
-                s.unflushed += count;
-            }
-        }
-    }
-
-    /// Records the minute's requests after a flush (the open-jobs count stays as it was).
-    fn refresh_requests(&self, client: &str, window: u64, a: Admission) {
-        if let Ok(mut seen) = self.seen.lock() {
-            if let Some(s) = seen.get_mut(client) {
-                s.window = window;
-                s.requests = a.requests;
-                s.replicas = a.replicas;
             }
         }
     }
@@ -254,12 +250,13 @@ mod tests {
 
     fn look(l: &Limiter, requests: u64, open: usize, replicas: u64) {
         let a = Admission {
+            window: window_now(),
             requests,
             secs_left: 30,
             open,
             replicas,
         };
-        l.looked("c", window_now(), a);
+        l.looked("c", a);
     }
 
     fn admitted_from_memory(l: &Limiter, c: &Client, jobs: usize) -> usize {

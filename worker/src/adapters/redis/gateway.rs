@@ -183,6 +183,7 @@ impl ResultStore {
             .map_err(unavailable)?;
         let secs_left = ((window + 1) * window_secs.max(1)).saturating_sub(now);
         Ok(Admission {
+            window,
             requests,
             secs_left: secs_left.max(1),
             open,
@@ -194,6 +195,8 @@ impl ResultStore {
 /// What [`ResultStore::count_admission`] found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Admission {
+    /// The rate window counted (`unix seconds / window_secs`).
+    pub window: u64,
     /// Requests of the client in the current window, these included (0 when not counted).
     pub requests: u64,
     /// Seconds until the window ends.
