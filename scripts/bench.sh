@@ -4,6 +4,9 @@
 #   scripts/bench.sh [N] [demo|medium]
 #   scripts/bench.sh N gateway: the HTTP gateway's median submit-to-queued latency over N jobs
 #   against publishing directly with confirms (tests/e2e/gateway_bench.rs), on the loopback services.
+#   scripts/bench.sh N service: `serve` with one worker against `batch` on the same N generate jobs
+#   and flags (tests/e2e/service_bench.rs; rounds: DDIT_BENCH_ROUNDS, default 6), on the loopback
+#   services: the service tax.
 # demo: models/ddit-shapes. medium: a random checkpoint at realistic width that
 # tools/bench/make_medium.py writes into .ddit/bench/medium (hidden 768, 4 blocks, x8 VAE at 256 px,
 # vocabulary 32 128); timing only.
@@ -17,13 +20,15 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 N="${1:-16}"
 WHICH="${2:-demo}"
-if [ "$WHICH" = gateway ]; then
+if [ "$WHICH" = gateway ] || [ "$WHICH" = service ]; then
   scripts/services.sh up
   # shellcheck disable=SC1091
   source .ddit/services/env
+  ORT_DYLIB_PATH="$(scripts/ort.sh)"
+  export ORT_DYLIB_PATH
   cargo build --release -p ddit-worker --bin ddit-worker
   DDIT_WORKER_BIN="$PWD/target/release/ddit-worker" DDIT_BENCH_JOBS="$N" \
-    exec cargo test -p ddit-e2e --test gateway_bench -- --ignored --nocapture
+    exec cargo test --release -p ddit-e2e --test "${WHICH}_bench" -- --ignored --nocapture
 fi
 THREADS="${DDIT_BENCH_THREADS:-$(nproc)}"
 VENV="${DDIT_BENCH_VENV:-/opt/ddit-venv}"
@@ -40,7 +45,7 @@ case "$WHICH" in
     MODEL=.ddit/bench/medium
     [ -f "$MODEL/model_index.json" ] || "$VENV/bin/python" tools/bench/make_medium.py --out "$MODEL"
     ;;
-  *) echo "usage: scripts/bench.sh [N] [demo|medium|gateway]" >&2; exit 2 ;;
+  *) echo "usage: scripts/bench.sh [N] [demo|medium|gateway|service]" >&2; exit 2 ;;
 esac
 cargo build --release --bins
 WORK="$(mktemp -d)"

@@ -294,8 +294,9 @@ impl InputFetcher for S3Io {
     }
 }
 
-impl ImageSink for S3Io {
-    fn put(&mut self, job_id: &str, index: u32, png: &[u8], seed: u64) -> Result<String> {
+impl S3Io {
+    /// Stores one generated PNG under its content-addressed key, with its metadata; its URI.
+    pub async fn put_png(&self, job_id: &str, index: u32, png: &[u8], seed: u64) -> Result<String> {
         use sha2::Digest;
         let sha = ddit_schemas::hex(&sha2::Sha256::digest(png));
         let key = self.store.key_for(job_id, index, &sha);
@@ -304,7 +305,12 @@ impl ImageSink for S3Io {
             ("model-hash", self.model_hash.clone()),
             ("job-id", job_id.to_string()),
         ];
-        self.handle
-            .block_on(self.store.put(&key, png, "image/png", &meta))
+        self.store.put(&key, png, "image/png", &meta).await
+    }
+}
+
+impl ImageSink for S3Io {
+    fn put(&mut self, job_id: &str, index: u32, png: &[u8], seed: u64) -> Result<String> {
+        self.handle.block_on(self.put_png(job_id, index, png, seed))
     }
 }

@@ -33,6 +33,10 @@ pub struct EngineArgs {
     /// under steady load; `false` saves CPU on a mostly idle host.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set, env = "DDIT_ORT_SPIN")]
     ort_spin: bool,
+    /// Run each denoising step through I/O bindings: the step's tensors stay on the provider's
+    /// device between segments, and only the velocity comes back (for GPU providers).
+    #[arg(long, default_value_t = false, action = clap::ArgAction::Set, env = "DDIT_IO_BINDING")]
+    io_binding: bool,
     /// TensorRT: build fp16 engines.
     #[arg(long, env = "DDIT_TRT_FP16")]
     trt_fp16: bool,
@@ -71,24 +75,23 @@ fn default_threads() -> usize {
         .unwrap_or(1)
 }
 
-impl TryFrom<&EngineArgs> for EngineConfig {
-    type Error = anyhow::Error;
-
-    fn try_from(e: &EngineArgs) -> anyhow::Result<Self> {
+impl EngineArgs {
+    /// The engine's settings for a runner of `max_batch` rows per forward pass.
+    pub fn config(&self, max_batch: usize) -> anyhow::Result<EngineConfig> {
         Ok(EngineConfig {
-            providers: parse_providers(&e.providers)?,
-            intra_threads: e.intra_threads,
-            spin: e.ort_spin,
+            providers: parse_providers(&self.providers)?,
+            intra_threads: self.intra_threads,
+            spin: self.ort_spin,
+            io_binding: self.io_binding,
             tensorrt: TensorRtOptions {
-                fp16: e.trt_fp16,
-                cache_dir: e.trt_cache_dir.clone(),
+                fp16: self.trt_fp16,
+                cache_dir: self.trt_cache_dir.clone(),
+                max_batch: max_batch.max(1),
             },
-            ort_library: e.ort_library.clone(),
+            ort_library: self.ort_library.clone(),
         })
     }
-}
 
-impl EngineArgs {
     /// The runner's settings with `max_batch` rows per forward pass.
     pub fn runner(&self, max_batch: usize) -> RunnerConfig {
         RunnerConfig {
@@ -104,13 +107,14 @@ impl EngineArgs {
             },
             job_timeout: (self.job_timeout > 0)
                 .then(|| std::time::Duration::from_secs(self.job_timeout)),
+            progress_every: std::time::Duration::ZERO,
         }
     }
 
     /// Logging, then the verified package, its engine and its text codec.
-    pub fn load(&self) -> anyhow::Result<(Engine, TextCodec)> {
+    pub fn load(&self, max_batch: usize) -> anyhow::Result<(Engine, TextCodec)> {
         super::init_logging(&self.log);
-        let cfg = EngineConfig::try_from(self)?;
+        let cfg = self.config(max_batch)?;
         let what = || format!("loading model package {}", self.model.display());
         let pkg = Package::open(&self.model).with_context(what)?;
         let engine = Engine::load(&pkg, &cfg).with_context(what)?;

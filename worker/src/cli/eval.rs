@@ -61,7 +61,7 @@ pub fn run(cmd: EvalCmd) -> anyhow::Result<()> {
 }
 
 fn shapes(a: ShapesArgs) -> anyhow::Result<()> {
-    let (mut engine, codec) = a.engine.load()?;
+    let (mut engine, codec) = a.engine.load(a.max_batch)?;
     let start = std::time::Instant::now();
     let opts = eval::EvalOptions {
         limit: a.limit,

@@ -163,7 +163,7 @@ impl ImageSink for FileSink {
 
 /// Runs one job in-process and returns its result (an error unless it succeeded).
 fn run_one(e: &EngineArgs, task: TaskParams, out: Option<PathBuf>) -> anyhow::Result<JobResult> {
-    let (mut engine, codec) = e.load()?;
+    let (mut engine, codec) = e.load(8)?;
     let job = Job {
         job_id: "local".into(),
         task,
@@ -223,7 +223,7 @@ pub fn batch(a: BatchArgs) -> anyhow::Result<()> {
     if a.max_batch == 0 {
         bail!("--max-batch must be at least 1");
     }
-    let (mut engine, codec) = a.engine.load()?;
+    let (mut engine, codec) = a.engine.load(a.max_batch)?;
     let out = &a.out;
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     let results = out.join("results.jsonl");

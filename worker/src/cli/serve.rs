@@ -4,7 +4,6 @@ use clap::Args;
 use ddit_worker::adapters::amqp::AmqpConfig;
 use ddit_worker::adapters::redis::RedisConfig;
 use ddit_worker::adapters::s3::S3Config;
-use ddit_worker::engine::EngineConfig;
 use ddit_worker::service::{self, ServeConfig};
 
 use super::engine::EngineArgs;
@@ -155,9 +154,10 @@ struct ServeArgs {
     amqp: AmqpArgs,
     #[command(flatten)]
     tls: TlsArgs,
-    /// Unacknowledged deliveries per worker.
-    #[arg(long, default_value_t = 8, env = "DDIT_PREFETCH")]
-    prefetch: u16,
+    /// Unacknowledged deliveries per worker (default: `2 × --max-batch × --inference-threads`,
+    /// so the next batch's jobs wait in memory while the last one's images upload).
+    #[arg(long, env = "DDIT_PREFETCH")]
+    prefetch: Option<u16>,
     #[command(flatten)]
     s3: S3Args,
     /// Extra buckets input images may be read from (comma-separated; the output bucket always may).
@@ -201,8 +201,12 @@ impl TryFrom<ServeCmd> for ServeConfig {
     fn try_from(c: ServeCmd) -> anyhow::Result<Self> {
         let (e, s) = (c.engine, c.serve);
         let ca_pem = s.tls.ca_pem()?;
+        let rows = 2 * s.max_batch.max(1) * s.inference_threads.max(1);
+        let prefetch = s
+            .prefetch
+            .unwrap_or_else(|| u16::try_from(rows).unwrap_or(u16::MAX));
         Ok(ServeConfig {
-            amqp: s.amqp.config(s.prefetch, ca_pem.clone()),
+            amqp: s.amqp.config(prefetch, ca_pem.clone()),
             s3: S3Config {
                 input_buckets: s.s3_input_buckets,
                 ca_pem: ca_pem.clone(),
@@ -214,13 +218,15 @@ impl TryFrom<ServeCmd> for ServeConfig {
                 result_ttl_secs: s.result_ttl,
                 ca_pem,
             },
-            engine: EngineConfig::try_from(&e)?,
-            runner: e.runner(s.max_batch),
+            engine: e.config(s.max_batch)?,
+            runner: ddit_worker::runner::RunnerConfig {
+                progress_every: std::time::Duration::from_millis(s.progress_interval_ms),
+                ..e.runner(s.max_batch)
+            },
             model: e.model,
             inference_threads: s.inference_threads.max(1),
             shutdown_deadline: std::time::Duration::from_secs(s.shutdown_deadline),
             listen: s.listen,
-            progress_interval: std::time::Duration::from_millis(s.progress_interval_ms),
             retry_delay: std::time::Duration::from_millis(s.retry_delay_ms),
             name: s.worker_name,
         })

@@ -4,6 +4,7 @@
 //! several inference threads holds several engines. Every method is batch-first.
 
 pub mod package;
+pub mod profiles;
 pub mod providers;
 pub mod session;
 
@@ -11,7 +12,7 @@ use ddit_schemas::{Manifest, Role};
 
 pub use package::Package;
 pub use providers::{parse_providers, EngineConfig, Provider, TensorRtOptions};
-use session::{Input, Segment};
+use session::{to_host, Bound, Input, Segment};
 
 use crate::error::{Result, WorkerError};
 use crate::runner::Model;
@@ -29,6 +30,8 @@ pub struct Engine {
     text_head: Segment,
     vae_encoder: Segment,
     vae_decoder: Segment,
+    /// The device memory steps stay in, when they run through I/O bindings.
+    bound: Option<ort::memory::MemoryInfo<'static>>,
     pub tokenizer_path: std::path::PathBuf,
 }
 
@@ -45,7 +48,6 @@ impl Engine {
     pub fn load(pkg: &Package, cfg: &EngineConfig) -> Result<Self> {
         let dir = &pkg.dir;
         let env = session::environment(cfg)?;
-        let hash = pkg.manifest.model.hash.clone();
         let load_role = |role: Role| -> Result<Segment> {
             let spec = pkg
                 .manifest
@@ -55,12 +57,12 @@ impl Engine {
                     path: dir.display().to_string(),
                     message: format!("no {role} segment"),
                 })?;
-            Segment::load(env, cfg, &pkg.path_of(spec), spec, &hash)
+            Segment::load(env, cfg, &pkg.path_of(spec), spec, &pkg.manifest)
         };
         let joint_blocks = pkg
             .manifest
             .by_role(Role::JointBlocks)
-            .map(|s| Segment::load(env, cfg, &pkg.path_of(s), s, &hash))
+            .map(|s| Segment::load(env, cfg, &pkg.path_of(s), s, &pkg.manifest))
             .collect::<Result<Vec<_>>>()?;
         Ok(Self {
             text_encoder: load_role(Role::TextEncoder)?,
@@ -72,6 +74,7 @@ impl Engine {
             vae_encoder: load_role(Role::VaeEncoder)?,
             vae_decoder: load_role(Role::VaeDecoder)?,
             joint_blocks,
+            bound: cfg.io_binding.then(|| cfg.device_memory()).transpose()?,
             provider: cfg.primary(),
             tokenizer_path: pkg.tokenizer_path(),
             manifest: pkg.manifest.clone(),
@@ -153,6 +156,48 @@ impl Engine {
         )
     }
 
+    /// [`Model::velocity`] through I/O bindings: temb and both streams stay in `device` memory
+    /// from segment to segment (on a GPU, they never cross to the host); only the latents and
+    /// the context go in, and only the velocity comes back.
+    pub fn velocity_bound(
+        &mut self,
+        latents: &Tensor,
+        context: &Tensor,
+        timesteps: &[f32],
+        device: &ort::memory::MemoryInfo,
+    ) -> Result<Tensor> {
+        let first = |v: Vec<ort::value::DynValue>, what: &str| {
+            v.into_iter()
+                .next()
+                .ok_or_else(|| WorkerError::Internal(format!("{what}: missing output")))
+        };
+        let p = self.manifest.values.patch_size as usize;
+        let grid = (latents.shape[2] / p, latents.shape[3] / p);
+        let t = Tensor::new(vec![timesteps.len()], timesteps.to_vec())?;
+        let host = |t| Bound::Host(Input::F32(t));
+        let temb = self.timestep_embed.run_bound(vec![host(&t)], device)?;
+        let temb = first(temb, "timestep_embed")?;
+        let x = self.patch_embed.run_bound(vec![host(latents)], device)?;
+        let mut x = first(x, "patch_embed")?;
+        let mut y: Option<ort::value::DynValue> = None;
+        for seg in &mut self.joint_blocks {
+            let text = y.as_ref().map_or(host(context), Bound::Device);
+            let inputs = vec![Bound::Device(&x), text, Bound::Device(&temb)];
+            let mut out = seg.run_bound(inputs, device)?.into_iter();
+            let (Some(nx), ny) = (out.next(), out.next()) else {
+                return Err(WorkerError::Internal("joint_blocks: missing output".into()));
+            };
+            (x, y) = (nx, ny);
+        }
+        let g = Input::I64 {
+            shape: vec![2],
+            data: vec![grid.0 as i64, grid.1 as i64],
+        };
+        let inputs = vec![Bound::Device(&x), Bound::Device(&temb), Bound::Host(g)];
+        let v = self.image_head.run_bound(inputs, device)?;
+        to_host(first(v, "image_head")?, "image_head")
+    }
+
     /// Text stream -> logits `[B, L, V]`.
     pub fn text_head(&mut self, y: &Tensor) -> Result<Tensor> {
         take(&mut self.text_head.run(vec![Input::F32(y)])?, "text_head")
@@ -209,6 +254,11 @@ impl Model for Engine {
         context: &Tensor,
         timesteps: &[f32],
     ) -> Result<Tensor> {
+        if let Some(device) = self.bound.take() {
+            let v = self.velocity_bound(latents, context, timesteps, &device);
+            self.bound = Some(device);
+            return v;
+        }
         let p = self.manifest.values.patch_size as usize;
         let grid = (latents.shape[2] / p, latents.shape[3] / p);
         let temb = self.time_embed(timesteps)?;

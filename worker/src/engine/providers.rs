@@ -7,7 +7,9 @@ use std::path::PathBuf;
 use std::str::FromStr;
 
 use ort::ep::{self, ExecutionProviderDispatch};
+use ort::memory::{AllocationDevice, AllocatorType, MemoryInfo, MemoryType};
 
+use super::profiles::TrtProfile;
 use crate::error::{Result, WorkerError};
 
 /// One entry of `--providers`: `cpu`, `cuda[:DEVICE]`, `tensorrt[:DEVICE]`.
@@ -80,6 +82,8 @@ pub struct TensorRtOptions {
     pub fp16: bool,
     /// Root of the engine and timing caches; a subfolder per model hash is used.
     pub cache_dir: Option<PathBuf>,
+    /// Rows per forward pass the optimization profiles cover (the runner's `--max-batch`).
+    pub max_batch: usize,
 }
 
 /// Everything the engine needs to create sessions.
@@ -90,6 +94,8 @@ pub struct EngineConfig {
     pub intra_threads: usize,
     /// Whether idle pool threads spin (busy-wait) for the next parallel section.
     pub spin: bool,
+    /// Denoising steps through I/O bindings ([`crate::engine::Engine::velocity_bound`]).
+    pub io_binding: bool,
     pub tensorrt: TensorRtOptions,
     /// Path of `libonnxruntime.so`; default: `ORT_DYLIB_PATH`, then the standard places (README).
     pub ort_library: Option<PathBuf>,
@@ -101,6 +107,7 @@ impl Default for EngineConfig {
             providers: vec![Provider::Cpu],
             intra_threads: 1,
             spin: true,
+            io_binding: false,
             tensorrt: TensorRtOptions::default(),
             ort_library: None,
         }
@@ -111,6 +118,18 @@ impl EngineConfig {
     /// The provider that runs the graphs: the first requested one (the others are fallbacks).
     pub fn primary(&self) -> &'static str {
         self.providers.first().map(Provider::name).unwrap_or("cpu")
+    }
+
+    /// The memory the primary provider keeps its tensors in (what I/O bindings bind outputs to).
+    pub fn device_memory(&self) -> Result<MemoryInfo<'static>> {
+        let (device, id) = match self.providers.first() {
+            Some(Provider::Cuda { device } | Provider::TensorRt { device }) => {
+                (AllocationDevice::CUDA, *device)
+            }
+            _ => (AllocationDevice::CPU, 0),
+        };
+        MemoryInfo::new(device, id, AllocatorType::Device, MemoryType::Default)
+            .map_err(|e| WorkerError::runtime("device memory info", e))
     }
 
     /// The TensorRT cache folder for one model on one GPU:
@@ -124,8 +143,13 @@ impl EngineConfig {
         })
     }
 
-    /// The ort dispatch list, each GPU provider set to fail loudly.
-    pub fn dispatch(&self, model_hash: &str) -> Vec<ExecutionProviderDispatch> {
+    /// The ort dispatch list, each GPU provider set to fail loudly; TensorRT with the segment's
+    /// optimization profile ([`super::profiles`]).
+    pub fn dispatch(
+        &self,
+        model_hash: &str,
+        profile: Option<&TrtProfile>,
+    ) -> Vec<ExecutionProviderDispatch> {
         self.providers
             .iter()
             .map(|p| match p {
@@ -148,6 +172,12 @@ impl EngineConfig {
                             .with_engine_cache_path(&d)
                             .with_timing_cache(true)
                             .with_timing_cache_path(&d);
+                    }
+                    if let Some(p) = profile {
+                        trt = trt
+                            .with_profile_min_shapes(&p.min)
+                            .with_profile_opt_shapes(&p.opt)
+                            .with_profile_max_shapes(&p.max);
                     }
                     trt.build().error_on_failure()
                 }
@@ -295,7 +325,7 @@ mod tests {
             Provider::Cpu,
         ];
         assert_eq!(c.primary(), "tensorrt");
-        assert_eq!(c.dispatch("abc").len(), 3);
+        assert_eq!(c.dispatch("abc", None).len(), 3);
         // Registering the TensorRT provider prepares its cache folder.
         assert!(root.path().join("abc").join("sm89-trt10.13.3").is_dir());
     }

@@ -4,12 +4,13 @@ use std::borrow::Cow;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
-use ddit_schemas::{SegmentSpec, TensorDtype};
+use ddit_schemas::{Manifest, SegmentSpec, TensorDtype};
 use ort::environment::{Environment, GlobalThreadPoolOptions};
-use ort::session::{Session, SessionInputValue};
-use ort::value::TensorElementType;
-use ort::value::TensorRef;
+use ort::memory::{AllocationDevice, MemoryInfo};
+use ort::session::{IoBinding, Session, SessionInputValue};
+use ort::value::{DynValue, Tensor as OrtTensor, TensorElementType, TensorRef, TensorValueType};
 
+use super::profiles::trt_profile;
 use super::providers::EngineConfig;
 use crate::error::{Result, WorkerError};
 use crate::tensor::Tensor;
@@ -93,6 +94,15 @@ pub struct Segment {
     session: Session,
     inputs: Vec<String>,
     outputs: Vec<String>,
+    /// The I/O binding of [`Segment::run_bound`], made on first use.
+    binding: Option<IoBinding>,
+}
+
+/// An input of [`Segment::run_bound`]: host data (copied to the session's device when bound) or
+/// a value another segment left on the device.
+pub enum Bound<'a> {
+    Host(Input<'a>),
+    Device(&'a DynValue),
 }
 
 fn element(d: TensorDtype) -> TensorElementType {
@@ -110,13 +120,22 @@ impl Segment {
         cfg: &EngineConfig,
         path: &Path,
         spec: &SegmentSpec,
-        model_hash: &str,
+        manifest: &Manifest,
     ) -> Result<Self> {
         let ctx = |what: &str| format!("segment {} ({}): {what}", spec.name, path.display());
+        let profile = match cfg.primary() {
+            "tensorrt" => trt_profile(spec, manifest, cfg.tensorrt.max_batch).map_err(|m| {
+                WorkerError::Package {
+                    path: path.display().to_string(),
+                    message: m,
+                }
+            })?,
+            _ => None,
+        };
         // Every session runs on the environment's one thread pool (see `environment`).
         let builder = Session::builder(env).map_err(|e| WorkerError::runtime(ctx("builder"), e))?;
         let mut builder = builder
-            .with_execution_providers(cfg.dispatch(model_hash))
+            .with_execution_providers(cfg.dispatch(&manifest.model.hash, profile.as_ref()))
             .map_err(|e| WorkerError::Provider {
                 provider: cfg.primary().to_string(),
                 message: e.to_string(),
@@ -161,6 +180,7 @@ impl Segment {
             inputs: spec.inputs.iter().map(|t| t.name.clone()).collect(),
             outputs: spec.outputs.iter().map(|t| t.name.clone()).collect(),
             session,
+            binding: None,
         })
     }
 
@@ -206,4 +226,79 @@ impl Segment {
         }
         Ok(res)
     }
+
+    /// Runs the segment through an I/O binding: every output stays in `device` memory (the
+    /// session's), where the next segment reads it; inputs in manifest order; returns every
+    /// output in manifest order.
+    pub fn run_bound(
+        &mut self,
+        inputs: Vec<Bound<'_>>,
+        device: &MemoryInfo,
+    ) -> Result<Vec<DynValue>> {
+        let ctx = |what: &str| format!("segment {}: {what}", self.name);
+        if inputs.len() != self.inputs.len() {
+            return Err(WorkerError::Internal(ctx("wrong number of bound inputs")));
+        }
+        let binding = match &mut self.binding {
+            Some(b) => b,
+            None => {
+                let b = self
+                    .session
+                    .create_binding()
+                    .map_err(|e| WorkerError::runtime(ctx("binding"), e))?;
+                self.binding.insert(b)
+            }
+        };
+        // Outputs bound afresh each run: a bound output keeps its first shape, and rows change
+        // from step to step as jobs join and leave.
+        for name in &self.outputs {
+            binding
+                .bind_output_to_device(name.as_str(), device)
+                .map_err(|e| WorkerError::runtime(ctx(name), e))?;
+        }
+        // Host inputs as owned tensors: ort clones a borrowed view on binding, and that clone
+        // deadlocks in ort 2.0.0-rc.15 (its identity session takes a lock it already holds).
+        for (name, inp) in self.inputs.iter().zip(&inputs) {
+            let bound = match inp {
+                Bound::Device(v) => binding.bind_input(name.as_str(), *v),
+                Bound::Host(Input::F32(t)) => {
+                    OrtTensor::from_array((t.shape.clone(), t.data.clone()))
+                        .and_then(|v| binding.bind_input(name.as_str(), &v))
+                }
+                Bound::Host(Input::I64 { shape, data }) => {
+                    OrtTensor::from_array((shape.clone(), data.clone()))
+                        .and_then(|v| binding.bind_input(name.as_str(), &v))
+                }
+            };
+            bound.map_err(|e| WorkerError::runtime(ctx(name), e))?;
+        }
+        let mut out = self
+            .session
+            .run_binding(binding)
+            .map_err(|e| WorkerError::runtime(ctx("run"), e))?;
+        self.outputs
+            .iter()
+            .map(|n| {
+                out.remove(n.as_str())
+                    .ok_or_else(|| WorkerError::Internal(ctx(&format!("no output {n}"))))
+            })
+            .collect()
+    }
+}
+
+/// A device value read back to the host (copied off the device first when the host cannot read
+/// its memory).
+pub fn to_host(v: DynValue, what: &str) -> Result<Tensor> {
+    let ctx = |e| WorkerError::runtime(what.to_string(), e);
+    let t = v.downcast::<TensorValueType<f32>>().map_err(ctx)?;
+    let t = if t.memory_info().is_cpu_accessible() {
+        t
+    } else {
+        t.to(AllocationDevice::CPU, 0).map_err(ctx)?
+    };
+    let (shape, data) = t.extract_tensor();
+    Ok(Tensor {
+        shape: shape.iter().map(|&d| d.max(0) as usize).collect(),
+        data: data.to_vec(),
+    })
 }

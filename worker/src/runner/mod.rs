@@ -27,7 +27,7 @@ use crate::error::{Result, WorkerError};
 use crate::image_io::ImageLimits;
 use crate::tasks::input::InputFetcher;
 use crate::text::TextCodec;
-pub use finish::ended_result;
+pub use finish::{encode_images, ended_result, Decoded, Png};
 pub use model::Model;
 use work::Active;
 
@@ -47,6 +47,9 @@ pub struct RunnerConfig {
     pub image_limits: ImageLimits,
     /// Longest a job may run once admitted; it then ends `expired` (checked between steps).
     pub job_timeout: Option<std::time::Duration>,
+    /// Least time between two progress reports of one job (its first and last steps are always
+    /// reported): each report wakes the service's event loop, which then competes with the steps.
+    pub progress_every: std::time::Duration,
 }
 
 impl Default for RunnerConfig {
@@ -56,6 +59,7 @@ impl Default for RunnerConfig {
             caption_latent: LatentMode::Sample,
             image_limits: ImageLimits::default(),
             job_timeout: None,
+            progress_every: std::time::Duration::ZERO,
         }
     }
 }
@@ -84,9 +88,17 @@ pub trait JobSource {
     fn next_job(&mut self, wait: bool) -> Option<Incoming>;
 }
 
-/// Where generated images go. Returns the output's URI.
+/// Where generated images go.
 pub trait ImageSink {
+    /// Stores one PNG; returns the output's URI.
     fn put(&mut self, job_id: &str, index: u32, png: &[u8], seed: u64) -> Result<String>;
+
+    /// Stores a finished job's images and completes its result: here, in order, by default. A sink
+    /// that stores them beside the step loop returns `None` and reports the result itself once
+    /// every image is stored (the service's uploads).
+    fn finish(&mut self, job: Decoded) -> Option<JobResult> {
+        Some(job.store_in(self))
+    }
 }
 
 /// What the service plugs in: progress, cancellation and the results themselves.
@@ -212,6 +224,7 @@ impl<'a, M: Model> Runner<'a, M> {
                 batch_max: 0,
                 span,
                 work,
+                reported: None,
             }),
             Err(r) => hooks.result(*r),
         }

@@ -178,7 +178,8 @@ impl<M: Model> Runner<'_, M> {
     ) {
         let active = std::mem::take(&mut self.active);
         let mut keep = Vec::with_capacity(active.len());
-        for (ai, a) in active.into_iter().enumerate() {
+        let now = Instant::now();
+        for (ai, mut a) in active.into_iter().enumerate() {
             if let Some(e) = failed.remove(&ai) {
                 a.span.in_scope(|| tracing::warn!("failed: {e}"));
                 let r = self.failed(&a.job_id, Some(a.task), Status::Failed, Some(&e));
@@ -188,12 +189,16 @@ impl<M: Model> Runner<'_, M> {
                 let run = std::panic::AssertUnwindSafe(|| self.finish(a, sink));
                 let r = std::panic::catch_unwind(run).unwrap_or_else(|p| {
                     let e = panicked("finishing the job", p.as_ref());
-                    self.failed(&id, Some(task), Status::Failed, Some(&e))
+                    Some(self.failed(&id, Some(task), Status::Failed, Some(&e)))
                 });
-                hooks.result(r);
+                if let Some(r) = r {
+                    hooks.result(r);
+                }
             } else {
-                let (step, total) = a.work.progress();
-                hooks.progress(&a.job_id, step, total);
+                if a.progress_due(self.cfg.progress_every, now) {
+                    let (step, total) = a.work.progress();
+                    hooks.progress(&a.job_id, step, total);
+                }
                 keep.push(a);
             }
         }

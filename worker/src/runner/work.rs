@@ -89,11 +89,23 @@ pub(super) struct Active {
     /// The job's span: its steps are recorded under it, on whichever thread runs them.
     pub span: tracing::Span,
     pub work: Work,
+    /// When its progress was last reported.
+    pub reported: Option<Instant>,
 }
 
 impl Active {
     pub(super) fn rows(&self) -> usize {
         self.work.rows()
+    }
+
+    /// Whether its progress is due: first, last, or `every` since the last report.
+    pub(super) fn progress_due(&mut self, every: std::time::Duration, now: Instant) -> bool {
+        let (step, total) = self.work.progress();
+        let due = step + 1 >= total || self.reported.is_none_or(|t| now - t >= every);
+        if due {
+            self.reported = Some(now);
+        }
+        due
     }
 }
 

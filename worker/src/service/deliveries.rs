@@ -48,7 +48,6 @@ pub(super) struct Service {
     pub metrics: Arc<Metrics>,
     pub model: ModelRef,
     pub in_flight: HashMap<String, InFlight>,
-    pub last_progress: HashMap<String, Instant>,
     /// Jobs to the inference threads, each with its span; `None` once draining.
     pub jobs: Option<mpsc::Sender<(Job, tracing::Span)>>,
     /// A confirm-mode channel for retry copies and dead letters (set once the broker is reached).
@@ -222,7 +221,6 @@ impl Service {
             tracing::warn!(job_id = %r.job_id, "result for a job not in flight");
             return;
         };
-        self.last_progress.remove(&r.job_id);
         r.attempts = Some(f.attempt);
         let span = f.span.clone();
         async {
@@ -321,17 +319,10 @@ impl Service {
         }
     }
 
+    /// Progress as the runner reports it (at most once per `--progress-interval-ms` per job).
     async fn on_progress(&mut self, job_id: String, step: usize, total: usize) {
-        let now = Instant::now();
-        let due = self
-            .last_progress
-            .get(&job_id)
-            .is_none_or(|t| now.duration_since(*t) >= self.cfg.progress_interval);
-        if due || (total > 0 && step >= total) {
-            self.last_progress.insert(job_id.clone(), now);
-            if let Err(e) = self.redis.publish_progress(&job_id, step, total).await {
-                tracing::debug!("progress: {e}");
-            }
+        if let Err(e) = self.redis.publish_progress(&job_id, step, total).await {
+            tracing::debug!("progress: {e}");
         }
     }
 }

@@ -8,10 +8,14 @@ use std::thread::JoinHandle;
 
 use ddit_schemas::{Job, JobResult};
 use tokio::sync::mpsc;
+use tracing::Instrument;
 
 use crate::adapters::s3::S3Io;
 use crate::engine::{Engine, EngineConfig, Package};
-use crate::runner::{Hooks, Incoming, JobSource, Runner, RunnerConfig};
+use crate::error::{Result, WorkerError};
+use crate::runner::{
+    encode_images, Decoded, Hooks, ImageSink, Incoming, JobSource, Runner, RunnerConfig,
+};
 use crate::text::TextCodec;
 
 /// What inference threads report to the async side.
@@ -100,6 +104,67 @@ impl Hooks for EventHooks {
     }
 }
 
+/// The service's image sink: PNG encoding and the S3 uploads of a finished job run on the runtime,
+/// beside the step loop, and its result is reported once every object is stored (or failed when
+/// one could not be). The result is the only one the job gets: nothing else reports it.
+struct Uploads {
+    io: S3Io,
+    events: mpsc::UnboundedSender<Event>,
+}
+
+impl ImageSink for Uploads {
+    fn put(&mut self, job_id: &str, index: u32, png: &[u8], seed: u64) -> Result<String> {
+        self.io.put(job_id, index, png, seed)
+    }
+
+    fn finish(&mut self, job: Decoded) -> Option<JobResult> {
+        let (io, events) = (self.io.clone(), self.events.clone());
+        let span = tracing::Span::current();
+        self.io.handle.spawn(
+            async move {
+                let result = upload(&io, job).await;
+                let _ = events.send(Event::Result(Box::new(result)));
+            }
+            .instrument(span),
+        );
+        None
+    }
+}
+
+/// Encodes (on a blocking thread) and uploads a job's images; its completed result.
+async fn upload(io: &S3Io, mut job: Decoded) -> JobResult {
+    let images = std::mem::take(&mut job.images);
+    let encoded = tokio::task::spawn_blocking(move || {
+        let run = std::panic::AssertUnwindSafe(|| encode_images(&images));
+        let pngs = std::panic::catch_unwind(run)
+            .unwrap_or_else(|_| Err(WorkerError::Internal("PNG encoding panicked".into())));
+        (images, pngs)
+    })
+    .await;
+    let pngs = match encoded {
+        Ok((images, pngs)) => {
+            job.images = images;
+            pngs
+        }
+        Err(e) => Err(WorkerError::Internal(format!("PNG encoding: {e}"))),
+    };
+    let stored = match pngs {
+        Ok(pngs) => {
+            let job_id = &job.result.job_id;
+            let puts = pngs
+                .iter()
+                .zip(&job.images)
+                .enumerate()
+                .map(|(i, (p, (_, seed)))| io.put_png(job_id, i as u32, &p.bytes, *seed));
+            futures_util::future::try_join_all(puts)
+                .await
+                .map(|uris| pngs.into_iter().zip(uris).collect())
+        }
+        Err(e) => Err(e),
+    };
+    job.complete(stored)
+}
+
 /// Counts a live inference thread until dropped (also when the thread unwinds from a panic).
 struct Alive(Arc<AtomicUsize>);
 
@@ -147,7 +212,10 @@ pub fn start(
             let events = events.clone();
             let canceled = canceled.clone();
             let fetcher = io.clone();
-            let mut sink = io.clone();
+            let mut sink = Uploads {
+                io: io.clone(),
+                events: events.clone(),
+            };
             let package = cfg.package.clone();
             let ecfg = cfg.engine.clone();
             let rcfg = cfg.runner.clone();

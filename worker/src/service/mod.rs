@@ -54,8 +54,6 @@ pub struct ServeConfig {
     pub inference_threads: usize,
     pub shutdown_deadline: Duration,
     pub listen: SocketAddr,
-    /// Least time between two progress events of one job.
-    pub progress_interval: Duration,
     /// First delay before a transient failure's retry (doubled per attempt, jittered, ≤ 60 s).
     pub retry_delay: Duration,
     pub name: String,
@@ -176,7 +174,6 @@ async fn start(cfg: &ServeConfig) -> Result<Started> {
         metrics,
         model,
         in_flight: HashMap::new(),
-        last_progress: HashMap::new(),
         jobs: Some(pool.jobs),
         publisher: None,
         queued: pool.queued,

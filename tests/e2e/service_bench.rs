@@ -1,0 +1,188 @@
+//! The service tax: `serve` with one worker (real RabbitMQ, Redis and S3 on loopback) against
+//! `batch` on the same generate jobs of the demo model, with the same flags, in one run. A
+//! benchmark, not a timed test: it prints both throughputs and their ratio.
+//! Run by `scripts/bench.sh N service` (`cargo test -p ddit-e2e --test service_bench -- --ignored`).
+#![allow(clippy::unwrap_used)]
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use ddit_e2e::*;
+use ddit_schemas::{JobResult, Status};
+use ddit_worker::adapters::amqp;
+use serde_json::json;
+
+/// `n` generate jobs (28 steps): the ShapesEval captions as prompts, in turn.
+fn jobs(n: usize, prefix: &str) -> Vec<serde_json::Value> {
+    let scenes =
+        std::fs::read_to_string(workspace().join("models/shapes-eval/scenes.jsonl")).unwrap();
+    let prompts: Vec<String> = scenes
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["caption"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    (0..n)
+        .map(|i| {
+            json!({"job_id": format!("{prefix}-{i}"), "task": "generate",
+                   "params": {"prompt": prompts[i % prompts.len()], "steps": 28, "seed": i}})
+        })
+        .collect()
+}
+
+/// Wall seconds of one `ddit-worker batch` run over the job file `jobs`.
+fn batch_seconds(pkg: &Path, jobs: &Path, out: &Path, flags: &[String]) -> f64 {
+    let _ = std::fs::remove_dir_all(out);
+    let t = Instant::now();
+    let status = Command::new(worker_bin())
+        .arg("batch")
+        .arg("--model")
+        .arg(pkg)
+        .arg("--jobs")
+        .arg(jobs)
+        .arg("--out")
+        .arg(out)
+        .args(flags)
+        .stdout(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(status.success(), "batch failed");
+    t.elapsed().as_secs_f64()
+}
+
+/// Seconds from publishing `bodies` (all at once, confirms awaited together) until every one of
+/// `ids` has its result in Redis.
+async fn serve_seconds(names: &Names, bodies: &[Vec<u8>], ids: &[String]) -> (f64, Vec<JobResult>) {
+    use redis::AsyncCommands;
+    let mut r = redis().await;
+    let keys: Vec<String> = ids
+        .iter()
+        .map(|i| format!("{}:result:{i}", names.redis_prefix))
+        .collect();
+    let cfg = names.amqp();
+    let conn = amqp::connect(&cfg, "bench-client").await.unwrap();
+    let ch = conn.create_channel().await.unwrap();
+    amqp::declare(&ch, &cfg).await.unwrap();
+    let t = Instant::now();
+    let publishes = bodies
+        .iter()
+        .map(|b| amqp::publish_job(&ch, &cfg.queue, b, None));
+    for p in futures_util::future::join_all(publishes).await {
+        p.unwrap();
+    }
+    // Polled by EXISTS (a count, not the results): the poll must not take the cores it measures.
+    loop {
+        let done: usize = r.exists(&keys).await.unwrap();
+        if done == keys.len() {
+            let secs = t.elapsed().as_secs_f64();
+            let _ = conn.close(200, "done".into()).await;
+            let vals: Vec<Option<String>> = r.mget(&keys).await.unwrap();
+            let results = vals
+                .iter()
+                .flatten()
+                .map(|v| serde_json::from_str(v).unwrap())
+                .collect();
+            return (secs, results);
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(900),
+            "results missing after 900 s"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[test]
+#[ignore = "a benchmark: scripts/bench.sh N service"]
+fn serve_throughput_against_batch_on_the_same_jobs() {
+    let n: usize = var("DDIT_BENCH_JOBS", "96").parse().unwrap();
+    let rounds: usize = var("DDIT_BENCH_ROUNDS", "6").parse().unwrap();
+    let cores = std::thread::available_parallelism()
+        .map_or(2, |c| c.get())
+        .to_string();
+    let threads = var("DDIT_BENCH_THREADS", &cores);
+    let dir = tempfile::tempdir().unwrap();
+    let pkg = dir.path().join("pkg");
+    let mut o = ddit_export::ExportOptions::new(workspace().join("models/ddit-shapes"), &pkg);
+    o.name = Some("ddit-shapes".into());
+    ddit_export::convert(&o).unwrap();
+
+    // The same flags on both sides (more in DDIT_BENCH_FLAGS); `--prefetch` is serve's default
+    // for them (2 × max batch), or DDIT_BENCH_PREFETCH.
+    let prefetch = var("DDIT_BENCH_PREFETCH", "16");
+    let mut flags: Vec<String> = ["--max-batch", "8", "--intra-threads", &threads]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    flags.extend(
+        var("DDIT_BENCH_FLAGS", "")
+            .split_whitespace()
+            .map(str::to_string),
+    );
+    let names = Names::new("svcbench");
+    let mut serve_flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    serve_flags.extend(["--prefetch", &prefetch, "--log", "warn"]);
+    let mut worker = Worker::start(&names, &pkg, dir.path(), "bench", &serve_flags);
+    worker.wait_ready(Duration::from_secs(120));
+    let rt = tokio::runtime::Runtime::new().unwrap();
+
+    let empty = dir.path().join("none.jsonl");
+    std::fs::write(&empty, "").unwrap();
+    let out = dir.path().join("out");
+    println!(
+        "service bench: {n} generate jobs (28 steps, demo model), flags {}, serve --prefetch {prefetch}",
+        flags.join(" ")
+    );
+    // Rounds alternate the two sides, so that both see the same drifts of this shared machine;
+    // the verdict is over all rounds together.
+    let (mut batch_total, mut serve_total, mut ratios) = (0.0, 0.0, vec![]);
+    for round in 0..rounds {
+        let batch_jobs = jobs(n, &format!("batch{round}"));
+        let file = dir.path().join("jobs.jsonl");
+        let lines: Vec<String> = batch_jobs.iter().map(|j| j.to_string()).collect();
+        std::fs::write(&file, lines.join("\n") + "\n").unwrap();
+        let load = batch_seconds(&pkg, &empty, &out, &flags);
+        let batch = batch_seconds(&pkg, &file, &out, &flags) - load;
+
+        let serve_jobs = jobs(n, &format!("{}-serve{round}", names.queue));
+        let ids: Vec<String> = serve_jobs
+            .iter()
+            .map(|j| j["job_id"].as_str().unwrap().to_string())
+            .collect();
+        let bodies: Vec<Vec<u8>> = serve_jobs
+            .iter()
+            .map(|j| j.to_string().into_bytes())
+            .collect();
+        let (serve, results) = rt.block_on(serve_seconds(&names, &bodies, &ids));
+        assert!(results
+            .iter()
+            .all(|r| r.status == Status::Succeeded && r.outputs.len() == 1));
+        rt.block_on(assert_outputs_match(&results));
+        println!(
+            "service bench: round {round}: batch {:.2} jobs/s ({batch:.2} s, load {load:.2} s excluded), \
+             serve {:.2} jobs/s ({serve:.2} s publish to last result): serve/batch = {:.3}",
+            n as f64 / batch,
+            n as f64 / serve,
+            batch / serve
+        );
+        (batch_total, serve_total) = (batch_total + batch, serve_total + serve);
+        ratios.push(batch / serve);
+    }
+    ratios.sort_by(f64::total_cmp);
+    let jobs_all = (n * rounds) as f64;
+    println!(
+        "service bench: all {rounds} rounds: batch {:.2} jobs/s, serve {:.2} jobs/s: serve/batch = {:.3} \
+         (median of the rounds {:.3})",
+        jobs_all / batch_total,
+        jobs_all / serve_total,
+        batch_total / serve_total,
+        ratios[ratios.len() / 2]
+    );
+    worker.sigterm();
+    let _ = worker.child.wait();
+    rt.block_on(cleanup(&names));
+}
