@@ -183,18 +183,21 @@ async fn a_panic_in_one_jobs_step_fails_that_job_alone() {
     let model = export_model(dir.path());
     let bin = fault_injection_bin();
     let extra = ["--prefetch", "4", "--max-batch", "4"];
-    let mut w = Worker::start_bin(&bin, &names, &model, dir.path(), "w", &extra, &[]);
-    w.wait_ready(Duration::from_secs(60));
+    // Queued before the worker starts, and mates long enough that the poisoned job joins them
+    // however the deliveries trickle in (a mate that ends before it arrives shares nothing).
     let ids = ["mate-1", "ddit-inject-panic", "mate-2", "mate-3"];
     let bodies: Vec<Vec<u8>> = ids
         .iter()
         .map(|id| {
+            let steps = if id.starts_with("mate") { 60 } else { 8 };
             serde_json::to_vec(&json!({"job_id": id, "task": "generate",
-                "params": {"prompt": "a red circle", "steps": 8, "seed": 1}}))
+                "params": {"prompt": "a red circle", "steps": steps, "seed": 1}}))
             .unwrap()
         })
         .collect();
     publish(&names, &bodies).await;
+    let mut w = Worker::start_bin(&bin, &names, &model, dir.path(), "w", &extra, &[]);
+    w.wait_ready(Duration::from_secs(60));
     let ids: Vec<String> = ids.iter().map(|s| s.to_string()).collect();
     let got = wait_results(&names, &ids, Duration::from_secs(120)).await;
     assert_eq!(got.len(), 4, "{}", w.log_text());
