@@ -13,7 +13,7 @@ use aws_sdk_s3::Client;
 use tokio::runtime::Handle;
 
 use crate::error::{Result, WorkerError};
-use crate::runner::ImageSink;
+use crate::runner::Png;
 use crate::tasks::input::{decode_data_uri, InputFetcher};
 
 #[derive(Debug, Clone)]
@@ -296,21 +296,13 @@ impl InputFetcher for S3Io {
 
 impl S3Io {
     /// Stores one generated PNG under its content-addressed key, with its metadata; its URI.
-    pub async fn put_png(&self, job_id: &str, index: u32, png: &[u8], seed: u64) -> Result<String> {
-        use sha2::Digest;
-        let sha = ddit_schemas::hex(&sha2::Sha256::digest(png));
-        let key = self.store.key_for(job_id, index, &sha);
+    pub async fn put_png(&self, job_id: &str, index: u32, png: &Png, seed: u64) -> Result<String> {
+        let key = self.store.key_for(job_id, index, &png.sha256);
         let meta = [
             ("seed", seed.to_string()),
             ("model-hash", self.model_hash.clone()),
             ("job-id", job_id.to_string()),
         ];
-        self.store.put(&key, png, "image/png", &meta).await
-    }
-}
-
-impl ImageSink for S3Io {
-    fn put(&mut self, job_id: &str, index: u32, png: &[u8], seed: u64) -> Result<String> {
-        self.handle.block_on(self.put_png(job_id, index, png, seed))
+        self.store.put(&key, &png.bytes, "image/png", &meta).await
     }
 }

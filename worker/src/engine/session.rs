@@ -11,7 +11,7 @@ use ort::session::{IoBinding, Session, SessionInputValue};
 use ort::value::{DynValue, Tensor as OrtTensor, TensorElementType, TensorRef, TensorValueType};
 
 use super::profiles::trt_profile;
-use super::providers::EngineConfig;
+use super::providers::{EngineConfig, Provider};
 use crate::error::{Result, WorkerError};
 use crate::tensor::Tensor;
 
@@ -123,14 +123,18 @@ impl Segment {
         manifest: &Manifest,
     ) -> Result<Self> {
         let ctx = |what: &str| format!("segment {} ({}): {what}", spec.name, path.display());
-        let profile = match cfg.primary() {
-            "tensorrt" => trt_profile(spec, manifest, cfg.tensorrt.max_batch).map_err(|m| {
+        let trt = cfg
+            .providers
+            .iter()
+            .any(|p| matches!(p, Provider::TensorRt { .. }));
+        let profile = match trt {
+            true => trt_profile(spec, manifest, cfg.tensorrt.max_batch).map_err(|m| {
                 WorkerError::Package {
                     path: path.display().to_string(),
                     message: m,
                 }
             })?,
-            _ => None,
+            false => None,
         };
         // Every session runs on the environment's one thread pool (see `environment`).
         let builder = Session::builder(env).map_err(|e| WorkerError::runtime(ctx("builder"), e))?;

@@ -50,15 +50,18 @@ pub struct Png {
     pub sha256: String,
 }
 
+impl Png {
+    pub fn of(bytes: Vec<u8>) -> Self {
+        let sha256 = ddit_schemas::hex(&Sha256::digest(&bytes));
+        Self { bytes, sha256 }
+    }
+}
+
 /// The PNG bytes of each image, in order (the CPU part of storing them).
 pub fn encode_images(images: &[(image::RgbImage, u64)]) -> Result<Vec<Png>> {
     images
         .iter()
-        .map(|(rgb, _)| {
-            let bytes = image_io::encode_png(rgb)?;
-            let sha256 = ddit_schemas::hex(&Sha256::digest(&bytes));
-            Ok(Png { bytes, sha256 })
-        })
+        .map(|(rgb, _)| Ok(Png::of(image_io::encode_png(rgb)?)))
         .collect()
 }
 

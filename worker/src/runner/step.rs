@@ -195,8 +195,7 @@ impl<M: Model> Runner<'_, M> {
                     hooks.result(r);
                 }
             } else {
-                if a.progress_due(self.cfg.progress_every, now) {
-                    let (step, total) = a.work.progress();
+                if let Some((step, total)) = a.progress_due(self.cfg.progress_every, now) {
                     hooks.progress(&a.job_id, step, total);
                 }
                 keep.push(a);

@@ -98,14 +98,18 @@ impl Active {
         self.work.rows()
     }
 
-    /// Whether its progress is due: first, last, or `every` since the last report.
-    pub(super) fn progress_due(&mut self, every: std::time::Duration, now: Instant) -> bool {
+    /// Its (step, total) when a progress report is due: first, last, or `every` since the last.
+    pub(super) fn progress_due(
+        &mut self,
+        every: std::time::Duration,
+        now: Instant,
+    ) -> Option<(usize, usize)> {
         let (step, total) = self.work.progress();
         let due = step + 1 >= total || self.reported.is_none_or(|t| now - t >= every);
-        if due {
+        due.then(|| {
             self.reported = Some(now);
-        }
-        due
+            (step, total)
+        })
     }
 }
 

@@ -14,7 +14,7 @@ use crate::adapters::s3::S3Io;
 use crate::engine::{Engine, EngineConfig, Package};
 use crate::error::{Result, WorkerError};
 use crate::runner::{
-    encode_images, Decoded, Hooks, ImageSink, Incoming, JobSource, Runner, RunnerConfig,
+    encode_images, Decoded, Hooks, ImageSink, Incoming, JobSource, Png, Runner, RunnerConfig,
 };
 use crate::text::TextCodec;
 
@@ -114,7 +114,10 @@ struct Uploads {
 
 impl ImageSink for Uploads {
     fn put(&mut self, job_id: &str, index: u32, png: &[u8], seed: u64) -> Result<String> {
-        self.io.put(job_id, index, png, seed)
+        let png = Png::of(png.to_vec());
+        self.io
+            .handle
+            .block_on(self.io.put_png(job_id, index, &png, seed))
     }
 
     fn finish(&mut self, job: Decoded) -> Option<JobResult> {
@@ -155,7 +158,7 @@ async fn upload(io: &S3Io, mut job: Decoded) -> JobResult {
                 .iter()
                 .zip(&job.images)
                 .enumerate()
-                .map(|(i, (p, (_, seed)))| io.put_png(job_id, i as u32, &p.bytes, *seed));
+                .map(|(i, (p, (_, seed)))| io.put_png(job_id, i as u32, p, *seed));
             futures_util::future::try_join_all(puts)
                 .await
                 .map(|uris| pngs.into_iter().zip(uris).collect())
