@@ -77,7 +77,7 @@ wall() { # seconds of one `batch` run of package $1 over a job file $2
   rm -rf "$WORK/out"
   s=$(date +%s.%N)
   target/release/ddit-worker batch --model "$WORK/pkg-$1" --jobs "$2" --out "$WORK/out" \
-    --intra-threads "$THREADS" --max-batch 8 >/dev/null
+    --threads "$THREADS" --max-batch 8 >/dev/null
   e=$(date +%s.%N)
   python3 -c "print($e - $s)"
 }

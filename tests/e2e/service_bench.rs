@@ -112,9 +112,9 @@ fn serve_throughput_against_batch_on_the_same_jobs() {
     ddit_export::convert(&o).unwrap();
 
     // The same flags on both sides (more in DDIT_BENCH_FLAGS); `--prefetch` is serve's default
-    // for them (2 × max batch), or DDIT_BENCH_PREFETCH.
-    let prefetch = var("DDIT_BENCH_PREFETCH", "16");
-    let mut flags: Vec<String> = ["--max-batch", "8", "--intra-threads", &threads]
+    // for them (2 × max batch × inference threads), or DDIT_BENCH_PREFETCH.
+    let prefetch = std::env::var("DDIT_BENCH_PREFETCH").ok();
+    let mut flags: Vec<String> = ["--max-batch", "8", "--threads", &threads]
         .iter()
         .map(|s| s.to_string())
         .collect();
@@ -125,7 +125,10 @@ fn serve_throughput_against_batch_on_the_same_jobs() {
     );
     let names = Names::new("svcbench");
     let mut serve_flags: Vec<&str> = flags.iter().map(String::as_str).collect();
-    serve_flags.extend(["--prefetch", &prefetch, "--log", "warn"]);
+    serve_flags.extend(["--log", "warn"]);
+    if let Some(p) = &prefetch {
+        serve_flags.extend(["--prefetch", p]);
+    }
     let mut worker = Worker::start(&names, &pkg, dir.path(), "bench", &serve_flags);
     worker.wait_ready(Duration::from_secs(120));
     let rt = tokio::runtime::Runtime::new().unwrap();
@@ -134,8 +137,9 @@ fn serve_throughput_against_batch_on_the_same_jobs() {
     std::fs::write(&empty, "").unwrap();
     let out = dir.path().join("out");
     println!(
-        "service bench: {n} generate jobs (28 steps, demo model), flags {}, serve --prefetch {prefetch}",
-        flags.join(" ")
+        "service bench: {n} generate jobs (28 steps, demo model), flags {}, serve --prefetch {}",
+        flags.join(" "),
+        prefetch.as_deref().unwrap_or("(its default)")
     );
     // Rounds alternate the two sides, so that both see the same drifts of this shared machine;
     // the verdict is over all rounds together.

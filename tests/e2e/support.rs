@@ -228,7 +228,7 @@ impl Worker {
             ("--s3-endpoint", endpoint.as_str()),
             ("--prefetch", "4"),
             ("--max-batch", "4"),
-            ("--intra-threads", "1"),
+            ("--threads", "1"),
             ("--delivery-limit", delivery_limit.as_str()),
             ("--log", "info"),
         ];

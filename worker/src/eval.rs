@@ -8,7 +8,7 @@ use ddit_shapes_eval::{jobs, load_set, score, EvalError, Report};
 
 use crate::adapters::local::memory::{Collect, MemSink, VecSource};
 use crate::error::{Result, WorkerError};
-use crate::runner::{Model, Runner, RunnerConfig};
+use crate::runner::{run_threads, Model, RunnerConfig};
 use crate::tasks::input::LocalFetcher;
 use crate::text::TextCodec;
 
@@ -31,9 +31,10 @@ impl From<EvalError> for WorkerError {
 }
 
 /// Runs every scene: a caption job, one VQA job per question, one generation job from the
-/// caption. Returns the scores, the generated images with their prompts and every prediction.
-pub fn run<M: Model>(
-    model: &mut M,
+/// caption, on one runner per model. Returns the scores, the generated images with their prompts
+/// and every prediction.
+pub fn run<M: Model + Send>(
+    models: &mut [M],
     codec: &TextCodec,
     set: &Path,
     opts: EvalOptions,
@@ -44,13 +45,23 @@ pub fn run<M: Model>(
     }
     let mut src = VecSource::new(jobs(&scenes, set, opts.seed));
     let mut hooks = Collect::default();
-    let mut sink = MemSink::default();
-    Runner::new(model, codec, &LocalFetcher, opts.runner).run(&mut src, &mut sink, &mut hooks);
+    let mut sinks: Vec<MemSink> = models.iter().map(|_| MemSink::default()).collect();
+    run_threads(
+        models,
+        codec,
+        &LocalFetcher,
+        &opts.runner,
+        &mut src,
+        &mut sinks,
+        &mut hooks,
+    );
     let text_of = |id: &str| {
         hooks
             .get(id)
             .filter(|r| r.status == Status::Succeeded)
             .and_then(|r| r.text.clone())
     };
-    Ok(score(&scenes, text_of, |id| sink.first(id)))
+    Ok(score(&scenes, text_of, |id| {
+        sinks.iter().find_map(|s| s.first(id))
+    }))
 }

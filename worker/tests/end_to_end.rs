@@ -5,7 +5,10 @@ mod common;
 
 use common::{job, run_jobs, write_png};
 use ddit_schemas::{ErrorKind, JobResult, Status};
-use ddit_worker::runner::Incoming;
+use ddit_worker::engine::EngineConfig;
+use ddit_worker::runner::{run_threads, Incoming, RunnerConfig};
+use ddit_worker::tasks::input::LocalFetcher;
+use ddit_worker::text::TextCodec;
 use ddit_worker::WorkerError;
 use serde_json::json;
 
@@ -139,6 +142,61 @@ fn batched_results_equal_unbatched() {
     pa.sort();
     pb.sort();
     assert_eq!(pa, pb);
+}
+
+/// Results, and the threads that reported them.
+#[derive(Default)]
+struct ByThread {
+    results: Vec<JobResult>,
+    threads: std::collections::HashSet<std::thread::ThreadId>,
+}
+
+impl ddit_worker::runner::Hooks for ByThread {
+    fn result(&mut self, r: JobResult) {
+        self.threads.insert(std::thread::current().id());
+        self.results.push(r);
+    }
+}
+
+#[test]
+fn runners_on_their_own_threads_give_the_results_of_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("in.png");
+    write_png(&img, 32);
+    let (a, sa, _) = run_jobs(mixed_jobs(img.to_str().unwrap()), 4);
+    let cfg = EngineConfig {
+        intra_threads: 1,
+        ..EngineConfig::default()
+    };
+    let mut engines: Vec<_> = (0..2)
+        .map(|_| common::load(common::package(), &cfg).unwrap())
+        .collect();
+    let codec =
+        TextCodec::for_package(&engines[0].tokenizer_path, &engines[0].manifest.values).unwrap();
+    let mut src = common::VecSource::of(mixed_jobs(img.to_str().unwrap()));
+    let mut sinks = vec![common::MemSink::default(), common::MemSink::default()];
+    let mut hooks = ByThread::default();
+    let runner = RunnerConfig {
+        max_batch: 4,
+        ..RunnerConfig::default()
+    };
+    run_threads(
+        &mut engines,
+        &codec,
+        &LocalFetcher,
+        &runner,
+        &mut src,
+        &mut sinks,
+        &mut hooks,
+    );
+    let mut b = hooks.results.clone();
+    b.sort_by(|x, y| x.job_id.cmp(&y.job_id));
+    assert_eq!(hooks.threads.len(), 2, "both runners answered jobs");
+    let mut sb = common::MemSink::default();
+    for s in sinks {
+        sb.0.extend(s.0);
+    }
+    assert_eq!(fingerprint(&a, &sa), fingerprint(&b, &sb));
 }
 
 fn failure(rs: &[JobResult], id: &str) -> (Status, ErrorKind, String) {

@@ -22,8 +22,14 @@ fn shapes_eval_slice() {
         [16, 16, 32],
         None,
     );
-    let mut engine = common::load(&pkg, &EngineConfig::default()).unwrap();
-    let codec = TextCodec::for_package(&engine.tokenizer_path, &engine.manifest.values).unwrap();
+    // Two runners on their own threads, as `eval` runs a narrow model on two cores.
+    let cfg = EngineConfig::default();
+    let mut engines = vec![
+        common::load(&pkg, &cfg).unwrap(),
+        common::load(&pkg, &cfg).unwrap(),
+    ];
+    let codec =
+        TextCodec::for_package(&engines[0].tokenizer_path, &engines[0].manifest.values).unwrap();
     let opts = EvalOptions {
         limit: Some(24),
         runner: RunnerConfig {
@@ -32,7 +38,7 @@ fn shapes_eval_slice() {
         },
         seed: 0,
     };
-    let report = run(&mut engine, &codec, &root.join("models/shapes-eval"), opts).unwrap();
+    let report = run(&mut engines, &codec, &root.join("models/shapes-eval"), opts).unwrap();
     let scores = &report.scores;
     print!("{}", scores.table());
     assert_eq!(report.images.len(), 24);

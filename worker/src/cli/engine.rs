@@ -5,7 +5,10 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::{Args, ValueEnum};
-use ddit_worker::engine::{parse_providers, Engine, EngineConfig, Package, TensorRtOptions};
+use ddit_schemas::Manifest;
+use ddit_worker::engine::{
+    parse_providers, Engine, EngineConfig, Package, Provider, TensorRtOptions,
+};
 use ddit_worker::image_io::ImageLimits;
 use ddit_worker::runner::{LatentMode, RunnerConfig};
 use ddit_worker::text::TextCodec;
@@ -26,9 +29,19 @@ pub struct EngineArgs {
     /// A requested GPU provider that cannot register is an error, never a silent CPU run.
     #[arg(long, default_value = "cpu", env = "DDIT_PROVIDERS")]
     providers: String,
-    /// Threads of ONNX Runtime's one intra-op pool, shared by every session of the process.
-    #[arg(long, default_value_t = default_threads(), env = "DDIT_INTRA_THREADS")]
-    intra_threads: usize,
+    /// CPU threads for inference in all: `--inference-threads` runners of `--intra-threads` each.
+    #[arg(long, default_value_t = default_threads(), env = "DDIT_THREADS")]
+    threads: usize,
+    /// Runners, each on its own thread with its own ONNX Runtime sessions, taking jobs from the
+    /// same source (`batch`, `eval`, `serve`). Default: on the CPU, for a model narrower than
+    /// 512, one per `--intra-threads` share of `--threads` (at most one per job, and as many
+    /// copies of the package as fit in half the available memory); otherwise 1.
+    #[arg(long, env = "DDIT_INFERENCE_THREADS")]
+    inference_threads: Option<usize>,
+    /// Threads of ONNX Runtime's one intra-op pool, shared by every session of the process
+    /// (default: `--threads` / `--inference-threads`).
+    #[arg(long, env = "DDIT_INTRA_THREADS")]
+    intra_threads: Option<usize>,
     /// Whether idle pool threads spin (busy-wait briefly) between parallel sections: faster
     /// under steady load; `false` saves CPU on a mostly idle host.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set, env = "DDIT_ORT_SPIN")]
@@ -75,12 +88,102 @@ fn default_threads() -> usize {
         .unwrap_or(1)
 }
 
+/// Models at least this wide run one runner with every thread in its operators; narrower ones,
+/// whose operators are too small to split across cores, one runner per core on the CPU
+/// (docs/performance.md, "Runners per core for narrow models": faster on the 128-wide demo
+/// model; the 768-wide one is as fast or faster with one runner).
+const NARROW: u64 = 512;
+
+/// How a process spends its threads: `inference` runners sharing one ONNX Runtime pool of
+/// `intra` threads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Threads {
+    pub inference: usize,
+    pub intra: usize,
+}
+
+/// What the default split depends on.
+#[derive(Debug, Clone, Copy)]
+pub struct Workload {
+    /// Every execution provider is the CPU.
+    pub cpu_only: bool,
+    pub hidden: u64,
+    /// Bytes of the package's files: one runner's copy of the weights, roughly.
+    pub package_bytes: u64,
+    /// Available memory in bytes, when known.
+    pub memory: Option<u64>,
+    /// Jobs to run, when known (a queue: `None`).
+    pub jobs: Option<usize>,
+}
+
+impl Threads {
+    /// `threads` in all, with whatever the flags fixed; the rest from the workload.
+    pub fn split(
+        threads: usize,
+        inference: Option<usize>,
+        intra: Option<usize>,
+        w: &Workload,
+    ) -> Threads {
+        let threads = threads.max(1);
+        let inference = inference.unwrap_or_else(|| {
+            if !w.cpu_only || w.hidden >= NARROW {
+                return 1;
+            }
+            let mut n = threads / intra.unwrap_or(1).max(1);
+            if let Some(m) = w.memory {
+                n = n.min(usize::try_from(m / 2 / w.package_bytes.max(1)).unwrap_or(usize::MAX));
+            }
+            n.min(w.jobs.unwrap_or(usize::MAX))
+        });
+        let inference = inference.max(1);
+        let intra = intra.unwrap_or(threads / inference).max(1);
+        Threads { inference, intra }
+    }
+}
+
+/// `MemAvailable` of /proc/meminfo, in bytes.
+fn available_memory() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
 impl EngineArgs {
-    /// The engine's settings for a runner of `max_batch` rows per forward pass.
-    pub fn config(&self, max_batch: usize) -> anyhow::Result<EngineConfig> {
+    /// The package's manifest, read but not verified (the service verifies every file once).
+    #[cfg(feature = "service")]
+    pub fn read_manifest(&self) -> anyhow::Result<Manifest> {
+        let path = self.model.join("manifest.json");
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("reading {}", path.display()))?;
+        Manifest::parse(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
+    }
+
+    /// The thread split for `manifest`'s model and `jobs` jobs (`None`: a queue).
+    pub fn threads(&self, manifest: &Manifest, jobs: Option<usize>) -> anyhow::Result<Threads> {
+        let providers = parse_providers(&self.providers)?;
+        let w = Workload {
+            cpu_only: providers.iter().all(|p| matches!(p, Provider::Cpu)),
+            hidden: manifest.values.hidden_size,
+            package_bytes: manifest.files().map(|f| f.bytes).sum(),
+            memory: available_memory(),
+            jobs,
+        };
+        let t = Threads::split(self.threads, self.inference_threads, self.intra_threads, &w);
+        tracing::info!(
+            inference_threads = t.inference,
+            intra_threads = t.intra,
+            "threads"
+        );
+        Ok(t)
+    }
+
+    /// The engine's settings for a runner of `max_batch` rows per forward pass, on a pool of
+    /// `intra` threads.
+    pub fn config(&self, max_batch: usize, intra: usize) -> anyhow::Result<EngineConfig> {
         Ok(EngineConfig {
             providers: parse_providers(&self.providers)?,
-            intra_threads: self.intra_threads,
+            intra_threads: intra,
             spin: self.ort_spin,
             io_binding: self.io_binding,
             tensorrt: TensorRtOptions {
@@ -111,14 +214,97 @@ impl EngineArgs {
         }
     }
 
-    /// Logging, then the verified package, its engine and its text codec.
-    pub fn load(&self, max_batch: usize) -> anyhow::Result<(Engine, TextCodec)> {
+    /// Logging, then the verified package, one engine per runner for `jobs` jobs (`None`: as
+    /// many as the split allows; loaded side by side) and the text codec.
+    pub fn load(
+        &self,
+        max_batch: usize,
+        jobs: Option<usize>,
+    ) -> anyhow::Result<(Vec<Engine>, TextCodec)> {
         super::init_logging(&self.log);
-        let cfg = self.config(max_batch)?;
         let what = || format!("loading model package {}", self.model.display());
         let pkg = Package::open(&self.model).with_context(what)?;
-        let engine = Engine::load(&pkg, &cfg).with_context(what)?;
-        let codec = TextCodec::for_package(&engine.tokenizer_path, &engine.manifest.values)?;
-        Ok((engine, codec))
+        let t = self.threads(&pkg.manifest, jobs)?;
+        let cfg = self.config(max_batch, t.intra)?;
+        let engines = std::thread::scope(|s| {
+            let loads: Vec<_> = (0..t.inference)
+                .map(|_| s.spawn(|| Engine::load(&pkg, &cfg)))
+                .collect();
+            loads
+                .into_iter()
+                .map(|h| match h.join() {
+                    Ok(r) => r.with_context(what),
+                    Err(_) => Err(anyhow::anyhow!("{}: the loading thread panicked", what())),
+                })
+                .collect::<anyhow::Result<Vec<_>>>()
+        })?;
+        let first = engines.first().context("no engine loaded")?;
+        let codec = TextCodec::for_package(&first.tokenizer_path, &pkg.manifest.values)?;
+        Ok((engines, codec))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{Threads, Workload};
+
+    const GIB: u64 = 1 << 30;
+
+    fn narrow() -> Workload {
+        Workload {
+            cpu_only: true,
+            hidden: 128,
+            package_bytes: 30 << 20,
+            memory: Some(20 * GIB),
+            jobs: None,
+        }
+    }
+
+    fn split(
+        threads: usize,
+        inference: Option<usize>,
+        intra: Option<usize>,
+        w: Workload,
+    ) -> (usize, usize) {
+        let t = Threads::split(threads, inference, intra, &w);
+        (t.inference, t.intra)
+    }
+
+    #[test]
+    fn a_narrow_model_on_the_cpu_gets_a_runner_per_core() {
+        assert_eq!(split(4, None, None, narrow()), (4, 1));
+        // An explicit pool size divides the threads.
+        assert_eq!(split(4, None, Some(2), narrow()), (2, 2));
+        assert_eq!(split(1, None, Some(2), narrow()), (1, 2));
+        // No more runners than jobs, and the rest of the threads go to their pool.
+        let few = Workload {
+            jobs: Some(1),
+            ..narrow()
+        };
+        assert_eq!(split(4, None, None, few), (1, 4));
+        // No more copies of the weights than fit in half the memory.
+        let big = Workload {
+            package_bytes: 3 * GIB,
+            ..narrow()
+        };
+        assert_eq!(split(8, None, None, big), (3, 2));
+    }
+
+    #[test]
+    fn wide_models_and_gpus_get_one_runner_with_every_thread() {
+        let wide = Workload {
+            hidden: 768,
+            ..narrow()
+        };
+        assert_eq!(split(4, None, None, wide), (1, 4));
+        let gpu = Workload {
+            cpu_only: false,
+            ..narrow()
+        };
+        assert_eq!(split(4, None, None, gpu), (1, 4));
+        // Flags win.
+        assert_eq!(split(4, Some(2), None, wide), (2, 2));
+        assert_eq!(split(4, Some(3), Some(3), narrow()), (3, 3));
+        assert_eq!(split(0, Some(0), Some(0), narrow()), (1, 1));
     }
 }

@@ -11,7 +11,7 @@ use super::engine::EngineArgs;
 #[derive(Subcommand)]
 pub enum EvalCmd {
     /// ShapesEval: caption exact match and attributes, VQA accuracy, generation (scene checker).
-    Shapes(ShapesArgs),
+    Shapes(Box<ShapesArgs>),
     /// Scores images generated elsewhere (`{images}/gen_{id:04}.png`, e.g. by the PyTorch
     /// reference sampler) with the same scene checker as `eval shapes`.
     ShapesImages {
@@ -47,7 +47,7 @@ pub struct ShapesArgs {
 
 pub fn run(cmd: EvalCmd) -> anyhow::Result<()> {
     match cmd {
-        EvalCmd::Shapes(a) => shapes(a),
+        EvalCmd::Shapes(a) => shapes(*a),
         EvalCmd::ShapesImages { set, images, limit } => {
             let sc = score_generated(&set, &images, limit)?;
             println!(
@@ -61,14 +61,14 @@ pub fn run(cmd: EvalCmd) -> anyhow::Result<()> {
 }
 
 fn shapes(a: ShapesArgs) -> anyhow::Result<()> {
-    let (mut engine, codec) = a.engine.load(a.max_batch)?;
+    let (mut engines, codec) = a.engine.load(a.max_batch, None)?;
     let start = std::time::Instant::now();
     let opts = eval::EvalOptions {
         limit: a.limit,
         runner: a.engine.runner(a.max_batch),
         seed: a.seed,
     };
-    let report = eval::run(&mut engine, &codec, &a.set, opts)?;
+    let report = eval::run(&mut engines, &codec, &a.set, opts)?;
     let (sheet, legend) = write_sheet(&a.out, &report.images)?;
     let preds = write_predictions(&a.out, &report.predictions)?;
     eprintln!(

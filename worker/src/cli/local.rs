@@ -8,7 +8,7 @@ use clap::Args;
 use ddit_schemas::{CaptionParams, GenerateParams, Job, JobResult, Status, TaskParams, VqaParams};
 use ddit_worker::adapters::local::memory::{Collect, VecSource};
 use ddit_worker::adapters::local::{finished_ids, FileSource, FolderSink, ResultFile};
-use ddit_worker::runner::{ImageSink, Runner};
+use ddit_worker::runner::{run_threads, ImageSink, Runner};
 use ddit_worker::tasks::input::LocalFetcher;
 
 use super::engine::EngineArgs;
@@ -163,7 +163,8 @@ impl ImageSink for FileSink {
 
 /// Runs one job in-process and returns its result (an error unless it succeeded).
 fn run_one(e: &EngineArgs, task: TaskParams, out: Option<PathBuf>) -> anyhow::Result<JobResult> {
-    let (mut engine, codec) = e.load(8)?;
+    let (mut engines, codec) = e.load(8, Some(1))?;
+    let engine = engines.first_mut().context("no engine loaded")?;
     let job = Job {
         job_id: "local".into(),
         task,
@@ -174,7 +175,7 @@ fn run_one(e: &EngineArgs, task: TaskParams, out: Option<PathBuf>) -> anyhow::Re
         out: out.unwrap_or_else(|| PathBuf::from("out.png")),
     };
     let mut hooks = Collect::default();
-    Runner::new(&mut engine, &codec, &LocalFetcher, e.runner(8)).run(
+    Runner::new(engine, &codec, &LocalFetcher, e.runner(8)).run(
         &mut VecSource::new([job]),
         &mut sink,
         &mut hooks,
@@ -223,22 +224,24 @@ pub fn batch(a: BatchArgs) -> anyhow::Result<()> {
     if a.max_batch == 0 {
         bail!("--max-batch must be at least 1");
     }
-    let (mut engine, codec) = a.engine.load(a.max_batch)?;
     let out = &a.out;
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     let results = out.join("results.jsonl");
     let done = finished_ids(&results)?;
     let mut source = FileSource::open(&a.jobs, &done)?;
+    let (mut engines, codec) = a.engine.load(a.max_batch, Some(source.total))?;
     let mut file = ResultFile::open(&results, source.total, !a.no_progress)?;
-    let mut sink = FolderSink { dir: out.clone() };
+    let mut sinks = vec![FolderSink { dir: out.clone() }; engines.len()];
     let start = std::time::Instant::now();
-    Runner::new(
-        &mut engine,
+    run_threads(
+        &mut engines,
         &codec,
         &LocalFetcher,
-        a.engine.runner(a.max_batch),
-    )
-    .run(&mut source, &mut sink, &mut file);
+        &a.engine.runner(a.max_batch),
+        &mut source,
+        &mut sinks,
+        &mut file,
+    );
     file.finish();
     let c = file.counts;
     eprintln!(

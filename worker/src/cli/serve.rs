@@ -168,9 +168,6 @@ struct ServeArgs {
     /// Seconds a result is kept in Redis.
     #[arg(long, default_value_t = 7 * 24 * 3600, env = "DDIT_RESULT_TTL")]
     result_ttl: u64,
-    /// Inference threads (each with its own sessions).
-    #[arg(long, default_value_t = 1, env = "DDIT_INFERENCE_THREADS")]
-    inference_threads: usize,
     /// Most rows in one forward pass.
     #[arg(long, default_value_t = 8, env = "DDIT_MAX_BATCH")]
     max_batch: usize,
@@ -201,7 +198,8 @@ impl TryFrom<ServeCmd> for ServeConfig {
     fn try_from(c: ServeCmd) -> anyhow::Result<Self> {
         let (e, s) = (c.engine, c.serve);
         let ca_pem = s.tls.ca_pem()?;
-        let rows = 2 * s.max_batch.max(1) * s.inference_threads.max(1);
+        let threads = e.threads(&e.read_manifest()?, None)?;
+        let rows = 2 * s.max_batch.max(1) * threads.inference;
         let prefetch = s
             .prefetch
             .unwrap_or_else(|| u16::try_from(rows).unwrap_or(u16::MAX));
@@ -218,13 +216,13 @@ impl TryFrom<ServeCmd> for ServeConfig {
                 result_ttl_secs: s.result_ttl,
                 ca_pem,
             },
-            engine: e.config(s.max_batch)?,
+            engine: e.config(s.max_batch, threads.intra)?,
             runner: ddit_worker::runner::RunnerConfig {
                 progress_every: std::time::Duration::from_millis(s.progress_interval_ms),
                 ..e.runner(s.max_batch)
             },
             model: e.model,
-            inference_threads: s.inference_threads.max(1),
+            inference_threads: threads.inference,
             shutdown_deadline: std::time::Duration::from_secs(s.shutdown_deadline),
             listen: s.listen,
             retry_delay: std::time::Duration::from_millis(s.retry_delay_ms),

@@ -15,6 +15,7 @@ mod model;
 mod step;
 #[cfg(test)]
 mod tests;
+mod threads;
 mod work;
 
 use std::time::Instant;
@@ -29,6 +30,7 @@ use crate::tasks::input::InputFetcher;
 use crate::text::TextCodec;
 pub use finish::{encode_images, ended_result, Decoded, Png};
 pub use model::Model;
+pub use threads::run_threads;
 use work::Active;
 
 /// How captioning turns an image into a latent.

@@ -85,7 +85,13 @@ pub async fn serve(cfg: ServeConfig, shutdown: impl Future<Output = ()>) -> Resu
     if let Ok(mut b) = state.broker.lock() {
         *b = Some(conn.clone());
     }
-    tracing::info!(queue = %cfg.amqp.queue, prefetch = cfg.amqp.prefetch, "consuming");
+    tracing::info!(
+        queue = %cfg.amqp.queue,
+        prefetch = cfg.amqp.prefetch,
+        inference_threads = cfg.inference_threads,
+        intra_threads = cfg.engine.intra_threads,
+        "consuming"
+    );
     let mut cancel_poll = tokio::time::interval(Duration::from_millis(250));
     tokio::pin!(shutdown);
     loop {

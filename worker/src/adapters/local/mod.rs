@@ -81,6 +81,7 @@ impl JobSource for FileSource {
 }
 
 /// Images under `DIR/{job_id}/{n}.png`; URIs are relative to `DIR`.
+#[derive(Clone)]
 pub struct FolderSink {
     pub dir: PathBuf,
 }
