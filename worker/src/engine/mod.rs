@@ -18,6 +18,13 @@ use crate::error::{Result, WorkerError};
 use crate::runner::Model;
 use crate::tensor::Tensor;
 
+/// One of the joint blocks' two streams.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stream {
+    Image,
+    Text,
+}
+
 pub struct Engine {
     pub manifest: Manifest,
     provider: &'static str,
@@ -123,18 +130,40 @@ impl Engine {
         )
     }
 
-    /// Every joint block, across all block files.
-    pub fn blocks(&mut self, x: &Tensor, y: &Tensor, temb: &Tensor) -> Result<(Tensor, Tensor)> {
-        let mut state: Option<(Tensor, Tensor)> = None;
-        for seg in &mut self.joint_blocks {
-            let (xi, yi) = state.as_ref().map_or((x, y), |(a, b)| (a, b));
-            let mut out = seg.run(vec![Input::F32(xi), Input::F32(yi), Input::F32(temb)])?;
-            state = Some((
-                take(&mut out, "joint_blocks")?,
-                take(&mut out, "joint_blocks")?,
-            ));
+    /// Every joint block, across all block files; returns the stream `keep` names.
+    pub fn blocks(
+        &mut self,
+        x: &Tensor,
+        y: &Tensor,
+        temb: &Tensor,
+        keep: Stream,
+    ) -> Result<Tensor> {
+        let n = self.joint_blocks.len();
+        let mut state: Option<(Option<Tensor>, Option<Tensor>)> = None;
+        for (i, seg) in self.joint_blocks.iter_mut().enumerate() {
+            let (xi, yi) = match &state {
+                None => (x, y),
+                Some((Some(a), Some(b))) => (a, b),
+                Some(_) => {
+                    return Err(WorkerError::Internal("joint_blocks: missing output".into()))
+                }
+            };
+            // The last segment copies out only the stream asked for.
+            let wanted = match (i + 1 == n, keep) {
+                (false, _) => [true, true],
+                (true, Stream::Image) => [true, false],
+                (true, Stream::Text) => [false, true],
+            };
+            let inputs = vec![Input::F32(xi), Input::F32(yi), Input::F32(temb)];
+            let mut out = seg.run_some(inputs, &wanted)?.into_iter();
+            state = Some((out.next().flatten(), out.next().flatten()));
         }
-        state.ok_or_else(|| WorkerError::Internal("no joint-block segment".into()))
+        let (x, y) = state.ok_or_else(|| WorkerError::Internal("no joint-block segment".into()))?;
+        match keep {
+            Stream::Image => x,
+            Stream::Text => y,
+        }
+        .ok_or_else(|| WorkerError::Internal("joint_blocks: missing output".into()))
     }
 
     /// Image stream -> velocity `[B, C, h, w]` for a latent grid of `grid` patches.
@@ -263,7 +292,7 @@ impl Model for Engine {
         let grid = (latents.shape[2] / p, latents.shape[3] / p);
         let temb = self.time_embed(timesteps)?;
         let x = self.patch_embed(latents)?;
-        let (x, _) = self.blocks(&x, context, &temb)?;
+        let x = self.blocks(&x, context, &temb, Stream::Image)?;
         self.image_head(&x, &temb, grid)
     }
 
@@ -275,7 +304,7 @@ impl Model for Engine {
         positions: &[Vec<usize>],
     ) -> Result<Tensor> {
         let y = Engine::encode_text(self, ids)?;
-        let (_, y) = self.blocks(image_tokens, &y, temb)?;
+        let y = self.blocks(image_tokens, &y, temb, Stream::Text)?;
         // The head is per token: only the wanted positions go through its `D x V` projection.
         let (l, d) = (y.shape[1], y.shape[2]);
         let mut rows = Vec::with_capacity(positions.iter().map(Vec::len).sum::<usize>() * d);
