@@ -13,7 +13,8 @@ use crate::error::{ExportError, Result};
 use crate::onnx::graph::Io;
 use crate::onnx::write::{model_bytes, Weights, OPSET};
 use crate::onnx::{DType, Dim, Graph};
-use crate::segments::{t5, transformer, vae, StoreDtype};
+use crate::segments::transformer::{self, Keep};
+use crate::segments::{t5, vae, StoreDtype};
 
 /// Protobuf files cannot exceed 2 GiB; segments whose weights pass this many bytes use
 /// external data. Kept below 2^31 to leave room for the graph itself.
@@ -159,7 +160,7 @@ pub fn block_ranges(num_layers: usize, k: Option<usize>) -> Result<Vec<(usize, u
         Some(k) => k.min(num_layers),
     };
     Ok((0..num_layers)
-        .step_by(k)
+        .step_by(k.max(1))
         .map(|s| (s, (s + k).min(num_layers)))
         .collect())
 }
@@ -191,9 +192,21 @@ fn write_segments(ck: &Checkpoint, opts: &ExportOptions) -> Result<(Vec<SegmentS
     )?;
     let (null_graph, null_tokens) = transformer::null_image(tc, tw, store)?;
     w.write(&null_graph, Role::NullImage, None)?;
-    for (s, e) in block_ranges(tc.num_layers, opts.blocks_per_segment)? {
-        let g = transformer::joint_blocks(tc, tw, quantized, s, e)?;
-        w.write(&g, Role::JointBlocks, Some([s as u64, e as u64]))?;
+    // Every block but the last, K per file; the last twice, each copy computing one stream.
+    let last = tc.num_layers.checked_sub(1).ok_or(ExportError::Argument {
+        name: "num_layers".into(),
+        message: "the transformer has no joint blocks".into(),
+    })?;
+    let tails = [
+        (Keep::Image, Role::ImageTail),
+        (Keep::Text, Role::TextTail),
+    ];
+    let ranges = block_ranges(last, opts.blocks_per_segment)?;
+    let ranges = ranges.into_iter().map(|r| (r, Keep::Both, Role::JointBlocks));
+    let tails = tails.map(|(k, role)| ((last, last + 1), k, role));
+    for ((s, e), keep, role) in ranges.chain(tails) {
+        let g = transformer::joint_blocks(tc, tw, quantized, (s, e), keep)?;
+        w.write(&g, role, Some([s as u64, e as u64]))?;
     }
     w.write(
         &transformer::image_head(tc, tw, store)?,

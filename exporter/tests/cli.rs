@@ -38,7 +38,9 @@ fn convert_then_inspect() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(
-        text.contains("joint_blocks_0_2") && text.contains("joint_blocks_2_3"),
+        ["joint_blocks_0_2", "image_tail_2_3", "text_tail_2_3"]
+            .iter()
+            .all(|s| text.contains(s)),
         "{text}"
     );
     assert!(text.contains("f16 weights"), "{text}");

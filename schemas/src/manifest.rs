@@ -3,7 +3,7 @@
 use serde::{Deserialize, Serialize};
 
 /// Bumped whenever a field changes meaning. The worker refuses other versions.
-pub const MANIFEST_FORMAT_VERSION: u32 = 1;
+pub const MANIFEST_FORMAT_VERSION: u32 = 2;
 
 /// A model package's manifest.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -133,8 +133,15 @@ pub enum Role {
     PatchEmbed,
     /// temb `[batch, hidden]` -> `null_image_embd` repeated `[batch, 8, hidden]`.
     NullImage,
-    /// (image stream, text stream, temb) -> (image stream, text stream), blocks `[start, end)`.
+    /// (image stream, text stream, temb) -> (image stream, text stream), blocks `[start, end)`;
+    /// every block but the last.
     JointBlocks,
+    /// (image stream, text stream, temb) -> image stream: the last joint block, computing only
+    /// the image stream's output (what generation reads).
+    ImageTail,
+    /// (image stream, text stream, temb) -> text stream: the last joint block, computing only
+    /// the text stream's output (what captioning and VQA read).
+    TextTail,
     /// (image stream, temb, grid_hw) -> velocity `[batch, C, h, w]`.
     ImageHead,
     /// text stream -> logits `[batch, text_len, vocab]`.
@@ -146,13 +153,15 @@ pub enum Role {
 }
 
 impl Role {
-    pub const ALL: [Role; 10] = [
+    pub const ALL: [Role; 12] = [
         Role::TextEncoder,
         Role::ContextEmbedder,
         Role::TimestepEmbed,
         Role::PatchEmbed,
         Role::NullImage,
         Role::JointBlocks,
+        Role::ImageTail,
+        Role::TextTail,
         Role::ImageHead,
         Role::TextHead,
         Role::VaeEncoder,
@@ -167,6 +176,8 @@ impl Role {
             Role::PatchEmbed => "patch_embed",
             Role::NullImage => "null_image",
             Role::JointBlocks => "joint_blocks",
+            Role::ImageTail => "image_tail",
+            Role::TextTail => "text_tail",
             Role::ImageHead => "image_head",
             Role::TextHead => "text_head",
             Role::VaeEncoder => "vae_encoder",
@@ -187,7 +198,7 @@ impl std::fmt::Display for Role {
 pub struct SegmentSpec {
     pub name: String,
     pub role: Role,
-    /// For `joint_blocks`: the half-open range of block indices.
+    /// For `joint_blocks`, `image_tail` and `text_tail`: the half-open range of block indices.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub blocks: Option<[u64; 2]>,
     /// The `.onnx` file first, then its external-data file if any.

@@ -98,6 +98,7 @@ fn contract(role: Role) -> (&'static [TensorDtype], &'static [TensorDtype]) {
         | Role::NullImage
         | Role::TextHead => (&[F32], &[F32]),
         Role::JointBlocks => (&[F32, F32, F32], &[F32, F32]),
+        Role::ImageTail | Role::TextTail => (&[F32, F32, F32], &[F32]),
         Role::ImageHead => (&[F32, F32, I64], &[F32]),
         Role::VaeEncoder => (&[F32], &[F32, F32]),
         Role::VaeDecoder => (&[F32], &[F32]),
@@ -144,7 +145,7 @@ impl Manifest {
         for role in Role::ALL {
             let n = self.by_role(role).count();
             let (ok, want) = match role {
-                Role::JointBlocks => (n >= 1, "one or more"),
+                Role::JointBlocks => (true, "any number of"),
                 _ => (n == 1, "one"),
             };
             if !ok {
@@ -167,11 +168,19 @@ impl Manifest {
             }
             next = e;
         }
-        if next != self.values.num_layers {
+        let layers = self.values.num_layers;
+        if layers == 0 || next + 1 != layers {
             return Err(format!(
-                "joint blocks cover {next} of {} layers",
-                self.values.num_layers
+                "joint blocks cover {next} of {layers} layers; the last belongs to the tails"
             ));
+        }
+        for role in [Role::ImageTail, Role::TextTail] {
+            let seg = self.by_role(role).next().map(|s| (&s.name, s.blocks));
+            if let Some((name, blocks)) = seg.filter(|(_, b)| *b != Some([next, layers])) {
+                return Err(format!(
+                    "segment {name} covers blocks {blocks:?}; the tails are block [{next}, {layers})"
+                ));
+            }
         }
         let h = package_hash(self.files());
         if h != self.model.hash {

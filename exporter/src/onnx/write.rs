@@ -8,7 +8,7 @@ use super::graph::{Attr, DType, Dim, Graph, Io, Node, WeightData};
 use super::proto::{field as f, Msg};
 use crate::error::{ExportError, Result};
 
-pub const OPSET: u32 = 18;
+pub const OPSET: u32 = 23;
 const IR_VERSION: i64 = 8;
 /// External-data offsets are aligned so that runtimes may map them directly.
 const ALIGN: u64 = 4096;

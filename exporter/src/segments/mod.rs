@@ -270,7 +270,9 @@ impl<'a> Ctx<'a> {
 
     /// Softmax attention over `[B, S, H*dh]` projections with `heads` heads; returns
     /// `[B, S, H*dh]`. Scores are scaled by `scale` (1 when `None`); `bias` (`[1 or B, H, S, S]`)
-    /// is added before the softmax. One ONNX Runtime `MultiHeadAttention` op.
+    /// is added before the softmax. One ONNX `Attention` op (opset 23), which ONNX Runtime's CPU
+    /// kernel runs faster than its contrib `MultiHeadAttention` on narrow models
+    /// (docs/performance.md).
     pub fn attention(
         &mut self,
         q: &str,
@@ -281,15 +283,14 @@ impl<'a> Ctx<'a> {
         bias: Option<&str>,
     ) -> Value {
         let mut inputs = vec![q, k, v];
-        if let Some(b) = bias {
-            // No projection bias, no key padding mask, then the attention bias.
-            inputs.extend(["", "", b]);
-        }
-        self.g.ms_op(
-            "MultiHeadAttention",
+        inputs.extend(bias);
+        let heads = Attr::Int(heads as i64);
+        self.g.op(
+            "Attention",
             &inputs,
             vec![
-                ("num_heads", Attr::Int(heads as i64)),
+                ("q_num_heads", heads.clone()),
+                ("kv_num_heads", heads),
                 ("scale", Attr::Float(scale.unwrap_or(1.0))),
             ],
         )

@@ -198,15 +198,24 @@ fn feed_forward(c: &mut Ctx<'_>, x: &str, prefix: &str, d: usize) -> Result<Valu
     c.linear(&h, &format!("{prefix}.net.2"), 4 * d, d, true)
 }
 
-/// One joint block; returns the new (image, text) streams.
+/// Which of a joint block's two streams a graph computes to the end.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Keep {
+    Both,
+    Image,
+    Text,
+}
+
+/// One joint block; returns the new (image, text) streams, each only where `keep` asks for it.
+/// The attention always reads both streams; what follows it is per stream, so a stream nobody
+/// reads after the last block is not computed at all.
 fn joint_block(
     c: &mut Ctx<'_>,
     cfg: &TransformerConfig,
     i: usize,
-    x: &str,
-    y: &str,
-    silu_temb: &str,
-) -> Result<(Value, Value)> {
+    (x, y, silu_temb): (&str, &str, &str),
+    keep: Keep,
+) -> Result<(Option<Value>, Option<Value>)> {
     let d = cfg.hidden;
     let p = format!("transformer_blocks.{i}");
     let mx = modulation(c, silu_temb, &format!("{p}.norm1.linear"), d, 6)?;
@@ -231,54 +240,65 @@ fn joint_block(
     let sizes = c.g.concat(&[&nx, &ny], 0);
     let parts =
         c.g.op_n("Split", &[&o, &sizes], vec![("axis", Attr::Int(1))], 2);
-    let ax = c.linear(&parts[0], &format!("{p}.attn.to_out.0"), d, d, true)?;
-    let ay = c.linear(&parts[1], &format!("{p}.attn.to_add_out"), d, d, true)?;
 
-    let stream = |c: &mut Ctx<'_>, h: &str, a: &str, m: &[Value], ff: &str| -> Result<Value> {
-        let ga = c.g.mul(&m[2], a);
+    let stream = |c: &mut Ctx<'_>, h: &str, a: &str, m: &[Value], [out, ff]: [&str; 2]| {
+        let a = c.linear(a, &format!("{p}.attn.{out}"), d, d, true)?;
+        let ga = c.g.mul(&m[2], &a);
         let h = c.g.add(h, &ga);
         let hn = modulate(c, &h, d, &m[3], &m[4]);
-        let f = feed_forward(c, &hn, ff, d)?;
+        let f = feed_forward(c, &hn, &format!("{p}.{ff}"), d)?;
         let gf = c.g.mul(&m[5], &f);
-        Ok(c.g.add(&h, &gf))
+        Ok::<_, crate::error::ExportError>(c.g.add(&h, &gf))
     };
-    let x2 = stream(c, x, &ax, &mx, &format!("{p}.ff"))?;
-    let y2 = stream(c, y, &ay, &my, &format!("{p}.ff_context"))?;
+    let x2 = match keep {
+        Keep::Text => None,
+        _ => Some(stream(c, x, &parts[0], &mx, ["to_out.0", "ff"])?),
+    };
+    let y2 = match keep {
+        Keep::Image => None,
+        _ => Some(stream(c, y, &parts[1], &my, ["to_add_out", "ff_context"])?),
+    };
     Ok((x2, y2))
 }
 
-/// Joint blocks `[start, end)`: (image, text, temb) -> (image, text).
+/// Joint blocks `[start, end)`: (image, text, temb) -> the streams `keep` names. Every block
+/// but the last is computed whole; `keep` prunes the last.
 pub fn joint_blocks(
     cfg: &TransformerConfig,
     w: &WeightStore,
     store: StoreDtype,
-    start: usize,
-    end: usize,
+    (start, end): (usize, usize),
+    keep: Keep,
 ) -> Result<Graph> {
     let d = cfg.hidden as i64;
-    let mut c = Ctx::new(&format!("joint_blocks_{start}_{end}"), w, store);
-    let mut x =
-        c.g.input("image_tokens", DType::F32, hidden_dims(Dim::Fixed(d)));
+    let name = match keep {
+        Keep::Both => format!("joint_blocks_{start}_{end}"),
+        Keep::Image => format!("image_tail_{start}_{end}"),
+        Keep::Text => format!("text_tail_{start}_{end}"),
+    };
+    let mut c = Ctx::new(&name, w, store);
+    let x = c.g.input("image_tokens", DType::F32, hidden_dims(Dim::Fixed(d)));
     let text_dims = vec![Dim::Sym("batch"), Dim::Sym("text_len"), Dim::Fixed(d)];
-    let mut y = c.g.input("text_tokens", DType::F32, text_dims.clone());
+    let y = c.g.input("text_tokens", DType::F32, text_dims.clone());
     let t =
         c.g.input("temb", DType::F32, vec![Dim::Sym("batch"), Dim::Fixed(d)]);
     let st = c.g.silu(&t);
+    let mut streams = (Some(x), Some(y));
     for i in start..end {
+        let (Some(xi), Some(yi)) = &streams else { break };
+        let k = if i + 1 == end { keep } else { Keep::Both };
         c.g.push_scope(&format!("block{i}"));
-        let res = joint_block(&mut c, cfg, i, &x, &y, &st);
+        let res = joint_block(&mut c, cfg, i, (xi, yi, &st), k);
         c.g.pop_scope();
-        let (nx, ny) = res?;
-        x = nx;
-        y = ny;
+        streams = res?;
     }
-    c.g.output(
-        &x,
-        "image_tokens_out",
-        DType::F32,
-        hidden_dims(Dim::Fixed(d)),
-    );
-    c.g.output(&y, "text_tokens_out", DType::F32, text_dims);
+    let (x, y) = streams;
+    if let Some(x) = x {
+        c.g.output(&x, "image_tokens_out", DType::F32, hidden_dims(Dim::Fixed(d)));
+    }
+    if let Some(y) = y {
+        c.g.output(&y, "text_tokens_out", DType::F32, text_dims);
+    }
     Ok(c.g)
 }
 

@@ -32,7 +32,11 @@ pub struct Engine {
     context_embedder: Segment,
     timestep_embed: Segment,
     patch_embed: Segment,
+    /// Every joint block but the last.
     joint_blocks: Vec<Segment>,
+    /// The last joint block, computing only the image stream / only the text stream.
+    image_tail: Segment,
+    text_tail: Segment,
     image_head: Segment,
     text_head: Segment,
     vae_encoder: Segment,
@@ -76,6 +80,8 @@ impl Engine {
             context_embedder: load_role(Role::ContextEmbedder)?,
             timestep_embed: load_role(Role::TimestepEmbed)?,
             patch_embed: load_role(Role::PatchEmbed)?,
+            image_tail: load_role(Role::ImageTail)?,
+            text_tail: load_role(Role::TextTail)?,
             image_head: load_role(Role::ImageHead)?,
             text_head: load_role(Role::TextHead)?,
             vae_encoder: load_role(Role::VaeEncoder)?,
@@ -130,7 +136,8 @@ impl Engine {
         )
     }
 
-    /// Every joint block, across all block files; returns the stream `keep` names.
+    /// Every joint block, across all block files; returns the stream `keep` names, which is
+    /// the only one the last block computes.
     pub fn blocks(
         &mut self,
         x: &Tensor,
@@ -138,32 +145,21 @@ impl Engine {
         temb: &Tensor,
         keep: Stream,
     ) -> Result<Tensor> {
-        let n = self.joint_blocks.len();
-        let mut state: Option<(Option<Tensor>, Option<Tensor>)> = None;
-        for (i, seg) in self.joint_blocks.iter_mut().enumerate() {
-            let (xi, yi) = match &state {
-                None => (x, y),
-                Some((Some(a), Some(b))) => (a, b),
-                Some(_) => {
-                    return Err(WorkerError::Internal("joint_blocks: missing output".into()))
-                }
-            };
-            // The last segment copies out only the stream asked for.
-            let wanted = match (i + 1 == n, keep) {
-                (false, _) => [true, true],
-                (true, Stream::Image) => [true, false],
-                (true, Stream::Text) => [false, true],
-            };
+        let mut state: Option<(Tensor, Tensor)> = None;
+        for seg in &mut self.joint_blocks {
+            let (xi, yi) = state.as_ref().map_or((x, y), |(a, b)| (a, b));
             let inputs = vec![Input::F32(xi), Input::F32(yi), Input::F32(temb)];
-            let mut out = seg.run_some(inputs, &wanted)?.into_iter();
-            state = Some((out.next().flatten(), out.next().flatten()));
+            let mut out = seg.run(inputs)?;
+            let nx = take(&mut out, "joint_blocks")?;
+            state = Some((nx, take(&mut out, "joint_blocks")?));
         }
-        let (x, y) = state.ok_or_else(|| WorkerError::Internal("no joint-block segment".into()))?;
-        match keep {
-            Stream::Image => x,
-            Stream::Text => y,
-        }
-        .ok_or_else(|| WorkerError::Internal("joint_blocks: missing output".into()))
+        let (xi, yi) = state.as_ref().map_or((x, y), |(a, b)| (a, b));
+        let (tail, what) = match keep {
+            Stream::Image => (&mut self.image_tail, "image_tail"),
+            Stream::Text => (&mut self.text_tail, "text_tail"),
+        };
+        let inputs = vec![Input::F32(xi), Input::F32(yi), Input::F32(temb)];
+        take(&mut tail.run(inputs)?, what)
     }
 
     /// Image stream -> velocity `[B, C, h, w]` for a latent grid of `grid` patches.
@@ -218,6 +214,9 @@ impl Engine {
             };
             (x, y) = (nx, ny);
         }
+        let text = y.as_ref().map_or(host(context), Bound::Device);
+        let inputs = vec![Bound::Device(&x), text, Bound::Device(&temb)];
+        let x = first(self.image_tail.run_bound(inputs, device)?, "image_tail")?;
         let g = Input::I64 {
             shape: vec![2],
             data: vec![grid.0 as i64, grid.1 as i64],

@@ -190,17 +190,6 @@ impl Segment {
 
     /// Runs the segment; inputs in manifest order; returns every output in manifest order.
     pub fn run(&mut self, inputs: Vec<Input<'_>>) -> Result<Vec<Tensor>> {
-        let all = vec![true; self.outputs.len()];
-        Ok(self.run_some(inputs, &all)?.into_iter().flatten().collect())
-    }
-
-    /// [`Self::run`], copying to the host only the outputs whose flag in `wanted` (manifest
-    /// order) is set; the others are `None`.
-    pub fn run_some(
-        &mut self,
-        inputs: Vec<Input<'_>>,
-        wanted: &[bool],
-    ) -> Result<Vec<Option<Tensor>>> {
         let ctx = |what: &str| format!("segment {}: {what}", self.name);
         if inputs.len() != self.inputs.len() {
             return Err(WorkerError::Internal(ctx(&format!(
@@ -230,18 +219,14 @@ impl Segment {
             .run(feeds)
             .map_err(|e| WorkerError::runtime(ctx("run"), e))?;
         let mut res = Vec::with_capacity(self.outputs.len());
-        for (i, name) in self.outputs.iter().enumerate() {
-            if !wanted.get(i).copied().unwrap_or(false) {
-                res.push(None);
-                continue;
-            }
+        for name in &self.outputs {
             let (shape, data) = out[name.as_str()]
                 .try_extract_tensor::<f32>()
                 .map_err(|e| WorkerError::runtime(ctx(name), e))?;
-            res.push(Some(Tensor {
+            res.push(Tensor {
                 shape: shape.iter().map(|&d| d.max(0) as usize).collect(),
                 data: data.to_vec(),
-            }));
+            });
         }
         Ok(res)
     }

@@ -22,7 +22,7 @@ const MASK: i64 = 46;
 fn manifest() -> Manifest {
     let file = serde_json::json!({"path": "tokenizer.json", "sha256": "00", "bytes": 0});
     serde_json::from_value(serde_json::json!({
-        "format_version": 1,
+        "format_version": 2,
         "model": {"name": "fake", "hash": "feed", "weights_dtype": "f32",
                   "exporter_version": "0", "opset": 17},
         "values": {
