@@ -197,12 +197,11 @@ fn write_segments(ck: &Checkpoint, opts: &ExportOptions) -> Result<(Vec<SegmentS
         name: "num_layers".into(),
         message: "the transformer has no joint blocks".into(),
     })?;
-    let tails = [
-        (Keep::Image, Role::ImageTail),
-        (Keep::Text, Role::TextTail),
-    ];
+    let tails = [(Keep::Image, Role::ImageTail), (Keep::Text, Role::TextTail)];
     let ranges = block_ranges(last, opts.blocks_per_segment)?;
-    let ranges = ranges.into_iter().map(|r| (r, Keep::Both, Role::JointBlocks));
+    let ranges = ranges
+        .into_iter()
+        .map(|r| (r, Keep::Both, Role::JointBlocks));
     let tails = tails.map(|(k, role)| ((last, last + 1), k, role));
     for ((s, e), keep, role) in ranges.chain(tails) {
         let g = transformer::joint_blocks(tc, tw, quantized, (s, e), keep)?;

@@ -277,7 +277,8 @@ pub fn joint_blocks(
         Keep::Text => format!("text_tail_{start}_{end}"),
     };
     let mut c = Ctx::new(&name, w, store);
-    let x = c.g.input("image_tokens", DType::F32, hidden_dims(Dim::Fixed(d)));
+    let x =
+        c.g.input("image_tokens", DType::F32, hidden_dims(Dim::Fixed(d)));
     let text_dims = vec![Dim::Sym("batch"), Dim::Sym("text_len"), Dim::Fixed(d)];
     let y = c.g.input("text_tokens", DType::F32, text_dims.clone());
     let t =
@@ -285,7 +286,9 @@ pub fn joint_blocks(
     let st = c.g.silu(&t);
     let mut streams = (Some(x), Some(y));
     for i in start..end {
-        let (Some(xi), Some(yi)) = &streams else { break };
+        let (Some(xi), Some(yi)) = &streams else {
+            break;
+        };
         let k = if i + 1 == end { keep } else { Keep::Both };
         c.g.push_scope(&format!("block{i}"));
         let res = joint_block(&mut c, cfg, i, (xi, yi, &st), k);
@@ -294,7 +297,12 @@ pub fn joint_blocks(
     }
     let (x, y) = streams;
     if let Some(x) = x {
-        c.g.output(&x, "image_tokens_out", DType::F32, hidden_dims(Dim::Fixed(d)));
+        c.g.output(
+            &x,
+            "image_tokens_out",
+            DType::F32,
+            hidden_dims(Dim::Fixed(d)),
+        );
     }
     if let Some(y) = y {
         c.g.output(&y, "text_tokens_out", DType::F32, text_dims);
