@@ -49,9 +49,11 @@ fn a_missing_segment_is_refused() {
 fn another_manifest_version_is_refused() {
     let (_d, p) = common::copy_package();
     let m = p.join("manifest.json");
-    let text = std::fs::read_to_string(&m)
-        .unwrap()
-        .replace("\"format_version\": 1", "\"format_version\": 2");
+    let v = ddit_schemas::MANIFEST_FORMAT_VERSION;
+    let text = std::fs::read_to_string(&m).unwrap().replace(
+        &format!("\"format_version\": {v}"),
+        &format!("\"format_version\": {}", v + 1),
+    );
     std::fs::write(&m, text).unwrap();
     let e = load_err(&p, &EngineConfig::default());
     assert!(e.to_string().contains("format_version"), "{e}");
