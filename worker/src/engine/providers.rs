@@ -153,7 +153,12 @@ impl EngineConfig {
         self.providers
             .iter()
             .map(|p| match p {
-                Provider::Cpu => ep::CPU::default().build().error_on_failure(),
+                // ort's CPU provider disables ONNX Runtime's memory arena unless asked: every
+                // activation would then be a fresh allocation (page faults each run).
+                Provider::Cpu => ep::CPU::default()
+                    .with_arena_allocator(true)
+                    .build()
+                    .error_on_failure(),
                 Provider::Cuda { device } => ep::CUDA::default()
                     .with_device_id(*device)
                     .build()
