@@ -49,14 +49,9 @@ async fn fifty_mixed_jobs_give_fifty_results_with_images_in_s3() {
     worker.wait_ready(Duration::from_secs(60));
 
     // Progress events on pub/sub.
-    let client = redis::Client::open(var("DDIT_REDIS_URL", "redis://127.0.0.1:6379")).unwrap();
-    let mut pubsub = client.get_async_pubsub().await.unwrap();
+    let mut pubsub = results_subscription(&names).await;
     pubsub
         .psubscribe(format!("{}:progress:*", names.redis_prefix))
-        .await
-        .unwrap();
-    pubsub
-        .subscribe(format!("{}:results", names.redis_prefix))
         .await
         .unwrap();
 
@@ -253,12 +248,7 @@ async fn a_worker_killed_mid_job_loses_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let model = export_model(dir.path());
     let (mut a, mut b) = Worker::start_pair(&names, &model, dir.path());
-    let client = redis::Client::open(var("DDIT_REDIS_URL", "redis://127.0.0.1:6379")).unwrap();
-    let mut pubsub = client.get_async_pubsub().await.unwrap();
-    pubsub
-        .subscribe(format!("{}:results", names.redis_prefix))
-        .await
-        .unwrap();
+    let mut pubsub = results_subscription(&names).await;
     let ids: Vec<String> = (0..16).map(|i| format!("long-{i:02}")).collect();
     let bodies: Vec<Vec<u8>> = ids
         .iter()

@@ -60,12 +60,7 @@ fn batch_seconds(pkg: &Path, jobs: &Path, out: &Path, flags: &[String]) -> f64 {
 async fn serve_seconds(names: &Names, bodies: &[Vec<u8>], ids: &[String]) -> (f64, Vec<JobResult>) {
     use futures_util::StreamExt;
     use redis::AsyncCommands;
-    let client = redis::Client::open(var("DDIT_REDIS_URL", "redis://127.0.0.1:6379")).unwrap();
-    let mut pubsub = client.get_async_pubsub().await.unwrap();
-    pubsub
-        .subscribe(format!("{}:results", names.redis_prefix))
-        .await
-        .unwrap();
+    let mut pubsub = results_subscription(names).await;
     let cfg = names.amqp();
     let conn = amqp::connect(&cfg, "bench-client").await.unwrap();
     let ch = conn.create_channel().await.unwrap();

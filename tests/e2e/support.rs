@@ -362,9 +362,25 @@ pub async fn s3_client() -> aws_sdk_s3::Client {
     aws_sdk_s3::Client::from_conf(conf)
 }
 
+fn redis_client() -> redis::Client {
+    redis::Client::open(var("DDIT_REDIS_URL", "redis://127.0.0.1:6379")).unwrap()
+}
+
 pub async fn redis() -> redis::aio::MultiplexedConnection {
-    let c = redis::Client::open(var("DDIT_REDIS_URL", "redis://127.0.0.1:6379")).unwrap();
-    c.get_multiplexed_async_connection().await.unwrap()
+    redis_client()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap()
+}
+
+/// A pub/sub connection subscribed to the workers' results channel (one job id per stored result).
+pub async fn results_subscription(names: &Names) -> redis::aio::PubSub {
+    let mut pubsub = redis_client().get_async_pubsub().await.unwrap();
+    pubsub
+        .subscribe(format!("{}:results", names.redis_prefix))
+        .await
+        .unwrap();
+    pubsub
 }
 
 /// Publishes jobs with publisher confirms, declaring the topology first.
