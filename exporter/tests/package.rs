@@ -67,7 +67,8 @@ fn manifest_is_valid_against_schema_and_complete() {
     let jb = m.by_role(Role::JointBlocks).next().unwrap();
     assert_eq!(jb.inputs[0].shape[1], Dim::Sym("image_tokens".into()));
     // Parameter counts add up to the checkpoint's: every transformer tensor is used once, except
-    // that both tails hold the last block's modulation and attention inputs.
+    // that both tails hold the last block's modulation, keys and values, and each tail only its own
+    // stream's queries.
     let exported: u64 = m
         .segments
         .iter()
@@ -89,7 +90,7 @@ fn manifest_is_valid_against_schema_and_complete() {
     let text_only: u64 = store
         .keys()
         .filter(|k| {
-            ["ff_context.", "attn.to_add_out."]
+            ["ff_context.", "attn.to_add_out.", "attn.add_q_proj."]
                 .iter()
                 .any(|p| k.starts_with(&format!("transformer_blocks.3.{p}")))
         })

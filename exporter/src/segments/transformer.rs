@@ -223,23 +223,42 @@ fn joint_block(
     // Chunk order: shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp.
     let xn = modulate(c, x, d, &mx[0], &mx[1]);
     let yn = modulate(c, y, d, &my[0], &my[1]);
-    let q = c.linear(&xn, &format!("{p}.attn.to_q"), d, d, true)?;
+    // Queries only for the streams computed to the end: a tail's attention is the other
+    // stream's cross-attention over both streams' keys, with no output to split off and drop.
+    let q = match keep {
+        Keep::Text => None,
+        _ => Some(c.linear(&xn, &format!("{p}.attn.to_q"), d, d, true)?),
+    };
     let k = c.linear(&xn, &format!("{p}.attn.to_k"), d, d, true)?;
     let v = c.linear(&xn, &format!("{p}.attn.to_v"), d, d, true)?;
-    let qc = c.linear(&yn, &format!("{p}.attn.add_q_proj"), d, d, true)?;
+    let qc = match keep {
+        Keep::Image => None,
+        _ => Some(c.linear(&yn, &format!("{p}.attn.add_q_proj"), d, d, true)?),
+    };
     let kc = c.linear(&yn, &format!("{p}.attn.add_k_proj"), d, d, true)?;
     let vc = c.linear(&yn, &format!("{p}.attn.add_v_proj"), d, d, true)?;
     // Sequence order [image tokens, text tokens]; no mask.
-    let qa = c.g.concat(&[&q, &qc], 1);
     let ka = c.g.concat(&[&k, &kc], 1);
     let va = c.g.concat(&[&v, &vc], 1);
-    let scale = 1.0 / (cfg.head_dim as f32).sqrt();
-    let o = c.attention(&qa, &ka, &va, cfg.num_heads, Some(scale), None);
-    let nx = c.g.shape_slice(x, 1, 2);
-    let ny = c.g.shape_slice(y, 1, 2);
-    let sizes = c.g.concat(&[&nx, &ny], 0);
-    let parts =
-        c.g.op_n("Split", &[&o, &sizes], vec![("axis", Attr::Int(1))], 2);
+    let scale = Some(1.0 / (cfg.head_dim as f32).sqrt());
+    let heads = cfg.num_heads;
+    let (ox, oy) = match (q, qc) {
+        (Some(q), Some(qc)) => {
+            let qa = c.g.concat(&[&q, &qc], 1);
+            let o = c.attention(&qa, &ka, &va, heads, scale, None);
+            let nx = c.g.shape_slice(x, 1, 2);
+            let ny = c.g.shape_slice(y, 1, 2);
+            let sizes = c.g.concat(&[&nx, &ny], 0);
+            let mut parts =
+                c.g.op_n("Split", &[&o, &sizes], vec![("axis", Attr::Int(1))], 2);
+            let oy = parts.pop();
+            (parts.pop(), oy)
+        }
+        (q, qc) => (
+            q.map(|q| c.attention(&q, &ka, &va, heads, scale, None)),
+            qc.map(|qc| c.attention(&qc, &ka, &va, heads, scale, None)),
+        ),
+    };
 
     let stream = |c: &mut Ctx<'_>, h: &str, a: &str, m: &[Value], [out, ff]: [&str; 2]| {
         let a = c.linear(a, &format!("{p}.attn.{out}"), d, d, true)?;
@@ -250,13 +269,13 @@ fn joint_block(
         let gf = c.g.mul(&m[5], &f);
         Ok::<_, crate::error::ExportError>(c.g.add(&h, &gf))
     };
-    let x2 = match keep {
-        Keep::Text => None,
-        _ => Some(stream(c, x, &parts[0], &mx, ["to_out.0", "ff"])?),
+    let x2 = match ox {
+        Some(a) => Some(stream(c, x, &a, &mx, ["to_out.0", "ff"])?),
+        None => None,
     };
-    let y2 = match keep {
-        Keep::Image => None,
-        _ => Some(stream(c, y, &parts[1], &my, ["to_add_out", "ff_context"])?),
+    let y2 = match oy {
+        Some(a) => Some(stream(c, y, &a, &my, ["to_add_out", "ff_context"])?),
+        None => None,
     };
     Ok((x2, y2))
 }
