@@ -12,8 +12,9 @@
 # vocabulary 32 128); timing only.
 # Env: DDIT_BENCH_THREADS (default: the machine's cores), DDIT_BENCH_VENV (default /opt/ddit-venv:
 # the reference stack of tools/reference/requirements.txt, installed from PyPI when missing).
-# ddit: `ddit-worker batch --max-batch 8` on the f32 package and on the `--weights int8` one, model
-# load excluded by subtracting a run with no jobs; the int8 ratio is against the same fp32 reference.
+# ddit: `ddit-worker batch --max-batch 8` on the f32 package and on the `--weights int8` one, timed by
+# batch itself from the loaded model to the last result written (its "N jobs in S s" line); the int8
+# ratio is against the same fp32 reference.
 # PyTorch: tools/bench/reference_speed.py (all prompts in one CFG-doubled call; captions and VQA one
 # image at a time with the no-change cache), model load and a warm-up excluded.
 set -euo pipefail
@@ -72,21 +73,18 @@ for task, js in jobs.items():
 open(f"{work}/none.jsonl", "w").close()
 PY
 
-wall() { # seconds of one `batch` run of package $1 over a job file $2
-  local s e
+secs() { # the seconds `batch` reports for the jobs of file $2 on package $1, model load excluded
   rm -rf "$WORK/out"
-  s=$(date +%s.%N)
   target/release/ddit-worker batch --model "$WORK/pkg-$1" --jobs "$2" --out "$WORK/out" \
-    --threads "$THREADS" --max-batch 8 >/dev/null
-  e=$(date +%s.%N)
-  python3 -c "print($e - $s)"
+    --threads "$THREADS" --max-batch 8 --no-progress 2>&1 >/dev/null |
+    sed -n 's/^[0-9]* jobs in \([0-9.]*\)s: .*/\1/p'
 }
 declare -A DDIT
 for w in f32 int8; do
-  wall "$w" "$WORK/none.jsonl" >/dev/null # warm the page cache
-  LOAD=$(wall "$w" "$WORK/none.jsonl")
+  secs "$w" "$WORK/none.jsonl" >/dev/null # warm the page cache
   for task in generate caption vqa; do
-    DDIT[$w-$task]=$(python3 -c "print(max($(wall "$w" "$WORK/$task.jsonl") - $LOAD, 1e-9))")
+    DDIT[$w-$task]=$(secs "$w" "$WORK/$task.jsonl")
+    [ -n "${DDIT[$w-$task]}" ] || { echo "bench: batch printed no time for $w $task" >&2; exit 1; }
   done
 done
 REF=$("$VENV/bin/python" tools/bench/reference_speed.py --model "$MODEL" --set "$SET" --n "$N" --threads "$THREADS")

@@ -245,7 +245,7 @@ pub fn batch(a: BatchArgs) -> anyhow::Result<()> {
     file.finish();
     let c = file.counts;
     eprintln!(
-        "{} jobs in {:.1}s: {} succeeded, {} failed, {} expired, {} skipped (already done or duplicate); results in {}",
+        "{} jobs in {:.3}s: {} succeeded, {} failed, {} expired, {} skipped (already done or duplicate); results in {}",
         source.total,
         start.elapsed().as_secs_f64(),
         c.succeeded,
