@@ -11,8 +11,9 @@
 # tools/bench/make_medium.py writes into .ddit/bench/medium (hidden 768, 4 blocks, x8 VAE at 256 px,
 # vocabulary 32 128); timing only.
 # Env: DDIT_BENCH_THREADS (default: the machine's cores), DDIT_BENCH_REPEAT (default 2: each side's
-# time for a task is the fastest of that many runs; the machine is shared and drifts), DDIT_BENCH_VENV (default /opt/ddit-venv:
-# the reference stack of tools/reference/requirements.txt, installed from PyPI when missing).
+# time for a task is the fastest of that many runs; the machine is shared and drifts),
+# DDIT_BENCH_VENV (default /opt/ddit-venv: the reference stack of tools/reference/requirements.txt,
+# installed from PyPI when missing).
 # ddit: `ddit-worker batch --max-batch 8` on the f32 package and on the `--weights int8` one, timed by
 # batch itself from the loaded model to the last result written (its "N jobs in S s" line); the int8
 # ratio is against the same fp32 reference.

@@ -3,8 +3,8 @@
 Text to image passes all prompts in one call, with classifier-free guidance as a doubled batch
 [negative..., positive...] (as the official pipeline batches); captioning and VQA run one image at a
 time with the no-change cache (as the official pipeline does). torch uses --threads threads. Model
-load and a warm-up call are excluded; each task counts the fastest of --repeat runs. Prints one JSON line of seconds per task, the FLOPs of one
-item of each task (torch's FlopCounterMode over a whole job: T5, every transformer pass, the VAE;
+load and a warm-up call are excluded; each task counts the fastest of --repeat runs. Prints one JSON
+line of seconds per task, the FLOPs of one item of each task (torch's FlopCounterMode over a whole job: T5, every transformer pass, the VAE;
 matrix products, convolutions and attention; for text to image without the text head, whose logits
 the reference computes and discards) and the machine's fp32 GEMM rate at --threads threads
 (the best of five 2048^3 `torch.mm`), from which scripts/bench.sh derives each side's share of the

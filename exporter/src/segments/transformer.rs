@@ -249,10 +249,10 @@ fn joint_block(
             let nx = c.g.shape_slice(x, 1, 2);
             let ny = c.g.shape_slice(y, 1, 2);
             let sizes = c.g.concat(&[&nx, &ny], 0);
-            let mut parts =
+            let parts =
                 c.g.op_n("Split", &[&o, &sizes], vec![("axis", Attr::Int(1))], 2);
-            let oy = parts.pop();
-            (parts.pop(), oy)
+            let mut parts = parts.into_iter();
+            (parts.next(), parts.next())
         }
         (q, qc) => (
             q.map(|q| c.attention(&q, &ka, &va, heads, scale, None)),
@@ -269,15 +269,10 @@ fn joint_block(
         let gf = c.g.mul(&m[5], &f);
         Ok::<_, crate::error::ExportError>(c.g.add(&h, &gf))
     };
-    let x2 = match ox {
-        Some(a) => Some(stream(c, x, &a, &mx, ["to_out.0", "ff"])?),
-        None => None,
-    };
-    let y2 = match oy {
-        Some(a) => Some(stream(c, y, &a, &my, ["to_add_out", "ff_context"])?),
-        None => None,
-    };
-    Ok((x2, y2))
+    let x2 = ox.map(|a| stream(c, x, &a, &mx, ["to_out.0", "ff"]));
+    let x2 = x2.transpose()?;
+    let y2 = oy.map(|a| stream(c, y, &a, &my, ["to_add_out", "ff_context"]));
+    Ok((x2, y2.transpose()?))
 }
 
 /// Joint blocks `[start, end)`: (image, text, temb) -> the streams `keep` names. Every block
