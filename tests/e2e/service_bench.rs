@@ -110,6 +110,15 @@ async fn serve_seconds(names: &Names, bodies: &[Vec<u8>], ids: &[String]) -> (f6
     (secs, results)
 }
 
+/// (forward passes, images through them) so far, from serve's `ddit_batch_size` histogram.
+fn forward_passes(worker: &Worker) -> (f64, f64) {
+    let (_, m) = http_get(worker.port, "/metrics").expect("serve's /metrics");
+    (
+        metric_sum(&m, "ddit_batch_size_count", &[]),
+        metric_sum(&m, "ddit_batch_size_sum", &[]),
+    )
+}
+
 #[test]
 #[ignore = "a benchmark: scripts/bench.sh N service"]
 fn serve_throughput_against_batch_on_the_same_jobs() {
@@ -156,6 +165,7 @@ fn serve_throughput_against_batch_on_the_same_jobs() {
     // Rounds alternate the two sides, so that both see the same drifts of this shared machine;
     // the verdict is over all rounds together.
     let (mut batch_total, mut serve_total, mut ratios) = (0.0, 0.0, vec![]);
+    let mut passes = forward_passes(&worker);
     for round in 0..rounds {
         let batch_jobs = jobs(n, &format!("batch{round}"));
         let file = dir.path().join("jobs.jsonl");
@@ -178,11 +188,15 @@ fn serve_throughput_against_batch_on_the_same_jobs() {
             .iter()
             .all(|r| r.status == Status::Succeeded && r.outputs.len() == 1));
         rt.block_on(assert_outputs_match(&results));
+        let (before, after) = (passes, forward_passes(&worker));
+        passes = after;
         println!(
             "service bench: round {round}: batch {:.2} jobs/s ({batch:.2} s, model load excluded), \
-             serve {:.2} jobs/s ({serve:.2} s publish to last result): serve/batch = {:.3}",
+             serve {:.2} jobs/s ({serve:.2} s publish to last result, {:.2} images a forward pass): \
+             serve/batch = {:.3}",
             n as f64 / batch,
             n as f64 / serve,
+            (after.1 - before.1) / (after.0 - before.0).max(1.0),
             batch / serve
         );
         (batch_total, serve_total) = (batch_total + batch, serve_total + serve);

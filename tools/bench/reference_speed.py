@@ -7,8 +7,10 @@ load and a warm-up call are excluded; each task counts the fastest of --repeat r
 line of seconds per task, the FLOPs of one item of each task (torch's FlopCounterMode over a whole job: T5, every transformer pass, the VAE;
 matrix products, convolutions and attention; for text to image without the text head, whose logits
 the reference computes and discards) and the machine's fp32 GEMM rate at --threads threads
-(the best of five 2048^3 `torch.mm`), from which scripts/bench.sh derives each side's share of the
-fp32 ceiling.
+(`sgemm_gflops`: the fastest 2048^3 product of torch's and of ONNX Runtime's, the library ddit runs
+on), from which scripts/bench.sh derives each side's share of the fp32 ceiling. `--sgemm-only`
+prints that rate alone: the script measures it before ddit's runs too, and keeps the higher, since
+this shared machine's speed drifts within a run.
 """
 
 from __future__ import annotations
@@ -50,19 +52,57 @@ def generate_batch(dit, t5, vae, tok, model: Path, prompts: list[str], prompt_le
     return vae.decode(x / vae.config.scaling_factor + vae.config.shift_factor).sample
 
 
+def sgemm_gflops(threads: int, n: int = 2048, runs: int = 10) -> dict[str, float]:
+    """The fastest of `runs` [n, n] x [n, n] fp32 products, GFLOP/s, through torch and through
+    ONNX Runtime's CPU MatMul (MLAS; ddit's kernels), each at `threads` threads."""
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    a, b = torch.randn(n, n), torch.randn(n, n)
+
+    def fastest(run) -> float:
+        run()
+        return min(timed(run) for _ in range(runs))
+
+    def timed(run) -> float:
+        t0 = time.perf_counter()
+        run()
+        return time.perf_counter() - t0
+
+    io = [helper.make_tensor_value_info(x, TensorProto.FLOAT, [n, n]) for x in "abc"]
+    graph = helper.make_graph([helper.make_node("MatMul", ["a", "b"], ["c"])], "sgemm", io[:2], io[2:])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8  # what this onnxruntime reads, whatever the onnx package writes
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    feeds = {"a": a.numpy(), "b": np.ascontiguousarray(b.numpy())}
+    flop = 2 * n**3 / 1e9
+    return {"torch": flop / fastest(lambda: torch.mm(a, b)),
+            "onnxruntime": flop / fastest(lambda: sess.run(None, feeds))}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--model", type=Path, required=True)
-    ap.add_argument("--set", type=Path, required=True)
+    ap.add_argument("--sgemm-only", action="store_true")
+    ap.add_argument("--model", type=Path)
+    ap.add_argument("--set", type=Path)
     ap.add_argument("--n", type=int, default=16)
     ap.add_argument("--threads", type=int, required=True)
     ap.add_argument("--repeat", type=int, default=1, help="time each task this many times; the fastest counts")
     args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.sgemm_only:
+        print(json.dumps(sgemm_gflops(args.threads)))
+        return
+    if args.model is None or args.set is None:
+        ap.error("--model and --set are required unless --sgemm-only")
     # The canvas lengths the checkpoint carries (model_index.json), as ddit-export uses them.
     index = json.loads((args.model / "model_index.json").read_text())
     lengths = {"prompt": 256, "caption": 128, "vqa": 128, **index.get("text_lengths", {})}
     args.prompt_len, args.caption_len, args.vqa_len = lengths["prompt"], lengths["caption"], lengths["vqa"]
-    torch.set_num_threads(args.threads)
     dit, t5, vae, tok = load(args.model)
     mask = tok.token_to_id("<extra_id_0>")
     size = dit.config.sample_size * 2 ** (len(vae.config.block_out_channels) - 1)
@@ -122,13 +162,7 @@ def main() -> None:
             flops -= sum(sum(ops.values()) for name, ops in fc.get_flop_counts().items()
                          if name.endswith("text_proj_out"))
         out[f"{task}_flops"] = flops
-    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
-    best = float("inf")
-    for _ in range(5):
-        t0 = time.perf_counter()
-        torch.mm(a, b)
-        best = min(best, time.perf_counter() - t0)
-    out["sgemm_gflops"] = 2 * 2048**3 / best / 1e9
+    out["sgemm_gflops"] = sgemm_gflops(args.threads)
     print(json.dumps(out))
 
 
