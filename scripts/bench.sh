@@ -10,8 +10,8 @@
 # demo: models/ddit-shapes. medium: a random checkpoint at realistic width that
 # tools/bench/make_medium.py writes into .ddit/bench/medium (hidden 768, 4 blocks, x8 VAE at 256 px,
 # vocabulary 32 128); timing only.
-# Env: DDIT_BENCH_THREADS (default: the machine's cores), DDIT_BENCH_REPEAT (default 2: each side's
-# time for a task is the fastest of that many runs; the machine is shared and drifts),
+# Env: DDIT_BENCH_THREADS (default: the machine's cores), DDIT_BENCH_REPEAT (default 2: rounds of
+# both sides in turn, each side's time for a task its fastest round; the machine is shared and drifts),
 # DDIT_BENCH_VENV (default /opt/ddit-venv: the reference stack of tools/reference/requirements.txt,
 # installed from PyPI when missing).
 # ddit: `ddit-worker batch --max-batch 8` on the f32 package and on the `--weights int8` one, timed by
@@ -76,32 +76,40 @@ for task, js in jobs.items():
 open(f"{work}/none.jsonl", "w").close()
 PY
 
-secs() { # the seconds `batch` reports for the jobs of file $2 on package $1 (model load excluded),
-  # the fastest of $REPEAT runs
-  local s best=""
-  for _ in $(seq "$REPEAT"); do
-    rm -rf "$WORK/out"
-    s=$(target/release/ddit-worker batch --model "$WORK/pkg-$1" --jobs "$2" --out "$WORK/out" \
-      --threads "$THREADS" --max-batch 8 --no-progress 2>&1 >/dev/null |
-      sed -n 's/^[0-9]* jobs in \([0-9.]*\)s: .*/\1/p')
-    [ -n "$s" ] || return 1
-    best=$(python3 -c "print(min(float('$s'), float('${best:-inf}')))")
-  done
-  echo "$best"
+secs() { # the seconds `batch` reports for the jobs of file $2 on package $1 (model load excluded)
+  rm -rf "$WORK/out"
+  target/release/ddit-worker batch --model "$WORK/pkg-$1" --jobs "$2" --out "$WORK/out" \
+    --threads "$THREADS" --max-batch 8 --no-progress 2>&1 >/dev/null |
+    sed -n 's/^[0-9]* jobs in \([0-9.]*\)s: .*/\1/p'
 }
 # The machine's sgemm rate before ddit's runs; the reference measures it again after its own, and
 # the ceiling is the highest of the four (torch and ONNX Runtime, before and after).
 SGEMM=$("$VENV/bin/python" tools/bench/reference_speed.py --sgemm-only --threads "$THREADS")
+# $REPEAT rounds, each of ddit's runs then the reference's, so that both sides see the same drifts
+# of the machine; each side's time for a task is its fastest round. The last reference round also
+# counts the FLOPs and the sgemm rate.
 declare -A DDIT
-for w in f32 int8; do
-  REPEAT=1 secs "$w" "$WORK/none.jsonl" >/dev/null # warm the page cache
-  for task in generate caption vqa; do
-    DDIT[$w-$task]=$(secs "$w" "$WORK/$task.jsonl") ||
-      { echo "bench: batch printed no time for $w $task" >&2; exit 1; }
+REFS=()
+for w in f32 int8; do secs "$w" "$WORK/none.jsonl" >/dev/null; done # warm the page cache
+for round in $(seq "$REPEAT"); do
+  for w in f32 int8; do
+    for task in generate caption vqa; do
+      s=$(secs "$w" "$WORK/$task.jsonl")
+      [ -n "$s" ] || { echo "bench: batch printed no time for $w $task" >&2; exit 1; }
+      DDIT[$w-$task]=$(python3 -c "print(min($s, float('${DDIT[$w-$task]:-inf}')))")
+    done
   done
+  count=()
+  [ "$round" = "$REPEAT" ] || count=(--times-only)
+  REFS+=("$("$VENV/bin/python" tools/bench/reference_speed.py --model "$MODEL" --set "$SET" \
+    --n "$N" --threads "$THREADS" "${count[@]}")")
 done
-REF=$("$VENV/bin/python" tools/bench/reference_speed.py --model "$MODEL" --set "$SET" --n "$N" \
-  --threads "$THREADS" --repeat "$REPEAT")
+REF=$(python3 -c 'import json, sys
+runs = [json.loads(a) for a in sys.argv[1:]]
+out = {**runs[-1], "repeat": len(runs)}
+for k in ("generate_s", "caption_s", "vqa_s"):
+    out[k] = min(r[k] for r in runs)
+print(json.dumps(out))' "${REFS[@]}")
 
 python3 - "$N" "$THREADS" "$REF" "$MODEL" "$SGEMM" \
   "${DDIT[f32-generate]}" "${DDIT[f32-caption]}" "${DDIT[f32-vqa]}" \
@@ -115,7 +123,7 @@ ddit = {"f32": dict(zip(tasks, map(float, sys.argv[6:9]))), "int8": dict(zip(tas
 cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), platform.machine())
 best = max(rates, key=rates.get)
 peak = rates[best] * 1e9
-print(f"\n{n} items per task, {threads} threads each side, the fastest of {ref['repeat']} runs each; {cpu}; "
+print(f"\n{n} items per task, {threads} threads each side, each side's fastest of {ref['repeat']} rounds taken in turn; {cpu}; "
       f"checkpoint {model}")
 print(f"fp32 ceiling: sgemm {rates[best]:.1f} GFLOP/s at {threads} threads ({best} the runs; "
       + ", ".join(f"{k} {v:.1f}" for k, v in rates.items() if k != best)

@@ -10,7 +10,8 @@ the reference computes and discards) and the machine's fp32 GEMM rate at --threa
 (`sgemm_gflops`: the fastest 2048^3 product of torch's and of ONNX Runtime's, the library ddit runs
 on), from which scripts/bench.sh derives each side's share of the fp32 ceiling. `--sgemm-only`
 prints that rate alone: the script measures it before ddit's runs too, and keeps the higher, since
-this shared machine's speed drifts within a run.
+this shared machine's speed drifts within a run. `--times-only` prints the seconds alone (the bench's
+rounds before its last).
 """
 
 from __future__ import annotations
@@ -87,6 +88,7 @@ def sgemm_gflops(threads: int, n: int = 2048, runs: int = 10) -> dict[str, float
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--sgemm-only", action="store_true")
+    ap.add_argument("--times-only", action="store_true", help="no FLOP count, no sgemm rate")
     ap.add_argument("--model", type=Path)
     ap.add_argument("--set", type=Path)
     ap.add_argument("--n", type=int, default=16)
@@ -138,6 +140,9 @@ def main() -> None:
         lambda: generate_batch(dit, t5, vae, tok, args.model, prompts, args.prompt_len, 28, 7.0, g))
     out["caption_s"] = best(captions)
     out["vqa_s"] = best(answers)
+    if args.times_only:
+        print(json.dumps(out))
+        return
 
     # A caption job's FLOPs depend on its draws (the no-change cache skips a pass when no token
     # changed), so they are counted from a fixed generator state, whatever ran before.
