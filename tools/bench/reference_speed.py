@@ -53,6 +53,16 @@ def generate_batch(dit, t5, vae, tok, model: Path, prompts: list[str], prompt_le
     return vae.decode(x / vae.config.scaling_factor + vae.config.shift_factor).sample
 
 
+def fastest(run, times: int) -> float:
+    """The fastest of `times` timed calls of `run`, in seconds: this shared machine drifts."""
+    best = float("inf")
+    for _ in range(times):
+        t0 = time.perf_counter()
+        run()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
 def sgemm_gflops(threads: int, n: int = 2048, runs: int = 10) -> dict[str, float]:
     """The fastest of `runs` [n, n] x [n, n] fp32 products, GFLOP/s, through torch and through
     ONNX Runtime's CPU MatMul (MLAS; ddit's kernels), each at `threads` threads."""
@@ -62,14 +72,9 @@ def sgemm_gflops(threads: int, n: int = 2048, runs: int = 10) -> dict[str, float
 
     a, b = torch.randn(n, n), torch.randn(n, n)
 
-    def timed(run) -> float:
-        t0 = time.perf_counter()
-        run()
-        return time.perf_counter() - t0
-
-    def fastest(run) -> float:
+    def rate(run) -> float:
         run()  # warm-up
-        return min(timed(run) for _ in range(runs))
+        return 2 * n**3 / 1e9 / fastest(run, runs)
 
     io = [helper.make_tensor_value_info(x, TensorProto.FLOAT, [n, n]) for x in "abc"]
     graph = helper.make_graph([helper.make_node("MatMul", ["a", "b"], ["c"])], "sgemm", io[:2], io[2:])
@@ -79,9 +84,7 @@ def sgemm_gflops(threads: int, n: int = 2048, runs: int = 10) -> dict[str, float
     opts.intra_op_num_threads = threads
     sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
     feeds = {"a": a.numpy(), "b": np.ascontiguousarray(b.numpy())}
-    flop = 2 * n**3 / 1e9
-    return {"torch": flop / fastest(lambda: torch.mm(a, b)),
-            "onnxruntime": flop / fastest(lambda: sess.run(None, feeds))}
+    return {"torch": rate(lambda: torch.mm(a, b)), "onnxruntime": rate(lambda: sess.run(None, feeds))}
 
 
 def main() -> None:
@@ -114,13 +117,7 @@ def main() -> None:
     out = {"n": len(scenes), "threads": args.threads, "repeat": args.repeat}
 
     def best(run) -> float:
-        """The fastest of --repeat timed runs: this shared machine drifts between runs."""
-        times = []
-        for _ in range(args.repeat):
-            t0 = time.perf_counter()
-            run()
-            times.append(time.perf_counter() - t0)
-        return min(times)
+        return fastest(run, args.repeat)
 
     def captions() -> None:
         for sc in scenes:
