@@ -188,15 +188,14 @@ fn serve_throughput_against_batch_on_the_same_jobs() {
             .iter()
             .all(|r| r.status == Status::Succeeded && r.outputs.len() == 1));
         rt.block_on(assert_outputs_match(&results));
-        let (before, after) = (passes, forward_passes(&worker));
-        passes = after;
+        let before = std::mem::replace(&mut passes, forward_passes(&worker));
         println!(
             "service bench: round {round}: batch {:.2} jobs/s ({batch:.2} s, model load excluded), \
              serve {:.2} jobs/s ({serve:.2} s publish to last result, {:.2} images a forward pass): \
              serve/batch = {:.3}",
             n as f64 / batch,
             n as f64 / serve,
-            (after.1 - before.1) / (after.0 - before.0).max(1.0),
+            (passes.1 - before.1) / (passes.0 - before.0).max(1.0),
             batch / serve
         );
         (batch_total, serve_total) = (batch_total + batch, serve_total + serve);
