@@ -211,6 +211,7 @@ impl EngineArgs {
             job_timeout: (self.job_timeout > 0)
                 .then(|| std::time::Duration::from_secs(self.job_timeout)),
             progress_every: std::time::Duration::ZERO,
+            batch_window: std::time::Duration::ZERO,
         }
     }
 

@@ -177,6 +177,10 @@ struct ServeArgs {
     /// HTTP address for /healthz, /readyz, /metrics.
     #[arg(long, default_value = "0.0.0.0:9090", env = "DDIT_LISTEN")]
     listen: std::net::SocketAddr,
+    /// Milliseconds an idle inference thread keeps admitting arriving jobs (up to `--max-batch`
+    /// rows) before its first forward pass, so that a burst starts as full batches; 0: at once.
+    #[arg(long, default_value_t = 20, env = "DDIT_BATCH_WINDOW_MS")]
+    batch_window_ms: u64,
     /// Least milliseconds between two progress events of one job.
     #[arg(long, default_value_t = 500, env = "DDIT_PROGRESS_INTERVAL_MS")]
     progress_interval_ms: u64,
@@ -219,6 +223,7 @@ impl TryFrom<ServeCmd> for ServeConfig {
             engine: e.config(s.max_batch, threads.intra)?,
             runner: ddit_worker::runner::RunnerConfig {
                 progress_every: std::time::Duration::from_millis(s.progress_interval_ms),
+                batch_window: std::time::Duration::from_millis(s.batch_window_ms),
                 ..e.runner(s.max_batch)
             },
             model: e.model,

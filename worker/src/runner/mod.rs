@@ -52,6 +52,10 @@ pub struct RunnerConfig {
     /// Least time between two progress reports of one job (its first and last steps are always
     /// reported): each report wakes the service's event loop, which then competes with the steps.
     pub progress_every: std::time::Duration,
+    /// How long a runner that was idle keeps admitting arriving jobs before its first pass, so that
+    /// a burst starts as full batches instead of a pass of one job and a staggered tail (a source
+    /// that never blocks is not affected).
+    pub batch_window: std::time::Duration,
 }
 
 impl Default for RunnerConfig {
@@ -62,6 +66,7 @@ impl Default for RunnerConfig {
             image_limits: ImageLimits::default(),
             job_timeout: None,
             progress_every: std::time::Duration::ZERO,
+            batch_window: std::time::Duration::ZERO,
         }
     }
 }
@@ -84,10 +89,20 @@ impl Incoming {
     }
 }
 
-/// Where jobs come from. `wait` asks to block until one is available; `None` then means the
-/// source is exhausted (or shutting down). With `wait = false`, `None` means "none right now".
+/// How long [`JobSource::next_job`] may wait for a job.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Wait {
+    /// Not at all: `None` means "none right now".
+    No,
+    /// Until this instant: `None` means none came by then (a past instant is [`Wait::No`]).
+    Until(Instant),
+    /// Until one is available: `None` means the source is exhausted (or shutting down).
+    Forever,
+}
+
+/// Where jobs come from. A source that has every job at hand may ignore `wait`.
 pub trait JobSource {
-    fn next_job(&mut self, wait: bool) -> Option<Incoming>;
+    fn next_job(&mut self, wait: Wait) -> Option<Incoming>;
 }
 
 /// Where generated images go.
@@ -165,9 +180,21 @@ impl<'a, M: Model> Runner<'a, M> {
     ) {
         let mut exhausted = false;
         loop {
+            // Set when this runner wakes from idle: it admits arrivals until then before its pass.
+            let mut fill_until = None;
             while !exhausted && self.rows() < self.cfg.max_batch.max(1) {
-                match source.next_job(self.active.is_empty()) {
-                    Some(inc) => self.admit(inc, hooks),
+                let wait = match (self.active.is_empty(), fill_until) {
+                    (true, _) => Wait::Forever,
+                    (false, Some(t)) => Wait::Until(t),
+                    (false, None) => Wait::No,
+                };
+                match source.next_job(wait) {
+                    Some(inc) => {
+                        if wait == Wait::Forever && !self.cfg.batch_window.is_zero() {
+                            fill_until = Some(Instant::now() + self.cfg.batch_window);
+                        }
+                        self.admit(inc, hooks)
+                    }
                     None => {
                         if self.active.is_empty() {
                             exhausted = true;

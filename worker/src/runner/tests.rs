@@ -183,16 +183,17 @@ impl Model for Fake {
     }
 }
 
-/// Jobs released one by one; `hold` keeps the rest back until the model has made that many calls.
+/// Jobs released one by one; `hold` keeps the rest back from a call that does not wait until the
+/// model has made that many calls (a call that waits, up to a deadline or not, gets them).
 struct Source {
     jobs: VecDeque<Job>,
     hold: Option<(usize, Rc<RefCell<Vec<Call>>>)>,
 }
 
 impl JobSource for Source {
-    fn next_job(&mut self, wait: bool) -> Option<Incoming> {
+    fn next_job(&mut self, wait: Wait) -> Option<Incoming> {
         if let Some((after, calls)) = &self.hold {
-            if !wait && calls.borrow().len() < *after {
+            if wait == Wait::No && calls.borrow().len() < *after {
                 return None;
             }
         }
@@ -423,6 +424,29 @@ fn jobs_join_and_leave_between_steps() {
     let order: Vec<&str> = h.results.iter().map(|r| r.job_id.as_str()).collect();
     assert_eq!(order, vec!["b", "a", "c"]);
     assert!(h.results.iter().all(|r| r.status == Status::Succeeded));
+}
+
+#[test]
+fn an_idle_runner_admits_the_jobs_arriving_in_its_batch_window_before_its_first_pass() {
+    let mut fake = Fake::new();
+    let mut h = Collect::default();
+    let cfg = RunnerConfig {
+        max_batch: 2,
+        batch_window: std::time::Duration::from_millis(10),
+        ..RunnerConfig::default()
+    };
+    // As above, but b arrives in the window a's arrival opened; c, held back until the model has
+    // made 3 calls, joins only between steps (the window is over once the first pass ran).
+    let jobs = vec![
+        generate("a", 6, 16, 1),
+        generate("b", 2, 16, 1),
+        generate("c", 2, 16, 1),
+    ];
+    run_with(&mut fake, jobs, cfg, &mut h, Some(3));
+    let rows: Vec<usize> = fake.calls.borrow().iter().map(|c| c.rows).collect();
+    assert_eq!(rows, vec![4, 4, 2, 4, 4, 2]);
+    let order: Vec<&str> = h.results.iter().map(|r| r.job_id.as_str()).collect();
+    assert_eq!(order, vec!["b", "c", "a"]);
 }
 
 #[test]

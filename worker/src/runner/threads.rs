@@ -6,7 +6,7 @@ use std::sync::{Mutex, PoisonError};
 
 use ddit_schemas::JobResult;
 
-use super::{Hooks, ImageSink, Incoming, JobSource, Model, Runner, RunnerConfig};
+use super::{Hooks, ImageSink, Incoming, JobSource, Model, Runner, RunnerConfig, Wait};
 use crate::tasks::input::InputFetcher;
 use crate::text::TextCodec;
 
@@ -57,7 +57,7 @@ impl<T: ?Sized> Shared<'_, T> {
 }
 
 impl<T: JobSource + ?Sized> JobSource for Shared<'_, T> {
-    fn next_job(&mut self, wait: bool) -> Option<Incoming> {
+    fn next_job(&mut self, wait: Wait) -> Option<Incoming> {
         self.with(|s| s.next_job(wait))
     }
 }

@@ -14,7 +14,7 @@ use crate::adapters::s3::S3Io;
 use crate::engine::{Engine, EngineConfig, Package};
 use crate::error::{Result, WorkerError};
 use crate::runner::{
-    encode_images, Decoded, Hooks, ImageSink, Incoming, JobSource, Png, Runner, RunnerConfig,
+    encode_images, Decoded, Hooks, ImageSink, Incoming, JobSource, Png, Runner, RunnerConfig, Wait,
 };
 use crate::text::TextCodec;
 
@@ -48,6 +48,8 @@ struct ChannelSource {
     rx: Queued,
     /// Set when the service drains: no queued job starts any more.
     draining: Arc<AtomicBool>,
+    /// The service's runtime, whose timer bounds a wait with a deadline.
+    handle: tokio::runtime::Handle,
 }
 
 fn incoming((job, span): Sent) -> Incoming {
@@ -58,17 +60,24 @@ fn incoming((job, span): Sent) -> Incoming {
 }
 
 impl JobSource for ChannelSource {
-    fn next_job(&mut self, wait: bool) -> Option<Incoming> {
+    fn next_job(&mut self, wait: Wait) -> Option<Incoming> {
         if self.draining.load(Ordering::SeqCst) {
             return None;
         }
-        if wait {
-            let mut rx = self.rx.blocking_lock();
-            rx.blocking_recv().map(incoming)
-        } else {
+        match wait {
+            Wait::Forever => self.rx.blocking_lock().blocking_recv().map(incoming),
             // Never wait for another thread's blocking receive while jobs are running here.
-            let mut rx = self.rx.try_lock().ok()?;
-            rx.try_recv().ok().map(incoming)
+            Wait::No => self.rx.try_lock().ok()?.try_recv().ok().map(incoming),
+            // Tokio's timeout polls its future before the deadline, so a past one is a try.
+            Wait::Until(t) => {
+                let t = tokio::time::Instant::from_std(t);
+                let rx = &self.rx;
+                let next = async move {
+                    let mut rx = tokio::time::timeout_at(t, rx.lock()).await.ok()?;
+                    tokio::time::timeout_at(t, rx.recv()).await.ok().flatten()
+                };
+                self.handle.block_on(next).map(incoming)
+            }
         }
     }
 }
@@ -238,7 +247,11 @@ pub fn start(
                         }
                     };
                     let _ = events.send(Event::Ready);
-                    let mut source = ChannelSource { rx, draining };
+                    let mut source = ChannelSource {
+                        rx,
+                        draining,
+                        handle: fetcher.handle.clone(),
+                    };
                     let mut hooks = EventHooks {
                         tx: events,
                         canceled,
@@ -257,5 +270,67 @@ pub fn start(
         queued: rx,
         draining,
         threads,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use std::time::{Duration, Instant};
+
+    use super::*;
+
+    fn job(id: &str) -> Sent {
+        let v = serde_json::json!({"job_id": id, "task": "generate", "params": {"prompt": "x"}});
+        (serde_json::from_value(v).unwrap(), tracing::Span::none())
+    }
+
+    fn id(inc: Option<Incoming>) -> Option<String> {
+        match inc? {
+            Incoming::Job { job, .. } => Some(job.job_id),
+            Incoming::Unparseable { job_id, .. } => Some(job_id),
+        }
+    }
+
+    #[test]
+    fn a_wait_with_a_deadline_takes_what_arrives_before_it_and_gives_up_at_it() {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_time()
+            .build()
+            .unwrap();
+        let (tx, rx) = mpsc::channel(4);
+        let mut source = ChannelSource {
+            rx: Arc::new(tokio::sync::Mutex::new(rx)),
+            draining: Arc::new(AtomicBool::new(false)),
+            handle: rt.handle().clone(),
+        };
+        let later = tx.clone();
+        let sender = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(50));
+            later.blocking_send(job("late")).unwrap();
+        });
+        let got = source.next_job(Wait::Until(Instant::now() + Duration::from_secs(30)));
+        assert_eq!(id(got).as_deref(), Some("late"));
+        sender.join().unwrap();
+
+        let asked = Instant::now();
+        assert!(source
+            .next_job(Wait::Until(asked + Duration::from_millis(30)))
+            .is_none());
+        assert!(
+            asked.elapsed() >= Duration::from_millis(30),
+            "it gave up early"
+        );
+        assert!(source.next_job(Wait::No).is_none());
+
+        // A deadline already past still takes a queued job, as `Wait::No` does.
+        tx.blocking_send(job("queued")).unwrap();
+        let got = source.next_job(Wait::Until(asked));
+        assert_eq!(id(got).as_deref(), Some("queued"));
+
+        source.draining.store(true, Ordering::SeqCst);
+        tx.blocking_send(job("drained")).unwrap();
+        assert!(source.next_job(Wait::Forever).is_none());
     }
 }

@@ -4,7 +4,7 @@
 use ddit_schemas::{Job, JobResult};
 
 use crate::error::Result;
-use crate::runner::{Hooks, ImageSink, Incoming, JobSource};
+use crate::runner::{Hooks, ImageSink, Incoming, JobSource, Wait};
 
 /// Jobs from a list, in order.
 pub struct VecSource(std::vec::IntoIter<Incoming>);
@@ -20,7 +20,7 @@ impl VecSource {
 }
 
 impl JobSource for VecSource {
-    fn next_job(&mut self, _wait: bool) -> Option<Incoming> {
+    fn next_job(&mut self, _wait: Wait) -> Option<Incoming> {
         self.0.next()
     }
 }

@@ -13,7 +13,7 @@ use ddit_schemas::{Job, JobResult, Status};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 use crate::error::{Result, WorkerError};
-use crate::runner::{Hooks, ImageSink, Incoming, JobSource};
+use crate::runner::{Hooks, ImageSink, Incoming, JobSource, Wait};
 
 /// Jobs from a JSONL file, skipping those already answered and duplicate ids.
 pub struct FileSource {
@@ -75,7 +75,7 @@ pub fn parse_job_line(line: &str, n: usize) -> Incoming {
 }
 
 impl JobSource for FileSource {
-    fn next_job(&mut self, _wait: bool) -> Option<Incoming> {
+    fn next_job(&mut self, _wait: Wait) -> Option<Incoming> {
         self.jobs.next()
     }
 }
