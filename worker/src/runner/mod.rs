@@ -11,6 +11,7 @@
 //! implementation, and the unit tests (`tests.rs`) use a fake one.
 
 mod finish;
+mod handoff;
 mod model;
 mod step;
 #[cfg(test)]
@@ -18,6 +19,7 @@ mod tests;
 mod threads;
 mod work;
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use ddit_schemas::{ErrorInfo, Job, JobResult, ModelRef, Status};
@@ -29,6 +31,8 @@ use crate::image_io::ImageLimits;
 use crate::tasks::input::InputFetcher;
 use crate::text::TextCodec;
 pub use finish::{encode_images, ended_result, Decoded, Png};
+pub use handoff::Handoff;
+use handoff::Member;
 pub use model::Model;
 pub use threads::run_threads;
 use work::Active;
@@ -135,6 +139,8 @@ pub struct Runner<'a, M: Model> {
     pub fetcher: &'a dyn InputFetcher,
     pub cfg: RunnerConfig,
     active: Vec<Active>,
+    /// Shared with the process's other runners, when it has several.
+    handoff: Option<Member>,
 }
 
 impl<'a, M: Model> Runner<'a, M> {
@@ -150,7 +156,15 @@ impl<'a, M: Model> Runner<'a, M> {
             fetcher,
             cfg,
             active: Vec::new(),
+            handoff: None,
         }
+    }
+
+    /// Joins the runners that share `handoff`: idle, it takes jobs they hand it; busy, it hands
+    /// half of its jobs to one of them that is idle.
+    pub fn with_handoff(mut self, handoff: Arc<Handoff>) -> Self {
+        self.handoff = Some(Member::new(handoff));
+        self
     }
 
     fn model_ref(&self) -> ModelRef {
@@ -171,7 +185,8 @@ impl<'a, M: Model> Runner<'a, M> {
         ended_result(&self.model_ref(), job_id, task, status, err)
     }
 
-    /// Runs until the source is exhausted and every admitted job has its result.
+    /// Runs until the source is exhausted and every admitted job has its result (with a
+    /// handoff: and no other runner holds jobs it could hand over).
     pub fn run(
         &mut self,
         source: &mut dyn JobSource,
@@ -180,25 +195,31 @@ impl<'a, M: Model> Runner<'a, M> {
     ) {
         let mut exhausted = false;
         loop {
+            self.set_busy(!self.active.is_empty());
             // Set when this runner wakes from idle: it admits arrivals until then before its pass.
             let mut fill_until = None;
             while !exhausted && self.rows() < self.cfg.max_batch.max(1) {
+                if self.active.is_empty() && self.take_handed_off() {
+                    break;
+                }
                 let wait = match (self.active.is_empty(), fill_until) {
+                    // Another runner may hand this one jobs: look at the source, then at it.
+                    (true, _) if self.others_busy() => Wait::No,
                     (true, _) => Wait::Forever,
                     (false, Some(t)) => Wait::Until(t),
                     (false, None) => Wait::No,
                 };
                 match source.next_job(wait) {
                     Some(inc) => {
+                        // Busy from now, so that an idle runner waits for it instead of leaving.
+                        self.set_busy(true);
                         if wait == Wait::Forever && !self.cfg.batch_window.is_zero() {
                             fill_until = Some(Instant::now() + self.cfg.batch_window);
                         }
                         self.admit(inc, hooks)
                     }
                     None => {
-                        if self.active.is_empty() {
-                            exhausted = true;
-                        }
+                        exhausted = self.active.is_empty() && wait == Wait::Forever;
                         break;
                     }
                 }
@@ -209,8 +230,39 @@ impl<'a, M: Model> Runner<'a, M> {
                 }
                 continue;
             }
+            if let Some(m) = &self.handoff {
+                m.handoff.offer(&mut self.active);
+            }
             self.tick(sink, hooks);
         }
+    }
+
+    fn set_busy(&mut self, busy: bool) {
+        if let Some(m) = &mut self.handoff {
+            m.set_busy(busy);
+        }
+    }
+
+    fn others_busy(&self) -> bool {
+        self.handoff
+            .as_ref()
+            .is_some_and(|m| m.handoff.others_busy())
+    }
+
+    /// Idle: takes jobs handed over, waiting briefly for them while another runner holds jobs.
+    fn take_handed_off(&mut self) -> bool {
+        let Some(m) = &self.handoff else {
+            return false;
+        };
+        let h = &m.handoff;
+        let wait = if h.others_busy() {
+            handoff::POLL
+        } else {
+            std::time::Duration::ZERO
+        };
+        self.active = h.take(self.cfg.max_batch.max(1), wait);
+        self.set_busy(!self.active.is_empty());
+        !self.active.is_empty()
     }
 
     fn rows(&self) -> usize {

@@ -6,12 +6,12 @@ use std::sync::{Mutex, PoisonError};
 
 use ddit_schemas::JobResult;
 
-use super::{Hooks, ImageSink, Incoming, JobSource, Model, Runner, RunnerConfig, Wait};
+use super::{Handoff, Hooks, ImageSink, Incoming, JobSource, Model, Runner, RunnerConfig, Wait};
 use crate::tasks::input::InputFetcher;
 use crate::text::TextCodec;
 
 /// Runs every job of `source`: one runner per model, runner `i` storing images through
-/// `sinks[i]`. With one model it runs on the calling thread. `source.next_job` is called under a
+/// `sinks[i]`, the runners sharing a [`Handoff`]. With one model it runs on the calling thread. `source.next_job` is called under a
 /// lock, so a source that blocks holds the others back: local sources never block.
 pub fn run_threads<M, S>(
     models: &mut [M],
@@ -30,15 +30,14 @@ pub fn run_threads<M, S>(
         return;
     }
     let (source, hooks) = (Mutex::new(source), Mutex::new(hooks));
+    let handoff = Handoff::new();
     std::thread::scope(|s| {
         for (model, sink) in models.iter_mut().zip(sinks.iter_mut()) {
-            let (source, hooks) = (&source, &hooks);
+            let (source, hooks, handoff) = (&source, &hooks, handoff.clone());
             s.spawn(move || {
-                Runner::new(model, codec, fetcher, cfg.clone()).run(
-                    &mut Shared(source),
-                    sink,
-                    &mut Shared(hooks),
-                );
+                Runner::new(model, codec, fetcher, cfg.clone())
+                    .with_handoff(handoff)
+                    .run(&mut Shared(source), sink, &mut Shared(hooks));
             });
         }
     });

@@ -14,7 +14,8 @@ use crate::adapters::s3::S3Io;
 use crate::engine::{Engine, EngineConfig, Package};
 use crate::error::{Result, WorkerError};
 use crate::runner::{
-    encode_images, Decoded, Hooks, ImageSink, Incoming, JobSource, Png, Runner, RunnerConfig, Wait,
+    encode_images, Decoded, Handoff, Hooks, ImageSink, Incoming, JobSource, Png, Runner,
+    RunnerConfig, Wait,
 };
 use crate::text::TextCodec;
 
@@ -215,8 +216,10 @@ pub fn start(
     let rx = Arc::new(tokio::sync::Mutex::new(rx));
     let draining = Arc::new(AtomicBool::new(false));
     let alive = cfg.alive.clone();
+    let handoff = Handoff::new();
     let threads = (0..cfg.threads.max(1))
         .map(|i| {
+            let handoff = handoff.clone();
             alive.fetch_add(1, Ordering::SeqCst);
             let guard = Alive(alive.clone());
             let rx = rx.clone();
@@ -256,11 +259,9 @@ pub fn start(
                         tx: events,
                         canceled,
                     };
-                    Runner::new(&mut engine, &codec, &fetcher, rcfg).run(
-                        &mut source,
-                        &mut sink,
-                        &mut hooks,
-                    );
+                    Runner::new(&mut engine, &codec, &fetcher, rcfg)
+                        .with_handoff(handoff)
+                        .run(&mut source, &mut sink, &mut hooks);
                 })
                 .unwrap_or_else(|e| panic!("cannot spawn an inference thread: {e}"))
         })
