@@ -1,7 +1,9 @@
 // Drives the gateway's playground page in Debian's headless Chromium: a prompt to an image, then
 // an uploaded image to a caption. Usage: node playground.mjs URL TOKEN SCREENSHOT.png IMAGE.png
 // Prints "queued" once the first job is queued (the test starts the worker then, so that the
-// progress bar must follow every step from the event stream).
+// progress bar must follow every step from the event stream). With RESTART set, the test restarts
+// the gateway then: the page prints "reconnecting" when its stream ends and "queued again" when it
+// follows the job on the new gateway.
 import { chromium } from "playwright-core";
 
 const [url, token, screenshot, image] = process.argv.slice(2);
@@ -28,6 +30,14 @@ try {
   await page.click("#run");
   await page.waitForFunction(() => document.getElementById("status").textContent.startsWith("queued"));
   console.log("queued");
+  if (process.env.RESTART) {
+    const status = (prefix) => page.waitForFunction(
+      (p) => document.getElementById("status").textContent.startsWith(p), prefix, { timeout: 30000 });
+    await status("reconnecting");
+    console.log("reconnecting");
+    await status("queued");
+    console.log("queued again");
+  }
   await page.waitForSelector("body[data-done]", { timeout: 120000 });
   const done = await page.getAttribute("body", "data-done");
   const status = await page.textContent("#status");

@@ -57,6 +57,33 @@ fn red_png(path: &std::path::Path) {
     img.save(path).unwrap();
 }
 
+/// `curl -N` on the job's event stream into `out`, once its `state` event has come.
+fn stream_events(gw: &Gateway, id: &str, out: &std::path::Path) -> std::process::Child {
+    let events = Command::new("curl")
+        .args([
+            "-sS",
+            "-N",
+            "--max-time",
+            "120",
+            "-H",
+            ALICE,
+            &gw.url(&format!("/v1/jobs/{id}/events")),
+        ])
+        .stdout(std::fs::File::create(out).unwrap())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    while !std::fs::read_to_string(out)
+        .unwrap()
+        .contains("event: state")
+    {
+        assert!(start.elapsed() < Duration::from_secs(10), "no state event");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    events
+}
+
 #[test]
 fn curl_posts_streams_fetches_uploads_cancels_and_replays() {
     let names = Names::new("gw");
@@ -75,28 +102,7 @@ fn curl_posts_streams_fetches_uploads_cancels_and_replays() {
         Some(format!("/v1/jobs/{id}").as_str())
     );
     let events_out = dir.path().join("events.txt");
-    let mut events = Command::new("curl")
-        .args([
-            "-sS",
-            "-N",
-            "--max-time",
-            "120",
-            "-H",
-            ALICE,
-            &gw.url(&format!("/v1/jobs/{id}/events")),
-        ])
-        .stdout(std::fs::File::create(&events_out).unwrap())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
-    let start = Instant::now();
-    while !std::fs::read_to_string(&events_out)
-        .unwrap()
-        .contains("event: state")
-    {
-        assert!(start.elapsed() < Duration::from_secs(10), "no state event");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let mut events = stream_events(&gw, &id, &events_out);
     let png = dir.path().join("red.png");
     red_png(&png);
     let caption = curl(&[
@@ -251,6 +257,30 @@ fn a_cancel_ends_a_long_job_canceled(gw: &Gateway) {
     assert_eq!(st["state"], "canceled", "{st}");
 }
 
+/// SIGTERM ends an open event stream (its job still queued: no worker runs), so the gateway
+/// exits (within `stop`'s 10 s) instead of waiting for a result that may be minutes away.
+#[test]
+fn shutdown_ends_open_event_streams() {
+    let names = Names::new("gwstop");
+    let dir = tempfile::tempdir().unwrap();
+    let mut gw = alice_gateway(&names, dir.path());
+    let job = json!({"task": "generate", "params": {"prompt": "a red circle", "steps": 6}});
+    let r = post_json(&gw, "/v1/jobs", ALICE, &job, &[]);
+    assert_eq!(r.status, 202, "{}", r.text());
+    let id = r.json()["job_id"].as_str().unwrap().to_string();
+    let out = dir.path().join("events.txt");
+    let mut events = stream_events(&gw, &id, &out);
+    let exited = gw.stop();
+    assert!(exited.success(), "{exited}: {}", gw.log_text());
+    assert!(events.wait().unwrap().success(), "curl saw the stream cut");
+    let evs = sse_events(&std::fs::read_to_string(&out).unwrap());
+    let kinds: Vec<&str> = evs.iter().map(|(k, _)| k.as_str()).collect();
+    assert_eq!(kinds, ["state"], "{evs:?}");
+    assert_eq!(evs[0].1["state"], "queued");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(cleanup(&names));
+}
+
 #[test]
 fn tokens_limits_and_the_contract_are_enforced() {
     let names = Names::new("gwlimits");
@@ -398,6 +428,15 @@ fn two_replicas_share_a_clients_rate_limit() {
     let a = Gateway::start(&names, dir.path(), "gw-a", &tokens, &[]);
     let b = Gateway::start(&names, dir.path(), "gw-b", &tokens, &[]);
     let dave = "Authorization: Bearer dave-token";
+    // The rate is counted per calendar minute: all 60 requests (about a second) fall in one.
+    let into = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        % 60;
+    if into >= 50 {
+        std::thread::sleep(Duration::from_secs(61 - into));
+    }
     let codes: Vec<u16> = (0..60)
         .map(|i| get(if i % 2 == 0 { &a } else { &b }, "/v1/jobs/none", dave).status)
         .collect();
@@ -438,7 +477,7 @@ fn the_playground_page_generates_and_captions_in_headless_chromium() {
     let names = Names::new("gwbrowser");
     let dir = tempfile::tempdir().unwrap();
     let model = export_model(dir.path());
-    let gw = alice_gateway(&names, dir.path());
+    let mut gw = alice_gateway(&names, dir.path());
     let script = workspace().join("tests/browser/playground.mjs");
     assert!(
         workspace()
@@ -457,19 +496,26 @@ fn the_playground_page_generates_and_captions_in_headless_chromium() {
         .arg("alice-secret-token")
         .arg(&shot)
         .arg(&png)
+        .env("RESTART", "1")
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
     let mut lines = std::io::BufReader::new(node.stdout.take().unwrap()).lines();
     let mut seen = Vec::new();
-    for line in lines.by_ref() {
-        let line = line.unwrap();
-        seen.push(line.clone());
-        if line == "queued" {
-            break;
+    let mut until = |want: &str| {
+        for line in lines.by_ref() {
+            let line = line.unwrap();
+            seen.push(line.clone());
+            if line == want {
+                return;
+            }
         }
-    }
-    assert_eq!(seen.last().map(String::as_str), Some("queued"), "{seen:?}");
+        panic!("the page never printed {want:?}: {seen:?}");
+    };
+    until("queued");
+    // A rolling update: the page's event stream ends, and it follows the job on the new gateway.
+    gw.restart();
+    until("queued again");
     let mut worker = Worker::start(
         &names,
         &model,

@@ -12,6 +12,23 @@ pub struct Gateway {
     pub child: Child,
     pub port: u16,
     pub log: PathBuf,
+    args: Vec<String>,
+}
+
+/// `ddit-worker ARGS`, its log appended to `log`.
+fn spawn(args: &[String], log: &Path) -> Child {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .unwrap();
+    Command::new(worker_bin())
+        .args(args)
+        .envs(service_env())
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap()
 }
 
 /// A tokens-file line for `name` holding `token`, with optional `:rpm:in_flight` limits.
@@ -28,46 +45,72 @@ impl Gateway {
         let tokens_file = dir.join(format!("{label}.tokens"));
         std::fs::write(&tokens_file, tokens).unwrap();
         let endpoint = var("DDIT_S3_ENDPOINT", "http://127.0.0.1:3900");
-        let limit = names.delivery_limit.to_string();
-        let child = Command::new(worker_bin())
-            .arg("gateway")
-            .args([
-                "--queue",
-                &names.queue,
-                "--dead-letter-exchange",
-                &names.dlx,
-            ])
-            .args([
-                "--dead-letter-queue",
-                &names.dlq,
-                "--delivery-limit",
-                &limit,
-            ])
-            .args([
-                "--redis-prefix",
-                &names.redis_prefix,
-                "--s3-prefix",
-                &names.s3_prefix,
-            ])
-            .args([
-                "--s3-bucket",
-                &bucket(),
-                "--s3-endpoint",
-                &endpoint,
-                "--s3-path-style",
-            ])
-            .args(["--listen", &format!("127.0.0.1:{port}"), "--log", "info"])
-            .arg("--tokens-file")
-            .arg(&tokens_file)
-            .args(extra)
-            .envs(service_env())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .unwrap();
-        let mut g = Self { child, port, log };
+        let mut args: Vec<String> = [
+            "gateway",
+            "--queue",
+            &names.queue,
+            "--dead-letter-exchange",
+            &names.dlx,
+            "--dead-letter-queue",
+            &names.dlq,
+            "--delivery-limit",
+            &names.delivery_limit.to_string(),
+            "--redis-prefix",
+            &names.redis_prefix,
+            "--s3-prefix",
+            &names.s3_prefix,
+            "--s3-bucket",
+            &bucket(),
+            "--s3-endpoint",
+            &endpoint,
+            "--s3-path-style",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--log",
+            "info",
+            "--tokens-file",
+            &tokens_file.display().to_string(),
+        ]
+        .map(String::from)
+        .into();
+        args.extend(extra.iter().map(|a| a.to_string()));
+        let child = spawn(&args, &log);
+        let mut g = Self {
+            child,
+            port,
+            log,
+            args,
+        };
         g.wait_ready(Duration::from_secs(30));
         g
+    }
+
+    /// SIGTERM, then the exit status; panics if the gateway is still running after 10 s.
+    pub fn stop(&mut self) -> std::process::ExitStatus {
+        let start = Instant::now();
+        Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "the gateway did not stop: {}",
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Stops the gateway (it must exit 0), then starts it again on the same port and flags.
+    pub fn restart(&mut self) {
+        let status = self.stop();
+        assert!(status.success(), "{status}: {}", self.log_text());
+        self.child = spawn(&self.args, &self.log);
+        self.wait_ready(Duration::from_secs(30));
     }
 
     fn wait_ready(&mut self, timeout: Duration) {

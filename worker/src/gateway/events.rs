@@ -79,13 +79,19 @@ pub async fn state(gw: &Gateway, client: &Client, job_id: &str) -> Result<JobSta
     })
 }
 
+/// Resolves once the gateway has begun to shut down (at once if it already has).
+async fn stopped(rx: &mut tokio::sync::watch::Receiver<bool>) {
+    let _ = rx.wait_for(|s| *s).await;
+}
+
 fn event(name: &str, data: &impl Serialize) -> Event {
     Event::default()
         .event(name)
         .data(serde_json::to_string(data).unwrap_or_else(|_| "{}".into()))
 }
 
-/// `state` first, then `progress` events, then one `result` event, and the stream ends.
+/// `state` first, then `progress` events, then one `result` event, and the stream ends; it also
+/// ends, without a result, when the gateway shuts down.
 /// Subscribes before reading the state, so that nothing between the two is missed; pub/sub may
 /// still drop a message across a Redis reconnect, so the result is also polled every 5 s.
 pub async fn stream(
@@ -100,6 +106,7 @@ pub async fn stream(
     let pubsub = gw.redis.subscribe(&channels).await?;
     let first = state(&gw, &client, &job_id).await?;
     let (tx, rx) = tokio::sync::mpsc::channel::<Event>(16);
+    let mut stopping = gw.stopping.subscribe();
     tokio::spawn(async move {
         let done = first.is_final();
         let _ = tx.send(event("state", &first)).await;
@@ -113,6 +120,8 @@ pub async fn stream(
         loop {
             let finished = tokio::select! {
                 _ = tx.closed() => return,
+                // The gateway is shutting down: the stream ends, with no result event.
+                _ = stopped(&mut stopping) => return,
                 _ = poll.tick() => true,
                 m = messages.next(), if live => match m {
                     None => {

@@ -59,6 +59,8 @@ pub struct Gateway {
     link: tokio::sync::Mutex<Option<(lapin::Connection, lapin::Channel)>>,
     limiter: limits::Limiter,
     metrics: GatewayMetrics,
+    /// Set when shutdown begins: open event streams end, so that in-flight requests can finish.
+    stopping: tokio::sync::watch::Sender<bool>,
 }
 
 struct GatewayMetrics {
@@ -114,6 +116,7 @@ impl Gateway {
             link: tokio::sync::Mutex::new(None),
             limiter: limits::Limiter::new(new_replica_name()),
             metrics: GatewayMetrics::new(),
+            stopping: tokio::sync::watch::Sender::new(false),
         };
         if let Err(e) = gw.channel().await {
             tracing::error!("broker not reachable yet: {e}");
@@ -227,7 +230,8 @@ pub fn router(gw: Arc<Gateway>) -> Router {
         .with_state(gw)
 }
 
-/// Serves until `shutdown` resolves (then finishes the requests in progress).
+/// Serves until `shutdown` resolves, then ends the open event streams (a client's `EventSource`
+/// reconnects, to another replica) and finishes the other requests in progress.
 pub async fn run(
     cfg: GatewayConfig,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
@@ -252,6 +256,11 @@ pub async fn run(
         .map_err(|e| WorkerError::io("listen address", e))?;
     tracing::info!(%bound, clients = gw.cfg.tokens.len(), "gateway listening");
     tokio::spawn(limits::flush_forever(Arc::downgrade(&gw)));
+    let stop = gw.clone();
+    let shutdown = async move {
+        shutdown.await;
+        stop.stopping.send_replace(true);
+    };
     axum::serve(listener, router(gw))
         .with_graceful_shutdown(shutdown)
         .await
