@@ -41,6 +41,27 @@ pub struct Names {
 }
 
 impl Names {
+    /// The flags that put a `serve` or `gateway` process on these names and the test bucket.
+    pub fn flags(&self) -> Vec<String> {
+        [
+            "--queue",
+            &self.queue,
+            "--dead-letter-exchange",
+            &self.dlx,
+            "--dead-letter-queue",
+            &self.dlq,
+            "--redis-prefix",
+            &self.redis_prefix,
+            "--s3-prefix",
+            &self.s3_prefix,
+            "--s3-path-style",
+            "--s3-bucket",
+            &bucket(),
+        ]
+        .map(String::from)
+        .into()
+    }
+
     pub fn new(test: &str) -> Self {
         let nanos = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -240,22 +261,7 @@ impl Worker {
             .arg("serve")
             .arg("--model")
             .arg(model)
-            .args([
-                "--queue",
-                &names.queue,
-                "--dead-letter-exchange",
-                &names.dlx,
-                "--dead-letter-queue",
-                &names.dlq,
-            ])
-            .args([
-                "--redis-prefix",
-                &names.redis_prefix,
-                "--s3-prefix",
-                &names.s3_prefix,
-                "--s3-path-style",
-            ])
-            .args(["--s3-bucket", &bucket()])
+            .args(names.flags())
             .args(defaults)
             .args([
                 "--listen",

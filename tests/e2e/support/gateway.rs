@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use sha2::Digest;
 
-use super::{bucket, free_port, http_get, service_env, var, worker_bin, Names};
+use super::{free_port, http_get, service_env, var, worker_bin, Names};
 
 pub struct Gateway {
     pub child: Child,
@@ -45,34 +45,21 @@ impl Gateway {
         let tokens_file = dir.join(format!("{label}.tokens"));
         std::fs::write(&tokens_file, tokens).unwrap();
         let endpoint = var("DDIT_S3_ENDPOINT", "http://127.0.0.1:3900");
-        let mut args: Vec<String> = [
-            "gateway",
-            "--queue",
-            &names.queue,
-            "--dead-letter-exchange",
-            &names.dlx,
-            "--dead-letter-queue",
-            &names.dlq,
+        let mut args = vec!["gateway".to_string()];
+        args.extend(names.flags());
+        let own = [
             "--delivery-limit",
             &names.delivery_limit.to_string(),
-            "--redis-prefix",
-            &names.redis_prefix,
-            "--s3-prefix",
-            &names.s3_prefix,
-            "--s3-bucket",
-            &bucket(),
             "--s3-endpoint",
             &endpoint,
-            "--s3-path-style",
             "--listen",
             &format!("127.0.0.1:{port}"),
             "--log",
             "info",
             "--tokens-file",
             &tokens_file.display().to_string(),
-        ]
-        .map(String::from)
-        .into();
+        ];
+        args.extend(own.map(String::from));
         args.extend(extra.iter().map(|a| a.to_string()));
         let child = spawn(&args, &log);
         let mut g = Self {

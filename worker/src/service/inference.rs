@@ -211,7 +211,7 @@ pub fn start(
     io: S3Io,
     canceled: CancelSet,
     events: mpsc::UnboundedSender<Event>,
-) -> Pool {
+) -> Result<Pool> {
     let (tx, rx) = mpsc::channel::<Sent>(cfg.capacity.max(1));
     let rx = Arc::new(tokio::sync::Mutex::new(rx));
     let draining = Arc::new(AtomicBool::new(false));
@@ -263,15 +263,15 @@ pub fn start(
                         .with_handoff(handoff)
                         .run(&mut source, &mut sink, &mut hooks);
                 })
-                .unwrap_or_else(|e| panic!("cannot spawn an inference thread: {e}"))
+                .map_err(|e| WorkerError::io("spawning an inference thread", e))
         })
-        .collect();
-    Pool {
+        .collect::<Result<_>>()?;
+    Ok(Pool {
         jobs: tx,
         queued: rx,
         draining,
         threads,
-    }
+    })
 }
 
 #[cfg(test)]

@@ -170,7 +170,7 @@ async fn start(cfg: &ServeConfig) -> Result<Started> {
         capacity: usize::from(cfg.amqp.prefetch).max(1),
         alive,
     };
-    let pool = inference::start(pool_cfg, io, canceled.clone(), ev_tx);
+    let pool = inference::start(pool_cfg, io, canceled.clone(), ev_tx)?;
     wait_ready(cfg, &mut events).await?;
     state.model_ready.store(true, Ordering::SeqCst);
     let svc = Service {
