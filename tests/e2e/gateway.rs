@@ -216,7 +216,7 @@ fn replays_create_no_second_job(gw: &Gateway) {
         Duration::from_secs(60),
     );
     // Four jobs were published for six submissions (generate, caption, vqa, alice-7).
-    let metrics = curl(&[&gw.url("/metrics")]).text();
+    let metrics = curl(&[&gw.ops_url("/metrics")]).text();
     assert_eq!(
         metric_sum(&metrics, "ddit_gateway_jobs_accepted_total", &[]),
         4.0,
@@ -418,8 +418,8 @@ fn tokens_limits_and_the_contract_are_enforced() {
     rt.block_on(cleanup(&names));
 }
 
-/// Two replicas share a client's request rate through Redis: together they admit its limit (no
-/// refusal below it, at most a quarter over it), though most requests are admitted from memory.
+/// Two replicas share a client's request rate through Redis, exactly: its limit is admitted, and
+/// nothing over it.
 #[test]
 fn two_replicas_share_a_clients_rate_limit() {
     let names = Names::new("gwshare");
@@ -428,43 +428,12 @@ fn two_replicas_share_a_clients_rate_limit() {
     let a = Gateway::start(&names, dir.path(), "gw-a", &tokens, &[]);
     let b = Gateway::start(&names, dir.path(), "gw-b", &tokens, &[]);
     let dave = "Authorization: Bearer dave-token";
-    // The rate is counted per calendar minute: all 60 requests (about a second) fall in one.
-    let into = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs()
-        % 60;
-    if into >= 50 {
-        std::thread::sleep(Duration::from_secs(61 - into));
-    }
     let codes: Vec<u16> = (0..60)
         .map(|i| get(if i % 2 == 0 { &a } else { &b }, "/v1/jobs/none", dave).status)
         .collect();
-    let admitted = codes.iter().filter(|&&c| c == 404).count();
     assert!(codes[..40].iter().all(|&c| c == 404), "{codes:?}");
-    assert!((40..=50).contains(&admitted), "{admitted}: {codes:?}");
-    assert!(codes.iter().all(|&c| c == 404 || c == 429), "{codes:?}");
-    // Every request reaches Redis's count (with the next flush at the latest).
-    std::thread::sleep(Duration::from_millis(500));
+    assert!(codes[40..].iter().all(|&c| c == 429), "{codes:?}");
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let counted: u64 = rt.block_on(async {
-        let mut c = redis().await;
-        let keys: Vec<String> = redis::cmd("KEYS")
-            .arg(format!("{}:gw:rate:dave:*", names.redis_prefix))
-            .query_async(&mut c)
-            .await
-            .unwrap();
-        let mut n = 0;
-        for k in keys {
-            n += redis::cmd("GET")
-                .arg(&k)
-                .query_async::<u64>(&mut c)
-                .await
-                .unwrap();
-        }
-        n
-    });
-    assert_eq!(counted, 60);
     rt.block_on(cleanup(&names));
 }
 

@@ -54,7 +54,7 @@ fn gateway_submit_to_queued_latency_against_direct_publishing() {
             took
         }
     };
-    let health = gw.url("/healthz");
+    let health = gw.ops_url("/healthz");
     let (direct, fresh, keyed, bare) = rt.block_on(async {
         let cfg = names.amqp();
         let conn = amqp::connect(&cfg, "bench-direct").await.unwrap();

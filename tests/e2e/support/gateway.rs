@@ -11,6 +11,8 @@ use super::{free_port, http_get, service_env, var, worker_bin, Names};
 pub struct Gateway {
     pub child: Child,
     pub port: u16,
+    /// `--ops-listen`'s port: health, readiness, metrics.
+    pub ops_port: u16,
     pub log: PathBuf,
     args: Vec<String>,
 }
@@ -41,6 +43,7 @@ impl Gateway {
     /// Starts a gateway with `tokens` (tokens-file text) and `extra` flags; waits until ready.
     pub fn start(names: &Names, dir: &Path, label: &str, tokens: &str, extra: &[&str]) -> Self {
         let port = free_port();
+        let ops_port = free_port();
         let log = dir.join(format!("{label}.log"));
         let tokens_file = dir.join(format!("{label}.tokens"));
         std::fs::write(&tokens_file, tokens).unwrap();
@@ -54,6 +57,8 @@ impl Gateway {
             &endpoint,
             "--listen",
             &format!("127.0.0.1:{port}"),
+            "--ops-listen",
+            &format!("127.0.0.1:{ops_port}"),
             "--log",
             "info",
             "--tokens-file",
@@ -65,6 +70,7 @@ impl Gateway {
         let mut g = Self {
             child,
             port,
+            ops_port,
             log,
             args,
         };
@@ -106,7 +112,7 @@ impl Gateway {
             if let Some(status) = self.child.try_wait().unwrap() {
                 panic!("gateway exited ({status}): {}", self.log_text());
             }
-            if http_get(self.port, "/readyz").is_some_and(|(code, _)| code == 200) {
+            if http_get(self.ops_port, "/readyz").is_some_and(|(code, _)| code == 200) {
                 return;
             }
             std::thread::sleep(Duration::from_millis(100));
@@ -116,6 +122,11 @@ impl Gateway {
 
     pub fn url(&self, path: &str) -> String {
         format!("http://127.0.0.1:{}{path}", self.port)
+    }
+
+    /// A URL on the ops address (`/healthz`, `/readyz`, `/metrics`).
+    pub fn ops_url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.ops_port)
     }
 
     pub fn log_text(&self) -> String {

@@ -1,5 +1,7 @@
 //! `ddit-worker gateway`: the HTTP front door.
 
+use std::time::Duration;
+
 use clap::Args;
 use ddit_worker::adapters::redis::RedisConfig;
 use ddit_worker::adapters::s3::S3Config;
@@ -20,9 +22,29 @@ pub struct GatewayArgs {
     /// Seconds the gateway's job records and idempotency keys are kept (as results are).
     #[arg(long, default_value_t = 7 * 24 * 3600, env = "DDIT_RESULT_TTL")]
     result_ttl: u64,
-    /// HTTP address of the API, the playground, /openapi.json, /healthz, /readyz and /metrics.
+    /// HTTP address of the API, the playground and /openapi.json.
     #[arg(long, default_value = "0.0.0.0:8080", env = "DDIT_GATEWAY_LISTEN")]
     listen: std::net::SocketAddr,
+    /// HTTP address of /healthz, /readyz and /metrics (no token: keep it off the public network).
+    #[arg(long, default_value = "0.0.0.0:9090", env = "DDIT_GATEWAY_OPS_LISTEN")]
+    ops_listen: std::net::SocketAddr,
+    /// Seconds a client has to send a request's whole header; the connection is closed after.
+    #[arg(long, default_value_t = 10, env = "DDIT_HEADER_TIMEOUT")]
+    header_timeout: u64,
+    /// Seconds a request (its body included) has to be answered; 408 after. Event streams and
+    /// outputs start within it and then stream.
+    #[arg(long, default_value_t = 60, env = "DDIT_REQUEST_TIMEOUT")]
+    request_timeout: u64,
+    /// Open connections per replica; more wait to be accepted.
+    #[arg(long, default_value_t = 4096, env = "DDIT_MAX_CONNECTIONS")]
+    max_connections: usize,
+    /// Event streams one client may hold open on one replica; 429 above it.
+    #[arg(long, default_value_t = 16, env = "DDIT_MAX_STREAMS_PER_CLIENT")]
+    max_streams_per_client: usize,
+    /// Seconds an event stream stays open at most; it then ends without a result, and an
+    /// `EventSource` reconnects.
+    #[arg(long, default_value_t = 900, env = "DDIT_MAX_STREAM_SECS")]
+    max_stream_secs: u64,
     /// The clients: one `name:sha256-hex-of-token[:requests-per-minute[:jobs-in-flight]]` per line.
     #[arg(long, env = "DDIT_TOKENS_FILE")]
     tokens_file: std::path::PathBuf,
@@ -73,6 +95,14 @@ impl TryFrom<GatewayArgs> for GatewayConfig {
                 ca_pem,
             },
             listen: a.listen,
+            ops_listen: a.ops_listen,
+            http: gateway::HttpLimits {
+                header_timeout: Duration::from_secs(a.header_timeout.max(1)),
+                request_timeout: Duration::from_secs(a.request_timeout.max(1)),
+                max_connections: a.max_connections.max(1),
+            },
+            max_streams_per_client: a.max_streams_per_client.max(1),
+            max_stream: Duration::from_secs(a.max_stream_secs.max(1)),
             tokens,
             limits: Limits {
                 requests_per_minute: a.rate_limit,

@@ -8,7 +8,6 @@ use axum::extract::{FromRequest, Multipart, Path, Request, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use base64::Engine as _;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use utoipa::OpenApi;
@@ -18,8 +17,7 @@ use utoipa_axum::routes;
 use super::auth::Client;
 use super::error::ApiError;
 use super::events::{self, JobState};
-use super::limits;
-use super::submit::{self, Accepted};
+use super::submit::{self, Accepted, Inline};
 use super::Gateway;
 
 #[derive(OpenApi)]
@@ -67,9 +65,9 @@ fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
     }
 }
 
-/// The body as JSON: a JSON document, or a multipart form whose `job` part is the JSON and whose
-/// `image` part (a file) becomes `params.image`.
-async fn job_body(gw: &Arc<Gateway>, req: Request) -> Result<Value, ApiError> {
+/// The body: a JSON document, or a multipart form whose `job` part is the JSON and whose
+/// `image` part (a file) becomes `params.image` (held once, as sent).
+async fn job_body(gw: &Arc<Gateway>, req: Request) -> Result<(Value, Option<Inline>), ApiError> {
     let multipart = req
         .headers()
         .get(header::CONTENT_TYPE)
@@ -79,8 +77,9 @@ async fn job_body(gw: &Arc<Gateway>, req: Request) -> Result<Value, ApiError> {
         let bytes = Bytes::from_request(req, gw)
             .await
             .map_err(|r| ApiError::body(r.status(), r.body_text()))?;
-        return serde_json::from_slice(&bytes)
-            .map_err(|e| ApiError::bad_request(format!("body is not JSON: {e}")));
+        let job = serde_json::from_slice(&bytes)
+            .map_err(|e| ApiError::bad_request(format!("body is not JSON: {e}")))?;
+        return Ok((job, None));
     }
     let mut form = Multipart::from_request(req, gw)
         .await
@@ -92,7 +91,7 @@ async fn job_body(gw: &Arc<Gateway>, req: Request) -> Result<Value, ApiError> {
         .map_err(|e| ApiError::body(e.status(), e.body_text()))?
     {
         let name = field.name().unwrap_or_default().to_string();
-        let ct = field
+        let content_type = field
             .content_type()
             .unwrap_or("application/octet-stream")
             .to_string();
@@ -108,10 +107,10 @@ async fn job_body(gw: &Arc<Gateway>, req: Request) -> Result<Value, ApiError> {
                     })?)
             }
             "image" => {
-                image = Some(format!(
-                    "data:{ct};base64,{}",
-                    base64::engine::general_purpose::STANDARD.encode(&bytes)
-                ))
+                image = Some(Inline {
+                    bytes,
+                    content_type,
+                })
             }
             other => {
                 return Err(ApiError::bad_request(format!(
@@ -120,13 +119,8 @@ async fn job_body(gw: &Arc<Gateway>, req: Request) -> Result<Value, ApiError> {
             }
         }
     }
-    let mut job =
-        job.ok_or_else(|| ApiError::bad_request("multipart body without a `job` part"))?;
-    if let (Some(uri), Some(params)) = (image, job.get_mut("params").and_then(Value::as_object_mut))
-    {
-        params.insert("image".into(), Value::String(uri));
-    }
-    Ok(job)
+    let job = job.ok_or_else(|| ApiError::bad_request("multipart body without a `job` part"))?;
+    Ok((job, image))
 }
 
 fn accepted_response(a: Accepted) -> Response {
@@ -162,25 +156,13 @@ async fn submit_job(
     req: Request,
 ) -> Result<Response, ApiError> {
     let key = idempotency_key(req.headers())?;
-    // The limits are asked while the body is read and checked; the first refusal answers.
-    let ((), job) = tokio::try_join!(limits::admit(&gw, &client, 1), async {
-        let job = job_body(&gw, req).await?;
-        submit::validate(&gw, &with_placeholder_id(&job), "")?;
-        Ok(job)
-    })?;
-    Ok(accepted_response(
-        submit::accept(&gw, &client, job, key.as_deref()).await?,
-    ))
-}
-
-/// A job without `job_id` is valid: the gateway assigns one. Validation sees a placeholder.
-fn with_placeholder_id(job: &Value) -> Value {
-    let mut j = job.clone();
-    if let Some(o) = j.as_object_mut() {
-        o.entry("job_id")
-            .or_insert_with(|| Value::String("gw-placeholder".into()));
-    }
-    j
+    let (job, image) = job_body(&gw, req).await?;
+    let prepared = submit::prepare(&gw, &client, job, image, "").await?;
+    let mut accepted = submit::accept(&gw, &client, vec![prepared], key.as_deref()).await?;
+    let one = accepted
+        .pop()
+        .ok_or_else(|| ApiError::internal("no job accepted"))?;
+    Ok(accepted_response(one))
 }
 
 #[derive(Deserialize, Serialize, utoipa::ToSchema)]
@@ -223,18 +205,20 @@ async fn submit_batch(
             format!("{} jobs; 1 to {max} allowed", batch.jobs.len()),
         ));
     }
-    for (i, job) in batch.jobs.iter().enumerate() {
-        submit::validate(&gw, &with_placeholder_id(job), &format!("jobs[{i}]."))?;
+    let mut ids = std::collections::HashSet::new();
+    let mut prepared = Vec::with_capacity(batch.jobs.len());
+    for (i, job) in batch.jobs.into_iter().enumerate() {
+        if let Some(id) = job.get("job_id").and_then(Value::as_str) {
+            if !ids.insert(id.to_string()) {
+                return Err(ApiError::invalid(
+                    &format!("jobs[{i}].job_id"),
+                    format!("`{id}` appears twice in this batch"),
+                ));
+            }
+        }
+        prepared.push(submit::prepare(&gw, &client, job, None, &format!("jobs[{i}].")).await?);
     }
-    limits::admit(&gw, &client, batch.jobs.len()).await?;
-    let all = batch
-        .jobs
-        .into_iter()
-        .map(|job| submit::accept(&gw, &client, job, None));
-    let jobs = futures_util::future::join_all(all)
-        .await
-        .into_iter()
-        .collect::<Result<Vec<_>, _>>()?;
+    let jobs = submit::accept(&gw, &client, prepared, None).await?;
     Ok((StatusCode::ACCEPTED, Json(BatchAccepted { jobs })).into_response())
 }
 
@@ -263,7 +247,7 @@ async fn cancel_job(
 ) -> Result<Response, ApiError> {
     let st = events::state(&gw, &client, &id).await?;
     if !st.is_final() {
-        gw.redis.request_cancel(&id).await?;
+        gw.redis.request_cancel(&client.scoped(&id)).await?;
     }
     Ok((StatusCode::ACCEPTED, Json(st)).into_response())
 }

@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use axum::extract::FromRequestParts;
 use axum::http::request::Parts;
-use axum::http::{header, Method, StatusCode};
+use axum::http::{header, StatusCode};
 
 use super::error::ApiError;
 use super::Gateway;
@@ -64,12 +64,13 @@ impl Tokens {
                 return Err(at("more than four `:`-separated fields"));
             }
             let name_ok = !name.is_empty()
+                && name.len() <= 64
                 && name
                     .chars()
                     .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
             if !name_ok {
                 return Err(at(
-                    "the client name must be letters, digits, `-`, `_` or `.`",
+                    "the client name must be 1 to 64 letters, digits, `-`, `_` or `.`",
                 ));
             }
             if hash.len() != 64 || !hash.chars().all(|c| c.is_ascii_hexdigit()) {
@@ -122,6 +123,24 @@ pub struct Client {
     pub limits: Limits,
 }
 
+/// Where every gateway job id lives: `gw:{client}:{id}`. A client name has no `:`, so no id a
+/// client chooses reaches another client's space, nor a job published straight to the broker
+/// (whose ids a publisher must not start with `gw:`).
+pub const SCOPE: &str = "gw:";
+
+impl Client {
+    /// The id under which the job `id` of this client lives in every key it touches (queue
+    /// message, result, progress, cancel, S3 outputs).
+    pub fn scoped(&self, id: &str) -> String {
+        format!("{SCOPE}{}:{id}", self.name)
+    }
+
+    /// The longest id this client may choose (the scoped id stays within the job schema's 128).
+    pub fn max_id_len(&self) -> usize {
+        128 - SCOPE.len() - self.name.len() - 1
+    }
+}
+
 impl FromRequestParts<Arc<Gateway>> for Client {
     type Rejection = ApiError;
 
@@ -142,11 +161,8 @@ impl FromRequestParts<Arc<Gateway>> for Client {
                     "a valid `Authorization: Bearer <token>` is required",
                 )
             })?;
-        // A submission is admitted by its handler, in the same round trip as its in-flight
-        // check.
-        if parts.method != Method::POST {
-            super::limits::admit(gw, &client, 0).await?;
-        }
+        // Every request counts, before its body is read: a refused or invalid one too.
+        super::limits::admit(gw, &client).await?;
         Ok(client)
     }
 }

@@ -1,5 +1,6 @@
 //! The gateway's one error answer: a status, a stable `code`, a message naming the offending
-//! field, and `Retry-After` where waiting helps (429, 503).
+//! field, and `Retry-After` where waiting helps (429, 503). A 5xx names no internal detail: it
+//! carries a `request_id`, and the detail is logged under that id.
 
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -15,6 +16,9 @@ pub struct ApiError {
     /// Stable, machine-readable: `unauthorized`, `rate_limited`, `invalid_job`, …
     pub code: String,
     pub message: String,
+    /// On a 5xx: the id under which the gateway logged the cause.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub request_id: Option<String>,
     #[serde(skip)]
     pub retry_after: Option<u64>,
 }
@@ -25,8 +29,40 @@ impl ApiError {
             status,
             code: code.into(),
             message: message.into(),
+            request_id: None,
             retry_after: None,
         }
+    }
+
+    /// A server-side failure: the client reads `message` and a request id; `detail` goes to
+    /// the log under that id.
+    fn server(
+        status: StatusCode,
+        code: &str,
+        message: &str,
+        detail: &dyn std::fmt::Display,
+    ) -> Self {
+        let mut b = [0u8; 8];
+        let _ = getrandom::fill(&mut b);
+        let id = ddit_schemas::hex(&b);
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            tracing::warn!(request_id = %id, "{detail}");
+        } else {
+            tracing::error!(request_id = %id, "{detail}");
+        }
+        Self {
+            request_id: Some(id),
+            ..Self::new(status, code, message)
+        }
+    }
+
+    pub fn internal(detail: impl std::fmt::Display) -> Self {
+        Self::server(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "internal error",
+            &detail,
+        )
     }
 
     pub fn retry_after(mut self, secs: u64) -> Self {
@@ -73,19 +109,14 @@ impl From<WorkerError> for ApiError {
             ErrorKind::InputNotFound => {
                 Self::new(StatusCode::NOT_FOUND, "not_found", e.to_string())
             }
-            ErrorKind::Unavailable => {
-                tracing::warn!("{e}");
-                Self::new(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "unavailable",
-                    e.to_string(),
-                )
-                .retry_after(1)
-            }
-            _ => {
-                tracing::error!("{e}");
-                Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())
-            }
+            ErrorKind::Unavailable => Self::server(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+                "a dependency of the gateway is unavailable; retry",
+                &e,
+            )
+            .retry_after(1),
+            _ => Self::internal(e),
         }
     }
 }

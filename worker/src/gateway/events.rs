@@ -6,11 +6,13 @@ use std::time::Duration;
 
 use axum::response::sse::{Event, KeepAlive, Sse};
 use ddit_schemas::{JobResult, Progress};
-use futures_util::{Stream, StreamExt};
+use futures_util::Stream;
 use serde::Serialize;
+use tokio::sync::broadcast::error::RecvError;
 
 use super::auth::Client;
 use super::error::ApiError;
+use super::hub::Note;
 use super::Gateway;
 
 /// Where a job stands.
@@ -56,27 +58,28 @@ impl JobState {
     }
 }
 
-/// The job's state, if `client` submitted it (another client's job is not found, not forbidden).
+/// The state of `client`'s job `job_id` (its scoped id names only this client's jobs: another
+/// client's id, or a job published straight to the broker, is simply not found).
 pub async fn state(gw: &Gateway, client: &Client, job_id: &str) -> Result<JobState, ApiError> {
-    let not_found = || ApiError::not_found(format!("no job `{job_id}`"));
-    let rec = gw.redis.job_record(job_id).await?.ok_or_else(not_found)?;
-    if rec.owner != client.name {
-        return Err(not_found());
-    }
-    if let Some(r) = gw.redis.get_result(job_id).await? {
+    let view = gw.redis.job_view(&client.scoped(job_id)).await?;
+    if let Some(mut r) = view.result {
+        r.job_id = job_id.into();
         return Ok(JobState {
             job_id: job_id.into(),
             ..JobState::of_result(r)
         });
     }
-    Ok(match gw.redis.last_progress(job_id).await? {
-        Some(p) => JobState {
+    if let Some(p) = view.progress {
+        return Ok(JobState {
             step: Some(p.step),
             total: Some(p.total),
             ..JobState::new(job_id, "running")
-        },
-        None => JobState::new(job_id, "queued"),
-    })
+        });
+    }
+    match view.record {
+        Some(rec) if rec.owner == client.name => Ok(JobState::new(job_id, "queued")),
+        _ => Err(ApiError::not_found(format!("no job `{job_id}`"))),
+    }
 }
 
 /// Resolves once the gateway has begun to shut down (at once if it already has).
@@ -90,55 +93,52 @@ fn event(name: &str, data: &impl Serialize) -> Event {
         .data(serde_json::to_string(data).unwrap_or_else(|_| "{}".into()))
 }
 
-/// `state` first, then `progress` events, then one `result` event, and the stream ends; it also
-/// ends, without a result, when the gateway shuts down.
-/// Subscribes before reading the state, so that nothing between the two is missed; pub/sub may
-/// still drop a message across a Redis reconnect, so the result is also polled every 5 s.
+/// `state` first, then `progress` events, then one `result` event, and the stream ends. It also
+/// ends, without a result, when the gateway shuts down or the stream reaches `--max-stream-secs`
+/// (an `EventSource` reconnects). The job is authorized before anything listens; the stream
+/// then hears the replica's one pub/sub connection, and polls the result every 5 s (and once at
+/// once, for a result stored between the first read and the listening).
 pub async fn stream(
     gw: Arc<Gateway>,
     client: Client,
     job_id: String,
 ) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
-    let channels = [
-        gw.redis.progress_channel(&job_id),
-        gw.redis.results_channel(),
-    ];
-    let pubsub = gw.redis.subscribe(&channels).await?;
     let first = state(&gw, &client, &job_id).await?;
+    let mut watch = gw.hub.watch(&client.name, &client.scoped(&job_id))?;
     let (tx, rx) = tokio::sync::mpsc::channel::<Event>(16);
     let mut stopping = gw.stopping.subscribe();
+    let lifetime = gw.cfg.max_stream;
     tokio::spawn(async move {
-        let done = first.is_final();
         let _ = tx.send(event("state", &first)).await;
-        if done {
+        if first.is_final() {
             let _ = tx.send(event("result", &first.result)).await;
             return;
         }
-        let mut messages = pubsub.into_on_message();
+        let key = client.scoped(&job_id);
         let mut poll = tokio::time::interval(Duration::from_secs(5));
-        let mut live = true;
+        let end = tokio::time::sleep(lifetime);
+        tokio::pin!(end);
         loop {
             let finished = tokio::select! {
                 _ = tx.closed() => return,
-                // The gateway is shutting down: the stream ends, with no result event.
                 _ = stopped(&mut stopping) => return,
+                _ = &mut end => return,
                 _ = poll.tick() => true,
-                m = messages.next(), if live => match m {
-                    None => {
-                        live = false;
-                        true
-                    }
-                    Some(m) if m.get_channel_name() == channels[0] => {
-                        if let Ok(p) = serde_json::from_slice::<Progress>(m.get_payload_bytes()) {
+                n = watch.notes.recv() => match n {
+                    Ok(Note::Progress(bytes)) => {
+                        if let Ok(mut p) = serde_json::from_slice::<Progress>(&bytes) {
+                            p.job_id.clone_from(&job_id);
                             let _ = tx.send(event("progress", &p)).await;
                         }
                         false
                     }
-                    Some(m) => m.get_payload_bytes() == job_id.as_bytes(),
+                    Ok(Note::Finished) | Err(RecvError::Lagged(_)) => true,
+                    Err(RecvError::Closed) => return,
                 },
             };
             if finished {
-                if let Ok(Some(r)) = gw.redis.get_result(&job_id).await {
+                if let Ok(Some(mut r)) = gw.redis.get_result(&key).await {
+                    r.job_id.clone_from(&job_id);
                     let _ = tx.send(event("result", &r)).await;
                     return;
                 }

@@ -5,13 +5,17 @@
 //! A job is validated against `schemas/job.schema.json`, its `data:` or uploaded images are put
 //! in S3, and it is published with a broker confirm before the client gets its `202`.
 //! [`api`] holds the `/v1` routes and their OpenAPI document; [`auth`] the tokens and limits;
-//! [`events`] status and Server-Sent Events; the playground page is `playground.html`.
+//! [`events`] status and Server-Sent Events over the replica's one pub/sub connection ([`hub`]);
+//! [`server`] the HTTP limits; the playground page is `playground.html`. Health, readiness and
+//! metrics are served on their own address (`--ops-listen`), never on the public one.
 
 mod api;
 pub mod auth;
 mod error;
 mod events;
+mod hub;
 mod limits;
+mod server;
 mod submit;
 
 use std::net::SocketAddr;
@@ -33,6 +37,7 @@ use crate::adapters::s3::{S3Config, S3Store};
 use crate::adapters::with_backoff;
 use crate::error::{Result, WorkerError};
 pub use auth::{Limits, Tokens};
+pub use server::HttpLimits;
 
 #[derive(Debug, Clone)]
 pub struct GatewayConfig {
@@ -40,6 +45,13 @@ pub struct GatewayConfig {
     pub s3: S3Config,
     pub redis: RedisConfig,
     pub listen: SocketAddr,
+    /// `/healthz`, `/readyz` and `/metrics` (no token; keep it off the public network).
+    pub ops_listen: SocketAddr,
+    pub http: HttpLimits,
+    /// Event streams one client may hold open on one replica.
+    pub max_streams_per_client: usize,
+    /// The longest an event stream stays open (an `EventSource` reconnects).
+    pub max_stream: std::time::Duration,
     pub tokens: Tokens,
     /// Each client's limits unless its line in the tokens file sets its own.
     pub limits: Limits,
@@ -58,6 +70,7 @@ pub struct Gateway {
     schema: jsonschema::Validator,
     link: tokio::sync::Mutex<Option<(lapin::Connection, lapin::Channel)>>,
     limiter: limits::Limiter,
+    hub: Arc<hub::Hub>,
     metrics: GatewayMetrics,
     /// Set when shutdown begins: open event streams end, so that in-flight requests can finish.
     stopping: tokio::sync::watch::Sender<bool>,
@@ -109,6 +122,7 @@ impl Gateway {
         let schema = jsonschema::validator_for(&schema_doc)
             .map_err(|e| WorkerError::Internal(format!("job schema: {e}")))?;
         let gw = Self {
+            hub: Arc::new(hub::Hub::new(cfg.max_streams_per_client)),
             cfg,
             redis,
             s3,
@@ -179,10 +193,22 @@ async fn healthz() -> &'static str {
     "ok\n"
 }
 
+/// Ready when the broker link is up and Redis and the bucket answer. Never waits on a broker
+/// connect: a link that is down is reported, and reconnected in the background.
 async fn readyz(State(gw): State<Arc<Gateway>>) -> (StatusCode, String) {
     let mut problems = Vec::new();
-    if let Err(e) = gw.channel().await {
-        problems.push(e.to_string());
+    let up = gw.link.try_lock().is_ok_and(|link| {
+        link.as_ref()
+            .is_some_and(|(c, ch)| c.status().connected() && ch.status().connected())
+    });
+    if !up {
+        problems.push("amqp: not connected".to_string());
+        let again = gw.clone();
+        tokio::spawn(async move {
+            if let Err(e) = again.channel().await {
+                tracing::warn!("broker: {e}");
+            }
+        });
     }
     if let Err(e) = gw.redis.ping().await {
         problems.push(e.to_string());
@@ -213,7 +239,7 @@ fn new_replica_name() -> String {
     format!("{host}-{}", ddit_schemas::hex(&b))
 }
 
-/// The whole application: `/v1`, the playground at `/`, `/openapi.json`, health and metrics.
+/// The public application: `/v1`, the playground at `/` and `/openapi.json`.
 pub fn router(gw: Arc<Gateway>) -> Router {
     let (v1, doc) = api::v1();
     let doc = Arc::new(openapi_json(&doc));
@@ -223,11 +249,26 @@ pub fn router(gw: Arc<Gateway>) -> Router {
             "/openapi.json",
             get(move || async move { axum::Json(doc.as_ref().clone()) }),
         )
+        .layer(DefaultBodyLimit::max(limit))
+        .with_state(gw)
+}
+
+/// The operator's application: health, readiness and metrics.
+fn ops_router(gw: Arc<Gateway>) -> Router {
+    Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
-        .layer(DefaultBodyLimit::max(limit))
         .with_state(gw)
+}
+
+async fn bind(addr: SocketAddr, name: &str) -> Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| WorkerError::Config {
+            name: name.into(),
+            message: format!("{addr}: {e}"),
+        })
 }
 
 /// Serves until `shutdown` resolves, then ends the open event streams (a client's `EventSource`
@@ -242,27 +283,28 @@ pub async fn run(
             message: "no client in it".into(),
         });
     }
-    let listen = cfg.listen;
+    let (listen, ops_listen, http) = (cfg.listen, cfg.ops_listen, cfg.http);
     let gw = Arc::new(Gateway::connect(cfg).await?);
-    let listener =
-        tokio::net::TcpListener::bind(listen)
-            .await
-            .map_err(|e| WorkerError::Config {
-                name: "listen".into(),
-                message: format!("{listen}: {e}"),
-            })?;
-    let bound = listener
-        .local_addr()
-        .map_err(|e| WorkerError::io("listen address", e))?;
-    tracing::info!(%bound, clients = gw.cfg.tokens.len(), "gateway listening");
-    tokio::spawn(limits::flush_forever(Arc::downgrade(&gw)));
-    let stop = gw.clone();
-    let shutdown = async move {
+    let listener = bind(listen, "listen").await?;
+    let ops = bind(ops_listen, "ops-listen").await?;
+    tracing::info!(%listen, %ops_listen, clients = gw.cfg.tokens.len(), "gateway listening");
+    tokio::spawn(hub::listen_forever(
+        Arc::downgrade(&gw.hub),
+        gw.redis.clone(),
+    ));
+    let stop = gw.stopping.subscribe();
+    let ops_server = tokio::spawn(server::serve(
+        ops,
+        ops_router(gw.clone()),
+        http,
+        stop.clone(),
+    ));
+    let stopping = gw.clone();
+    tokio::spawn(async move {
         shutdown.await;
-        stop.stopping.send_replace(true);
-    };
-    axum::serve(listener, router(gw))
-        .with_graceful_shutdown(shutdown)
-        .await
-        .map_err(|e| WorkerError::io("http server", e))
+        stopping.stopping.send_replace(true);
+    });
+    server::serve(listener, router(gw), http, stop).await;
+    let _ = ops_server.await;
+    Ok(())
 }

@@ -1,8 +1,12 @@
-//! Accepting a job: validate it against `job.schema.json`, move inline and uploaded images to
-//! S3, claim its id (idempotency), publish it with a broker confirm, record it.
+//! Accepting jobs: validate each whole (its inline image decoded), claim its scoped id
+//! (idempotency), reserve its place in flight, move its image to S3, publish it with a broker
+//! confirm, record it. A request's jobs pass each stage together: nothing is published unless
+//! every job is valid, unclaimed by another body and within the client's limit.
 
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
+use axum::body::Bytes;
 use axum::http::StatusCode;
 use base64::Engine as _;
 use serde::Serialize;
@@ -26,16 +30,32 @@ pub struct Accepted {
     pub replayed: bool,
 }
 
+/// An inline (`data:`) or uploaded image, decoded once to check it and held once.
+pub struct Inline {
+    pub bytes: Bytes,
+    pub content_type: String,
+}
+
+/// A job checked whole and ready to accept.
+pub struct Prepared {
+    /// The job; an inline image's place holds [`PENDING`] until it is in S3.
+    job: Value,
+    image: Option<Inline>,
+    /// sha256 of the job as submitted (its image by content), without `job_id`: tells a replay
+    /// from another job under the same id.
+    sha256: String,
+}
+
+/// Where an inline image goes once it is in S3 (never published).
+const PENDING: &str = "s3://pending/inline-image";
+/// How long a request waits for an identical one in progress (same id, same body) to be
+/// confirmed before publishing it itself (the workers keep one result per job id).
+const SETTLE: Duration = Duration::from_secs(10);
+
 /// A random job id: `gw-` and 128 random bits in hex.
 fn new_job_id() -> Result<String, ApiError> {
     let mut b = [0u8; 16];
-    getrandom::fill(&mut b).map_err(|e| {
-        ApiError::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "internal",
-            format!("random: {e}"),
-        )
-    })?;
+    getrandom::fill(&mut b).map_err(|e| ApiError::internal(format!("random: {e}")))?;
     Ok(format!("gw-{}", ddit_schemas::hex(&b)))
 }
 
@@ -43,8 +63,112 @@ pub(super) fn sha256_hex(bytes: &[u8]) -> String {
     ddit_schemas::hex(&Sha256::digest(bytes))
 }
 
+/// Checks `job` whole for `client` (`at` prefixes field names, e.g. `jobs[2].`): the schema, the
+/// typed contract, its image (decoded, within the size limits) and its id's length.
+pub async fn prepare(
+    gw: &Gateway,
+    client: &Client,
+    mut job: Value,
+    upload: Option<Inline>,
+    at: &str,
+) -> Result<Prepared, ApiError> {
+    let field = format!("{at}params.image");
+    let mut image = upload;
+    match job.pointer_mut("/params/image") {
+        Some(slot) if image.is_some() => *slot = Value::String(PENDING.into()),
+        Some(slot) if slot.as_str().is_some_and(|u| u.starts_with("data:")) => {
+            let uri = slot.take();
+            image = Some(from_data_uri(gw, uri.as_str().unwrap_or_default(), &field)?);
+            *slot = Value::String(PENDING.into());
+        }
+        Some(slot) if slot.as_str() == Some(PENDING) => {
+            return Err(ApiError::invalid(&field, "is not s3://bucket/key"))
+        }
+        _ => {
+            if let (Some(_), Some(p)) = (
+                &image,
+                job.get_mut("params").and_then(|p| p.as_object_mut()),
+            ) {
+                p.insert("image".into(), Value::String(PENDING.into()));
+            }
+        }
+    }
+    validate(gw, client, &with_placeholder_id(&job), at)?;
+    if let Some(id) = job.get("job_id").and_then(Value::as_str) {
+        if id.len() > client.max_id_len() {
+            return Err(ApiError::invalid(
+                &format!("{at}job_id"),
+                format!("at most {} characters for this client", client.max_id_len()),
+            ));
+        }
+    }
+    let mut identity = job.clone();
+    if let Some(o) = identity.as_object_mut() {
+        o.remove("job_id");
+        o.remove("submitted_at");
+    }
+    if let Some(img) = &image {
+        check_image(gw, img, &field).await?;
+        if let Some(slot) = identity.pointer_mut("/params/image") {
+            *slot = Value::String(format!("sha256:{}", sha256_hex(&img.bytes)));
+        }
+    }
+    Ok(Prepared {
+        sha256: sha256_hex(identity.to_string().as_bytes()),
+        job,
+        image,
+    })
+}
+
+/// A job without `job_id` is valid: the gateway assigns one. Validation sees a placeholder.
+fn with_placeholder_id(job: &Value) -> Value {
+    let mut j = job.clone();
+    if let Some(o) = j.as_object_mut() {
+        o.entry("job_id")
+            .or_insert_with(|| Value::String("gw-placeholder".into()));
+    }
+    j
+}
+
+/// Decodes a `data:…;base64,` image, refusing one over the input size before decoding it.
+fn from_data_uri(gw: &Gateway, uri: &str, field: &str) -> Result<Inline, ApiError> {
+    let Some((meta, b64)) = uri.split_once(";base64,") else {
+        return Err(ApiError::invalid(
+            field,
+            "data URI must be base64 (data:image/...;base64,...)",
+        ));
+    };
+    let max = gw.s3.cfg.max_input_bytes;
+    if b64.len() / 4 * 3 > max + 3 {
+        return Err(ApiError::invalid(field, format!("larger than {max} bytes")));
+    }
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(b64.trim())
+        .map_err(|e| ApiError::invalid(field, format!("invalid base64: {e}")))?;
+    let content_type = meta.strip_prefix("data:").unwrap_or_default();
+    Ok(Inline {
+        bytes: bytes.into(),
+        content_type: content_type.to_string(),
+    })
+}
+
+/// Decodes the image (off the event loop) to refuse what a worker would refuse.
+async fn check_image(gw: &Gateway, img: &Inline, field: &str) -> Result<(), ApiError> {
+    let limits = crate::image_io::ImageLimits {
+        max_bytes: gw.s3.cfg.max_input_bytes,
+        ..Default::default()
+    };
+    let bytes = img.bytes.clone();
+    let decoded = tokio::task::spawn_blocking(move || {
+        crate::image_io::decode(&bytes, "image", limits).map(|_| ())
+    })
+    .await
+    .map_err(|e| ApiError::internal(format!("image check: {e}")))?;
+    decoded.map_err(|e| ApiError::invalid(field, e))
+}
+
 /// Checks `job` against the job schema and the typed contract, naming the first bad field.
-pub fn validate(gw: &Gateway, job: &Value, at: &str) -> Result<(), ApiError> {
+fn validate(gw: &Gateway, client: &Client, job: &Value, at: &str) -> Result<(), ApiError> {
     // The fast yes/no first; the error walk only for a job that fails.
     if !gw.schema.is_valid(job) {
         let Some(e) = gw.schema.iter_errors(job).next() else {
@@ -62,20 +186,32 @@ pub fn validate(gw: &Gateway, job: &Value, at: &str) -> Result<(), ApiError> {
     let parsed = <ddit_schemas::Job as serde::Deserialize>::deserialize(job)
         .map_err(|e| ApiError::invalid(at.trim_end_matches('.'), e))?;
     for (field, uri) in image_fields(&parsed.task) {
-        if !(uri.starts_with("s3://") || uri.starts_with("data:")) {
+        let field = format!("{at}params.{field}");
+        if uri == PENDING {
+            continue;
+        }
+        if !uri.starts_with("s3://") {
             return Err(ApiError::invalid(
-                &format!("{at}params.{field}"),
+                &field,
                 "the service reads s3:// or data: images (or a multipart upload)",
             ));
         }
-        crate::tasks::input::check_uri(field, uri).or_else(|e| {
-            // Inline images larger than a queue message allows are fine here: they go to S3.
-            if uri.starts_with("data:") && uri.contains(";base64,") {
-                Ok(())
-            } else {
-                Err(e)
+        crate::tasks::input::check_uri(&field, uri)?;
+        // The service's own bucket holds every client's outputs: only this client's are readable.
+        let own = format!("s3://{}/", gw.s3.cfg.bucket);
+        if let Some(key) = uri.strip_prefix(&own) {
+            let prefix = gw.s3.cfg.prefix.trim_matches('/');
+            let mine = match prefix {
+                "" => client.scoped(""),
+                p => format!("{p}/{}", client.scoped("")),
+            };
+            if !key.starts_with(&mine) {
+                return Err(ApiError::invalid(
+                    &field,
+                    "names the service's own bucket outside this client's outputs",
+                ));
             }
-        })?;
+        }
     }
     Ok(())
 }
@@ -88,152 +224,223 @@ fn image_fields(task: &ddit_schemas::TaskParams) -> Vec<(&'static str, &str)> {
     }
 }
 
-/// Fills in `job_id` (the idempotency key's job, or a new one) and `submitted_at`.
+/// The client's id for `job` (the idempotency key's job, the given one, or a new one), and
+/// whether it is fresh (random: nobody can repeat it, so there is nothing to claim).
 async fn identify(
     gw: &Gateway,
     client: &Client,
-    job: &mut Value,
+    job: &Value,
     idempotency_key: Option<&str>,
-) -> Result<String, ApiError> {
-    let given = job
-        .get("job_id")
-        .and_then(Value::as_str)
-        .map(str::to_string);
-    let id = match idempotency_key {
-        Some(k) => {
-            let candidate = match &given {
-                Some(g) => g.clone(),
-                None => new_job_id()?,
-            };
-            let bound = gw
-                .redis
-                .bind_idempotency_key(&client.name, &sha256_hex(k.as_bytes()), &candidate)
-                .await?;
-            if given.as_ref().is_some_and(|g| *g != bound) {
-                return Err(ApiError::new(
-                    StatusCode::UNPROCESSABLE_ENTITY,
-                    "idempotency_key_reused",
-                    format!("this Idempotency-Key was used for job `{bound}`"),
-                ));
-            }
-            bound
-        }
-        None => match given {
-            Some(g) => g,
-            None => new_job_id()?,
-        },
+) -> Result<(String, bool), ApiError> {
+    let given = job.get("job_id").and_then(Value::as_str);
+    let Some(k) = idempotency_key else {
+        return Ok(match given {
+            Some(g) => (g.to_string(), false),
+            None => (new_job_id()?, true),
+        });
     };
-    if let Some(o) = job.as_object_mut() {
-        o.insert("job_id".into(), Value::String(id.clone()));
-        o.entry("submitted_at")
-            .or_insert_with(|| Value::String(crate::clock::now_rfc3339()));
-    }
-    Ok(id)
-}
-
-/// Moves every `data:` image of `job` to S3 under `{prefix}/inputs/gateway/`, content-addressed,
-/// and points the job at it.
-async fn materialize(gw: &Gateway, job: &mut Value) -> Result<(), ApiError> {
-    let Some(image) = job.pointer_mut("/params/image") else {
-        return Ok(());
+    let candidate = match given {
+        Some(g) => g.to_string(),
+        None => new_job_id()?,
     };
-    let Some(uri) = image.as_str().filter(|u| u.starts_with("data:")) else {
-        return Ok(());
-    };
-    let (meta, b64) = uri.split_once(";base64,").unwrap_or(("", ""));
-    let bytes = base64::engine::general_purpose::STANDARD
-        .decode(b64.trim())
-        .map_err(|e| ApiError::invalid("params.image", format!("invalid base64: {e}")))?;
-    if bytes.len() > gw.s3.cfg.max_input_bytes {
-        return Err(ApiError::invalid(
-            "params.image",
-            format!("larger than {} bytes", gw.s3.cfg.max_input_bytes),
+    let bound = gw
+        .redis
+        .bind_idempotency_key(&client.name, &sha256_hex(k.as_bytes()), &candidate)
+        .await?;
+    if given.is_some_and(|g| g != bound) {
+        return Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "idempotency_key_reused",
+            format!("this Idempotency-Key was used for job `{bound}`"),
         ));
     }
-    let content_type = meta
-        .strip_prefix("data:")
-        .filter(|t| t.starts_with("image/"));
-    let key = format!(
-        "{}/inputs/gateway/{}",
-        gw.s3.cfg.prefix.trim_matches('/'),
-        sha256_hex(&bytes)
-    );
-    let put = gw.s3.put(
-        &key,
-        &bytes,
-        content_type.unwrap_or("application/octet-stream"),
-        &[],
-    );
-    *image = Value::String(put.await?);
-    Ok(())
+    Ok((bound, false))
 }
 
-/// Accepts one validated job for `client`. A repeated request (same idempotency key, or same
-/// `job_id` and body) returns the first one's job and publishes nothing.
-///
-/// A job given neither has a fresh random id nobody else can repeat, so there is nothing to
-/// claim: its record is written while it is published. Otherwise the id is claimed first
-/// (`SET NX`), published, then marked confirmed. A failed publish forgets the job again.
+/// What a job's claim found.
+enum Claim {
+    /// Nobody had the id (or nothing needs claiming): publish it.
+    Publish,
+    /// The same job was accepted before: answer with it, publish nothing.
+    Replay,
+}
+
+/// Claims the scoped id `key` for `rec`. An identical request in progress is waited for (up to
+/// [`SETTLE`]), so that two of them publish once.
+async fn claim(gw: &Gateway, id: &str, key: &str, rec: JobRecord) -> Result<Claim, ApiError> {
+    let taken = |why: &str| {
+        ApiError::new(
+            StatusCode::CONFLICT,
+            "job_id_taken",
+            format!("job `{id}` {why}"),
+        )
+    };
+    let start = Instant::now();
+    loop {
+        match gw.redis.claim_job(key, &rec).await? {
+            None if gw.redis.has_result(key).await? => {
+                // Its record expired, its result did not: the id was used.
+                let _ = gw.redis.forget_job(key, &rec.owner).await;
+                return Err(taken("has a result already"));
+            }
+            None => return Ok(Claim::Publish),
+            Some(old) if old.job_sha256 != rec.job_sha256 => {
+                return Err(taken("was submitted with another body"))
+            }
+            Some(old) if old.confirmed => return Ok(Claim::Replay),
+            Some(old) => {
+                let age = crate::clock::unix_secs().saturating_sub(old.claimed_at);
+                if start.elapsed() >= SETTLE || age > SETTLE.as_secs() {
+                    // A gateway died between claim and confirm: publishing again is safe.
+                    return Ok(Claim::Publish);
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+/// One job on its way: the client's id, the scoped id, the job as it will be published.
+struct Pending {
+    id: String,
+    key: String,
+    fresh: bool,
+    prepared: Prepared,
+}
+
+/// Accepts `jobs` for `client`, all or nothing up to the publish: a conflict or a limit refuses
+/// the whole request and leaves no claim behind. A repeated request (same idempotency key, or
+/// same `job_id` and body) gets the first one's job and publishes nothing.
 pub async fn accept(
     gw: &Arc<Gateway>,
     client: &Client,
-    mut job: Value,
+    jobs: Vec<Prepared>,
     idempotency_key: Option<&str>,
-) -> Result<Accepted, ApiError> {
-    let fresh = idempotency_key.is_none() && job.get("job_id").is_none();
-    let job_id = identify(gw, client, &mut job, idempotency_key).await?;
-    let mut as_sent = job.clone();
-    if let Some(o) = as_sent.as_object_mut() {
-        o.remove("submitted_at");
+) -> Result<Vec<Accepted>, ApiError> {
+    let mut pending = Vec::with_capacity(jobs.len());
+    for p in jobs {
+        let (id, fresh) = identify(gw, client, &p.job, idempotency_key).await?;
+        let key = client.scoped(&id);
+        pending.push(Pending {
+            id,
+            key,
+            fresh,
+            prepared: p,
+        });
     }
-    let rec = JobRecord {
+    let rec = |p: &Pending, confirmed| JobRecord {
         owner: client.name.clone(),
-        job_sha256: sha256_hex(as_sent.to_string().as_bytes()),
-        confirmed: true,
+        job_sha256: p.prepared.sha256.clone(),
+        confirmed,
+        claimed_at: crate::clock::unix_secs(),
     };
-    let accepted = |replayed| Accepted {
-        status_url: format!("/v1/jobs/{job_id}"),
-        job_id: job_id.clone(),
-        replayed,
-    };
-    materialize(gw, &mut job).await?;
-    let done = if fresh {
-        let (recorded, published) =
-            tokio::join!(gw.redis.record_accepted(&job_id, &rec), publish(gw, &job));
-        published.and(recorded.map_err(ApiError::from))
-    } else {
-        let claim = JobRecord {
-            confirmed: false,
-            ..rec.clone()
-        };
-        match gw.redis.claim_job(&job_id, &claim).await? {
-            Some(old) if old.owner != rec.owner || old.job_sha256 != rec.job_sha256 => {
-                return Err(ApiError::new(
-                    StatusCode::CONFLICT,
-                    "job_id_taken",
-                    format!("job `{job_id}` was submitted with another body or by another client"),
-                ))
+    let claims = futures_util::future::join_all(
+        pending
+            .iter()
+            .filter(|p| !p.fresh)
+            .map(|p| claim(gw, &p.id, &p.key, rec(p, false))),
+    )
+    .await;
+    let mut replayed = std::collections::HashSet::new();
+    let mut claimed = std::collections::HashSet::new();
+    let mut refusal = None;
+    for (p, c) in pending.iter().filter(|p| !p.fresh).zip(claims) {
+        match c {
+            Ok(Claim::Replay) => replayed.insert(p.key.as_str()),
+            Ok(Claim::Publish) => claimed.insert(p.key.as_str()),
+            Err(e) => {
+                refusal = refusal.or(Some(e));
+                false
             }
-            Some(old) if old.confirmed => return Ok(accepted(true)),
-            // Claimed but never confirmed (a gateway died mid-way, or the same request runs
-            // right now): publishing again is safe, the workers keep one result per job id.
-            _ => {}
+        };
+    }
+    let to_publish: Vec<&Pending> = pending
+        .iter()
+        .filter(|p| p.fresh || claimed.contains(p.key.as_str()))
+        .collect();
+    let keys: Vec<&str> = to_publish.iter().map(|p| p.key.as_str()).collect();
+    if refusal.is_none() {
+        if let Err(e) = super::limits::reserve(gw, client, &keys).await {
+            refusal = Some(e);
         }
-        match publish(gw, &job).await {
-            Ok(()) => gw
-                .redis
-                .record_accepted(&job_id, &rec)
-                .await
-                .map_err(ApiError::from),
-            Err(e) => Err(e),
+    }
+    if let Some(e) = refusal {
+        release(gw, client, &to_publish).await;
+        return Err(e);
+    }
+    let published = futures_util::future::join_all(
+        to_publish
+            .iter()
+            .map(|p| publish_one(gw, client, p, rec(p, true))),
+    )
+    .await;
+    if let Some(e) = published.into_iter().find_map(Result::err) {
+        return Err(e);
+    }
+    Ok(pending
+        .iter()
+        .map(|p| Accepted {
+            status_url: format!("/v1/jobs/{}", p.id),
+            job_id: p.id.clone(),
+            replayed: replayed.contains(p.key.as_str()),
+        })
+        .collect())
+}
+
+/// Gives back what a refused request claimed and reserved.
+async fn release(gw: &Gateway, client: &Client, jobs: &[&Pending]) {
+    for p in jobs {
+        let _ = gw.redis.forget_job(&p.key, &client.name).await;
+    }
+}
+
+/// Moves the job's image to S3, publishes the job under its scoped id and records it; on a
+/// failure forgets it (claim and place in flight), so that a retry publishes again.
+async fn publish_one(
+    gw: &Gateway,
+    client: &Client,
+    p: &Pending,
+    rec: JobRecord,
+) -> Result<(), ApiError> {
+    let mut job = p.prepared.job.clone();
+    if let Some(o) = job.as_object_mut() {
+        o.insert("job_id".into(), Value::String(p.key.clone()));
+        o.entry("submitted_at")
+            .or_insert_with(|| Value::String(crate::clock::now_rfc3339()));
+    }
+    let done = async {
+        if let (Some(img), Some(slot)) = (&p.prepared.image, job.pointer_mut("/params/image")) {
+            *slot = Value::String(materialize(gw, img).await?);
+        }
+        if p.fresh {
+            // Nobody else can name a fresh id: record it while it is published.
+            let (recorded, published) =
+                tokio::join!(gw.redis.record_accepted(&p.key, &rec), publish(gw, &job));
+            published.and(recorded.map_err(ApiError::from))
+        } else {
+            publish(gw, &job).await?;
+            Ok(gw.redis.record_accepted(&p.key, &rec).await?)
         }
     };
-    if let Err(e) = done {
-        let _ = gw.redis.forget_job(&job_id, &client.name).await;
+    if let Err(e) = done.await {
+        let _ = gw.redis.forget_job(&p.key, &client.name).await;
         return Err(e);
     }
     gw.metrics.accepted.inc();
-    Ok(accepted(false))
+    Ok(())
+}
+
+/// Puts an inline image in S3 under `{prefix}/inputs/gateway/`, content-addressed.
+async fn materialize(gw: &Gateway, img: &Inline) -> Result<String, ApiError> {
+    let key = format!(
+        "{}/inputs/gateway/{}",
+        gw.s3.cfg.prefix.trim_matches('/'),
+        sha256_hex(&img.bytes)
+    );
+    let content_type = Some(img.content_type.as_str())
+        .filter(|t| t.starts_with("image/"))
+        .unwrap_or("application/octet-stream");
+    Ok(gw.s3.put(&key, &img.bytes, content_type, &[]).await?)
 }
 
 async fn publish(gw: &Gateway, job: &Value) -> Result<(), ApiError> {

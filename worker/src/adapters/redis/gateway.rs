@@ -1,10 +1,12 @@
-//! The gateway's keys (it keeps no state of its own, so any number of replicas can serve):
-//! - `{prefix}:gw:job:{job_id}`: the [`JobRecord`] of a job it accepted (`SET NX`, result TTL);
+//! The gateway's keys (it keeps no state of its own, so any number of replicas can serve). Every
+//! job id here is the gateway's scoped id, `gw:{client}:{id}` ([`crate::gateway::auth::Client::scoped`]):
+//! - `{prefix}:gw:job:{scoped id}`: the [`JobRecord`] of a job it accepted (`SET NX`; a claim not
+//!   yet confirmed expires after [`CLAIM_TTL_SECS`], a confirmed one with the results);
 //! - `{prefix}:gw:idem:{client}:{sha256(key)}`: the job an `Idempotency-Key` was first used for;
-//! - `{prefix}:gw:rate:{client}:{window}`: requests of a client in one fixed window;
+//! - `{prefix}:gw:rate:{client}`: a sorted set of the client's admitted requests over the last
+//!   window (scored by Redis's clock in ms; at most its rate limit in size);
 //! - `{prefix}:gw:open:{client}`: a sorted set of the client's jobs without a result yet (scored
-//!   by acceptance time);
-//! - `{prefix}:gw:replicas:{window}`: the replicas that counted requests in one window.
+//!   by acceptance time; only for a client with an in-flight limit, and never larger than it).
 
 use redis::AsyncCommands;
 use serde::{Deserialize, Serialize};
@@ -12,16 +14,31 @@ use serde::{Deserialize, Serialize};
 use super::{unavailable, ResultStore};
 use crate::error::{Result, WorkerError};
 
+/// How long a claim lives before its publish is confirmed: a gateway that died between the two
+/// leaves no `queued` job behind for longer.
+pub const CLAIM_TTL_SECS: u64 = 600;
+
 /// What the gateway knows of a job it accepted.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct JobRecord {
-    /// The client (token name) that submitted it: only it may see or cancel the job.
+    /// The client (token name) that submitted it.
     pub owner: String,
-    /// sha256 of the job as published, to tell a replay from a different job with the same id.
+    /// sha256 of the job as submitted, to tell a replay from a different job with the same id.
     pub job_sha256: String,
-    /// Whether the broker confirmed the publish. A record left unconfirmed (a gateway that died
+    /// Whether the broker confirmed the publish. A claim left unconfirmed (a gateway that died
     /// between claim and confirm) is published again by the next identical request.
     pub confirmed: bool,
+    /// When the claim was made (unix seconds).
+    #[serde(default)]
+    pub claimed_at: u64,
+}
+
+/// A job as the gateway sees it, read in one round trip.
+#[derive(Debug, Default)]
+pub struct JobView {
+    pub result: Option<ddit_schemas::JobResult>,
+    pub progress: Option<ddit_schemas::Progress>,
+    pub record: Option<JobRecord>,
 }
 
 fn internal(e: serde_json::Error) -> WorkerError {
@@ -39,7 +56,7 @@ impl ResultStore {
         let opts = redis::SetOptions::default()
             .conditional_set(redis::ExistenceCheck::NX)
             .get(true)
-            .with_expiration(redis::SetExpiry::EX(self.cfg.result_ttl_secs));
+            .with_expiration(redis::SetExpiry::EX(CLAIM_TTL_SECS));
         let body = serde_json::to_string(rec).map_err(internal)?;
         let old: Option<String> = c
             .set_options(self.gw_key("job", job_id), body, opts)
@@ -49,28 +66,12 @@ impl ResultStore {
             .transpose()
     }
 
-    /// Stores the record of an accepted job and adds it to its owner's open set: one script, one
-    /// reply.
+    /// Stores the record of a job whose publish the broker confirmed (the results' TTL).
     pub async fn record_accepted(&self, job_id: &str, rec: &JobRecord) -> Result<()> {
-        static SCRIPT: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
-            redis::Script::new(
-                r"
-                redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
-                redis.call('ZADD', KEYS[2], ARGV[3], ARGV[4])
-                redis.call('EXPIRE', KEYS[2], ARGV[2])
-                return 1",
-            )
-        });
         let mut c = self.conn.clone();
         let body = serde_json::to_string(rec).map_err(internal)?;
-        let _: i64 = SCRIPT
-            .key(self.gw_key("job", job_id))
-            .key(self.gw_key("open", &rec.owner))
-            .arg(body)
-            .arg(self.cfg.result_ttl_secs)
-            .arg(crate::clock::unix_secs())
-            .arg(job_id)
-            .invoke_async(&mut c)
+        let _: () = c
+            .set_ex(self.gw_key("job", job_id), body, self.cfg.result_ttl_secs)
             .await
             .map_err(unavailable)?;
         Ok(())
@@ -89,14 +90,23 @@ impl ResultStore {
         Ok(())
     }
 
-    pub async fn job_record(&self, job_id: &str) -> Result<Option<JobRecord>> {
+    /// The job's result, last progress and gateway record: one `MGET`.
+    pub async fn job_view(&self, job_id: &str) -> Result<JobView> {
         let mut c = self.conn.clone();
-        let v: Option<String> = c
-            .get(self.gw_key("job", job_id))
-            .await
-            .map_err(unavailable)?;
-        v.map(|s| serde_json::from_str(&s).map_err(internal))
-            .transpose()
+        let keys = [
+            self.result_key(job_id),
+            self.step_key(job_id),
+            self.gw_key("job", job_id),
+        ];
+        let [result, progress, record]: [Option<String>; 3] =
+            c.mget(&keys).await.map_err(unavailable)?;
+        Ok(JobView {
+            result: result.and_then(|s| serde_json::from_str(&s).ok()),
+            progress: progress.and_then(|s| serde_json::from_str(&s).ok()),
+            record: record
+                .map(|s| serde_json::from_str(&s).map_err(internal))
+                .transpose()?,
+        })
     }
 
     /// Binds `client`'s idempotency key (hashed) to `job_id` unless it is bound already; returns
@@ -120,89 +130,91 @@ impl ResultStore {
         Ok(old.unwrap_or_else(|| job_id.to_string()))
     }
 
-    /// Counts `requests` requests of `client` in the current fixed window of `window_secs` (unless
-    /// `window_secs` is 0), notes `replica` as counting in this window and, when `limit` is not 0, how many of its accepted jobs have no result
-    /// yet as far as it matters for taking `more` within `limit`. One script, one round trip:
-    /// O(1) below the limit (the open set's size counts); at it, the script drops the finished
-    /// jobs from the set and counts again.
-    pub async fn count_admission(
+    /// Counts one request of `client` against `limit` requests in any `window_secs` (a sliding
+    /// window on Redis's clock, so replicas' clocks do not matter): `Ok(None)` when admitted,
+    /// `Ok(Some(secs))` when refused, with the seconds until a request would be admitted. A
+    /// refused request is not recorded. `member` must be unique to this request.
+    pub async fn count_request(
         &self,
         client: &str,
-        replica: &str,
+        limit: u64,
         window_secs: u64,
-        requests: u64,
-        more: usize,
-        limit: usize,
-    ) -> Result<Admission> {
+        member: &str,
+    ) -> Result<Option<u64>> {
         static SCRIPT: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
             redis::Script::new(
                 r"
-                local requests = 0
-                if tonumber(ARGV[1]) > 0 then
-                    requests = redis.call('INCRBY', KEYS[1], ARGV[6])
-                    if requests == tonumber(ARGV[6]) then
-                        redis.call('EXPIRE', KEYS[1], ARGV[1] + 1)
-                    end
+                local t = redis.call('TIME')
+                local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+                local window = tonumber(ARGV[2]) * 1000
+                redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - window)
+                if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[1]) then
+                    local oldest = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
+                    return tonumber(oldest[2]) + window - now
                 end
-                redis.call('SADD', KEYS[3], ARGV[7])
-                redis.call('EXPIRE', KEYS[3], 2 * ARGV[1] + 1)
-                local replicas = redis.call('SCARD', KEYS[3])
-                local limit = tonumber(ARGV[5])
-                if limit == 0 then return {requests, 0, replicas} end
-                redis.call('ZREMRANGEBYSCORE', KEYS[2], 0, ARGV[2])
-                local n = redis.call('ZCARD', KEYS[2])
-                if n + tonumber(ARGV[4]) <= limit then return {requests, n, replicas} end
-                local open = 0
-                for _, id in ipairs(redis.call('ZRANGE', KEYS[2], 0, -1)) do
-                    if redis.call('EXISTS', ARGV[3] .. id) == 1 then
-                        redis.call('ZREM', KEYS[2], id)
-                    else
-                        open = open + 1
-                    end
-                end
-                return {requests, open, replicas}",
+                redis.call('ZADD', KEYS[1], now, ARGV[3])
+                redis.call('PEXPIRE', KEYS[1], window)
+                return -1",
             )
         });
-        let now = crate::clock::unix_secs();
-        let window = now / window_secs.max(1);
-        let horizon = now.saturating_sub(self.cfg.result_ttl_secs);
         let mut c = self.conn.clone();
-        let (requests, open, replicas): (u64, usize, u64) = SCRIPT
-            .key(self.gw_key("rate", &format!("{client}:{window}")))
-            .key(self.gw_key("open", client))
-            .key(self.gw_key("replicas", &window.to_string()))
-            .arg(window_secs)
-            .arg(horizon)
-            .arg(self.result_key(""))
-            .arg(more)
+        let wait_ms: i64 = SCRIPT
+            .key(self.gw_key("rate", client))
             .arg(limit)
-            .arg(requests)
-            .arg(replica)
+            .arg(window_secs)
+            .arg(member)
             .invoke_async(&mut c)
             .await
             .map_err(unavailable)?;
-        let secs_left = ((window + 1) * window_secs.max(1)).saturating_sub(now);
-        Ok(Admission {
-            window,
-            requests,
-            secs_left: secs_left.max(1),
-            open,
-            replicas: replicas.max(1),
-        })
+        Ok((wait_ms >= 0).then(|| (wait_ms as u64).div_ceil(1000).max(1)))
     }
-}
 
-/// What [`ResultStore::count_admission`] found.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Admission {
-    /// The rate window counted (`unix seconds / window_secs`).
-    pub window: u64,
-    /// Requests of the client in the current window, these included (0 when not counted).
-    pub requests: u64,
-    /// Seconds until the window ends.
-    pub secs_left: u64,
-    /// The client's jobs without a result (0 when not asked).
-    pub open: usize,
-    /// Gateway replicas that counted requests in this window or the one before.
-    pub replicas: u64,
+    /// Reserves places for `job_ids` among `client`'s jobs in flight, all or none: `Ok(None)`
+    /// when reserved, `Ok(Some(open))` when `limit` would be passed (`open`: the jobs in flight).
+    /// Atomic, so concurrent requests on any replicas never pass the limit together. At the
+    /// limit the script drops the jobs that have a result (the set holds at most `limit`).
+    pub async fn reserve_in_flight(
+        &self,
+        client: &str,
+        job_ids: &[&str],
+        limit: usize,
+    ) -> Result<Option<usize>> {
+        static SCRIPT: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
+            redis::Script::new(
+                r"
+                local limit = tonumber(ARGV[1])
+                redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[3])
+                local more = 0
+                for i = 6, #ARGV do
+                    if not redis.call('ZSCORE', KEYS[1], ARGV[i]) then more = more + 1 end
+                end
+                local n = redis.call('ZCARD', KEYS[1])
+                if n + more > limit then
+                    for _, id in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
+                        if redis.call('EXISTS', ARGV[2] .. id) == 1 then
+                            redis.call('ZREM', KEYS[1], id)
+                            n = n - 1
+                        end
+                    end
+                    if n + more > limit then return n end
+                end
+                for i = 6, #ARGV do redis.call('ZADD', KEYS[1], ARGV[4], ARGV[i]) end
+                redis.call('EXPIRE', KEYS[1], ARGV[5])
+                return -1",
+            )
+        });
+        let now = crate::clock::unix_secs();
+        let mut c = self.conn.clone();
+        let mut call = SCRIPT.key(self.gw_key("open", client));
+        call.arg(limit)
+            .arg(self.result_key(""))
+            .arg(now.saturating_sub(self.cfg.result_ttl_secs))
+            .arg(now)
+            .arg(self.cfg.result_ttl_secs);
+        for id in job_ids {
+            call.arg(*id);
+        }
+        let open: i64 = call.invoke_async(&mut c).await.map_err(unavailable)?;
+        Ok((open >= 0).then_some(open as usize))
+    }
 }

@@ -230,17 +230,29 @@ impl ResultStore {
         Ok(())
     }
 
-    /// A dedicated pub/sub connection subscribed to `channels` (one per listener).
-    pub async fn subscribe(&self, channels: &[String]) -> Result<redis::aio::PubSub> {
+    /// A dedicated pub/sub connection that hears every job's progress and every result (a
+    /// gateway replica holds one and fans it out).
+    pub async fn subscribe_events(&self) -> Result<redis::aio::PubSub> {
         let client = client(&self.cfg.url, self.cfg.ca_pem.as_deref())?;
         let connecting = client.get_async_pubsub();
         let mut ps = tokio::time::timeout(Duration::from_secs(5), connecting)
             .await
             .map_err(|_| WorkerError::unavailable("redis", "no pub/sub connection within 5 s"))?
             .map_err(unavailable)?;
-        for ch in channels {
-            ps.subscribe(ch).await.map_err(unavailable)?;
-        }
+        ps.subscribe(self.results_channel())
+            .await
+            .map_err(unavailable)?;
+        let escaped: String = self
+            .progress_channel("")
+            .chars()
+            .flat_map(|c| {
+                let esc = "*?[]\\".contains(c).then_some('\\');
+                esc.into_iter().chain(std::iter::once(c))
+            })
+            .collect();
+        ps.psubscribe(format!("{escaped}*"))
+            .await
+            .map_err(unavailable)?;
         Ok(ps)
     }
 
