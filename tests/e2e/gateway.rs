@@ -121,7 +121,15 @@ fn curl_posts_streams_fetches_uploads_cancels_and_replays() {
         &model,
         dir.path(),
         "w",
-        &["--progress-interval-ms", "0"],
+        // The cancel test's job is long on purpose: above the default caps.
+        &[
+            "--progress-interval-ms",
+            "0",
+            "--max-steps",
+            "1000",
+            "--max-images-per-job",
+            "8",
+        ],
     );
     worker.wait_ready(Duration::from_secs(60));
     assert!(events.wait().unwrap().success());
