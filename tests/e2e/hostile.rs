@@ -385,3 +385,55 @@ fn ops_are_private_slow_headers_are_cut_and_unroutable_jobs_refused() {
     assert!(gw.log_text().contains(rid), "{}", gw.log_text());
     rt.block_on(cleanup(&names));
 }
+
+/// Item 9: every key a gateway writes for a client's jobs, limits and idempotency keys expires,
+/// and a worker taking back an attempt whose count expired leaves no key behind.
+#[test]
+fn every_key_the_gateway_writes_expires() {
+    let names = Names::new("hostile-ttl");
+    let dir = tempfile::tempdir().unwrap();
+    let tokens = token_line("carol", "carol-token", ":100:50");
+    let gw = Gateway::start(&names, dir.path(), "gw", &tokens, &[]);
+    let carol = "Authorization: Bearer carol-token";
+    let job = r#"{"job_id": "k-1", "task": "generate", "params": {"prompt": "a red circle"}}"#;
+    assert_eq!(post(&gw, "/v1/jobs", carol, job).status, 202);
+    let keyed = curl(&[
+        "-X",
+        "POST",
+        "-H",
+        carol,
+        "-H",
+        "Idempotency-Key: order-1",
+        "--data-binary",
+        r#"{"task": "generate", "params": {"prompt": "a square"}}"#,
+        &gw.url("/v1/jobs"),
+    ]);
+    assert_eq!(keyed.status, 202, "{}", keyed.text());
+    assert_eq!(get(&gw, "/v1/jobs/k-1", carol).status, 200);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let store = ddit_worker::adapters::redis::ResultStore::connect(
+            ddit_worker::adapters::redis::RedisConfig {
+                url: var("DDIT_REDIS_URL", "redis://127.0.0.1:6379"),
+                prefix: names.redis_prefix.clone(),
+                result_ttl_secs: 60,
+                ca_pem: None,
+            },
+        )
+        .await
+        .unwrap();
+        store.forget_attempt("never-counted").await.unwrap();
+        let mut r = redis().await;
+        let keys: Vec<String> = redis::cmd("KEYS")
+            .arg(format!("{}:*", names.redis_prefix))
+            .query_async(&mut r)
+            .await
+            .unwrap();
+        assert!(keys.len() >= 4, "{keys:?}");
+        for k in keys {
+            let ttl: i64 = redis::cmd("TTL").arg(&k).query_async(&mut r).await.unwrap();
+            assert!(ttl > 0, "{k} has no TTL ({ttl})");
+        }
+    });
+    rt.block_on(cleanup(&names));
+}

@@ -131,10 +131,19 @@ impl ResultStore {
     }
 
     /// Takes back an admission that never ran (a job requeued at shutdown before it started).
+    /// A count that expired meanwhile stays absent (a bare `DECR` would leave `-1` without a TTL).
     pub async fn forget_attempt(&self, job_id: &str) -> Result<()> {
+        static SCRIPT: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
+            redis::Script::new(
+                r"
+                if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+                return redis.call('DECR', KEYS[1])",
+            )
+        });
         let mut c = self.conn.clone();
-        let _: i64 = c
-            .decr(self.attempts_key(job_id), 1)
+        let _: i64 = SCRIPT
+            .key(self.attempts_key(job_id))
+            .invoke_async(&mut c)
             .await
             .map_err(unavailable)?;
         Ok(())
