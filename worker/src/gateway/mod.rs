@@ -69,6 +69,8 @@ pub struct Gateway {
     s3: S3Store,
     schema: jsonschema::Validator,
     link: tokio::sync::Mutex<Option<(lapin::Connection, lapin::Channel)>>,
+    /// Whether the link was up at its last use (read by `/readyz` while another holds `link`).
+    link_up: std::sync::atomic::AtomicBool,
     limiter: limits::Limiter,
     hub: Arc<hub::Hub>,
     metrics: GatewayMetrics,
@@ -128,6 +130,7 @@ impl Gateway {
             s3,
             schema,
             link: tokio::sync::Mutex::new(None),
+            link_up: Default::default(),
             limiter: limits::Limiter::new(new_replica_name()),
             metrics: GatewayMetrics::new(),
             stopping: tokio::sync::watch::Sender::new(false),
@@ -140,12 +143,14 @@ impl Gateway {
 
     /// A publishing channel, (re)connecting and declaring the queue when there is none.
     async fn channel(&self) -> Result<lapin::Channel> {
+        use std::sync::atomic::Ordering::Relaxed;
         let mut link = self.link.lock().await;
         if let Some((conn, ch)) = link.as_ref() {
             if conn.status().connected() && ch.status().connected() {
                 return Ok(ch.clone());
             }
         }
+        self.link_up.store(false, Relaxed);
         let conn = amqp::connect(&self.cfg.amqp, &self.cfg.name).await?;
         let ch = conn
             .create_channel()
@@ -153,6 +158,7 @@ impl Gateway {
             .map_err(|e| WorkerError::unavailable("amqp channel", e))?;
         amqp::declare(&ch, &self.cfg.amqp).await?;
         *link = Some((conn, ch.clone()));
+        self.link_up.store(true, Relaxed);
         Ok(ch)
     }
 }
@@ -197,10 +203,13 @@ async fn healthz() -> &'static str {
 /// connect: a link that is down is reported, and reconnected in the background.
 async fn readyz(State(gw): State<Arc<Gateway>>) -> (StatusCode, String) {
     let mut problems = Vec::new();
-    let up = gw.link.try_lock().is_ok_and(|link| {
-        link.as_ref()
-            .is_some_and(|(c, ch)| c.status().connected() && ch.status().connected())
-    });
+    let up = match gw.link.try_lock() {
+        Ok(link) => link
+            .as_ref()
+            .is_some_and(|(c, ch)| c.status().connected() && ch.status().connected()),
+        // A publish holds it for an instant, a reconnect for longer: the last state tells.
+        Err(_) => gw.link_up.load(std::sync::atomic::Ordering::Relaxed),
+    };
     if !up {
         problems.push("amqp: not connected".to_string());
         let again = gw.clone();
