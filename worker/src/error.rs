@@ -25,6 +25,15 @@ pub enum WorkerError {
     #[error("onnx runtime: {context}: {message}")]
     Runtime { context: String, message: String },
 
+    /// ONNX Runtime could not allocate memory for a job's segment: the job is too large for this
+    /// worker. Final, never retried (a batched step that fails is retried row by row first, so
+    /// the row failed alone). Made by [`WorkerError::runtime`] from an allocation failure.
+    #[error(
+        "too large for this worker: out of memory in {context} ({message}); ask for fewer pixels \
+         or images, or run it on a worker with more memory"
+    )]
+    TooLarge { context: String, message: String },
+
     /// A requested execution provider could not be registered.
     #[error("execution provider `{provider}` could not be registered: {message}")]
     Provider { provider: String, message: String },
@@ -93,10 +102,13 @@ impl WorkerError {
         }
     }
 
+    /// An ONNX Runtime error; an allocation that failed is [`WorkerError::TooLarge`].
     pub fn runtime(context: impl Into<String>, e: impl std::fmt::Display) -> Self {
-        WorkerError::Runtime {
-            context: context.into(),
-            message: e.to_string(),
+        let (context, message) = (context.into(), e.to_string());
+        if out_of_memory(&message) {
+            WorkerError::TooLarge { context, message }
+        } else {
+            WorkerError::Runtime { context, message }
         }
     }
 
@@ -108,17 +120,15 @@ impl WorkerError {
     }
 
     /// The fixed kind reported in results and metrics, and with [`ErrorKind::retryable`] the one
-    /// place that says what is transient: a dependency that did not answer, an I/O error, and an
-    /// allocation that failed (another attempt, alone or on another worker, may fit); the rest is
-    /// the job's or the model's and is final.
+    /// place that says what is transient: a dependency that did not answer and an I/O error; the
+    /// rest is the job's or the model's and is final. An allocation that failed is the job's: it
+    /// is too large for this worker, and another attempt here would only fail the same way.
     pub fn kind(&self) -> ErrorKind {
         match self {
-            WorkerError::InvalidJob { .. } => ErrorKind::InvalidJob,
+            WorkerError::InvalidJob { .. } | WorkerError::TooLarge { .. } => ErrorKind::InvalidJob,
+            WorkerError::Runtime { message, .. } if out_of_memory(message) => ErrorKind::InvalidJob,
             WorkerError::InvalidInput { .. } => ErrorKind::InvalidInput,
             WorkerError::InputNotFound { .. } => ErrorKind::InputNotFound,
-            WorkerError::Runtime { message, .. } if out_of_memory(message) => {
-                ErrorKind::Unavailable
-            }
             WorkerError::Package { .. }
             | WorkerError::Runtime { .. }
             | WorkerError::Provider { .. } => ErrorKind::ModelError,
@@ -146,15 +156,24 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_failed_allocation_is_transient_and_other_runtime_errors_are_final() {
-        let rt = |message: &str| WorkerError::Runtime {
-            context: "joint_blocks".into(),
-            message: message.into(),
-        };
+    fn a_failed_allocation_is_a_final_too_large_job_and_other_runtime_errors_are_final() {
+        let rt = |message: &str| WorkerError::runtime("joint_blocks", message);
         let oom = rt("BFCArena::AllocateRawInternal Available memory of 0 is smaller than requested bytes of 4096");
-        assert_eq!(oom.kind(), ErrorKind::Unavailable);
-        assert!(oom.kind().retryable());
-        assert!(rt("CUDA failure 2: out of memory").kind().retryable());
+        assert!(matches!(oom, WorkerError::TooLarge { .. }), "{oom:?}");
+        assert_eq!(oom.kind(), ErrorKind::InvalidJob);
+        assert!(!oom.kind().retryable());
+        let text = oom.to_string();
+        assert!(
+            text.starts_with("too large for this worker: out of memory in joint_blocks"),
+            "{text}"
+        );
+        assert!(!rt("CUDA failure 2: out of memory").kind().retryable());
+        // One made without the constructor is classified the same way.
+        let raw = WorkerError::Runtime {
+            context: "vae_decoder".into(),
+            message: "std::bad_alloc".into(),
+        };
+        assert_eq!(raw.kind(), ErrorKind::InvalidJob);
         let shape = rt("Got invalid dimensions for input: timestep");
         assert_eq!(shape.kind(), ErrorKind::ModelError);
         assert!(!shape.kind().retryable());

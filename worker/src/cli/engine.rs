@@ -73,10 +73,15 @@ pub struct EngineArgs {
     /// Largest input image accepted, in pixels (width x height).
     #[arg(long, default_value_t = 40_000_000, env = "DDIT_MAX_IMAGE_PIXELS")]
     max_image_pixels: u64,
-    /// Seconds a job may run once started; it then ends `expired` (checked between steps;
-    /// 0: no limit). Keep it under RabbitMQ's `consumer_timeout` (30 min by default).
+    /// Seconds a job may take from its delivery (`serve`; the other commands: from its start),
+    /// time waiting in the prefetch buffer included; it then ends `expired` (checked when it
+    /// starts and between steps; 0: no limit). Keep it under RabbitMQ's `consumer_timeout`
+    /// (30 min by default), which counts from the delivery too, with room for the last step
+    /// and the uploads: the default leaves 5 minutes.
     #[arg(long, default_value_t = 1500, env = "DDIT_JOB_TIMEOUT")]
     job_timeout: u64,
+    #[command(flatten)]
+    pub limits: super::limits::LimitArgs,
     /// Log filter (tracing EnvFilter syntax), e.g. `info` or `ddit_worker=debug`.
     #[arg(long, default_value = "warn", env = "DDIT_LOG")]
     pub log: String,
@@ -208,6 +213,7 @@ impl EngineArgs {
                 max_pixels: self.max_image_pixels,
                 ..ImageLimits::default()
             },
+            limits: self.limits.limits(),
             job_timeout: (self.job_timeout > 0)
                 .then(|| std::time::Duration::from_secs(self.job_timeout)),
             progress_every: std::time::Duration::ZERO,

@@ -5,6 +5,7 @@ mod engine;
 mod eval;
 #[cfg(feature = "service")]
 mod gateway;
+mod limits;
 mod local;
 #[cfg(feature = "service")]
 mod model_store;

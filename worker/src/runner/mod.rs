@@ -29,6 +29,7 @@ use crate::clock::parse_time;
 use crate::error::{Result, WorkerError};
 use crate::image_io::ImageLimits;
 use crate::tasks::input::InputFetcher;
+use crate::tasks::JobLimits;
 use crate::text::TextCodec;
 pub use finish::{encode_images, ended_result, Decoded, Png};
 pub use handoff::Handoff;
@@ -51,7 +52,10 @@ pub struct RunnerConfig {
     pub max_batch: usize,
     pub caption_latent: LatentMode,
     pub image_limits: ImageLimits,
-    /// Longest a job may run once admitted; it then ends `expired` (checked between steps).
+    /// Caps on what one job may ask for (pixels, images, steps, text).
+    pub limits: JobLimits,
+    /// Longest a job may take from its delivery (from admission when the source gives no
+    /// delivery time); it then ends `expired` (at admission or between steps).
     pub job_timeout: Option<std::time::Duration>,
     /// Least time between two progress reports of one job (its first and last steps are always
     /// reported): each report wakes the service's event loop, which then competes with the steps.
@@ -68,6 +72,7 @@ impl Default for RunnerConfig {
             max_batch: 8,
             caption_latent: LatentMode::Sample,
             image_limits: ImageLimits::default(),
+            limits: JobLimits::DEFAULT,
             job_timeout: None,
             progress_every: std::time::Duration::ZERO,
             batch_window: std::time::Duration::ZERO,
@@ -75,11 +80,19 @@ impl Default for RunnerConfig {
     }
 }
 
-/// A job as received: parsed (with the tracing span its steps are recorded under), or the reason
-/// it could not be (with whatever id it carried).
+/// A job as received: parsed (with the tracing span its steps are recorded under, and when it was
+/// delivered if the source knows: the job timeout counts from then), or the reason it could not
+/// be (with whatever id it carried).
 pub enum Incoming {
-    Job { job: Box<Job>, span: tracing::Span },
-    Unparseable { job_id: String, error: WorkerError },
+    Job {
+        job: Box<Job>,
+        span: tracing::Span,
+        received: Option<Instant>,
+    },
+    Unparseable {
+        job_id: String,
+        error: WorkerError,
+    },
 }
 
 impl Incoming {
@@ -89,6 +102,7 @@ impl Incoming {
         Incoming::Job {
             job: Box::new(job),
             span,
+            received: None,
         }
     }
 }
@@ -272,8 +286,12 @@ impl<'a, M: Model> Runner<'a, M> {
     /// Checks the job's times, plans and prepares it (text encoding, image encoding), and makes
     /// it active; or answers it at once with a failed or expired result.
     fn admit(&mut self, inc: Incoming, hooks: &mut dyn Hooks) {
-        let (job, span) = match inc {
-            Incoming::Job { job, span } => (job, span),
+        let (job, span, received) = match inc {
+            Incoming::Job {
+                job,
+                span,
+                received,
+            } => (job, span, received),
             Incoming::Unparseable { job_id, error } => {
                 hooks.result(self.failed(&job_id, None, Status::Failed, Some(&error)));
                 return;
@@ -281,9 +299,10 @@ impl<'a, M: Model> Runner<'a, M> {
         };
         let task = job.task.name();
         let started = Instant::now();
+        let received = received.unwrap_or(started).min(started);
         let admitted = span.in_scope(|| {
-            let queue_ms = self.check_times(&job)?;
-            let work = crate::tasks::plan(&job, self.model.manifest())
+            let queue_ms = self.check_times(&job, received)?;
+            let work = crate::tasks::plan(&job, self.model.manifest(), &self.cfg.limits)
                 .and_then(|p| {
                     let run = std::panic::AssertUnwindSafe(|| self.prepare(p));
                     std::panic::catch_unwind(run)
@@ -300,7 +319,8 @@ impl<'a, M: Model> Runner<'a, M> {
                 job_id: job.job_id.clone(),
                 task,
                 started,
-                ends: self.ends_at(&job, started),
+                received,
+                ends: self.ends_at(&job, started, received),
                 queue_ms,
                 batch_max: 0,
                 span,
@@ -311,18 +331,24 @@ impl<'a, M: Model> Runner<'a, M> {
         }
     }
 
-    /// When the job must have ended: its deadline or `job_timeout` after `started`, the earlier.
-    fn ends_at(&self, job: &Job, started: Instant) -> Option<Instant> {
+    /// When the job must have ended: its deadline or `job_timeout` after `received` (its
+    /// delivery), the earlier.
+    fn ends_at(&self, job: &Job, started: Instant, received: Instant) -> Option<Instant> {
         let by_deadline = job.deadline.as_deref().and_then(|d| {
             let left = parse_time("deadline", d).ok()? - OffsetDateTime::now_utc();
             Some(started + std::time::Duration::try_from(left).unwrap_or_default())
         });
-        let by_timeout = self.cfg.job_timeout.map(|t| started + t);
+        let by_timeout = self.cfg.job_timeout.map(|t| received + t);
         by_deadline.into_iter().chain(by_timeout).min()
     }
 
-    /// The job's time in the queue (ms), or its failed or expired result.
-    fn check_times(&self, job: &Job) -> std::result::Result<u64, Box<JobResult>> {
+    /// The job's time in the queue (ms), or its failed or expired result (its deadline, or the
+    /// job timeout counted from `received`, passed before it started).
+    fn check_times(
+        &self,
+        job: &Job,
+        received: Instant,
+    ) -> std::result::Result<u64, Box<JobResult>> {
         let task = Some(job.task.name());
         let fail =
             |e: &WorkerError| Box::new(self.failed(&job.job_id, task, Status::Failed, Some(e)));
@@ -342,6 +368,21 @@ impl<'a, M: Model> Runner<'a, M> {
                 });
                 return Err(Box::new(r));
             }
+        }
+        let waited = received.elapsed();
+        if let Some(t) = self.cfg.job_timeout.filter(|t| waited >= *t) {
+            let mut r = self.failed(&job.job_id, task, Status::Expired, None);
+            r.error = Some(ErrorInfo {
+                kind: ddit_schemas::ErrorKind::InvalidJob,
+                message: format!(
+                    "the job timeout ({:.1} s) passed {:.1} s after the delivery, before the job \
+                     started (it waited behind other jobs in this worker's prefetch buffer)",
+                    t.as_secs_f64(),
+                    waited.as_secs_f64()
+                ),
+                retryable: false,
+            });
+            return Err(Box::new(r));
         }
         Ok(queue_ms)
     }

@@ -73,6 +73,14 @@ impl<M: Model> Runner<'_, M> {
         let poisoned = chunk
             .iter()
             .any(|&(ai, _)| self.active[ai].job_id.contains("ddit-inject-panic"));
+        #[cfg(feature = "fault-injection")]
+        if chunk
+            .iter()
+            .any(|&(ai, _)| self.active[ai].job_id.contains("ddit-inject-oom"))
+        {
+            let oom = "Failed to allocate memory for requested buffer of size 1073741824";
+            return Err(WorkerError::runtime("joint_blocks (injected)", oom));
+        }
         let run = std::panic::AssertUnwindSafe(|| {
             #[cfg(feature = "fault-injection")]
             assert!(!poisoned, "injected panic (the fault-injection feature)");
@@ -92,9 +100,12 @@ impl<M: Model> Runner<'_, M> {
                 self.failed(&a.job_id, Some(a.task), Status::Canceled, None)
             } else if a.ends.is_some_and(|t| now >= t) {
                 let (step, total) = a.work.progress();
-                let secs = a.started.elapsed().as_secs_f64();
+                let (secs, ran) = (a.received.elapsed(), a.started.elapsed());
                 let message = format!(
-                    "the deadline or the job timeout passed after {secs:.1} s, at step {step} of {total}"
+                    "the deadline or the job timeout passed {:.1} s after the delivery ({:.1} s \
+                     running), at step {step} of {total}",
+                    secs.as_secs_f64(),
+                    ran.as_secs_f64()
                 );
                 a.span.in_scope(|| tracing::warn!("{message}"));
                 let mut r = self.failed(&a.job_id, Some(a.task), Status::Expired, None);

@@ -82,6 +82,8 @@ pub(super) struct Active {
     pub job_id: String,
     pub task: &'static str,
     pub started: Instant,
+    /// When it was delivered (the job timeout counts from then; without a delivery: `started`).
+    pub received: Instant,
     /// The deadline or the job timeout, whichever comes first (checked between steps).
     pub ends: Option<Instant>,
     pub queue_ms: u64,

@@ -49,7 +49,7 @@ pub(super) struct Service {
     pub model: ModelRef,
     pub in_flight: HashMap<String, InFlight>,
     /// Jobs to the inference threads, each with its span; `None` once draining.
-    pub jobs: Option<mpsc::Sender<(Job, tracing::Span)>>,
+    pub jobs: Option<mpsc::Sender<super::inference::Sent>>,
     /// A confirm-mode channel for retry copies and dead letters (set once the broker is reached).
     pub publisher: Option<lapin::Channel>,
     /// What was handed over and not started, and the flag that stops starting it.
@@ -124,6 +124,7 @@ impl Service {
     /// Admits a delivery, or settles it at once (dead letter, duplicate result, retry later).
     /// Returns whether it is now in flight (a duplicate joins its first copy: true).
     async fn take(&mut self, d: Delivery) -> bool {
+        let received = Instant::now();
         let traceparent = amqp::header(&d.properties, "traceparent");
         let Some(id) = job_id_of(&d.data) else {
             let why = "no usable job_id (not JSON, or a missing or invalid id)";
@@ -165,13 +166,13 @@ impl Service {
                 task: job.task.name().into(),
                 duplicates: vec![],
                 span,
-                received: Instant::now(),
+                received,
                 attempt,
                 message,
             },
         );
         if let Some(tx) = &self.jobs {
-            if tx.send((job, job_span)).await.is_err() {
+            if tx.send((job, job_span, received)).await.is_err() {
                 tracing::error!("inference threads are gone");
             }
         }

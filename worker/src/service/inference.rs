@@ -39,8 +39,9 @@ pub enum Event {
 /// Job ids a client asked to cancel (kept current by the async side).
 pub type CancelSet = Arc<Mutex<HashSet<String>>>;
 
-/// A job and the span its steps are recorded under.
-type Sent = (Job, tracing::Span);
+/// A job, the span its steps are recorded under, and when its delivery arrived (the job timeout
+/// counts from then).
+pub type Sent = (Job, tracing::Span, std::time::Instant);
 
 /// The jobs handed to the inference threads and not yet taken by one.
 pub type Queued = Arc<tokio::sync::Mutex<mpsc::Receiver<Sent>>>;
@@ -53,10 +54,11 @@ struct ChannelSource {
     handle: tokio::runtime::Handle,
 }
 
-fn incoming((job, span): Sent) -> Incoming {
+fn incoming((job, span, received): Sent) -> Incoming {
     Incoming::Job {
         job: Box::new(job),
         span,
+        received: Some(received),
     }
 }
 
@@ -283,7 +285,11 @@ mod tests {
 
     fn job(id: &str) -> Sent {
         let v = serde_json::json!({"job_id": id, "task": "generate", "params": {"prompt": "x"}});
-        (serde_json::from_value(v).unwrap(), tracing::Span::none())
+        (
+            serde_json::from_value(v).unwrap(),
+            tracing::Span::none(),
+            Instant::now(),
+        )
     }
 
     fn id(inc: Option<Incoming>) -> Option<String> {

@@ -247,7 +247,7 @@ async fn drain(
     {
         let queued = svc.queued.clone();
         let mut rx = queued.lock().await;
-        while let Ok((job, _)) = rx.try_recv() {
+        while let Ok((job, ..)) = rx.try_recv() {
             if let Some(f) = svc.in_flight.remove(&job.job_id) {
                 // Never started: the admission is taken back, so it costs no attempt.
                 if let Err(e) = svc.redis.forget_attempt(&job.job_id).await {

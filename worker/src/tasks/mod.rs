@@ -2,11 +2,13 @@
 //! the field and its allowed range.
 
 pub mod input;
+mod limits;
 
 use ddit_schemas::{Job, Manifest, TaskParams};
 
 use crate::error::{Result, WorkerError};
 use crate::sampler::rng::seed_from_job_id;
+pub use limits::JobLimits;
 
 /// D-DiT's defaults (the paper's settings).
 pub const GENERATE_STEPS: u32 = 28;
@@ -108,7 +110,7 @@ fn range_u32(field: &str, v: Option<u32>, default: u32, lo: u32, hi: u32) -> Res
     Ok(v)
 }
 
-fn text(field: &str, s: &str, allow_empty: bool) -> Result<()> {
+fn text(field: &str, s: &str, allow_empty: bool, limits: &JobLimits) -> Result<()> {
     if !allow_empty && s.trim().is_empty() {
         return Err(WorkerError::invalid(field, "must not be empty"));
     }
@@ -118,7 +120,14 @@ fn text(field: &str, s: &str, allow_empty: bool) -> Result<()> {
             format!("longer than {MAX_TEXT_CHARS} characters"),
         ));
     }
-    Ok(())
+    limits.check_chars(field, s)
+}
+
+/// `params.steps` (or `default`) in the schema's range, then against this worker's cap.
+fn steps(v: Option<u32>, default: u32, limits: &JobLimits) -> Result<u32> {
+    let n = range_u32("params.steps", v, default, 1, MAX_STEPS)?;
+    limits.check_steps(n)?;
+    Ok(n)
 }
 
 /// Checks a job id (also used in output keys and Redis keys).
@@ -139,16 +148,16 @@ pub fn validate_job_id(id: &str) -> Result<()> {
     }
 }
 
-/// Validates a job against the model and fills in defaults.
-pub fn plan(job: &Job, m: &Manifest) -> Result<Plan> {
+/// Validates a job against the model and this worker's `limits`, and fills in defaults.
+pub fn plan(job: &Job, m: &Manifest, limits: &JobLimits) -> Result<Plan> {
     validate_job_id(&job.job_id)?;
     let default_seed = seed_from_job_id(&job.job_id);
     let g = Geometry::of(m);
     match &job.task {
         TaskParams::Generate(p) => {
-            text("params.prompt", &p.prompt, false)?;
+            text("params.prompt", &p.prompt, false, limits)?;
             let negative_prompt = p.negative_prompt.clone().unwrap_or_default();
-            text("params.negative_prompt", &negative_prompt, true)?;
+            text("params.negative_prompt", &negative_prompt, true, limits)?;
             let guidance = p.guidance.unwrap_or(GENERATE_GUIDANCE);
             if !guidance.is_finite() || !(0.0..=MAX_GUIDANCE).contains(&guidance) {
                 return Err(WorkerError::invalid(
@@ -169,32 +178,39 @@ pub fn plan(job: &Job, m: &Manifest) -> Result<Plan> {
                 }
                 Ok(v)
             };
+            let (width, height) = (
+                side("params.width", p.width)?,
+                side("params.height", p.height)?,
+            );
+            limits.check_pixels(width, height)?;
+            let num_images = range_u32("params.num_images", p.num_images, 1, 1, MAX_IMAGES)?;
+            limits.check_images(num_images)?;
             Ok(Plan::Generate(GeneratePlan {
                 prompt: p.prompt.clone(),
                 negative_prompt,
-                steps: range_u32("params.steps", p.steps, GENERATE_STEPS, 1, MAX_STEPS)?,
+                steps: steps(p.steps, GENERATE_STEPS, limits)?,
                 guidance,
-                width: side("params.width", p.width)?,
-                height: side("params.height", p.height)?,
+                width,
+                height,
                 seed: p.seed.unwrap_or(default_seed),
-                num_images: range_u32("params.num_images", p.num_images, 1, 1, MAX_IMAGES)?,
+                num_images,
             }))
         }
         TaskParams::Caption(p) => {
             input::check_uri("params.image", &p.image)?;
             if let Some(pr) = &p.prompt {
-                text("params.prompt", pr, true)?;
+                text("params.prompt", pr, true, limits)?;
+            }
+            let default_length = m.values.text_lengths.caption as u32;
+            let length = range_u32("params.length", p.length, default_length, 1, MAX_CANVAS)?;
+            // The model's own default canvas is always allowed; a longer one asked for is capped.
+            if p.length.is_some() && length > default_length {
+                limits.check_text_tokens(length)?;
             }
             Ok(Plan::Caption(CaptionPlan {
                 image: p.image.clone(),
-                steps: range_u32("params.steps", p.steps, CAPTION_STEPS, 1, MAX_STEPS)?,
-                length: range_u32(
-                    "params.length",
-                    p.length,
-                    m.values.text_lengths.caption as u32,
-                    1,
-                    MAX_CANVAS,
-                )?,
+                steps: steps(p.steps, CAPTION_STEPS, limits)?,
+                length,
                 // Absent: the model's default prefix; "": none.
                 prompt: p
                     .prompt
@@ -206,11 +222,11 @@ pub fn plan(job: &Job, m: &Manifest) -> Result<Plan> {
         }
         TaskParams::Vqa(p) => {
             input::check_uri("params.image", &p.image)?;
-            text("params.question", &p.question, false)?;
+            text("params.question", &p.question, false, limits)?;
             Ok(Plan::Vqa(VqaPlan {
                 image: p.image.clone(),
                 question: p.question.clone(),
-                steps: range_u32("params.steps", p.steps, VQA_STEPS, 1, MAX_STEPS)?,
+                steps: steps(p.steps, VQA_STEPS, limits)?,
                 length: m.values.text_lengths.vqa as u32,
                 seed: p.seed.unwrap_or(default_seed),
             }))

@@ -17,6 +17,7 @@ use crate::tasks::input::LocalFetcher;
 use crate::tensor::Tensor;
 
 mod handoff;
+mod timeout;
 
 const VOCAB: usize = 47;
 const MASK: i64 = 46;
@@ -614,7 +615,7 @@ fn a_panicking_row_fails_alone_and_its_batch_mates_match_their_solo_runs() {
 }
 
 #[test]
-fn a_job_past_its_timeout_ends_expired_between_steps() {
+fn a_job_past_its_timeout_when_it_starts_ends_expired_unplanned() {
     let mut fake = Fake::new();
     let mut h = Collect::default();
     let cfg = RunnerConfig {
@@ -631,6 +632,6 @@ fn a_job_past_its_timeout_ends_expired_between_steps() {
     let r = result(&h, "slow");
     assert_eq!(r.status, Status::Expired);
     let msg = &r.error.as_ref().unwrap().message;
-    assert!(msg.contains("at step 0 of 50"), "{msg}");
-    assert!(fake.calls.borrow().iter().all(|c| c.kind != "velocity"));
+    assert!(msg.contains("before the job started"), "{msg}");
+    assert!(fake.calls.borrow().is_empty());
 }
