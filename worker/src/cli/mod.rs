@@ -1,6 +1,8 @@
 //! The command line: one module per subcommand, each with its `…Args` and the conversions into
 //! the library's configs. [`engine`] holds the model and engine flags every model command shares.
 
+#[cfg(feature = "service")]
+mod dlq;
 mod engine;
 mod eval;
 #[cfg(feature = "service")]
@@ -51,6 +53,12 @@ enum Cmd {
     /// confirms, at most --ahead unanswered), collects results from Redis into one JSONL. Resumable.
     #[cfg(feature = "service")]
     Submit(Box<submit::SubmitArgs>),
+    /// The dead-letter queue: `dlq replay` moves dead letters back to the work queue.
+    #[cfg(feature = "service")]
+    Dlq {
+        #[command(subcommand)]
+        what: dlq::DlqCmd,
+    },
     /// Downloads a model package from S3 and verifies every file against its manifest (init containers).
     #[cfg(feature = "service")]
     FetchModel(model_store::FetchArgs),
@@ -85,6 +93,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Gateway(a) => gateway::run(*a),
         #[cfg(feature = "service")]
         Cmd::Submit(a) => submit::run(*a),
+        #[cfg(feature = "service")]
+        Cmd::Dlq { what } => dlq::run(what),
         #[cfg(feature = "service")]
         Cmd::FetchModel(a) => model_store::fetch(a),
         #[cfg(feature = "service")]
