@@ -6,7 +6,9 @@
 #      and KEDA's schemas (@kubernetes-models/keda from npm), plus the fleet's own rules;
 #   2. deploy/compose.yaml with `docker compose config` (or Debian's docker-compose when the
 #      compose plugin is absent; both parse and validate without an engine);
-#   3. the Grafana dashboard is valid JSON with the panels it promises.
+#   3. the Grafana dashboard is valid JSON with the panels it promises;
+#   4. the Prometheus alerting rules (deploy/prometheus/alerts.yaml) with `promtool check rules`,
+#      and their unit tests (alerts.test.yaml) with `promtool test rules`.
 # Installs its tools on first use into .ddit/deploy-tools. Called by scripts/test.sh.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -26,6 +28,18 @@ fi
 if [[ ! -d "$TOOLS/node/node_modules/@kubernetes-models/keda" ]]; then
   log "installing @kubernetes-models/keda (npm)"
   npm install --silent --no-audit --no-fund --prefix "$TOOLS/node" @kubernetes-models/keda@0.4.2 >&2
+fi
+# promtool: from PATH, else extracted from Debian's `prometheus` package (no service installed).
+PROMTOOL="$(command -v promtool || echo "$TOOLS/prometheus/usr/bin/promtool")"
+if [[ ! -x "$PROMTOOL" ]]; then
+  log "installing promtool (Debian package prometheus, extracted into $TOOLS/prometheus)"
+  dl="$(mktemp -d)"
+  if ! (cd "$dl" && apt-get download prometheus >&2 2>/dev/null); then
+    as_root apt-get update -qq >&2 || true
+    (cd "$dl" && apt-get download prometheus >&2)
+  fi
+  dpkg-deb -x "$dl"/prometheus_*.deb "$TOOLS/prometheus"
+  rm -rf "$dl"
 fi
 COMPOSE=()
 if docker compose version >/dev/null 2>&1; then
@@ -78,3 +92,8 @@ assert len(ids) == len(set(ids)), "duplicate panel ids"
 assert all(t["expr"] for p in d["panels"] for t in p["targets"]), "empty query"
 print(f"validate-deploy: grafana dashboard: {len(ids)} panels, valid JSON")
 PY
+
+# --- Prometheus alerting rules
+"$PROMTOOL" check rules deploy/prometheus/alerts.yaml >&2
+(cd deploy/prometheus && "$PROMTOOL" test rules alerts.test.yaml >&2)
+log "prometheus rules: valid, unit tests pass ($("$PROMTOOL" --version 2>&1 | head -1))"
