@@ -41,7 +41,8 @@ impl Tokens {
     /// Parses a tokens file's text; an error names the line.
     pub fn parse(text: &str) -> Result<Self, String> {
         let mut by_hash = HashMap::new();
-        let mut names = std::collections::HashSet::new();
+        // A name may hold several tokens (rotation with overlap), all with the same limits.
+        let mut names: HashMap<String, (Option<u64>, Option<usize>)> = HashMap::new();
         for (i, raw) in text.lines().enumerate() {
             let line = raw.trim();
             if line.is_empty() || line.starts_with('#') {
@@ -78,8 +79,11 @@ impl Tokens {
                     "expected the token's sha256 as 64 hex digits (never the token)",
                 ));
             }
-            if !names.insert(name.to_string()) {
-                return Err(at(&format!("client `{name}` appears twice")));
+            let limits = *names.entry(name.to_string()).or_insert((rpm, in_flight));
+            if limits != (rpm, in_flight) {
+                return Err(at(&format!(
+                    "client `{name}` appears with other limits on an earlier line"
+                )));
             }
             let e = Entry {
                 name: name.to_string(),
@@ -93,6 +97,7 @@ impl Tokens {
         Ok(Self { by_hash })
     }
 
+    /// The tokens (a client rotating its token holds two).
     pub fn len(&self) -> usize {
         self.by_hash.len()
     }
@@ -188,6 +193,12 @@ mod tests {
         let alice = t.find("test", d).unwrap_or_else(|| panic!("alice"));
         assert_eq!((alice.name.as_str(), alice.limits), ("alice", d));
         assert!(t.find("TEST", d).is_none() && t.find(H, d).is_none());
+        // Rotation: a second token for the same client, both valid until the old line goes.
+        let both = Tokens::parse(&format!("alice:{H}:5\nalice:{}:5\n", "c".repeat(64)))
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(both.len(), 2);
+        let a = both.find("test", d).map(|c| c.name);
+        assert_eq!(a.as_deref(), Some("alice"));
     }
 
     #[test]
@@ -196,9 +207,10 @@ mod tests {
             ("alice:test", "line 1: expected the token's sha256"),
             (&format!("\nal ice:{H}") as &str, "line 2: the client name"),
             (
-                &format!("a:{H}\na:{}", "b".repeat(64)),
-                "line 2: client `a` appears twice",
+                &format!("a:{H}:5\na:{}", "b".repeat(64)),
+                "line 2: client `a` appears with other limits",
             ),
+            (&format!("a:{H}\nb:{H}"), "line 2: the same token hash"),
             (&format!("a:{H}:x"), "requests per minute `x`"),
             (&format!("a:{H}:1:2:3"), "more than four"),
         ] {
