@@ -108,10 +108,26 @@ async fn tls_schemes_against_plaintext_ports_never_connect_nor_print_the_passwor
     let model = export_model(dir.path());
     let ca = ca_file();
     let secret = "pw-4711-never-logged";
+    // With --tls-ca-file every URL must be TLS: the two that are not under test are right.
+    let amqps_ok = var(
+        "DDIT_TEST_AMQPS_URL",
+        "amqps://guest:guest@localhost:5671/%2f",
+    );
+    let rediss_ok = var("DDIT_TEST_REDISS_URL", "rediss://localhost:6390");
+    let https_ok = var("DDIT_TEST_S3_HTTPS_ENDPOINT", "https://localhost:3901");
     // amqps:// at the plaintext AMQP port.
     let label = format!("plain-{}", names.id);
     let amqps = format!("amqps://guest:{secret}@localhost:5672/%2f");
-    let extra = ["--amqp-url", &amqps, "--tls-ca-file", &ca];
+    let extra = [
+        "--amqp-url",
+        &amqps,
+        "--redis-url",
+        &rediss_ok,
+        "--s3-endpoint",
+        &https_ok,
+        "--tls-ca-file",
+        &ca,
+    ];
     let mut w = Worker::start(&names, &model, dir.path(), &label, &extra);
     let log = never_ready(&mut w, Duration::from_secs(15));
     assert!(log.contains("amqp connect"), "{log}");
@@ -120,7 +136,16 @@ async fn tls_schemes_against_plaintext_ports_never_connect_nor_print_the_passwor
     drop(w);
     // rediss:// at the plaintext Redis port.
     let rediss = format!("rediss://:{secret}@localhost:6379");
-    let extra = ["--redis-url", &rediss, "--tls-ca-file", &ca];
+    let extra = [
+        "--redis-url",
+        &rediss,
+        "--amqp-url",
+        &amqps_ok,
+        "--s3-endpoint",
+        &https_ok,
+        "--tls-ca-file",
+        &ca,
+    ];
     let mut w = Worker::start(&names, &model, dir.path(), "plain-redis", &extra);
     let log = never_ready(&mut w, Duration::from_secs(15));
     assert!(log.contains("redis"), "{log}");
@@ -130,6 +155,10 @@ async fn tls_schemes_against_plaintext_ports_never_connect_nor_print_the_passwor
     let extra = [
         "--s3-endpoint",
         "https://localhost:3900",
+        "--amqp-url",
+        &amqps_ok,
+        "--redis-url",
+        &rediss_ok,
         "--tls-ca-file",
         &ca,
     ];

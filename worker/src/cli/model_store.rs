@@ -45,7 +45,7 @@ where
     super::init_logging("warn");
     let (bucket, _) = parse_s3_url(url)?;
     let cfg = S3Config {
-        ca_pem: tls.ca_pem()?,
+        ca_pem: tls.ca_pem_for(&[s3.tls_use()])?,
         ..s3.config(bucket, String::new(), 0)
     };
     let out = super::runtime()?.block_on(async {

@@ -34,6 +34,11 @@ pub struct AmqpArgs {
 }
 
 impl AmqpArgs {
+    /// What `--tls-ca-file` checks: the flag and its URL.
+    pub fn tls_use(&self) -> TlsUse<'_> {
+        ("--amqp-url", Some(&self.amqp_url))
+    }
+
     pub fn config(self, prefetch: u16, ca_pem: Option<String>) -> AmqpConfig {
         AmqpConfig {
             ca_pem,
@@ -58,7 +63,32 @@ pub struct TlsArgs {
     tls_ca_file: Option<std::path::PathBuf>,
 }
 
+/// A connection `--tls-ca-file` is meant for: its flag and URL (`None`: the default, TLS).
+pub type TlsUse<'a> = (&'static str, Option<&'a String>);
+
 impl TlsArgs {
+    /// [`Self::ca_pem`], for a command connecting to `uses`: with a CA file, each of them must be
+    /// TLS (`amqps://`, `rediss://`, `https://`). A plaintext one is an error naming its flag and
+    /// scheme (never the URL, which may hold a password): the CA would go unused and the
+    /// connection unencrypted.
+    pub fn ca_pem_for(&self, uses: &[TlsUse<'_>]) -> anyhow::Result<Option<String>> {
+        if self.tls_ca_file.is_some() {
+            for (flag, url) in uses {
+                let Some(url) = url else { continue };
+                let scheme = url.split_once("://").map_or("", |(s, _)| s);
+                let tls = ["amqps", "rediss", "https"];
+                if !tls.iter().any(|t| scheme.eq_ignore_ascii_case(t)) {
+                    anyhow::bail!(
+                        "--tls-ca-file is given but {flag} is not a TLS URL (scheme `{scheme}`): \
+                         the CA would go unused and the connection unencrypted; use a TLS \
+                         URL (amqps://, rediss://, https://) or drop --tls-ca-file"
+                    );
+                }
+            }
+        }
+        self.ca_pem()
+    }
+
     pub fn ca_pem(&self) -> anyhow::Result<Option<String>> {
         let Some(path) = &self.tls_ca_file else {
             return Ok(None);
@@ -87,6 +117,11 @@ pub struct S3ConnArgs {
 }
 
 impl S3ConnArgs {
+    /// What `--tls-ca-file` checks (unset: AWS, over https).
+    pub fn tls_use(&self) -> TlsUse<'_> {
+        ("--s3-endpoint", self.s3_endpoint.as_ref())
+    }
+
     pub fn config(self, bucket: String, prefix: String, max_input_bytes: usize) -> S3Config {
         S3Config {
             endpoint: self.s3_endpoint,
@@ -116,6 +151,10 @@ pub struct S3Args {
 }
 
 impl S3Args {
+    pub fn tls_use(&self) -> TlsUse<'_> {
+        self.conn.tls_use()
+    }
+
     pub fn config(self, max_input_bytes: usize) -> S3Config {
         self.conn
             .config(self.s3_bucket, self.s3_prefix, max_input_bytes)
@@ -201,7 +240,12 @@ impl TryFrom<ServeCmd> for ServeConfig {
 
     fn try_from(c: ServeCmd) -> anyhow::Result<Self> {
         let (e, s) = (c.engine, c.serve);
-        let ca_pem = s.tls.ca_pem()?;
+        let uses = [
+            s.amqp.tls_use(),
+            ("--redis-url", Some(&s.redis.redis_url)),
+            s.s3.tls_use(),
+        ];
+        let ca_pem = s.tls.ca_pem_for(&uses)?;
         let threads = e.threads(&e.read_manifest()?, None)?;
         let rows = 2 * s.max_batch.max(1) * threads.inference;
         let prefetch = s
@@ -261,5 +305,44 @@ pub(super) async fn shutdown_signal() {
     tokio::select! {
         _ = term.recv() => tracing::info!("SIGTERM"),
         _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_ca_file_with_a_plaintext_url_is_an_error_naming_the_flag() {
+        let d = tempfile::tempdir().expect("tmp");
+        let ca = d.path().join("ca.pem");
+        std::fs::write(&ca, "-----BEGIN CERTIFICATE-----\n").expect("write");
+        let tls = TlsArgs {
+            tls_ca_file: Some(ca),
+        };
+        let amqps = "amqps://u:hunter2@h/%2f".to_string();
+        let redis = "redis://:hunter2@h:6379".to_string();
+        let rediss = "rediss://:hunter2@h:6390".to_string();
+        let http = "http://h:3900".to_string();
+        let e = tls
+            .ca_pem_for(&[("--amqp-url", Some(&amqps)), ("--redis-url", Some(&redis))])
+            .expect_err("plaintext redis")
+            .to_string();
+        assert!(e.contains("--redis-url") && e.contains("`redis`"), "{e}");
+        assert!(!e.contains("hunter2"), "{e}");
+        let e = tls
+            .ca_pem_for(&[("--s3-endpoint", Some(&http))])
+            .expect_err("plaintext s3")
+            .to_string();
+        assert!(e.contains("--s3-endpoint"), "{e}");
+        let all_tls = [
+            ("--amqp-url", Some(&amqps)),
+            ("--redis-url", Some(&rediss)),
+            ("--s3-endpoint", None),
+        ];
+        assert!(tls.ca_pem_for(&all_tls).expect("tls").is_some());
+        // Without a CA file, plaintext is allowed.
+        let none = TlsArgs { tls_ca_file: None };
+        assert!(none.ca_pem_for(&[("--redis-url", Some(&redis))]).is_ok());
     }
 }

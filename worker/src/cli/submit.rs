@@ -32,6 +32,10 @@ pub struct SubmitArgs {
     /// `{file}:{row}`).
     #[arg(long, env = "DDIT_KEY_COLUMN")]
     key_column: Option<String>,
+    /// Parquet input: let local image paths lead out of the shard's folder (`..`, absolute
+    /// paths, symlinks); without it such a row is an error.
+    #[arg(long, env = "DDIT_ALLOW_PATHS_OUTSIDE_SHARD")]
+    allow_paths_outside_shard: bool,
     /// Task of items that name none.
     #[arg(long, value_enum, default_value = "caption", env = "DDIT_TASK")]
     task: SubmitTask,
@@ -74,11 +78,17 @@ impl TryFrom<SubmitArgs> for SubmitConfig {
     type Error = anyhow::Error;
 
     fn try_from(a: SubmitArgs) -> anyhow::Result<Self> {
-        let ca_pem = a.tls.ca_pem()?;
+        let uses = [
+            a.amqp.tls_use(),
+            ("--redis-url", Some(&a.redis.redis_url)),
+            a.s3.tls_use(),
+        ];
+        let ca_pem = a.tls.ca_pem_for(&uses)?;
         Ok(SubmitConfig {
             input: a.input,
             image_column: Some(a.image_column),
             key_column: a.key_column,
+            allow_paths_outside_shard: a.allow_paths_outside_shard,
             task: match a.task {
                 SubmitTask::Caption => DefaultTask::Caption,
                 SubmitTask::Vqa => DefaultTask::Vqa,

@@ -361,6 +361,7 @@ pub(super) mod tests {
             input: input.to_path_buf(),
             image_column: None,
             key_column: None,
+            allow_paths_outside_shard: false,
             task,
             question: None,
             out: input.join("out.jsonl"),

@@ -65,6 +65,9 @@ pub struct SubmitConfig {
     pub image_column: Option<String>,
     /// Parquet input: the column naming samples; default `key` when present, else `{file}:{row}`.
     pub key_column: Option<String>,
+    /// Parquet input: local paths may lead out of the shard's folder (by `..`, an absolute path
+    /// or a symlink); by default such a cell is an error.
+    pub allow_paths_outside_shard: bool,
     pub task: DefaultTask,
     /// The question of VQA items that carry none.
     pub question: Option<String>,

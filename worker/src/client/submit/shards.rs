@@ -179,6 +179,12 @@ fn parquet_items(cfg: &SubmitConfig, path: &Path, push: &mut Push<'_>) -> Result
         .map_err(bad)?;
     let base = path.parent().unwrap_or(Path::new(".")).to_path_buf();
     let image_col = cfg.image_column.as_deref().unwrap_or("image");
+    let confine = if cfg.allow_paths_outside_shard {
+        None
+    } else {
+        let canon = base.canonicalize();
+        Some(canon.map_err(|e| WorkerError::io(format!("reading {}", base.display()), e))?)
+    };
     let mut row = 0usize;
     for batch in reader {
         let batch = batch.map_err(|e| bad_input("input", format!("{file_name}: {e}")))?;
@@ -199,7 +205,13 @@ fn parquet_items(cfg: &SubmitConfig, path: &Path, push: &mut Push<'_>) -> Result
             let key = keys
                 .and_then(|k| cell_text(k, i))
                 .unwrap_or_else(|| format!("{file_name}:{row}"));
-            let (image, local) = image_cell(images, i, &base, &where_)?;
+            let cell = Cell {
+                base: &base,
+                confine: confine.as_deref(),
+                at: &where_,
+                column: image_col,
+            };
+            let (image, local) = image_cell(images, i, &cell)?;
             let params = params_for(
                 cfg.task.as_str(),
                 Some(image),
@@ -231,13 +243,18 @@ fn cell_text(col: &ArrayRef, i: usize) -> Option<String> {
     })
 }
 
+/// Where an image cell is: the folder its paths are relative to, the folder they must stay in
+/// (unless `--allow-paths-outside-shard`), its row and its column.
+struct Cell<'a> {
+    base: &'a Path,
+    confine: Option<&'a Path>,
+    at: &'a str,
+    column: &'a str,
+}
+
 /// An image cell: bytes to upload, or a URI passed on, or a local path to upload.
-fn image_cell(
-    col: &ArrayRef,
-    i: usize,
-    base: &Path,
-    where_: &str,
-) -> Result<(String, Option<Local>)> {
+fn image_cell(col: &ArrayRef, i: usize, c: &Cell<'_>) -> Result<(String, Option<Local>)> {
+    let where_ = c.at;
     let missing = || bad_input(format!("{where_}: image"), "no image in this row");
     if col.is_null(i) {
         return Err(missing());
@@ -249,10 +266,18 @@ fn image_cell(
         DataType::Struct(_) => {
             let s = col.as_struct();
             if let Some(b) = s.column_by_name("bytes").filter(|b| !b.is_null(i)) {
-                return image_cell(b, i, base, where_);
+                return image_cell(b, i, c);
             }
             let p = s.column_by_name("path").ok_or_else(missing)?;
-            return image_cell(p, i, base, where_);
+            let column = format!("{}.path", c.column);
+            return image_cell(
+                p,
+                i,
+                &Cell {
+                    column: &column,
+                    ..*c
+                },
+            );
         }
         _ => None,
     };
@@ -281,12 +306,29 @@ fn image_cell(
             format!("`{text}`: only s3://, data: and local paths"),
         ));
     }
-    let p = base.join(&text);
+    let p = c.base.join(&text);
     if !p.is_file() {
         return Err(bad_input(
             format!("{where_}: image"),
             format!("{} is not a file", p.display()),
         ));
+    }
+    if let Some(dir) = c.confine {
+        // Resolved (`..`, symlinks) before the check: what is read is what was checked.
+        let real = p
+            .canonicalize()
+            .map_err(|e| bad_input(format!("{where_}: column `{}`", c.column), e.to_string()))?;
+        if !real.starts_with(dir) {
+            return Err(bad_input(
+                format!("{where_}: column `{}`", c.column),
+                format!(
+                    "`{text}` leads out of the shard's folder {} \
+                     (--allow-paths-outside-shard allows it)",
+                    dir.display()
+                ),
+            ));
+        }
+        return Ok((String::new(), Some(Local::File(real))));
     }
     Ok((String::new(), Some(Local::File(p))))
 }
@@ -412,7 +454,9 @@ mod tests {
         );
         assert_eq!(
             got[1].local_image,
-            Some(Local::File(d.path().join("local.png")))
+            Some(Local::File(
+                d.path().join("local.png").canonicalize().expect("real")
+            ))
         );
         c.image_column = Some("jpg".into());
         let e = items(&c).expect_err("null image");
@@ -420,6 +464,63 @@ mod tests {
         c.key_column = Some("id".into());
         let e = items(&c).expect_err("no key column");
         assert!(e.to_string().contains("no column `id`"), "{e}");
+    }
+
+    /// A parquet file at `dir/shard/p.parquet` whose `path` column holds `cell`.
+    fn path_shard(dir: &Path, cell: &str) -> PathBuf {
+        use arrow_array::{RecordBatch, StringArray};
+        use arrow_schema::{Field, Schema};
+        let schema = Arc::new(Schema::new(vec![Field::new("path", DataType::Utf8, false)]));
+        let cells = Arc::new(StringArray::from(vec![cell]));
+        let batch = RecordBatch::try_new(schema.clone(), vec![cells]).expect("batch");
+        let file = dir.join("shard/p.parquet");
+        let mut w = parquet::arrow::ArrowWriter::try_new(
+            File::create(&file).expect("create"),
+            schema,
+            None,
+        )
+        .expect("writer");
+        w.write(&batch).expect("write");
+        w.close().expect("close");
+        file
+    }
+
+    #[test]
+    fn parquet_paths_stay_in_the_shards_folder_unless_allowed() {
+        let d = tempfile::tempdir().expect("tmp");
+        std::fs::create_dir_all(d.path().join("shard/sub")).expect("mkdir");
+        let secret = d.path().join("secret.png");
+        std::fs::write(&secret, b"\x89PNG secret").expect("write");
+        std::fs::write(d.path().join("shard/sub/in.png"), b"\x89PNG in").expect("write");
+        std::os::unix::fs::symlink(&secret, d.path().join("shard/link.png")).expect("link");
+        let absolute = secret.display().to_string();
+        for cell in [
+            "../secret.png",
+            "sub/../../secret.png",
+            &absolute,
+            "link.png",
+        ] {
+            let mut c = cfg(path_shard(d.path(), cell));
+            c.image_column = Some("path".into());
+            let e = items(&c).expect_err(cell).to_string();
+            assert!(
+                e.contains("row 0: column `path`") && e.contains("leads out of the shard"),
+                "{cell}: {e}"
+            );
+            c.allow_paths_outside_shard = true;
+            let got = items(&c).expect(cell);
+            assert!(got[0].local_image.is_some(), "{cell}");
+        }
+        // Inside the folder, `..` that stays in it included, is fine.
+        let mut c = cfg(path_shard(d.path(), "sub/../sub/in.png"));
+        c.image_column = Some("path".into());
+        let got = items(&c).expect("inside");
+        let inside = d
+            .path()
+            .join("shard/sub/in.png")
+            .canonicalize()
+            .expect("real");
+        assert_eq!(got[0].local_image, Some(Local::File(inside)));
     }
 }
 
