@@ -241,8 +241,10 @@ pub struct Message<'a> {
     pub expiration_ms: Option<u64>,
 }
 
-/// Publishes `m` and waits for the broker's confirm (a nack is an error). The channel is put in
-/// confirm mode on its first publish (one round trip, once).
+/// Publishes `m` and waits for the broker's confirm. It is `mandatory`: a message that no queue
+/// receives (a deleted queue, a missing binding) comes back, and that is an error naming where
+/// it went, as is a nack; only a message some queue took is `Ok`. The channel is put in confirm
+/// mode on its first publish (one round trip, once).
 pub async fn publish(ch: &Channel, m: Message<'_>) -> Result<()> {
     if !ch.status().confirm() {
         ch.confirm_select(ConfirmSelectOptions::default())
@@ -260,7 +262,10 @@ pub async fn publish(ch: &Channel, m: Message<'_>) -> Result<()> {
         .basic_publish(
             ShortString::from(m.exchange),
             ShortString::from(m.routing_key),
-            BasicPublishOptions::default(),
+            BasicPublishOptions {
+                mandatory: true,
+                ..BasicPublishOptions::default()
+            },
             m.body,
             props,
         )
@@ -269,13 +274,30 @@ pub async fn publish(ch: &Channel, m: Message<'_>) -> Result<()> {
     let c = confirm
         .await
         .map_err(|e| unavailable("publish confirm", e))?;
-    if c.is_nack() {
+    let nacked = c.is_nack();
+    if let Some(back) = c.take_message() {
+        return Err(unroutable(m.exchange, m.routing_key, &back.reply_text));
+    }
+    if nacked {
         return Err(WorkerError::unavailable(
             "amqp publish",
             "the broker nacked the message",
         ));
     }
     Ok(())
+}
+
+/// A mandatory message the broker returned: no queue took it.
+fn unroutable(exchange: &str, routing_key: &str, why: &ShortString) -> WorkerError {
+    let to = if exchange.is_empty() {
+        format!("queue {routing_key:?}")
+    } else {
+        format!("exchange {exchange:?} (routing key {routing_key:?})")
+    };
+    WorkerError::unavailable(
+        format!("amqp publish to {to}"),
+        format!("no queue received the message ({})", why.as_str()),
+    )
 }
 
 /// A string header of a delivery (e.g. `traceparent`).
@@ -290,7 +312,11 @@ pub fn header(props: &BasicProperties, name: &str) -> Option<String> {
 
 /// A numeric header (e.g. the quorum queue's `x-delivery-count`), whatever integer type it came as.
 pub fn header_count(props: &BasicProperties, name: &str) -> Option<u32> {
-    let h = props.headers().as_ref()?;
+    field_count(props.headers().as_ref()?, name)
+}
+
+/// A numeric field of a header table, whatever integer type it came as.
+pub fn field_count(h: &FieldTable, name: &str) -> Option<u32> {
     let n: i64 = match h.inner().get(name)? {
         AMQPValue::ShortShortInt(v) => (*v).into(),
         AMQPValue::ShortShortUInt(v) => (*v).into(),

@@ -250,12 +250,11 @@ impl Service {
     /// one), then acks; a failed job's delivery is rejected to the dead-letter queue. If the
     /// result cannot be stored, the job goes back through the retry queue.
     async fn settle(&self, r: &JobResult, f: &InFlight) {
-        let stored = match with_backoff("store result", 6, || self.redis.put_result(r)).await {
+        let stored = match self.store(r).await {
             Ok(stored) => stored,
             Err(e) => {
                 tracing::error!("cannot store the result, retrying the job later: {e}");
-                let ackers: Vec<Acker> = f.ackers().cloned().collect();
-                return self.retry_later(&ackers, &f.message, f.attempt, 1).await;
+                return self.retry_unstored(f).await;
             }
         };
         if !stored {
@@ -295,6 +294,24 @@ impl Service {
             elapsed_ms = f.received.elapsed().as_millis() as u64,
             "done"
         );
+    }
+
+    /// Stores a final result (retried with backoff). A worker built with the test-only
+    /// `fault-injection` feature fails the first store of each job whose id contains
+    /// `ddit-inject-unstored`, as a Redis outage would.
+    async fn store(&self, r: &JobResult) -> crate::error::Result<bool> {
+        #[cfg(feature = "fault-injection")]
+        if r.job_id.contains("ddit-inject-unstored") {
+            static FAILED: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+            let mut failed = FAILED
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if !failed.contains(&r.job_id) {
+                failed.push(r.job_id.clone());
+                return Err(WorkerError::unavailable("redis", "injected store failure"));
+            }
+        }
+        with_backoff("store result", 6, || self.redis.put_result(r)).await
     }
 
     /// A copy of a job that lost `SET NX` deletes the images the stored result does not name

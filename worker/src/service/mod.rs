@@ -116,7 +116,7 @@ pub async fn serve(cfg: ServeConfig, shutdown: impl Future<Output = ()>) -> Resu
             }
         }
     }
-    drain(&mut svc, &mut events, &ch, &tag).await;
+    drain(&mut svc, &mut events, (&ch, &mut consumer), &tag).await;
     let _ = ch.close(200, "shutdown".into()).await;
     let _ = conn.close(200, "shutdown".into()).await;
     tracing::info!("stopped");
@@ -234,13 +234,14 @@ async fn connect(cfg: &ServeConfig, tag: &str) -> Result<(Arc<Connection>, Chann
 async fn drain(
     svc: &mut Service,
     events: &mut mpsc::UnboundedReceiver<Event>,
-    ch: &Channel,
+    (ch, consumer): (&Channel, &mut Consumer),
     tag: &str,
 ) {
     tracing::info!(in_flight = svc.in_flight.len(), "shutting down");
     let _ = ch
         .basic_cancel(tag.into(), BasicCancelOptions::default())
         .await;
+    let unadmitted = svc.return_unadmitted(consumer).await;
     svc.draining.store(true, Ordering::SeqCst);
     svc.jobs = None;
     let mut not_started = 0;
@@ -249,12 +250,9 @@ async fn drain(
         let mut rx = queued.lock().await;
         while let Ok((job, ..)) = rx.try_recv() {
             if let Some(f) = svc.in_flight.remove(&job.job_id) {
-                // Never started: the admission is taken back, so it costs no attempt.
-                if let Err(e) = svc.redis.forget_attempt(&job.job_id).await {
-                    tracing::warn!("attempt count of {}: {e}", job.job_id);
-                }
-                for a in f.ackers() {
-                    Service::nack_requeue(a).await;
+                // Never started: a fresh copy goes back, and it costs no attempt.
+                svc.requeue_unstarted(&job.job_id, &f).await;
+                for _ in f.ackers() {
                     svc.metrics.in_flight.dec();
                 }
                 not_started += 1;
@@ -263,6 +261,7 @@ async fn drain(
     }
     tracing::info!(
         not_started,
+        unadmitted,
         "requeued the jobs no inference thread had started"
     );
     let deadline = tokio::time::Instant::now() + svc.cfg.shutdown_deadline;
