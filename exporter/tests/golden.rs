@@ -7,9 +7,9 @@ mod common;
 use std::collections::HashMap;
 use std::path::Path;
 
-use common::{export, f32s, golden, max_err, run, Gold};
+use common::{export, f32s, golden, max_err, nan_max, run, Gold};
 use ddit_export::StoreDtype;
-use ddit_schemas::{Manifest, Role};
+use ddit_schemas::{Manifest, Role, SegmentSpec};
 
 /// fp32 tolerance promised by the issue; the measured errors are printed (about 2e-6).
 const F32_TOL: f32 = 1e-4;
@@ -17,9 +17,63 @@ const F32_TOL: f32 = 1e-4;
 /// Measured about 3e-3 on the tiny fixture; 2e-2 leaves headroom across segments.
 const F16_TOL: f32 = 2e-2;
 /// int8 joint blocks and T5 (int8 weights per output channel, activations quantized to uint8 per
-/// tensor at run time): measured 5.9e-2 (T5 hidden states), 4.4e-3 (joint blocks) and 7.0e-2
-/// (chained logits) on the tiny fixture. Its quality is judged on ShapesEval (docs/performance.md).
-const INT8_TOL: f32 = 2e-1;
+/// tensor at run time), one bound per kind of segment; every segment without an int8 `MatMul` is
+/// held to [`F32_TOL`]. Its quality is judged on ShapesEval (docs/performance.md,
+/// `worker/tests/shapes_eval.rs`).
+///
+/// Measured on the tiny fixture (CPU, ORT 1.31.1): T5 hidden states 5.94e-2; joint blocks
+/// 2.20e-3 to 4.39e-3 (`joint_blocks_0_2/text_tokens_out`), tails 3.18e-3 and 3.36e-3; chained
+/// velocity 5.74e-3, chained logits 6.98e-2 (T5's error carried through). Each bound is about
+/// 1.5 times the measurement: the export is deterministic, but ORT's u8×s8 `MatMul` kernels differ
+/// between CPUs (AVX2, AVX-512, VNNI), so a few ulps of int8 rounding may land differently. A
+/// block whose output is half its true update off is about 20 times the blocks' bound
+/// ([`a_half_broken_block_fails_the_int8_bound`]); the old single bound of 0.2 let it through.
+const INT8_TOL: Tolerances = Tolerances {
+    plain: F32_TOL,
+    t5: 9e-2,
+    blocks: 7e-3,
+    velocity: 9e-3,
+    logits: 1.1e-1,
+};
+
+/// Bounds on the max abs error of one package: `t5` for a text encoder and `blocks` for joint
+/// blocks and tails that run int8 `MatMul`s, `velocity` and `logits` for the chained
+/// transformer, `plain` for every segment without int8 `MatMul`s.
+struct Tolerances {
+    plain: f32,
+    t5: f32,
+    blocks: f32,
+    velocity: f32,
+    logits: f32,
+}
+
+impl Tolerances {
+    const fn all(tol: f32) -> Self {
+        Self {
+            plain: tol,
+            t5: tol,
+            blocks: tol,
+            velocity: tol,
+            logits: tol,
+        }
+    }
+
+    fn segment(&self, seg: &SegmentSpec, int8: bool) -> f32 {
+        match (int8, seg.role) {
+            (false, _) => self.plain,
+            (true, Role::TextEncoder) => self.t5,
+            (true, Role::JointBlocks | Role::ImageTail | Role::TextTail) => self.blocks,
+            (true, r) => panic!("{}: int8 MatMuls in a {r:?} segment", seg.name),
+        }
+    }
+}
+
+/// Whether a segment's graph holds an int8 `MatMul` (`DynamicQuantizeMatMul`).
+fn has_int8(pkg: &Path, seg: &SegmentSpec) -> bool {
+    let bytes = std::fs::read(pkg.join(&seg.files[0].path)).unwrap();
+    let op = b"DynamicQuantizeMatMul";
+    bytes.windows(op.len()).any(|w| w == op)
+}
 
 fn inputs(seg: &ddit_schemas::SegmentSpec, vals: Vec<Gold>) -> Vec<(&str, Gold)> {
     assert_eq!(seg.inputs.len(), vals.len(), "{}: input count", seg.name);
@@ -30,8 +84,16 @@ fn inputs(seg: &ddit_schemas::SegmentSpec, vals: Vec<Gold>) -> Vec<(&str, Gold)>
         .collect()
 }
 
-/// Runs every segment on its golden inputs; returns (segment/output, max abs error).
-fn check_segments(pkg: &Path, m: &Manifest, g: &HashMap<String, Gold>) -> Vec<(String, f32)> {
+/// One comparison: (segment/output, max abs error, tolerance).
+type Checked = (String, f32, f32);
+
+/// Runs every segment on its golden inputs; returns each output's error and tolerance.
+fn check_segments(
+    pkg: &Path,
+    m: &Manifest,
+    g: &HashMap<String, Gold>,
+    tol: &Tolerances,
+) -> Vec<Checked> {
     let n = m.values.num_layers as usize;
     let mut errs = Vec::new();
     let mut covered = vec![false; n];
@@ -97,9 +159,10 @@ fn check_segments(pkg: &Path, m: &Manifest, g: &HashMap<String, Gold>) -> Vec<(S
             ),
         };
         let outs = run(pkg, seg, inputs(seg, ins));
+        let bound = tol.segment(seg, has_int8(pkg, seg));
         for (i, (o, w)) in outs.iter().zip(&want).enumerate() {
             let tag = format!("{}/{}", seg.name, seg.outputs[i].name);
-            errs.push((tag.clone(), max_err(&tag, o, w)));
+            errs.push((tag.clone(), max_err(&tag, o, w), bound));
         }
     }
     assert!(
@@ -144,51 +207,78 @@ fn check_chain(pkg: &Path, m: &Manifest, g: &HashMap<String, Gold>) -> (f32, f32
     )
 }
 
-fn assert_within(variant: &str, errs: &[(String, f32)], tol: f32) {
-    let worst = errs.iter().map(|e| e.1).fold(0.0, f32::max);
-    for (tag, e) in errs {
-        println!("{variant:>14} {tag:<40} max abs err {e:.3e}");
+/// Prints every error, then fails on the first one that is NaN, infinite or over its tolerance.
+fn assert_within(variant: &str, errs: &[Checked]) {
+    for (tag, e, tol) in errs {
+        println!("{variant:>14} {tag:<40} max abs err {e:.3e} (tolerance {tol:.1e})");
+    }
+    let worst = nan_max(errs.iter().map(|e| e.1));
+    println!("{variant:>14} worst {worst:.3e}");
+    for (tag, e, tol) in errs {
         assert!(
-            e.is_finite() && *e <= tol,
-            "{variant}: {tag} max abs err {e:.3e} > {tol:.0e}"
+            e.is_finite() && e <= tol,
+            "{variant}: {tag} max abs err {e:.3e} > {tol:.1e}"
         );
     }
-    println!("{variant:>14} worst {worst:.3e} (tolerance {tol:.0e})");
 }
 
-fn check_variant(variant: &str, k: Option<usize>, dtype: StoreDtype, tol: f32) {
+/// Every segment on its golden inputs, then the chained transformer.
+fn check_package(
+    pkg: &Path,
+    m: &Manifest,
+    g: &HashMap<String, Gold>,
+    tol: &Tolerances,
+) -> Vec<Checked> {
+    let mut errs = check_segments(pkg, m, g, tol);
+    let (ev, el) = check_chain(pkg, m, g);
+    errs.push(("chain/velocity".into(), ev, tol.velocity));
+    errs.push(("chain/logits".into(), el, tol.logits));
+    errs
+}
+
+fn check_variant(variant: &str, k: Option<usize>, dtype: StoreDtype, tol: &Tolerances) {
     let (dir, m) = export(variant, |o| {
         o.blocks_per_segment = k;
         o.dtype = dtype;
     });
-    let pkg = dir.path().join("pkg");
-    let g = golden(variant);
-    let mut errs = check_segments(&pkg, &m, &g);
-    let (ev, el) = check_chain(&pkg, &m, &g);
-    errs.push(("chain/velocity".into(), ev));
-    errs.push(("chain/logits".into(), el));
-    assert_within(variant, &errs, tol);
+    let errs = check_package(&dir.path().join("pkg"), &m, &golden(variant), tol);
+    assert_within(variant, &errs);
 }
 
 #[test]
 fn f32_checkpoint_matches_reference() {
-    check_variant("tiny-f32", Some(2), StoreDtype::F32, F32_TOL);
+    check_variant(
+        "tiny-f32",
+        Some(2),
+        StoreDtype::F32,
+        &Tolerances::all(F32_TOL),
+    );
 }
 
 #[test]
 fn f16_checkpoint_matches_reference() {
     // fp16 weights in the checkpoint; the reference ran on the same (rounded) weights in f32.
-    check_variant("tiny-f16", None, StoreDtype::F32, F32_TOL);
+    check_variant("tiny-f16", None, StoreDtype::F32, &Tolerances::all(F32_TOL));
 }
 
 #[test]
 fn bf16_checkpoint_matches_reference() {
-    check_variant("tiny-bf16", Some(1), StoreDtype::F32, F32_TOL);
+    check_variant(
+        "tiny-bf16",
+        Some(1),
+        StoreDtype::F32,
+        &Tolerances::all(F32_TOL),
+    );
 }
 
 #[test]
 fn sharded_checkpoint_matches_reference() {
-    check_variant("tiny-sharded", Some(3), StoreDtype::F32, F32_TOL);
+    check_variant(
+        "tiny-sharded",
+        Some(3),
+        StoreDtype::F32,
+        &Tolerances::all(F32_TOL),
+    );
 }
 
 #[test]
@@ -202,17 +292,62 @@ fn odd_layer_count_splits_into_uneven_segments() {
     for tail in [Role::ImageTail, Role::TextTail] {
         assert_eq!(m.by_role(tail).next().unwrap().blocks, Some([2, 3]));
     }
-    check_variant("tiny-odd", Some(2), StoreDtype::F32, F32_TOL);
+    check_variant(
+        "tiny-odd",
+        Some(2),
+        StoreDtype::F32,
+        &Tolerances::all(F32_TOL),
+    );
 }
 
 #[test]
 fn f16_storage_stays_within_documented_tolerance() {
-    check_variant("tiny-f32", Some(2), StoreDtype::F16, F16_TOL);
+    check_variant(
+        "tiny-f32",
+        Some(2),
+        StoreDtype::F16,
+        &Tolerances::all(F16_TOL),
+    );
 }
 
 #[test]
 fn int8_storage_stays_within_documented_tolerance() {
-    check_variant("tiny-f32", Some(2), StoreDtype::Int8, INT8_TOL);
+    check_variant("tiny-f32", Some(2), StoreDtype::Int8, &INT8_TOL);
+    // The int8 bounds apply where int8 runs: T5, the joint blocks and the tails, nothing else.
+    let (dir, m) = export("tiny-f32", |o| o.dtype = StoreDtype::Int8);
+    let mut int8: Vec<Role> = m
+        .segments
+        .iter()
+        .filter(|s| has_int8(&dir.path().join("pkg"), s))
+        .map(|s| s.role)
+        .collect();
+    int8.dedup();
+    let want = [
+        Role::TextEncoder,
+        Role::JointBlocks,
+        Role::ImageTail,
+        Role::TextTail,
+    ];
+    assert_eq!(int8, want, "segments with int8 MatMuls");
+}
+
+/// A joint-block output halfway between its input and its true output (the update half lost)
+/// fails the int8 blocks' bound by a wide margin; it passed the old single bound of 0.2.
+#[test]
+fn a_half_broken_block_fails_the_int8_bound() {
+    let g = golden("tiny-f32");
+    for stream in ["x", "y"] {
+        let (s, input) = g[&format!("blocks.{stream}.0")].f32();
+        let want = &g[&format!("blocks.{stream}.1")];
+        let half: Vec<f32> = input
+            .iter()
+            .zip(want.f32().1)
+            .map(|(a, b)| (a + b) / 2.0)
+            .collect();
+        let e = max_err(stream, &(s.to_vec(), half), want);
+        println!("block 0, stream {stream}: half its update off: max abs err {e:.3e}");
+        assert!(e > 10.0 * INT8_TOL.blocks, "{stream}: {e:.3e}");
+    }
 }
 
 #[test]
@@ -241,12 +376,8 @@ fn external_data_path_loads_and_matches_inline() {
             s.files[1].bytes
         );
     }
-    let g = golden("tiny-f32");
-    let mut errs = check_segments(&pkg, &m, &g);
-    let (ev, el) = check_chain(&pkg, &m, &g);
-    errs.push(("chain/velocity".into(), ev));
-    errs.push(("chain/logits".into(), el));
-    assert_within("external", &errs, F32_TOL);
+    let errs = check_package(&pkg, &m, &golden("tiny-f32"), &Tolerances::all(F32_TOL));
+    assert_within("external", &errs);
     ddit_export::verify(&pkg).unwrap();
 }
 
@@ -263,4 +394,31 @@ fn t5_bucket_table_matches_transformers() {
             "{key}"
         );
     }
+}
+
+#[test]
+fn a_nan_output_fails_the_comparison() {
+    let g = golden("tiny-f32");
+    let want = &g["time.temb"];
+    let (shape, v) = want.f32();
+    let all_nan = (shape.to_vec(), vec![f32::NAN; v.len()]);
+    assert!(max_err("all NaN", &all_nan, want).is_nan());
+    let mut one_nan = (shape.to_vec(), v.to_vec());
+    one_nan.1[v.len() / 2] = f32::NAN;
+    assert!(max_err("one NaN", &one_nan, want).is_nan());
+    assert_eq!(max_err("exact", &(shape.to_vec(), v.to_vec()), want), 0.0);
+    // A real segment fed a NaN timestep: its whole output is NaN, and the check fails.
+    let (dir, m) = export("tiny-f32", |_| {});
+    let seg = m.by_role(Role::TimestepEmbed).next().unwrap();
+    let (ts, t) = g["time.t"].f32();
+    let out = run(
+        &dir.path().join("pkg"),
+        seg,
+        inputs(seg, vec![f32s(ts, vec![f32::NAN; t.len()])]),
+    );
+    assert!(out[0].1.iter().all(|x| x.is_nan()));
+    let e = max_err("timestep_embed", &out[0], want);
+    let checked = vec![("timestep_embed/temb".to_string(), e, F32_TOL)];
+    let failed = std::panic::catch_unwind(|| assert_within("nan", &checked));
+    assert!(failed.is_err(), "a NaN output passed: max abs err {e}");
 }

@@ -170,15 +170,30 @@ pub fn run(
         .collect()
 }
 
-/// Max absolute error, after checking shapes agree.
+/// Max absolute error, after checking shapes agree. NaN when any element of either side is NaN
+/// (or when an infinity meets anything other than the same infinity): `f32::max` drops NaN, so
+/// a plain fold would score an all-NaN output 0.
 pub fn max_err(tag: &str, got: &(Vec<usize>, Vec<f32>), want: &Gold) -> f32 {
     let (ws, wv) = want.f32();
     assert_eq!(got.0.as_slice(), ws, "{tag}: shape");
-    got.1
-        .iter()
-        .zip(wv)
-        .map(|(a, b)| (a - b).abs())
-        .fold(0.0, f32::max)
+    nan_max(got.1.iter().zip(wv).map(|(a, b)| {
+        if a == b {
+            0.0 // equal infinities
+        } else {
+            (a - b).abs()
+        }
+    }))
+}
+
+/// The largest value, NaN if any is NaN (0 for none).
+pub fn nan_max(values: impl IntoIterator<Item = f32>) -> f32 {
+    values.into_iter().fold(0.0, |m, e| {
+        if m.is_nan() || e.is_nan() {
+            f32::NAN
+        } else {
+            m.max(e)
+        }
+    })
 }
 
 pub fn f32s(s: &[usize], v: Vec<f32>) -> Gold {
