@@ -437,3 +437,53 @@ fn every_key_the_gateway_writes_expires() {
     });
     rt.block_on(cleanup(&names));
 }
+
+/// Item 10: a job canceled while it is queued ends `canceled` without a step, though the worker
+/// starts after the cancel (its 250 ms poll would see it only after the job started).
+#[test]
+fn a_job_canceled_while_queued_never_starts_a_step() {
+    let names = Names::new("hostile-cancel");
+    let dir = tempfile::tempdir().unwrap();
+    let model = export_model(dir.path());
+    let gw = Gateway::start(
+        &names,
+        dir.path(),
+        "gw",
+        &token_line("alice", "alice-token", ""),
+        &[],
+    );
+    let job = r#"{"task": "generate", "params": {"prompt": "a red circle", "steps": 200, "num_images": 4}}"#;
+    let id = post(&gw, "/v1/jobs", ALICE, job).json()["job_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let del = curl(&[
+        "-X",
+        "DELETE",
+        "-H",
+        ALICE,
+        &gw.url(&format!("/v1/jobs/{id}")),
+    ]);
+    assert_eq!(del.status, 202, "{}", del.text());
+    let mut worker = Worker::start(
+        &names,
+        &model,
+        dir.path(),
+        "w",
+        &["--progress-interval-ms", "0"],
+    );
+    worker.wait_ready(Duration::from_secs(60));
+    let st = wait_final(&gw, &id, ALICE);
+    assert_eq!(st["state"], "canceled", "{st}");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let step: Option<String> = rt.block_on(async {
+        let mut r = redis().await;
+        redis::cmd("GET")
+            .arg(format!("{}:step:gw:alice:{id}", names.redis_prefix))
+            .query_async(&mut r)
+            .await
+            .unwrap()
+    });
+    assert_eq!(step, None, "a step ran: {step:?}");
+    rt.block_on(cleanup(&names));
+}

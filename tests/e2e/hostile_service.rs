@@ -246,4 +246,26 @@ async fn a_ca_file_with_a_plaintext_url_is_a_startup_error() {
         err.contains("--tls-ca-file") && err.contains("--amqp-url"),
         "{err}"
     );
+    // The gateway too.
+    let tokens = dir.path().join("tokens");
+    std::fs::write(&tokens, format!("alice:{}\n", "a".repeat(64))).unwrap();
+    let out = std::process::Command::new(worker_bin())
+        .args([
+            "gateway",
+            "--tls-ca-file",
+            &ca,
+            "--amqp-url",
+            &amqp,
+            "--tokens-file",
+        ])
+        .arg(&tokens)
+        .envs(service_env())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("--tls-ca-file") && err.contains("--amqp-url") && !err.contains(secret),
+        "{err}"
+    );
 }

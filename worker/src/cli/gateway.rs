@@ -81,7 +81,12 @@ impl TryFrom<GatewayArgs> for GatewayConfig {
             .map_err(|e| anyhow::anyhow!("--tokens-file {}: {e}", path.display()))?;
         let tokens = Tokens::parse(&text)
             .map_err(|e| anyhow::anyhow!("--tokens-file {}: {e}", path.display()))?;
-        let ca_pem = a.tls.ca_pem()?;
+        let uses = [
+            a.amqp.tls_use(),
+            ("--redis-url", Some(&a.redis.redis_url)),
+            a.s3.tls_use(),
+        ];
+        let ca_pem = a.tls.ca_pem_for(&uses)?;
         Ok(GatewayConfig {
             amqp: a.amqp.config(1, ca_pem.clone()),
             s3: S3Config {

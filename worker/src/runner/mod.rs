@@ -298,6 +298,12 @@ impl<'a, M: Model> Runner<'a, M> {
             }
         };
         let task = job.task.name();
+        if hooks.canceled(&job.job_id) {
+            // Canceled while queued: no text or image encoding, no step.
+            span.in_scope(|| tracing::info!("canceled before it started"));
+            hooks.result(self.failed(&job.job_id, Some(task), Status::Canceled, None));
+            return;
+        }
         let started = Instant::now();
         let received = received.unwrap_or(started).min(started);
         let admitted = span.in_scope(|| {

@@ -55,6 +55,8 @@ pub(super) struct Service {
     /// What was handed over and not started, and the flag that stops starting it.
     pub queued: super::inference::Queued,
     pub draining: Arc<std::sync::atomic::AtomicBool>,
+    /// The canceled jobs among those in hand (read by the inference threads).
+    pub canceled: super::inference::CancelSet,
 }
 
 fn job_id_of(data: &[u8]) -> Option<String> {
@@ -184,8 +186,8 @@ impl Service {
     /// Returns the attempt number when it runs.
     async fn admit(&self, d: &Delivery, job: &Job, span: &tracing::Span) -> Option<u32> {
         let limit = self.cfg.amqp.delivery_limit;
-        let counted = match self.redis.has_result(&job.job_id).await {
-            Ok(true) => {
+        let counted = match self.redis.result_or_cancel(&job.job_id).await {
+            Ok((true, _)) => {
                 span.in_scope(|| {
                     tracing::info!("result exists; acknowledging without recomputing")
                 });
@@ -194,7 +196,15 @@ impl Service {
                 }
                 return None;
             }
-            Ok(false) => self.redis.begin_attempt(&job.job_id).await,
+            Ok((false, canceled)) => {
+                if canceled {
+                    // Canceled while queued: the runner answers it before it starts.
+                    if let Ok(mut set) = self.canceled.lock() {
+                        set.insert(job.job_id.clone());
+                    }
+                }
+                self.redis.begin_attempt(&job.job_id).await
+            }
             Err(e) => Err(e),
         };
         let (counted, last) = match counted {

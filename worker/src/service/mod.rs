@@ -64,7 +64,6 @@ struct Started {
     svc: Service,
     state: Arc<http::AppState>,
     events: mpsc::UnboundedReceiver<Event>,
-    canceled: inference::CancelSet,
 }
 
 /// Runs the service until `shutdown` resolves, then drains and returns.
@@ -73,8 +72,8 @@ pub async fn serve(cfg: ServeConfig, shutdown: impl Future<Output = ()>) -> Resu
         mut svc,
         state,
         mut events,
-        canceled,
     } = start(&cfg).await?;
+    let canceled = svc.canceled.clone();
     let tag = format!("{}-{}", cfg.name, std::process::id());
     let (conn, ch, mut consumer) = connect(&cfg, &tag).await?;
     svc.publisher = Some(
@@ -108,9 +107,11 @@ pub async fn serve(cfg: ServeConfig, shutdown: impl Future<Output = ()>) -> Resu
             },
             _ = cancel_poll.tick() => {
                 let ids: Vec<String> = svc.in_flight.keys().cloned().collect();
+                // The set holds the canceled jobs among those in hand, no more: bounded by
+                // the prefetch, whatever the worker's uptime.
                 if let Ok(c) = svc.redis.canceled(&ids).await {
                     if let Ok(mut set) = canceled.lock() {
-                        set.extend(c);
+                        *set = c.into_iter().collect();
                     }
                 }
             }
@@ -184,13 +185,9 @@ async fn start(cfg: &ServeConfig) -> Result<Started> {
         publisher: None,
         queued: pool.queued,
         draining: pool.draining,
-    };
-    Ok(Started {
-        svc,
-        state,
-        events,
         canceled,
-    })
+    };
+    Ok(Started { svc, state, events })
 }
 
 /// Waits for every inference thread's `Ready`; the first load failure ends `serve`.

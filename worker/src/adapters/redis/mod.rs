@@ -181,6 +181,17 @@ impl ResultStore {
         c.exists(self.result_key(job_id)).await.map_err(unavailable)
     }
 
+    /// Whether `job_id` has a result, and whether it was canceled: one round trip.
+    pub async fn result_or_cancel(&self, job_id: &str) -> Result<(bool, bool)> {
+        let mut c = self.conn.clone();
+        redis::pipe()
+            .exists(self.result_key(job_id))
+            .exists(self.cancel_key(job_id))
+            .query_async(&mut c)
+            .await
+            .map_err(unavailable)
+    }
+
     /// Stores the result unless one exists (`SET NX EX`), then notifies. Returns whether this
     /// call stored it (false: a result was already there, e.g. from a redelivered copy).
     pub async fn put_result(&self, r: &JobResult) -> Result<bool> {
