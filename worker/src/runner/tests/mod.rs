@@ -488,7 +488,6 @@ fn caption_steps_reuse_the_cache_without_a_forward_pass() {
         (1..=9).contains(&passes),
         "{passes} forward passes for 64 steps"
     );
-    assert!(!r.text.as_deref().unwrap_or_default().is_empty() || passes > 0);
 }
 
 #[test]
