@@ -1,37 +1,50 @@
-//! A small ShapesEval slice on the committed demo model: a guard against sampler regressions.
-//! Thresholds sit well below the model's measured scores (see the README), so only a real
-//! regression fails it.
+//! A small ShapesEval slice on the committed demo model, f32 and int8: a guard against sampler
+//! and export regressions. The thresholds sit one item (f32) or two (int8) under the slice's
+//! measured scores (see each constant), where 0.7 / 0.6 / 0.5 only caught a collapse.
 #![allow(clippy::unwrap_used)]
 
 mod common;
 
+use std::path::Path;
+
+use ddit_shapes_eval::Scores;
 use ddit_worker::engine::EngineConfig;
 use ddit_worker::eval::{run, EvalOptions};
 use ddit_worker::runner::RunnerConfig;
 use ddit_worker::text::TextCodec;
 
-#[test]
-fn shapes_eval_slice() {
+/// Scenes in the slice.
+const SCENES: usize = 24;
+
+/// Exports the demo model (prompt, caption and VQA canvases 16 / 16 / 32) with `weights`.
+fn export(pkg: &Path, weights: ddit_export::StoreDtype) {
+    let mut o =
+        ddit_export::ExportOptions::new(common::workspace().join("models/ddit-shapes"), pkg);
+    o.name = Some("ddit-shapes".into());
+    o.dtype = weights;
+    o.text_lengths = ddit_export::LengthOverrides {
+        prompt: Some(16),
+        caption: Some(16),
+        vqa: Some(32),
+    };
+    ddit_export::convert(&o).unwrap();
+}
+
+/// Runs the slice on `runners` runners (each on its own thread, as `eval` runs a narrow model on
+/// two cores) of the package in `pkg`, and checks the per-scene lines against the scores.
+fn slice(weights: ddit_export::StoreDtype, runners: usize) -> Scores {
     let root = common::workspace();
     let dir = tempfile::tempdir().unwrap();
     let pkg = dir.path().join("pkg");
-    common::export(
-        &root.join("models/ddit-shapes"),
-        &pkg,
-        "ddit-shapes",
-        [16, 16, 32],
-        None,
-    );
-    // Two runners on their own threads, as `eval` runs a narrow model on two cores.
+    export(&pkg, weights);
     let cfg = EngineConfig::default();
-    let mut engines = vec![
-        common::load(&pkg, &cfg).unwrap(),
-        common::load(&pkg, &cfg).unwrap(),
-    ];
+    let mut engines: Vec<_> = (0..runners)
+        .map(|_| common::load(&pkg, &cfg).unwrap())
+        .collect();
     let codec =
         TextCodec::for_package(&engines[0].tokenizer_path, &engines[0].manifest.values).unwrap();
     let opts = EvalOptions {
-        limit: Some(24),
+        limit: Some(SCENES),
         runner: RunnerConfig {
             max_batch: 16,
             ..RunnerConfig::default()
@@ -39,26 +52,55 @@ fn shapes_eval_slice() {
         seed: 0,
     };
     let report = run(&mut engines, &codec, &root.join("models/shapes-eval"), opts).unwrap();
-    let scores = &report.scores;
+    let scores = report.scores;
     print!("{}", scores.table());
-    assert_eq!(report.images.len(), 24);
-    assert_eq!(report.predictions.len(), 24);
+    println!(
+        "{weights:?} caption exact {:.6} vqa {:.6} generation {:.6}",
+        scores.caption_exact, scores.vqa, scores.generation
+    );
+    assert_eq!(report.images.len(), SCENES);
+    assert_eq!(report.predictions.len(), SCENES);
     // The per-scene lines agree with the scores.
     let exact = report
         .predictions
         .iter()
         .filter(|p| p.caption_exact)
         .count();
-    assert_eq!(exact as f64 / 24.0, scores.caption_exact);
-    assert!(
-        scores.caption_exact >= 0.7,
-        "caption exact {:.3}",
-        scores.caption_exact
-    );
-    assert!(scores.vqa >= 0.6, "vqa {:.3}", scores.vqa);
-    assert!(
-        scores.generation >= 0.5,
-        "generation {:.3}",
-        scores.generation
-    );
+    assert_eq!(exact as f64 / SCENES as f64, scores.caption_exact);
+    scores
+}
+
+fn assert_at_least(scores: &Scores, [caption, vqa, generation]: [f64; 3]) {
+    let got = [scores.caption_exact, scores.vqa, scores.generation];
+    for (name, (g, min)) in ["caption exact", "vqa", "generation"]
+        .iter()
+        .zip(got.iter().zip([caption, vqa, generation]))
+    {
+        assert!(*g >= min, "{name} {g:.4} < {min:.4}");
+    }
+}
+
+/// f32, measured (caption exact / VQA / generation): 24/24 = 1.000, 124/132 = 0.939,
+/// 18/24 = 0.750, the same in three runs (seeded, and f32 results do not depend on the batch).
+/// One item of slack each (23/24, 123/132, 17/24): ONNX Runtime's f32 kernels differ between
+/// CPUs in their last bits, which may flip one borderline sample.
+const F32_MIN: [f64; 3] = [0.958, 0.931, 0.708];
+
+/// int8, measured: 24/24 = 1.000, 125/132 = 0.947, 17/24 = 0.708, the same in three runs (one
+/// runner). Two items of slack each (22/24, 123/132, 15/24): int8 rounding depends on the CPU's
+/// u8×s8 kernel and on the batch composition, which one runner fixes here but another change to
+/// batching may not (the full set moved 0.820 to 0.837 in generation between f32 and int8).
+const INT8_MIN: [f64; 3] = [0.916, 0.931, 0.625];
+
+#[test]
+fn shapes_eval_slice() {
+    // Two runners: the f32 path gives the same results whatever the batch composition.
+    assert_at_least(&slice(ddit_export::StoreDtype::F32, 2), F32_MIN);
+}
+
+#[test]
+fn shapes_eval_slice_int8() {
+    // One runner: int8 outputs depend on the batch composition (activations are quantized per
+    // tensor), and one runner on a queue filled up front batches the same way every run.
+    assert_at_least(&slice(ddit_export::StoreDtype::Int8, 1), INT8_MIN);
 }
