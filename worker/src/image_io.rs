@@ -27,6 +27,28 @@ impl Default for ImageLimits {
 
 /// Decodes PNG, JPEG or WebP bytes into RGB, refusing anything over `limits`.
 pub fn decode(bytes: &[u8], source: &str, limits: ImageLimits) -> Result<RgbImage> {
+    check(bytes, source, limits)?;
+    let bad = |m: String| WorkerError::InvalidInput {
+        source_ref: source.to_string(),
+        message: m,
+    };
+    let mut reader = ImageReader::new(Cursor::new(bytes))
+        .with_guessed_format()
+        .map_err(|e| bad(e.to_string()))?;
+    let mut l = Limits::default();
+    l.max_image_width = Some(limits.max_side);
+    l.max_image_height = Some(limits.max_side);
+    l.max_alloc = Some(limits.max_pixels * 16);
+    reader.limits(l);
+    let img = reader
+        .decode()
+        .map_err(|e| bad(format!("cannot decode: {e}")))?;
+    Ok(img.to_rgb8())
+}
+
+/// Checks what [`decode`] checks before decoding, without decoding: the size, a supported and
+/// complete file, and its header's dimensions within `limits`. Cheap on any input.
+pub fn check(bytes: &[u8], source: &str, limits: ImageLimits) -> Result<()> {
     let bad = |m: String| WorkerError::InvalidInput {
         source_ref: source.to_string(),
         message: m,
@@ -67,18 +89,7 @@ pub fn decode(bytes: &[u8], source: &str, limits: ImageLimits) -> Result<RgbImag
             limits.max_pixels, limits.max_side
         )));
     }
-    let mut reader = ImageReader::new(Cursor::new(bytes))
-        .with_guessed_format()
-        .map_err(|e| bad(e.to_string()))?;
-    let mut l = Limits::default();
-    l.max_image_width = Some(limits.max_side);
-    l.max_image_height = Some(limits.max_side);
-    l.max_alloc = Some(limits.max_pixels * 16);
-    reader.limits(l);
-    let img = reader
-        .decode()
-        .map_err(|e| bad(format!("cannot decode: {e}")))?;
-    Ok(img.to_rgb8())
+    Ok(())
 }
 
 /// Whether the file ends as its format says a whole file ends (decoders may fill in a truncated

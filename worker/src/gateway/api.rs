@@ -123,6 +123,20 @@ async fn job_body(gw: &Arc<Gateway>, req: Request) -> Result<(Value, Option<Inli
     Ok((job, image))
 }
 
+/// Accepts in a task of its own: a client that goes away (or a request timeout) mid-way must
+/// not leave a claim or a place in flight that no publish or release follows.
+async fn accept_detached(
+    gw: &Arc<Gateway>,
+    client: &Client,
+    jobs: Vec<submit::Prepared>,
+    key: Option<String>,
+) -> Result<Vec<Accepted>, ApiError> {
+    let (gw, client) = (gw.clone(), client.clone());
+    tokio::spawn(async move { submit::accept(&gw, &client, jobs, key.as_deref()).await })
+        .await
+        .map_err(|e| ApiError::internal(format!("accepting: {e}")))?
+}
+
 fn accepted_response(a: Accepted) -> Response {
     let status = if a.replayed {
         StatusCode::OK
@@ -157,8 +171,8 @@ async fn submit_job(
 ) -> Result<Response, ApiError> {
     let key = idempotency_key(req.headers())?;
     let (job, image) = job_body(&gw, req).await?;
-    let prepared = submit::prepare(&gw, &client, job, image, "").await?;
-    let mut accepted = submit::accept(&gw, &client, vec![prepared], key.as_deref()).await?;
+    let prepared = submit::prepare(&gw, &client, job, image, "")?;
+    let mut accepted = accept_detached(&gw, &client, vec![prepared], key).await?;
     let one = accepted
         .pop()
         .ok_or_else(|| ApiError::internal("no job accepted"))?;
@@ -216,9 +230,15 @@ async fn submit_batch(
                 ));
             }
         }
-        prepared.push(submit::prepare(&gw, &client, job, None, &format!("jobs[{i}].")).await?);
+        prepared.push(submit::prepare(
+            &gw,
+            &client,
+            job,
+            None,
+            &format!("jobs[{i}]."),
+        )?);
     }
-    let jobs = submit::accept(&gw, &client, prepared, None).await?;
+    let jobs = accept_detached(&gw, &client, prepared, None).await?;
     Ok((StatusCode::ACCEPTED, Json(BatchAccepted { jobs })).into_response())
 }
 

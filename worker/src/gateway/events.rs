@@ -119,29 +119,41 @@ pub async fn stream(
         let end = tokio::time::sleep(lifetime);
         tokio::pin!(end);
         loop {
-            let finished = tokio::select! {
+            let next = tokio::select! {
                 _ = tx.closed() => return,
                 _ = stopped(&mut stopping) => return,
                 _ = &mut end => return,
-                _ = poll.tick() => true,
+                _ = poll.tick() => None,
                 n = watch.notes.recv() => match n {
-                    Ok(Note::Progress(bytes)) => {
-                        if let Ok(mut p) = serde_json::from_slice::<Progress>(&bytes) {
+                    Ok(Note::Progress(bytes)) => serde_json::from_slice::<Progress>(&bytes)
+                        .ok()
+                        .map(|mut p| {
                             p.job_id.clone_from(&job_id);
-                            let _ = tx.send(event("progress", &p)).await;
-                        }
-                        false
-                    }
-                    Ok(Note::Finished) | Err(RecvError::Lagged(_)) => true,
+                            event("progress", &p)
+                        }),
+                    Ok(Note::Finished) | Err(RecvError::Lagged(_)) => None,
                     Err(RecvError::Closed) => return,
                 },
             };
-            if finished {
-                if let Ok(Some(mut r)) = gw.redis.get_result(&key).await {
-                    r.job_id.clone_from(&job_id);
-                    let _ = tx.send(event("result", &r)).await;
-                    return;
-                }
+            let (ev, last) = match next {
+                Some(ev) => (ev, false),
+                None => match gw.redis.get_result(&key).await {
+                    Ok(Some(mut r)) => {
+                        r.job_id.clone_from(&job_id);
+                        (event("result", &r), true)
+                    }
+                    _ => continue,
+                },
+            };
+            // A client that stops reading blocks the send: the lifetime and a shutdown still end
+            // the stream.
+            let sent = tokio::select! {
+                r = tx.send(ev) => r.is_ok(),
+                _ = stopped(&mut stopping) => false,
+                _ = &mut end => false,
+            };
+            if last || !sent {
+                return;
             }
         }
     });

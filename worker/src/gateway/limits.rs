@@ -64,6 +64,15 @@ pub async fn reserve(gw: &Gateway, client: &Client, job_ids: &[&str]) -> Result<
     if limit == 0 || job_ids.is_empty() {
         return Ok(());
     }
+    if job_ids.len() > limit {
+        return Err(ApiError::invalid(
+            "jobs",
+            format!(
+                "{} jobs; this client's in-flight limit is {limit}",
+                job_ids.len()
+            ),
+        ));
+    }
     match gw
         .redis
         .reserve_in_flight(&client.name, job_ids, limit)

@@ -65,7 +65,7 @@ pub(super) fn sha256_hex(bytes: &[u8]) -> String {
 
 /// Checks `job` whole for `client` (`at` prefixes field names, e.g. `jobs[2].`): the schema, the
 /// typed contract, its image (decoded, within the size limits) and its id's length.
-pub async fn prepare(
+pub fn prepare(
     gw: &Gateway,
     client: &Client,
     mut job: Value,
@@ -95,6 +95,13 @@ pub async fn prepare(
     }
     validate(gw, client, &with_placeholder_id(&job), at)?;
     if let Some(id) = job.get("job_id").and_then(Value::as_str) {
+        if id == "batch" {
+            // `/v1/jobs/batch` is the batch route: such a job could not be read or canceled.
+            return Err(ApiError::invalid(
+                &format!("{at}job_id"),
+                "`batch` is reserved",
+            ));
+        }
         if id.len() > client.max_id_len() {
             return Err(ApiError::invalid(
                 &format!("{at}job_id"),
@@ -108,7 +115,7 @@ pub async fn prepare(
         o.remove("submitted_at");
     }
     if let Some(img) = &image {
-        check_image(gw, img, &field).await?;
+        check_image(gw, img, &field)?;
         if let Some(slot) = identity.pointer_mut("/params/image") {
             *slot = Value::String(format!("sha256:{}", sha256_hex(&img.bytes)));
         }
@@ -152,19 +159,14 @@ fn from_data_uri(gw: &Gateway, uri: &str, field: &str) -> Result<Inline, ApiErro
     })
 }
 
-/// Decodes the image (off the event loop) to refuse what a worker would refuse.
-async fn check_image(gw: &Gateway, img: &Inline, field: &str) -> Result<(), ApiError> {
+/// Refuses what a worker would refuse before decoding (format, completeness, header
+/// dimensions, size), without decoding: a small file can claim many pixels.
+fn check_image(gw: &Gateway, img: &Inline, field: &str) -> Result<(), ApiError> {
     let limits = crate::image_io::ImageLimits {
         max_bytes: gw.s3.cfg.max_input_bytes,
         ..Default::default()
     };
-    let bytes = img.bytes.clone();
-    let decoded = tokio::task::spawn_blocking(move || {
-        crate::image_io::decode(&bytes, "image", limits).map(|_| ())
-    })
-    .await
-    .map_err(|e| ApiError::internal(format!("image check: {e}")))?;
-    decoded.map_err(|e| ApiError::invalid(field, e))
+    crate::image_io::check(&img.bytes, "image", limits).map_err(|e| ApiError::invalid(field, e))
 }
 
 /// Checks `job` against the job schema and the typed contract, naming the first bad field.
@@ -197,6 +199,22 @@ fn validate(gw: &Gateway, client: &Client, job: &Value, at: &str) -> Result<(), 
             ));
         }
         crate::tasks::input::check_uri(&field, uri)?;
+        // Keys are taken literally: no dot segments or escapes that a store or a proxy between
+        // could resolve into another client's objects.
+        let key = uri
+            .trim_start_matches("s3://")
+            .split_once('/')
+            .map_or("", |(_, k)| k);
+        if key.contains('%')
+            || key
+                .split('/')
+                .any(|s| s.is_empty() || s == "." || s == "..")
+        {
+            return Err(ApiError::invalid(
+                &field,
+                "an s3:// key must not have empty, `.` or `..` segments or `%` escapes",
+            ));
+        }
         // The service's own bucket holds every client's outputs: only this client's are readable.
         let own = format!("s3://{}/", gw.s3.cfg.bucket);
         if let Some(key) = uri.strip_prefix(&own) {
@@ -280,7 +298,7 @@ async fn claim(gw: &Gateway, id: &str, key: &str, rec: JobRecord) -> Result<Clai
         match gw.redis.claim_job(key, &rec).await? {
             None if gw.redis.has_result(key).await? => {
                 // Its record expired, its result did not: the id was used.
-                let _ = gw.redis.forget_job(key, &rec.owner).await;
+                let _ = gw.redis.forget_job(key, &rec.owner, &rec.token).await;
                 return Err(taken("has a result already"));
             }
             None => return Ok(Claim::Publish),
@@ -305,6 +323,8 @@ struct Pending {
     id: String,
     key: String,
     fresh: bool,
+    /// This request's claim on the id.
+    token: String,
     prepared: Prepared,
 }
 
@@ -325,6 +345,7 @@ pub async fn accept(
             id,
             key,
             fresh,
+            token: new_job_id()?,
             prepared: p,
         });
     }
@@ -333,6 +354,7 @@ pub async fn accept(
         job_sha256: p.prepared.sha256.clone(),
         confirmed,
         claimed_at: crate::clock::unix_secs(),
+        token: p.token.clone(),
     };
     let claims = futures_util::future::join_all(
         pending
@@ -374,7 +396,21 @@ pub async fn accept(
             .map(|p| publish_one(gw, client, p, rec(p, true))),
     )
     .await;
-    if let Some(e) = published.into_iter().find_map(Result::err) {
+    if published.iter().any(Result::is_err) {
+        // Name what did go out: a retry with these ids is safe, and nothing is orphaned.
+        let queued: Vec<&str> = to_publish
+            .iter()
+            .zip(&published)
+            .filter(|(_, r)| r.is_ok())
+            .map(|(p, _)| p.id.as_str())
+            .collect();
+        let mut e = published
+            .into_iter()
+            .find_map(Result::err)
+            .unwrap_or_else(|| ApiError::internal("a publish failed without an error"));
+        if !queued.is_empty() {
+            e.message = format!("{} (queued: {})", e.message, queued.join(", "));
+        }
         return Err(e);
     }
     Ok(pending
@@ -390,7 +426,7 @@ pub async fn accept(
 /// Gives back what a refused request claimed and reserved.
 async fn release(gw: &Gateway, client: &Client, jobs: &[&Pending]) {
     for p in jobs {
-        let _ = gw.redis.forget_job(&p.key, &client.name).await;
+        let _ = gw.redis.forget_job(&p.key, &client.name, &p.token).await;
     }
 }
 
@@ -423,7 +459,7 @@ async fn publish_one(
         }
     };
     if let Err(e) = done.await {
-        let _ = gw.redis.forget_job(&p.key, &client.name).await;
+        let _ = gw.redis.forget_job(&p.key, &client.name, &p.token).await;
         return Err(e);
     }
     gw.metrics.accepted.inc();

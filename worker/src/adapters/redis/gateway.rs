@@ -31,6 +31,9 @@ pub struct JobRecord {
     /// When the claim was made (unix seconds).
     #[serde(default)]
     pub claimed_at: u64,
+    /// The request that claimed it: only that request may forget it.
+    #[serde(default)]
+    pub token: String,
 }
 
 /// A job as the gateway sees it, read in one round trip.
@@ -77,14 +80,29 @@ impl ResultStore {
         Ok(())
     }
 
-    /// Forgets a job whose publish failed (its claim or record, and its place in the open set),
-    /// so that a retry publishes again.
-    pub async fn forget_job(&self, job_id: &str, owner: &str) -> Result<()> {
+    /// Forgets a job whose publish failed (its claim or record, and its place in flight), so
+    /// that a retry publishes again; unless another request (another `token`) holds it now.
+    pub async fn forget_job(&self, job_id: &str, owner: &str, token: &str) -> Result<()> {
+        static SCRIPT: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
+            redis::Script::new(
+                r"
+                local v = redis.call('GET', KEYS[1])
+                if v then
+                    local ok, rec = pcall(cjson.decode, v)
+                    if ok and rec.token ~= ARGV[2] then return 0 end
+                    redis.call('DEL', KEYS[1])
+                end
+                redis.call('ZREM', KEYS[2], ARGV[1])
+                return 1",
+            )
+        });
         let mut c = self.conn.clone();
-        let _: (i64, i64) = redis::pipe()
-            .del(self.gw_key("job", job_id))
-            .zrem(self.gw_key("open", owner), job_id)
-            .query_async(&mut c)
+        let _: i64 = SCRIPT
+            .key(self.gw_key("job", job_id))
+            .key(self.gw_key("open", owner))
+            .arg(job_id)
+            .arg(token)
+            .invoke_async(&mut c)
             .await
             .map_err(unavailable)?;
         Ok(())
@@ -172,7 +190,8 @@ impl ResultStore {
     /// Reserves places for `job_ids` among `client`'s jobs in flight, all or none: `Ok(None)`
     /// when reserved, `Ok(Some(open))` when `limit` would be passed (`open`: the jobs in flight).
     /// Atomic, so concurrent requests on any replicas never pass the limit together. At the
-    /// limit the script drops the jobs that have a result (the set holds at most `limit`).
+    /// limit the script drops the jobs that have a result, and the places older than a claim
+    /// whose job was never recorded (the set holds at most `limit`).
     pub async fn reserve_in_flight(
         &self,
         client: &str,
@@ -185,20 +204,26 @@ impl ResultStore {
                 local limit = tonumber(ARGV[1])
                 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[3])
                 local more = 0
-                for i = 6, #ARGV do
+                for i = 8, #ARGV do
                     if not redis.call('ZSCORE', KEYS[1], ARGV[i]) then more = more + 1 end
                 end
                 local n = redis.call('ZCARD', KEYS[1])
                 if n + more > limit then
-                    for _, id in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
-                        if redis.call('EXISTS', ARGV[2] .. id) == 1 then
+                    local claims = tonumber(ARGV[4]) - tonumber(ARGV[7])
+                    local all = redis.call('ZRANGE', KEYS[1], 0, -1, 'WITHSCORES')
+                    for i = 1, #all, 2 do
+                        local id, at = all[i], tonumber(all[i + 1])
+                        local finished = redis.call('EXISTS', ARGV[2] .. id) == 1
+                        -- a place whose request never recorded its job (a gateway that died)
+                        local orphan = at < claims and redis.call('EXISTS', ARGV[6] .. id) == 0
+                        if finished or orphan then
                             redis.call('ZREM', KEYS[1], id)
                             n = n - 1
                         end
                     end
                     if n + more > limit then return n end
                 end
-                for i = 6, #ARGV do redis.call('ZADD', KEYS[1], ARGV[4], ARGV[i]) end
+                for i = 8, #ARGV do redis.call('ZADD', KEYS[1], ARGV[4], ARGV[i]) end
                 redis.call('EXPIRE', KEYS[1], ARGV[5])
                 return -1",
             )
@@ -210,7 +235,9 @@ impl ResultStore {
             .arg(self.result_key(""))
             .arg(now.saturating_sub(self.cfg.result_ttl_secs))
             .arg(now)
-            .arg(self.cfg.result_ttl_secs);
+            .arg(self.cfg.result_ttl_secs)
+            .arg(self.gw_key("job", ""))
+            .arg(CLAIM_TTL_SECS);
         for id in job_ids {
             call.arg(*id);
         }
