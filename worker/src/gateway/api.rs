@@ -17,6 +17,7 @@ use utoipa_axum::routes;
 use super::auth::Client;
 use super::error::ApiError;
 use super::events::{self, JobState};
+use super::limits;
 use super::submit::{self, Accepted, Inline};
 use super::Gateway;
 
@@ -130,9 +131,10 @@ async fn accept_detached(
     client: &Client,
     jobs: Vec<submit::Prepared>,
     key: Option<String>,
+    presumed: Option<submit::Presumed>,
 ) -> Result<Vec<Accepted>, ApiError> {
     let (gw, client) = (gw.clone(), client.clone());
-    tokio::spawn(async move { submit::accept(&gw, &client, jobs, key.as_deref()).await })
+    tokio::spawn(async move { submit::accept(&gw, &client, jobs, key.as_deref(), presumed).await })
         .await
         .map_err(|e| ApiError::internal(format!("accepting: {e}")))?
 }
@@ -169,10 +171,24 @@ async fn submit_job(
     client: Client,
     req: Request,
 ) -> Result<Response, ApiError> {
-    let key = idempotency_key(req.headers())?;
-    let (job, image) = job_body(&gw, req).await?;
-    let prepared = submit::prepare(&gw, &client, job, image, "")?;
-    let mut accepted = accept_detached(&gw, &client, vec![prepared], key).await?;
+    // Counted, and a place reserved for a fresh id, while the body is read.
+    let counted = limits::admit_meanwhile(&gw, &client);
+    let presumed = submit::Presumed::reserve_meanwhile(&gw, &client)?;
+    let parsed = async {
+        let key = idempotency_key(req.headers())?;
+        let (job, image) = job_body(&gw, req).await?;
+        Ok::<_, ApiError>((key, submit::prepare(&gw, &client, job, image, "")?))
+    }
+    .await;
+    let (counted, presumed) = tokio::join!(counted, presumed);
+    let (key, prepared) = match counted.and(parsed) {
+        Ok(p) => p,
+        Err(e) => {
+            presumed.give_back(&gw, &client).await;
+            return Err(e);
+        }
+    };
+    let mut accepted = accept_detached(&gw, &client, vec![prepared], key, Some(presumed)).await?;
     let one = accepted
         .pop()
         .ok_or_else(|| ApiError::internal("no job accepted"))?;
@@ -207,9 +223,10 @@ async fn submit_batch(
     client: Client,
     req: Request,
 ) -> Result<Response, ApiError> {
-    let bytes = Bytes::from_request(req, &gw)
-        .await
-        .map_err(|r| ApiError::body(r.status(), r.body_text()))?;
+    let counted = limits::admit_meanwhile(&gw, &client);
+    let bytes = Bytes::from_request(req, &gw).await;
+    counted.await?;
+    let bytes = bytes.map_err(|r| ApiError::body(r.status(), r.body_text()))?;
     let batch: Batch = serde_json::from_slice(&bytes)
         .map_err(|e| ApiError::bad_request(format!("body is not {{\"jobs\": [...]}}: {e}")))?;
     let max = gw.cfg.max_batch_jobs;
@@ -238,7 +255,7 @@ async fn submit_batch(
             &format!("jobs[{i}]."),
         )?);
     }
-    let jobs = accept_detached(&gw, &client, prepared, None).await?;
+    let jobs = accept_detached(&gw, &client, prepared, None, None).await?;
     Ok((StatusCode::ACCEPTED, Json(BatchAccepted { jobs })).into_response())
 }
 

@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use axum::extract::FromRequestParts;
 use axum::http::request::Parts;
-use axum::http::{header, StatusCode};
+use axum::http::{header, Method, StatusCode};
 
 use super::error::ApiError;
 use super::Gateway;
@@ -166,8 +166,11 @@ impl FromRequestParts<Arc<Gateway>> for Client {
                     "a valid `Authorization: Bearer <token>` is required",
                 )
             })?;
-        // Every request counts, before its body is read: a refused or invalid one too.
-        super::limits::admit(gw, &client).await?;
+        // Every request counts, a refused or invalid one too; a submission is counted by its
+        // handler while its body is read.
+        if parts.method != Method::POST {
+            super::limits::admit(gw, &client).await?;
+        }
         Ok(client)
     }
 }

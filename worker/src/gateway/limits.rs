@@ -57,6 +57,21 @@ pub async fn admit(gw: &Gateway, client: &Client) -> Result<(), ApiError> {
     }
 }
 
+/// [`admit`] in a task of its own, for a handler that reads its body meanwhile: the request
+/// counts even when the body turns out bad and the handler stops early.
+pub fn admit_meanwhile(
+    gw: &std::sync::Arc<Gateway>,
+    client: &Client,
+) -> impl std::future::Future<Output = Result<(), ApiError>> {
+    let (gw, client) = (gw.clone(), client.clone());
+    let counting = tokio::spawn(async move { admit(&gw, &client).await });
+    async move {
+        counting
+            .await
+            .map_err(|e| ApiError::internal(format!("counting a request: {e}")))?
+    }
+}
+
 /// Reserves places in flight for `job_ids` (scoped ids) of `client`, all or none; 429 with
 /// `Retry-After` when they do not fit.
 pub async fn reserve(gw: &Gateway, client: &Client, job_ids: &[&str]) -> Result<(), ApiError> {

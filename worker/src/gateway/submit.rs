@@ -249,12 +249,14 @@ async fn identify(
     client: &Client,
     job: &Value,
     idempotency_key: Option<&str>,
+    fresh_id: Option<&str>,
 ) -> Result<(String, bool), ApiError> {
     let given = job.get("job_id").and_then(Value::as_str);
     let Some(k) = idempotency_key else {
-        return Ok(match given {
-            Some(g) => (g.to_string(), false),
-            None => (new_job_id()?, true),
+        return Ok(match (given, fresh_id) {
+            (Some(g), _) => (g.to_string(), false),
+            (None, Some(f)) => (f.to_string(), true),
+            (None, None) => (new_job_id()?, true),
         });
     };
     let candidate = match given {
@@ -336,19 +338,26 @@ pub async fn accept(
     client: &Client,
     jobs: Vec<Prepared>,
     idempotency_key: Option<&str>,
+    presumed: Option<Presumed>,
 ) -> Result<Vec<Accepted>, ApiError> {
-    let mut pending = Vec::with_capacity(jobs.len());
+    let fresh_id = presumed.as_ref().map(|p| p.id.as_str());
+    let mut identified: Result<Vec<Pending>, ApiError> = Ok(Vec::with_capacity(jobs.len()));
     for p in jobs {
-        let (id, fresh) = identify(gw, client, &p.job, idempotency_key).await?;
-        let key = client.scoped(&id);
-        pending.push(Pending {
-            id,
-            key,
-            fresh,
-            token: new_job_id()?,
-            prepared: p,
-        });
+        let Ok(all) = &mut identified else { break };
+        let next = identify(gw, client, &p.job, idempotency_key, fresh_id).await;
+        match next.and_then(|(id, fresh)| Ok((id, fresh, new_job_id()?))) {
+            Ok((id, fresh, token)) => all.push(Pending {
+                key: client.scoped(&id),
+                id,
+                fresh,
+                token,
+                prepared: p,
+            }),
+            Err(e) => identified = Err(e),
+        }
     }
+    let pre_reserved = settle_presumed(gw, client, presumed, identified.as_deref().ok()).await?;
+    let pending = identified?;
     let rec = |p: &Pending, confirmed| JobRecord {
         owner: client.name.clone(),
         job_sha256: p.prepared.sha256.clone(),
@@ -380,7 +389,11 @@ pub async fn accept(
         .iter()
         .filter(|p| p.fresh || claimed.contains(p.key.as_str()))
         .collect();
-    let keys: Vec<&str> = to_publish.iter().map(|p| p.key.as_str()).collect();
+    let keys: Vec<&str> = to_publish
+        .iter()
+        .map(|p| p.key.as_str())
+        .filter(|k| pre_reserved.as_deref() != Some(*k))
+        .collect();
     if refusal.is_none() {
         if let Err(e) = super::limits::reserve(gw, client, &keys).await {
             refusal = Some(e);
@@ -421,6 +434,59 @@ pub async fn accept(
             replayed: replayed.contains(p.key.as_str()),
         })
         .collect())
+}
+
+/// A fresh id chosen before the body was read, and its place in flight, reserved meanwhile.
+pub struct Presumed {
+    pub id: String,
+    pub reserved: Result<(), ApiError>,
+}
+
+impl Presumed {
+    /// Reserves a place for a fresh id in a task of its own, while the handler reads the body
+    /// (a fresh job, the common case, then waits for no Redis round trip of its own).
+    pub fn reserve_meanwhile(
+        gw: &Arc<Gateway>,
+        client: &Client,
+    ) -> Result<impl std::future::Future<Output = Presumed>, ApiError> {
+        let id = new_job_id()?;
+        let (gw, client, key) = (gw.clone(), client.clone(), client.scoped(&id));
+        let reserving =
+            tokio::spawn(async move { super::limits::reserve(&gw, &client, &[&key]).await });
+        Ok(async move {
+            let reserved = reserving
+                .await
+                .unwrap_or_else(|e| Err(ApiError::internal(format!("reserving: {e}"))));
+            Presumed { id, reserved }
+        })
+    }
+
+    /// Gives the place back (the request was refused, or is not one fresh job).
+    pub async fn give_back(self, gw: &Gateway, client: &Client) {
+        if self.reserved.is_ok() {
+            let key = client.scoped(&self.id);
+            let _ = gw.redis.forget_job(&key, &client.name, "").await;
+        }
+    }
+}
+
+/// The place reserved for the presumed id when the request is that one fresh job (its
+/// refusal, if it was refused); otherwise gives the place back.
+async fn settle_presumed(
+    gw: &Gateway,
+    client: &Client,
+    presumed: Option<Presumed>,
+    jobs: Option<&[Pending]>,
+) -> Result<Option<String>, ApiError> {
+    let Some(pr) = presumed else { return Ok(None) };
+    let key = client.scoped(&pr.id);
+    if let Some([one]) = jobs {
+        if one.fresh && one.key == key {
+            return pr.reserved.map(|()| Some(key));
+        }
+    }
+    pr.give_back(gw, client).await;
+    Ok(None)
 }
 
 /// Gives back what a refused request claimed and reserved.
