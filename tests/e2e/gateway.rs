@@ -426,25 +426,6 @@ fn tokens_limits_and_the_contract_are_enforced() {
     rt.block_on(cleanup(&names));
 }
 
-/// Two replicas share a client's request rate through Redis, exactly: its limit is admitted, and
-/// nothing over it.
-#[test]
-fn two_replicas_share_a_clients_rate_limit() {
-    let names = Names::new("gwshare");
-    let dir = tempfile::tempdir().unwrap();
-    let tokens = token_line("dave", "dave-token", ":40");
-    let a = Gateway::start(&names, dir.path(), "gw-a", &tokens, &[]);
-    let b = Gateway::start(&names, dir.path(), "gw-b", &tokens, &[]);
-    let dave = "Authorization: Bearer dave-token";
-    let codes: Vec<u16> = (0..60)
-        .map(|i| get(if i % 2 == 0 { &a } else { &b }, "/v1/jobs/none", dave).status)
-        .collect();
-    assert!(codes[..40].iter().all(|&c| c == 404), "{codes:?}");
-    assert!(codes[40..].iter().all(|&c| c == 429), "{codes:?}");
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    rt.block_on(cleanup(&names));
-}
-
 /// The playground page in Debian's headless Chromium (`tests/browser/playground.mjs`, with
 /// playwright-core from npm; `scripts/test.sh` installs both). The screenshot is kept at
 /// `target/test-artifacts/playground.png`.
