@@ -88,7 +88,8 @@ async fn sigterm_under_load_exits_within_the_deadline_and_loses_nothing() {
         &model,
         dir.path(),
         "w",
-        &["--shutdown-deadline", "2"],
+        // Jobs long enough to be running at SIGTERM: above the default --max-steps.
+        &["--shutdown-deadline", "2", "--max-steps", "1000"],
     );
     w.wait_ready(Duration::from_secs(60));
     let (ids, bodies) = generate_jobs("st", 12, 600);
@@ -113,7 +114,7 @@ async fn sigterm_under_load_exits_within_the_deadline_and_loses_nothing() {
     );
     assert!(w.log_text().contains("shutting down"), "{}", w.log_text());
     // Whatever was not finished was requeued: a second worker completes every job.
-    let mut w2 = Worker::start(&names, &model, dir.path(), "w2", &[]);
+    let mut w2 = Worker::start(&names, &model, dir.path(), "w2", &["--max-steps", "1000"]);
     w2.wait_ready(Duration::from_secs(60));
     let results = wait_results(&names, &ids, Duration::from_secs(300)).await;
     assert_eq!(results.len(), 12, "worker 2 log:\n{}", w2.log_text());
@@ -136,6 +137,8 @@ async fn sigterm_requeues_at_once_the_jobs_that_had_not_started() {
         "4",
         "--shutdown-deadline",
         "120",
+        "--max-steps",
+        "1000",
     ];
     let mut w = Worker::start(&names, &model, dir.path(), "w", &args);
     w.wait_ready(Duration::from_secs(60));
