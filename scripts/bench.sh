@@ -10,15 +10,21 @@
 # demo: models/ddit-shapes. medium: a random checkpoint at realistic width that
 # tools/bench/make_medium.py writes into .ddit/bench/medium (hidden 768, 4 blocks, x8 VAE at 256 px,
 # vocabulary 32 128); timing only.
-# Env: DDIT_BENCH_THREADS (default: the machine's cores), DDIT_BENCH_REPEAT (default 2: rounds of
-# both sides in turn, each side's time for a task its fastest round; the machine is shared and drifts),
-# DDIT_BENCH_VENV (default /opt/ddit-venv: the reference stack of tools/reference/requirements.txt,
-# installed from PyPI when missing).
+# Env: DDIT_BENCH_THREADS (default: the machine's cores), DDIT_BENCH_REPEAT (default 3: timed rounds;
+# each round runs both sides, the first side alternating from round to round; the table gives each
+# side's median round and its spread), DDIT_BENCH_VENV (default /opt/ddit-venv: the reference stack
+# of tools/reference/requirements.txt, installed from PyPI when missing).
 # ddit: `ddit-worker batch --max-batch 8` on the f32 package and on the `--weights int8` one, timed by
-# batch itself from the loaded model to the last result written (its "N jobs in S s" line); the int8
-# ratio is against the same fp32 reference.
-# PyTorch: tools/bench/reference_speed.py (all prompts in one CFG-doubled call; captions and VQA one
-# image at a time with the no-change cache), model load and a warm-up excluded.
+# batch itself from the loaded model to the last result written (its "N jobs in S s" line); every
+# job must have succeeded with its image or text (results.jsonl), or the bench fails. The int8 ratio
+# is against the same fp32 reference.
+# PyTorch: tools/bench/reference_speed.py --task T, one process per task as ddit's side, timed from
+# the loaded model to the last result: the reference model computing only what the result needs (no
+# text head or last-block text stream in text to image, no image head or last-block image stream in
+# captioning and VQA, a float32 sampler), under torch.inference_mode.
+# Warm-up, alike: before the timed rounds each side loads its model once untimed (ddit: a batch of no
+# jobs per package; the reference: its FLOP count, one job per task); in a timed run neither side
+# makes a warm-up call.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 N="${1:-16}"
@@ -34,7 +40,7 @@ if [ "$WHICH" = gateway ] || [ "$WHICH" = service ]; then
     exec cargo test --release -p ddit-e2e --test "${WHICH}_bench" -- --ignored --nocapture
 fi
 THREADS="${DDIT_BENCH_THREADS:-$(nproc)}"
-REPEAT="${DDIT_BENCH_REPEAT:-2}"
+REPEAT="${DDIT_BENCH_REPEAT:-3}"
 VENV="${DDIT_BENCH_VENV:-/opt/ddit-venv}"
 SET=models/shapes-eval
 ORT_DYLIB_PATH="$(scripts/ort.sh)"
@@ -76,65 +82,105 @@ for task, js in jobs.items():
 open(f"{work}/none.jsonl", "w").close()
 PY
 
-secs() { # the seconds `batch` reports for the jobs of file $2 on package $1 (model load excluded)
+secs() { # the seconds `batch` reports for the jobs of file $2 on package $1 (model load excluded);
+  # fails unless every job succeeded with its output (an image per generate job, text otherwise)
   rm -rf "$WORK/out"
-  target/release/ddit-worker batch --model "$WORK/pkg-$1" --jobs "$2" --out "$WORK/out" \
-    --threads "$THREADS" --max-batch 8 --no-progress 2>&1 >/dev/null |
-    sed -n 's/^[0-9]* jobs in \([0-9.]*\)s: .*/\1/p'
+  local log
+  log=$(target/release/ddit-worker batch --model "$WORK/pkg-$1" --jobs "$2" --out "$WORK/out" \
+    --threads "$THREADS" --max-batch 8 --no-progress 2>&1 >/dev/null) ||
+    { echo "bench: batch failed on $1 $2: $log" >&2; return 1; }
+  python3 - "$2" "$WORK/out/results.jsonl" <<'PY' || { echo "bench: $log" >&2; return 1; }
+import json, sys
+jobs = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
+try:
+    res = {r["job_id"]: r for r in map(json.loads, open(sys.argv[2]))}
+except FileNotFoundError:
+    res = {}
+bad = []
+for j in jobs:
+    r = res.get(j["job_id"])
+    if r is None or r["status"] != "succeeded":
+        bad.append(f'{j["job_id"]}: {r and (r["status"], r.get("error"))}')
+    elif (len(r.get("outputs", [])) != 1) if j["task"] == "generate" else (r.get("text") is None):
+        bad.append(f'{j["job_id"]}: no output')
+if bad:
+    sys.exit(f"bench: {len(bad)} of {len(jobs)} jobs of {sys.argv[1]} did not succeed: " + "; ".join(bad[:4]))
+PY
+  sed -n 's/^[0-9]* jobs in \([0-9.]*\)s: .*/\1/p' <<<"$log"
 }
-# The machine's sgemm rate before ddit's runs; the reference measures it again after its own, and
-# the ceiling is the highest of the four (torch and ONNX Runtime, before and after).
-SGEMM=$("$VENV/bin/python" tools/bench/reference_speed.py --sgemm-only --threads "$THREADS")
-# $REPEAT rounds, each of ddit's runs then the reference's, so that both sides see the same drifts
-# of the machine; each side's time for a task is its fastest round. The last reference round also
-# counts the FLOPs and the sgemm rate.
-declare -A DDIT
-REFS=()
-for w in f32 int8; do secs "$w" "$WORK/none.jsonl" >/dev/null; done # warm the page cache
-for round in $(seq "$REPEAT"); do
+ref() { # the reference's seconds for task $1
+  "$VENV/bin/python" tools/bench/reference_speed.py --model "$MODEL" --set "$SET" --n "$N" \
+    --threads "$THREADS" --task "$1" | python3 -c 'import json, sys; print(json.load(sys.stdin)["s"])'
+}
+LOAD0=$(cut -d' ' -f1-3 /proc/loadavg)
+# The machine's 2048^3 sgemm rate (torch, ONNX Runtime) before and after the rounds: a load
+# indicator of this shared machine, not a ceiling.
+SGEMM0=$("$VENV/bin/python" tools/bench/reference_speed.py --sgemm-only --threads "$THREADS")
+# The untimed warm-up of both sides; the reference's is its FLOP count of one job per task.
+for w in f32 int8; do secs "$w" "$WORK/none.jsonl" >/dev/null; done
+FLOPS=$("$VENV/bin/python" tools/bench/reference_speed.py --model "$MODEL" --set "$SET" --n "$N" \
+  --threads "$THREADS" --flops)
+TIMES="$WORK/times.jsonl"
+: >"$TIMES"
+ddit_round() {
+  local w task s
   for w in f32 int8; do
     for task in generate caption vqa; do
-      s=$(secs "$w" "$WORK/$task.jsonl") || true
+      s=$(secs "$w" "$WORK/$task.jsonl") || exit 1
       [ -n "$s" ] || { echo "bench: batch printed no time for $w $task" >&2; exit 1; }
-      DDIT[$w-$task]=$(python3 -c "print(min($s, float('${DDIT[$w-$task]:-inf}')))")
+      echo "{\"round\": $1, \"side\": \"$w\", \"task\": \"$task\", \"s\": $s}" >>"$TIMES"
     done
   done
-  count=()
-  [ "$round" = "$REPEAT" ] || count=(--times-only)
-  REFS+=("$("$VENV/bin/python" tools/bench/reference_speed.py --model "$MODEL" --set "$SET" \
-    --n "$N" --threads "$THREADS" "${count[@]}")")
+}
+ref_round() {
+  local task s
+  for task in generate caption vqa; do
+    s=$(ref "$task") || exit 1
+    echo "{\"round\": $1, \"side\": \"ref\", \"task\": \"$task\", \"s\": $s}" >>"$TIMES"
+  done
+}
+for round in $(seq "$REPEAT"); do
+  echo "{\"round\": $round, \"side\": \"load\", \"loadavg\": \"$(cut -d' ' -f1 /proc/loadavg)\"}" >>"$TIMES"
+  if [ $((round % 2)) = 1 ]; then ddit_round "$round"; ref_round "$round"
+  else ref_round "$round"; ddit_round "$round"; fi
 done
-REF=$(python3 -c 'import json, sys
-runs = [json.loads(a) for a in sys.argv[1:]]
-out = {**runs[-1], "repeat": len(runs)}
-for k in ("generate_s", "caption_s", "vqa_s"):
-    out[k] = min(r[k] for r in runs)
-print(json.dumps(out))' "${REFS[@]}")
+SGEMM1=$("$VENV/bin/python" tools/bench/reference_speed.py --sgemm-only --threads "$THREADS")
+LOAD1=$(cut -d' ' -f1-3 /proc/loadavg)
 
-python3 - "$N" "$THREADS" "$REF" "$MODEL" "$SGEMM" \
-  "${DDIT[f32-generate]}" "${DDIT[f32-caption]}" "${DDIT[f32-vqa]}" \
-  "${DDIT[int8-generate]}" "${DDIT[int8-caption]}" "${DDIT[int8-vqa]}" <<'PY'
-import json, platform, sys
-n, threads, ref, model = int(sys.argv[1]), int(sys.argv[2]), json.loads(sys.argv[3]), sys.argv[4]
-rates = {f"{lib} {when}": r for when, rs in (("before", json.loads(sys.argv[5])), ("after", ref["sgemm_gflops"]))
-         for lib, r in rs.items()}
+python3 - "$N" "$THREADS" "$MODEL" "$TIMES" "$FLOPS" "$SGEMM0" "$SGEMM1" "$LOAD0" "$LOAD1" <<'PY'
+import json, platform, statistics, sys
+n, threads, model, times = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
+flops, sg0, sg1 = (json.loads(a) for a in sys.argv[5:8])
+rows = [json.loads(l) for l in open(times)]
+loads = [r["loadavg"] for r in rows if r["side"] == "load"]
+rows = [r for r in rows if r["side"] != "load"]
+rounds = max(r["round"] for r in rows)
 tasks = ["generate", "caption", "vqa"]
-ddit = {"f32": dict(zip(tasks, map(float, sys.argv[6:9]))), "int8": dict(zip(tasks, map(float, sys.argv[9:12])))}
+ips = {(s, t): [n / r["s"] for r in rows if r["side"] == s and r["task"] == t] for s in ("ref", "f32", "int8") for t in tasks}
+med = {k: statistics.median(v) for k, v in ips.items()}
 cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), platform.machine())
-best = max(rates, key=rates.get)
-peak = rates[best] * 1e9
-print(f"\n{n} items per task, {threads} threads each side, each side's fastest of {ref['repeat']} rounds taken in turn; {cpu}; "
-      f"checkpoint {model}")
-print(f"fp32 ceiling: sgemm {rates[best]:.1f} GFLOP/s at {threads} threads ({best} the runs; "
-      + ", ".join(f"{k} {v:.1f}" for k, v in rates.items() if k != best)
-      + "); a task's ceiling is that over its FLOPs per item (torch's count of one reference job); "
-      "share = items/s over the ceiling")
-print(f"{'task':<9} {'GFLOP/item':>10} {'PyTorch/s':>10} {'share':>6} {'ddit/s':>9} {'share':>6} {'ratio':>7}"
-      f" {'int8/s':>9} {'ratio':>7}")
+print(f"\n{n} items per task, {threads} threads each side, {rounds} rounds (first side alternating), "
+      f"median round (min-max); {cpu}; checkpoint {model}")
+print(f"load: sgemm 2048^3 GFLOP/s before torch {sg0['torch']:.1f} / ORT {sg0['onnxruntime']:.1f}, after torch "
+      f"{sg1['torch']:.1f} / ORT {sg1['onnxruntime']:.1f}; loadavg before {sys.argv[8]}, "
+      f"at each round's start {', '.join(loads)}, after {sys.argv[9]}")
+print("GFLOP/item: one job's work as the reference computes it (FlopCounterMode; nothing discarded, ddit computes the "
+      "same); GFLOP/s = items/s x GFLOP/item")
+print(f"{'task':<9} {'GFLOP/item':>10} {'PyTorch items/s':>22} {'GFLOP/s':>7} {'ddit items/s':>22} {'GFLOP/s':>7}"
+      f" {'ratio':>6} {'int8 items/s':>22} {'ratio':>6}")
+cell = lambda k: f"{med[k]:.3f} ({min(ips[k]):.3f}-{max(ips[k]):.3f})"
 for t in tasks:
-    flops = ref[f"{t}_flops"]
-    r, d, q = n / ref[f"{t}_s"], n / ddit["f32"][t], n / ddit["int8"][t]
-    share = lambda ips: ips * flops / peak
-    print(f"{t:<9} {flops / 1e9:>10.2f} {r:>10.3f} {share(r):>6.2f} {d:>9.3f} {share(d):>6.2f} {d / r:>6.2f}x"
-          f" {q:>9.3f} {q / r:>6.2f}x")
+    g = flops[t] / 1e9
+    r, d, q = ("ref", t), ("f32", t), ("int8", t)
+    print(f"{t:<9} {g:>10.2f} {cell(r):>22} {med[r] * g:>7.1f} {cell(d):>22} {med[d] * g:>7.1f}"
+          f" {med[d] / med[r]:>5.2f}x {cell(q):>22} {med[q] / med[r]:>5.2f}x")
+busy = [l for l in loads + [sys.argv[9].split()[0]] if float(l) > threads + 0.5]
+rates = [*sg0.values(), *sg1.values()]
+if busy or min(rates) < 0.8 * max(rates):
+    print(f"WARNING: the machine was busy (loadavg over {threads} at a round's start or after: "
+          f"{', '.join(busy) or 'no'}; sgemm lowest/highest {min(rates) / max(rates):.2f}): torch's thread pool "
+          "slows far more than ONNX Runtime's when its cores are shared, so the ratios can overstate ddit")
+rat = lambda s, t: [a / b for a, b in zip(ips[(s, t)], ips[("ref", t)])]
+print("ratio per round: " + "; ".join(f"{t} " + ", ".join(f"{x:.2f}" for x in rat("f32", t)) +
+                                      " (int8 " + ", ".join(f"{x:.2f}" for x in rat("int8", t)) + ")" for t in tasks))
 PY
