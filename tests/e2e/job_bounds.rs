@@ -183,17 +183,30 @@ async fn time_in_the_prefetch_buffer_counts_toward_the_job_timeout() {
     let got = wait_results(&names, &ids, Duration::from_secs(120)).await;
     let log = w.log_text();
     assert_eq!(got.len(), ids.len(), "{log}");
-    let short = got.iter().find(|r| r.job_id == "short").unwrap();
-    assert_eq!(short.status, Status::Expired, "{:?}\n{log}", short.error);
-    assert_eq!(short.attempts, Some(1));
-    let e = short.error.as_ref().unwrap();
-    assert!(!e.retryable);
-    assert!(
-        e.message
-            .contains("after the delivery, before the job started"),
-        "{}",
-        e.message
-    );
+    // Which jobs expire depends on how the runner interleaves them; what must hold for every
+    // job: none succeeds past its timeout counted from the delivery (a step's check granularity
+    // aside), and an expired one says so, once, not retryable.
+    for r in &got {
+        match r.status {
+            Status::Succeeded => {
+                let m = r.metrics.as_ref().unwrap();
+                let since_delivery = m.queue_ms + m.run_ms;
+                assert!(
+                    since_delivery <= 1250,
+                    "{} succeeded {since_delivery} ms after its delivery (timeout 1 s)\n{log}",
+                    r.job_id
+                );
+            }
+            Status::Expired => {
+                let e = r.error.as_ref().unwrap();
+                assert!(!e.retryable);
+                assert_eq!(r.attempts, Some(1));
+                assert!(e.message.contains("after the delivery"), "{}", e.message);
+            }
+            other => panic!("{}: {other:?} {:?}\n{log}", r.job_id, r.error),
+        }
+    }
+    assert!(got.iter().any(|r| r.status == Status::Expired), "{log}");
     // Expired jobs are acknowledged, not dead-lettered, and nothing is left.
     assert!(take_dead_letters(&names).await.is_empty());
     assert_eq!(queue_depth(&names, &names.queue).await, 0);
