@@ -5,13 +5,20 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use super::*;
 
 /// Collects, and holds its runner before the first step until `go` is set (a minute at most).
+/// The runner asks `canceled` once per job at admission, then before each step: the hold
+/// comes after the admissions (`admissions` of them).
 struct Held {
     inner: Collect,
     go: Option<Arc<AtomicBool>>,
+    admissions: usize,
 }
 
 impl Hooks for Held {
     fn canceled(&mut self, _job_id: &str) -> bool {
+        if self.admissions > 0 {
+            self.admissions -= 1;
+            return false;
+        }
         let t = std::time::Instant::now();
         if let Some(go) = self.go.take() {
             while !go.load(Ordering::SeqCst) && t.elapsed().as_secs() < 60 {
@@ -37,6 +44,7 @@ fn run_sharing(
     let mut h = Held {
         inner: Collect::default(),
         go,
+        admissions: jobs.len(),
     };
     let pngs = Rc::new(RefCell::new(Vec::new()));
     let cfg = RunnerConfig {
