@@ -298,17 +298,17 @@ async fn claim(gw: &Gateway, id: &str, key: &str, rec: JobRecord) -> Result<Clai
     let start = Instant::now();
     loop {
         match gw.redis.claim_job(key, &rec).await? {
-            None if gw.redis.has_result(key).await? => {
+            (None, true) => {
                 // Its record expired, its result did not: the id was used.
                 let _ = gw.redis.forget_job(key, &rec.owner, &rec.token).await;
                 return Err(taken("has a result already"));
             }
-            None => return Ok(Claim::Publish),
-            Some(old) if old.job_sha256 != rec.job_sha256 => {
+            (None, false) => return Ok(Claim::Publish),
+            (Some(old), _) if old.job_sha256 != rec.job_sha256 => {
                 return Err(taken("was submitted with another body"))
             }
-            Some(old) if old.confirmed => return Ok(Claim::Replay),
-            Some(old) => {
+            (Some(old), _) if old.confirmed => return Ok(Claim::Replay),
+            (Some(old), _) => {
                 let age = crate::clock::unix_secs().saturating_sub(old.claimed_at);
                 if start.elapsed() >= SETTLE || age > SETTLE.as_secs() {
                     // A gateway died between claim and confirm: publishing again is safe.

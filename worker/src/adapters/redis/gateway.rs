@@ -53,20 +53,30 @@ impl ResultStore {
         format!("{}:gw:{kind}:{id}", self.cfg.prefix)
     }
 
-    /// Claims `job_id` for `rec` unless it is taken; returns the record already there, if any.
-    pub async fn claim_job(&self, job_id: &str, rec: &JobRecord) -> Result<Option<JobRecord>> {
+    /// Claims `job_id` for `rec` unless it is taken: the record already there, if any, and
+    /// whether the job has a result. One round trip.
+    pub async fn claim_job(
+        &self,
+        job_id: &str,
+        rec: &JobRecord,
+    ) -> Result<(Option<JobRecord>, bool)> {
         let mut c = self.conn.clone();
         let opts = redis::SetOptions::default()
             .conditional_set(redis::ExistenceCheck::NX)
             .get(true)
             .with_expiration(redis::SetExpiry::EX(CLAIM_TTL_SECS));
         let body = serde_json::to_string(rec).map_err(internal)?;
-        let old: Option<String> = c
+        let (old, finished): (Option<String>, bool) = redis::pipe()
+            .atomic()
             .set_options(self.gw_key("job", job_id), body, opts)
+            .exists(self.result_key(job_id))
+            .query_async(&mut c)
             .await
             .map_err(unavailable)?;
-        old.map(|s| serde_json::from_str(&s).map_err(internal))
-            .transpose()
+        let old = old
+            .map(|s| serde_json::from_str(&s).map_err(internal))
+            .transpose()?;
+        Ok((old, finished))
     }
 
     /// Stores the record of a job whose publish the broker confirmed (the results' TTL).

@@ -176,11 +176,6 @@ impl ResultStore {
         Ok(v.and_then(|s| serde_json::from_str(&s).ok()))
     }
 
-    pub async fn has_result(&self, job_id: &str) -> Result<bool> {
-        let mut c = self.conn.clone();
-        c.exists(self.result_key(job_id)).await.map_err(unavailable)
-    }
-
     /// Whether `job_id` has a result, and whether it was canceled: one round trip.
     pub async fn result_or_cancel(&self, job_id: &str) -> Result<(bool, bool)> {
         let mut c = self.conn.clone();
