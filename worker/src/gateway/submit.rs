@@ -356,7 +356,7 @@ pub async fn accept(
             Err(e) => identified = Err(e),
         }
     }
-    let pre_reserved = settle_presumed(gw, client, presumed, identified.as_deref().ok()).await?;
+    let pre_reserved = settle_presumed(gw, client, presumed, identified.as_deref().ok())?;
     let pending = identified?;
     let rec = |p: &Pending, confirmed| JobRecord {
         owner: client.name.clone(),
@@ -472,8 +472,8 @@ impl Presumed {
 
 /// The place reserved for the presumed id when the request is that one fresh job (its
 /// refusal, if it was refused); otherwise gives the place back.
-async fn settle_presumed(
-    gw: &Gateway,
+fn settle_presumed(
+    gw: &Arc<Gateway>,
     client: &Client,
     presumed: Option<Presumed>,
     jobs: Option<&[Pending]>,
@@ -485,7 +485,9 @@ async fn settle_presumed(
             return pr.reserved.map(|()| Some(key));
         }
     }
-    pr.give_back(gw, client).await;
+    // Given back off the request's path.
+    let (gw, client) = (gw.clone(), client.clone());
+    tokio::spawn(async move { pr.give_back(&gw, &client).await });
     Ok(None)
 }
 
