@@ -437,14 +437,7 @@ mod tests {
         )
         .expect("batch");
         let file = d.path().join("part-0.parquet");
-        let mut w = parquet::arrow::ArrowWriter::try_new(
-            File::create(&file).expect("create"),
-            schema,
-            None,
-        )
-        .expect("writer");
-        w.write(&batch).expect("write");
-        w.close().expect("close");
+        write_parquet(&file, schema, &batch);
         let mut c = cfg(file.clone());
         c.image_column = Some("url".into());
         let got = items(&c).expect("urls");
@@ -466,6 +459,17 @@ mod tests {
         assert!(e.to_string().contains("no column `id`"), "{e}");
     }
 
+    fn write_parquet(
+        file: &Path,
+        schema: Arc<arrow_schema::Schema>,
+        batch: &arrow_array::RecordBatch,
+    ) {
+        let out = File::create(file).expect("create");
+        let mut w = parquet::arrow::ArrowWriter::try_new(out, schema, None).expect("writer");
+        w.write(batch).expect("write");
+        w.close().expect("close");
+    }
+
     /// A parquet file at `dir/shard/p.parquet` whose `path` column holds `cell`.
     fn path_shard(dir: &Path, cell: &str) -> PathBuf {
         use arrow_array::{RecordBatch, StringArray};
@@ -474,14 +478,7 @@ mod tests {
         let cells = Arc::new(StringArray::from(vec![cell]));
         let batch = RecordBatch::try_new(schema.clone(), vec![cells]).expect("batch");
         let file = dir.join("shard/p.parquet");
-        let mut w = parquet::arrow::ArrowWriter::try_new(
-            File::create(&file).expect("create"),
-            schema,
-            None,
-        )
-        .expect("writer");
-        w.write(&batch).expect("write");
-        w.close().expect("close");
+        write_parquet(&file, schema, &batch);
         file
     }
 
