@@ -18,8 +18,10 @@ fn wait_port(port: u16) {
     panic!("nothing listens on {port}");
 }
 
-/// A `redis-server` of the test's own on a spare port, with an fsync'd append-only file: a
-/// restart keeps every stored result, as a production Redis must.
+/// A `redis-server` of the test's own on a spare port, with the persistence of the deploy
+/// manifests' Redis (`deploy/compose.yaml` runs `redis:7.4` on its defaults: RDB snapshots at
+/// `save 3600 1 300 100 60 10000`, no AOF), so its restart is what an operator's is: `SHUTDOWN`
+/// (which writes the snapshot), then a start that loads it.
 pub struct OwnRedis {
     pub url: String,
     port: u16,
@@ -44,14 +46,7 @@ impl OwnRedis {
     fn spawn(port: u16, dir: &Path) -> Child {
         let child = Command::new("redis-server")
             .args(["--bind", "127.0.0.1", "--port", &port.to_string()])
-            .args([
-                "--save",
-                "",
-                "--appendonly",
-                "yes",
-                "--appendfsync",
-                "always",
-            ])
+            .args(["--save", "3600 1 300 100 60 10000", "--appendonly", "no"])
             .arg("--dir")
             .arg(dir)
             .stdout(Stdio::null())
@@ -61,24 +56,32 @@ impl OwnRedis {
         child
     }
 
-    fn term(child: &mut Child) {
-        let _ = Command::new("kill")
-            .args(["-TERM", &child.id().to_string()])
-            .status();
+    /// `SHUTDOWN` (snapshot, then exit) and the wait for the process to end.
+    fn shutdown(&self, child: &mut Child) {
+        let out = Command::new("redis-cli")
+            .args(["-p", &self.port.to_string(), "SHUTDOWN"])
+            .output()
+            .unwrap();
+        let said = String::from_utf8_lossy(&out.stdout);
+        assert!(!said.contains("ERR"), "redis refused to shut down: {said}");
         let _ = child.wait();
+        eprintln!(
+            "soak: redis SHUTDOWN, snapshot {} bytes",
+            std::fs::metadata(self.dir.join("dump.rdb")).map_or(0, |m| m.len())
+        );
     }
 
-    /// Stops Redis (SIGTERM), leaves it down for `down`, starts it again on the same files.
+    /// Shuts Redis down, leaves it down for `down`, starts it again on its snapshot.
     pub fn restart(&self, down: Duration) {
         eprintln!("soak: restarting redis");
         let mut child = self.child.lock().unwrap();
-        Self::term(&mut child);
+        self.shutdown(&mut child);
         std::thread::sleep(down);
         *child = Self::spawn(self.port, &self.dir);
     }
 
     pub fn stop(&self) {
-        Self::term(&mut self.child.lock().unwrap());
+        self.shutdown(&mut self.child.lock().unwrap());
     }
 }
 
@@ -95,9 +98,9 @@ pub fn restart_broker() {
     ctl(&["await_startup"]);
 }
 
-/// SeaweedFS stopped for `down`, then started again on its data (`scripts/services.sh`).
-pub fn s3_outage(down: Duration) {
-    eprintln!("soak: S3 down for {down:?}");
+/// SeaweedFS stopped for `down`, then started again on its data (`scripts/services.sh`), on a
+/// thread of its own (the soak goes on publishing meanwhile): join it before reading S3.
+pub fn s3_outage(down: Duration) -> std::thread::JoinHandle<()> {
     let services = |cmd: &str| {
         let out = Command::new(workspace().join("scripts/services.sh"))
             .arg(cmd)
@@ -105,9 +108,13 @@ pub fn s3_outage(down: Duration) {
             .unwrap();
         assert!(out.status.success(), "services.sh {cmd}: {out:?}");
     };
-    services("down");
-    std::thread::sleep(down);
-    services("up");
+    std::thread::spawn(move || {
+        eprintln!("soak: S3 down for {down:?}");
+        services("down");
+        std::thread::sleep(down);
+        services("up");
+        eprintln!("soak: S3 up again");
+    })
 }
 
 struct Slots {
@@ -203,6 +210,21 @@ impl Fleet {
             }
         });
         Killer { stop, thread }
+    }
+
+    /// SIGTERM to the busiest-looking worker (the first): it drains on a thread of its own while
+    /// a new one takes its place at once. Join the handle for its exit status.
+    pub fn sigterm_one(&self) -> std::thread::JoinHandle<String> {
+        let mut s = self.0.lock().unwrap();
+        let w = s.spawn();
+        let mut old = std::mem::replace(&mut s.workers[0], w);
+        drop(s);
+        eprintln!("soak: SIGTERM to a worker under load");
+        old.sigterm();
+        std::thread::spawn(move || {
+            let status = old.child.wait().unwrap();
+            format!("the worker sent SIGTERM exited: {status}")
+        })
     }
 
     /// Stops every worker; returns every log any of them wrote.

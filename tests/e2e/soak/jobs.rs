@@ -14,6 +14,9 @@ pub enum Expect {
     FailsForever,
     /// A fuzzed message: one result if it carries a usable id, else the DLQ with a reason.
     Fuzz,
+    /// A hostile job (a decompression bomb, parameters over the caps, a text that is no image):
+    /// a final `failed` result and its message in the DLQ, or, without a usable id, the DLQ.
+    Refused,
 }
 
 #[derive(Clone, Debug)]
@@ -95,7 +98,7 @@ fn good(i: usize, id: &str, inputs: &Inputs) -> Value {
     }
 }
 
-fn msg(body: Vec<u8>, expect: Expect) -> Msg {
+pub fn msg(body: Vec<u8>, expect: Expect) -> Msg {
     Msg {
         id: usable_id(&body),
         body,
@@ -159,8 +162,10 @@ async fn upload(names: &Names, bytes: Vec<u8>) -> String {
 }
 
 impl Plan {
-    /// `n` good jobs (every 50th published twice back to back), `n / 100` (at least 2) that fail
-    /// transiently forever and `fuzz` fuzzed messages, shuffled with a fixed seed.
+    /// `n` good jobs (every 50th published twice back to back), `fuzz` fuzzed messages and
+    /// [`super::hostile::KINDS`] hostile jobs per 200 good ones (at least one of each), shuffled
+    /// with a fixed seed, after `n / 100` (at least 2) that fail transiently forever: those come
+    /// first, as their attempts take the longest.
     pub async fn build(names: &Names, n: usize, fuzz: usize) -> Self {
         let inputs = Inputs {
             s3: upload(names, png([200, 30, 30])).await,
@@ -168,18 +173,22 @@ impl Plan {
             locked: var("DDIT_TEST_S3_LOCKED_BUCKET", "ddit-test-locked"),
         };
         let mut rng = Rng::new(0x50a4);
+        let mut forever = Vec::new();
+        for k in 0..(n / 100).max(2) {
+            let j = json!({"job_id": format!("forever-{k}"), "task": "caption",
+                "params": {"image": format!("s3://{}/x.png", inputs.locked), "steps": 4}});
+            forever.push(msg(serde_json::to_vec(&j).unwrap(), Expect::FailsForever));
+        }
         let mut units: Vec<Vec<Msg>> = Vec::new();
         for i in 0..n {
             let body = serde_json::to_vec(&good(i, &format!("job-{i:05}"), &inputs)).unwrap();
             let copies = if i % 50 == 0 { 2 } else { 1 };
             units.push(vec![msg(body, Expect::Succeeds); copies]);
         }
-        for k in 0..(n / 100).max(2) {
-            let j = json!({"job_id": format!("forever-{k}"), "task": "caption",
-                "params": {"image": format!("s3://{}/x.png", inputs.locked), "steps": 4}});
+        for i in 0..(n / 200).max(1) * super::hostile::KINDS {
             units.push(vec![msg(
-                serde_json::to_vec(&j).unwrap(),
-                Expect::FailsForever,
+                super::hostile::job(i, &inputs.s3),
+                Expect::Refused,
             )]);
         }
         for i in 0..fuzz {
@@ -196,9 +205,8 @@ impl Plan {
         for i in (1..units.len()).rev() {
             units.swap(i, rng.below(i + 1));
         }
-        Self {
-            msgs: units.into_iter().flatten().collect(),
-        }
+        forever.extend(units.into_iter().flatten());
+        Self { msgs: forever }
     }
 
     pub fn len(&self) -> usize {
@@ -212,6 +220,17 @@ impl Plan {
             .chunks(size)
             .map(|c| c.iter().map(|m| m.body.clone()).collect())
             .collect()
+    }
+
+    /// The ids of the good jobs, once each: the `jobs=` of the soak's line.
+    pub fn good_ids(&self) -> Vec<&str> {
+        let mut ids: Vec<&str> = (self.msgs.iter())
+            .filter(|m| m.expect == Expect::Succeeds)
+            .filter_map(|m| m.id.as_deref())
+            .collect();
+        ids.sort_unstable();
+        ids.dedup();
+        ids
     }
 
     /// Every usable id, once.

@@ -1,279 +1,245 @@
-//! The soak test's counters, from what the services hold at the end.
+//! The soak test's counters: the published plan judged against what the services hold at the
+//! end. Every counter starts from the plan (what was sent, and what each message must end as);
+//! what was observed only answers for the planned messages, and whatever it holds beyond them
+//! (a result or a dead letter nobody planned) is a duplicate.
 
-use std::collections::{BTreeSet, HashMap, HashSet};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
-use ddit_e2e::*;
 use ddit_schemas::{ErrorKind, JobResult, Status};
-use futures_util::StreamExt;
 
 use super::jobs::{Expect, Plan};
 
-/// How many times each job id was announced on `{prefix}:results` (a worker announces only the
-/// result it stored): more than once is a second result.
-pub type Announced = Arc<Mutex<HashMap<String, u32>>>;
-
-/// Subscribes to the results channel, reconnecting across the Redis restart.
-pub fn listen(url: &str, prefix: &str) -> Announced {
-    let seen = Announced::default();
-    let (url, channel, out) = (url.to_string(), format!("{prefix}:results"), seen.clone());
-    tokio::spawn(async move {
-        loop {
-            if let Ok(mut ps) = async {
-                let c = redis::Client::open(url.as_str())?;
-                let mut ps = c.get_async_pubsub().await?;
-                ps.subscribe(&channel).await?;
-                Ok::<_, redis::RedisError>(ps)
-            }
-            .await
-            {
-                let mut messages = ps.on_message();
-                while let Some(m) = messages.next().await {
-                    if let Ok(id) = m.get_payload::<String>() {
-                        *out.lock().unwrap().entry(id).or_default() += 1;
-                    }
-                }
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    });
-    seen
-}
-
-async fn connect(url: &str) -> Option<redis::aio::MultiplexedConnection> {
-    let c = redis::Client::open(url).ok()?;
-    c.get_multiplexed_async_connection().await.ok()
-}
-
-async fn results(names: &Names, url: &str, ids: &[String]) -> Option<Vec<Option<String>>> {
-    let mut r = connect(url).await?;
-    let keys: Vec<String> = ids
-        .iter()
-        .map(|i| format!("{}:result:{i}", names.redis_prefix))
-        .collect();
-    redis::AsyncCommands::mget(&mut r, &keys).await.ok()
-}
-
-/// Waits until every id has a result and the work and retry queues are empty.
-pub async fn wait_done(names: &Names, url: &str, ids: &[String], limit: Duration) -> bool {
-    let start = Instant::now();
-    let mut last = 0;
-    while start.elapsed() < limit {
-        let have = results(names, url, ids)
-            .await
-            .map_or(0, |v| v.iter().flatten().count());
-        if have != last {
-            eprintln!(
-                "soak: {have} of {} results at {:?}",
-                ids.len(),
-                start.elapsed()
-            );
-            last = have;
-        }
-        let drained = have == ids.len()
-            && queue_depth(names, &names.queue).await == 0
-            && retry_depth(names).await == 0;
-        if drained {
-            // The last dead-letterings follow their results.
-            tokio::time::sleep(Duration::from_secs(3)).await;
-            return true;
-        }
-        tokio::time::sleep(Duration::from_secs(1)).await;
-    }
-    false
-}
-
+/// What the services held when the soak ended (`observe::gather`).
 #[derive(Default)]
+pub struct Observed {
+    /// The stored result of each planned id that has one.
+    pub results: HashMap<String, JobResult>,
+    /// Ids with a stored result that no planned message carries.
+    pub unplanned_results: Vec<String>,
+    /// How many times each id was announced on `{prefix}:results` (once per stored result).
+    pub announced: HashMap<String, u32>,
+    /// Every message of the dead-letter queue: body and `x-ddit-reason`.
+    pub dead: Vec<(Vec<u8>, Option<String>)>,
+    /// Runs of each job seen doing work: its progress stream starting over (a step at or below
+    /// the one before), or a worker logging that its finished copy lost to a stored result.
+    pub runs: HashMap<String, u32>,
+    /// The sha256 each named output's object has (or why it could not be read), by URI.
+    pub objects: HashMap<String, Result<String, String>>,
+    /// Lines of the workers' logs that report a panic.
+    pub panics: Vec<String>,
+}
+
+#[derive(Default, Debug, PartialEq, Eq)]
 pub struct Tally {
-    jobs: usize,
-    lost: usize,
-    duplicates: usize,
-    mismatched: usize,
-    without_result: usize,
-    dead_lettered: usize,
-    panics: usize,
+    pub jobs: usize,
+    pub lost: usize,
+    pub duplicates: usize,
+    pub ran_twice: usize,
+    pub mismatched: usize,
+    pub without_result: usize,
+    pub empty_success: usize,
+    pub good_dead_lettered: usize,
+    pub dead_lettered: usize,
+    pub panics: usize,
     pub details: String,
 }
 
+/// A succeeded result with nothing in it: no image from `generate`, no text from the others.
+fn empty(r: &JobResult) -> bool {
+    match r.task.as_deref() {
+        Some("generate") => r.outputs.is_empty() || r.outputs.iter().any(|o| o.sha256.is_empty()),
+        _ => r.text.as_deref().is_none_or(|t| t.trim().is_empty()),
+    }
+}
+
+/// Whether a result is the refusal a hostile job's plan expects: failed, and final.
+fn refused(r: &JobResult) -> bool {
+    r.status == Status::Failed && r.error.as_ref().is_some_and(|e| !e.retryable)
+}
+
 impl Tally {
-    pub async fn count(
-        names: &Names,
-        url: &str,
-        plan: &Plan,
-        announced: &Announced,
-        logs: &[String],
-    ) -> Self {
+    pub fn judge(plan: &Plan, delivery_limit: u32, seen: &Observed) -> Self {
         let mut t = Self {
-            jobs: (plan.msgs.iter())
-                .filter(|m| m.expect == Expect::Succeeds)
-                .filter_map(|m| m.id.as_ref())
-                .collect::<HashSet<_>>()
-                .len(),
+            jobs: plan.good_ids().len(),
             ..Self::default()
         };
-        let ids = plan.result_ids();
-        let stored = results(names, url, &ids).await.unwrap();
-        let by_id: HashMap<&str, JobResult> = ids
-            .iter()
-            .zip(&stored)
-            .filter_map(|(id, v)| Some((id.as_str(), serde_json::from_str(v.as_ref()?).ok()?)))
-            .collect();
-        t.endings(names, plan, &by_id);
-        t.dead_letters(names, plan).await;
-        t.second_results(announced, &ids, names, url).await;
-        t.outputs(names, by_id.values()).await;
-        t.panics = logs
-            .iter()
-            .flat_map(|l| l.lines())
-            .filter(|l| l.contains("panicked at") || l.contains("panic in"))
-            .inspect(|l| t.details.push_str(&format!("panic: {l}\n")))
-            .count();
+        t.endings(plan, delivery_limit, seen);
+        t.dead_letters(plan, seen);
+        t.second_results(plan, seen);
+        t.second_runs(plan, seen);
+        t.outputs(seen);
+        t.panics = seen.panics.len();
+        for l in &seen.panics {
+            t.note(format!("panic: {l}"));
+        }
         t
     }
 
-    /// Each message against what it must end with.
-    fn endings(&mut self, names: &Names, plan: &Plan, by_id: &HashMap<&str, JobResult>) {
+    fn note(&mut self, line: String) {
+        self.details.push_str(&line);
+        self.details.push('\n');
+    }
+
+    /// Each planned id against the ending its plan names.
+    fn endings(&mut self, plan: &Plan, limit: u32, seen: &Observed) {
         let mut judged = HashSet::new();
         for m in &plan.msgs {
             let Some(id) = &m.id else { continue };
             if !judged.insert(id) {
                 continue; // the second copy of a job published twice
             }
-            let Some(r) = by_id.get(id.as_str()) else {
+            let Some(r) = seen.results.get(id) else {
                 self.without_result += 1;
-                self.details.push_str(&format!("{id}: no result\n"));
+                self.note(format!("{id}: no result ({:?})", m.expect));
                 continue;
             };
-            let true_ending = match m.expect {
+            let ok = match m.expect {
+                Expect::Succeeds if r.status == Status::Succeeded && empty(r) => {
+                    self.empty_success += 1;
+                    self.note(format!("{id}: succeeded with nothing in it: {r:?}"));
+                    continue;
+                }
                 Expect::Succeeds => r.status == Status::Succeeded,
                 Expect::FailsForever => {
                     r.status == Status::Failed
-                        && r.attempts == Some(names.delivery_limit)
-                        && r.error
-                            .as_ref()
-                            .is_some_and(|e| e.kind == ErrorKind::Unavailable)
+                        && r.attempts == Some(limit)
+                        && (r.error.as_ref()).is_some_and(|e| e.kind == ErrorKind::Unavailable)
                 }
+                Expect::Refused => refused(r),
                 Expect::Fuzz => true,
             };
-            if !true_ending {
+            if !ok {
                 self.lost += 1;
-                self.details.push_str(&format!(
-                    "{id}: ended {:?} after {:?} attempts: {:?}\n",
+                self.note(format!(
+                    "{id}: ended {:?} after {:?} attempts: {:?}",
                     r.status, r.attempts, r.error
                 ));
             }
         }
     }
 
-    /// Every message without a usable id, and every job failed for good, is in the DLQ.
-    async fn dead_letters(&mut self, names: &Names, plan: &Plan) {
-        let dead = take_dead_letters(names).await;
-        self.dead_lettered = dead.len();
-        let mut bodies: HashMap<&[u8], usize> = HashMap::new();
-        for (body, _) in &dead {
-            *bodies.entry(body.as_slice()).or_default() += 1;
+    /// Each dead letter is matched to a planned message by its body. A message must be there
+    /// when it has no usable id or its job ended `failed`, and must not be when its job is a
+    /// good one; a dead letter no planned message accounts for is a second ending.
+    fn dead_letters(&mut self, plan: &Plan, seen: &Observed) {
+        let mut left: HashMap<&[u8], usize> = HashMap::new();
+        for (body, _) in &seen.dead {
+            *left.entry(body.as_slice()).or_default() += 1;
         }
         for m in &plan.msgs {
-            let must = m.id.is_none() || m.expect == Expect::FailsForever;
-            if must && bodies.get(m.body.as_slice()).copied().unwrap_or(0) == 0 {
-                self.lost += 1;
-                let shown = String::from_utf8_lossy(&m.body[..m.body.len().min(80)]).into_owned();
-                self.details
-                    .push_str(&format!("not dead-lettered: {shown:?}\n"));
-            }
-        }
-        let reasonless = dead.iter().filter(|(_, r)| r.is_none()).count();
-        self.details.push_str(&format!(
-            "dead letters: {} ({reasonless} without an x-ddit-reason: failed jobs, whose reason is their result)\n",
-            dead.len()
-        ));
-    }
-
-    /// A job announced twice stored two results; a result under an id nobody sent is one too.
-    async fn second_results(
-        &mut self,
-        announced: &Announced,
-        ids: &[String],
-        names: &Names,
-        url: &str,
-    ) {
-        let seen = announced.lock().unwrap().clone();
-        for (id, n) in &seen {
-            if *n > 1 {
-                self.duplicates += (*n - 1) as usize;
-                self.details
-                    .push_str(&format!("{id}: {n} results announced\n"));
-            }
-        }
-        let known: HashSet<&String> = ids.iter().collect();
-        let mut r = connect(url).await.unwrap();
-        let keys: Vec<String> =
-            redis::AsyncCommands::keys(&mut r, format!("{}:result:*", names.redis_prefix))
-                .await
-                .unwrap();
-        let prefix = format!("{}:result:", names.redis_prefix);
-        for k in keys {
-            let id = k.strip_prefix(&prefix).unwrap_or(&k).to_string();
-            if !known.contains(&id) {
-                self.duplicates += 1;
-                self.details
-                    .push_str(&format!("a result nobody asked for: {k}\n"));
-            }
-        }
-    }
-
-    /// Every output a result names is in S3 with its sha256; objects no result names (a losing
-    /// copy killed before its cleanup) are listed, and harmless.
-    async fn outputs<'a>(&mut self, names: &Names, results: impl Iterator<Item = &'a JobResult>) {
-        let s3 = s3_client().await;
-        let mut named = HashSet::new();
-        for o in results.flat_map(|r| &r.outputs) {
-            let key = s3_key(&o.uri).to_string();
-            let sha = object_sha256(&s3, &key).await.unwrap_or_else(|e| e);
-            if sha != o.sha256 {
-                self.mismatched += 1;
-                self.details
-                    .push_str(&format!("{key}: {sha} but the result says {}\n", o.sha256));
-            }
-            named.insert(key);
-        }
-        let mut orphans = BTreeSet::new();
-        let mut pages = s3
-            .list_objects_v2()
-            .bucket(bucket())
-            .prefix(format!("{}/", names.s3_prefix))
-            .into_paginator()
-            .send();
-        while let Some(page) = pages.next().await {
-            for o in page.unwrap().contents() {
-                let key = o.key().unwrap_or_default();
-                if !named.contains(key) && !key.contains("/inputs/") {
-                    orphans.insert(key.to_string());
+            let failed = (m.id.as_ref())
+                .and_then(|id| seen.results.get(id))
+                .is_some_and(|r| r.status == Status::Failed);
+            let must = m.id.is_none() || (failed && m.expect != Expect::Succeeds);
+            let there = left.get_mut(m.body.as_slice()).filter(|n| **n > 0);
+            let shown = String::from_utf8_lossy(&m.body[..m.body.len().min(80)]).into_owned();
+            match there {
+                Some(n) => {
+                    *n -= 1;
+                    self.dead_lettered += 1;
+                    if m.expect == Expect::Succeeds {
+                        self.good_dead_lettered += 1;
+                        self.note(format!("a good job dead-lettered: {shown}"));
+                    }
                 }
+                None if must => {
+                    self.lost += 1;
+                    self.note(format!("not dead-lettered: {shown:?}"));
+                }
+                None => {}
             }
         }
-        let some: Vec<&String> = orphans.iter().take(5).collect();
-        self.details.push_str(&format!(
-            "objects no result names (losing copies killed before their cleanup): {} {some:?}\n",
-            orphans.len()
+        let extra: usize = left.values().sum();
+        if extra > 0 {
+            self.duplicates += extra;
+            self.note(format!(
+                "{extra} dead letters no planned message accounts for"
+            ));
+        }
+        let reasonless = seen.dead.iter().filter(|(_, r)| r.is_none()).count();
+        self.note(format!(
+            "dead letters: {} ({reasonless} without an x-ddit-reason: failed jobs, whose reason is their result)",
+            seen.dead.len()
         ));
+    }
+
+    /// A planned id announced more than once stored a second result; a result under an id no
+    /// planned message carries is one too.
+    fn second_results(&mut self, plan: &Plan, seen: &Observed) {
+        let planned: HashSet<String> = plan.result_ids().into_iter().collect();
+        let announced: BTreeMap<&String, &u32> = seen.announced.iter().collect();
+        for (id, n) in announced {
+            if *n > 1 && planned.contains(id.as_str()) {
+                self.duplicates += (*n - 1) as usize;
+                self.note(format!("{id}: {n} results announced"));
+            }
+        }
+        for id in &seen.unplanned_results {
+            self.duplicates += 1;
+            self.note(format!("a result nobody asked for: {id}"));
+        }
+    }
+
+    /// Good jobs that more than one run worked on (informational: a SIGKILL makes some).
+    fn second_runs(&mut self, plan: &Plan, seen: &Observed) {
+        let mut twice: Vec<(&str, u32)> = plan
+            .good_ids()
+            .into_iter()
+            .filter_map(|id| Some((id, *seen.runs.get(id)?)))
+            .filter(|(_, n)| *n > 1)
+            .collect();
+        twice.sort_unstable();
+        self.ran_twice = twice.len();
+        let some: Vec<_> = twice.iter().take(8).collect();
+        self.note(format!("ran more than once: {} {some:?}", twice.len()));
+    }
+
+    /// Every output a stored result names is in S3 with its sha256.
+    fn outputs(&mut self, seen: &Observed) {
+        let mut named: Vec<(&String, &String)> = (seen.results.values())
+            .flat_map(|r| &r.outputs)
+            .map(|o| (&o.uri, &o.sha256))
+            .collect();
+        named.sort_unstable();
+        for (uri, sha) in named {
+            let found = seen.objects.get(uri).cloned();
+            let found = found.unwrap_or_else(|| Err("never read".into()));
+            if found.as_ref() != Ok(sha) {
+                self.mismatched += 1;
+                self.note(format!("{uri}: {found:?} but the result says {sha}"));
+            }
+        }
     }
 
     pub fn clean(&self) -> bool {
-        self.lost + self.duplicates + self.mismatched + self.without_result + self.panics == 0
+        self.lost
+            + self.duplicates
+            + self.mismatched
+            + self.without_result
+            + self.empty_success
+            + self.good_dead_lettered
+            + self.panics
+            == 0
     }
 
     pub fn line(&self) -> String {
         format!(
-            "soak: jobs={} lost={} duplicates={} mismatched={} without_result={} dead_lettered={} panics={}",
+            "soak: jobs={} lost={} duplicates={} ran_twice={} mismatched={} without_result={} \
+             empty_success={} good_dead_lettered={} dead_lettered={} panics={}",
             self.jobs,
             self.lost,
             self.duplicates,
+            self.ran_twice,
             self.mismatched,
             self.without_result,
+            self.empty_success,
+            self.good_dead_lettered,
             self.dead_lettered,
             self.panics
         )
     }
 }
+
+#[cfg(test)]
+#[path = "tally_tests.rs"]
+mod tests;

@@ -1,0 +1,207 @@
+//! What the soak test reads from the services: announcements and progress while it runs, and at
+//! the end the stored results, the dead letters, the objects and the workers' logs.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use ddit_e2e::*;
+use ddit_schemas::{JobResult, Progress};
+use futures_util::StreamExt;
+
+use super::jobs::Plan;
+use super::tally::Observed;
+
+/// What the workers announced while the soak ran.
+#[derive(Default)]
+pub struct Heard {
+    /// Results announced on `{prefix}:results`, by id (a worker announces only what it stored).
+    announced: HashMap<String, u32>,
+    /// Per job: its last progress step, and how many runs its progress showed (a step at or
+    /// below the one before starts a new run).
+    progress: HashMap<String, (u64, u32)>,
+}
+
+pub type Listener = Arc<Mutex<Heard>>;
+
+impl Heard {
+    fn hear(&mut self, channel: &str, results: &str, payload: String) {
+        if channel == results {
+            *self.announced.entry(payload).or_default() += 1;
+            return;
+        }
+        let Ok(p) = serde_json::from_str::<Progress>(&payload) else {
+            return;
+        };
+        let e = self.progress.entry(p.job_id).or_insert((u64::MAX, 0));
+        if p.step <= e.0 {
+            e.1 += 1;
+        }
+        e.0 = p.step;
+    }
+}
+
+/// Subscribes to the results channel and every job's progress, reconnecting across the Redis
+/// restart (what is published while it is down is not heard: the runs it counts are a floor).
+pub fn listen(url: &str, prefix: &str) -> Listener {
+    let heard = Listener::default();
+    let (url, out) = (url.to_string(), heard.clone());
+    let results = format!("{prefix}:results");
+    let progress = format!("{prefix}:progress:*");
+    tokio::spawn(async move {
+        loop {
+            if let Ok(mut ps) = async {
+                let c = redis::Client::open(url.as_str())?;
+                let mut ps = c.get_async_pubsub().await?;
+                ps.subscribe(&results).await?;
+                ps.psubscribe(&progress).await?;
+                Ok::<_, redis::RedisError>(ps)
+            }
+            .await
+            {
+                let mut messages = ps.on_message();
+                while let Some(m) = messages.next().await {
+                    if let Ok(payload) = m.get_payload::<String>() {
+                        let channel = m.get_channel_name().to_string();
+                        out.lock().unwrap().hear(&channel, &results, payload);
+                    }
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    });
+    heard
+}
+
+async fn connect(url: &str) -> Option<redis::aio::MultiplexedConnection> {
+    let c = redis::Client::open(url).ok()?;
+    c.get_multiplexed_async_connection().await.ok()
+}
+
+async fn stored(names: &Names, url: &str, ids: &[String]) -> Option<Vec<Option<String>>> {
+    let mut r = connect(url).await?;
+    let keys: Vec<String> = ids
+        .iter()
+        .map(|i| format!("{}:result:{i}", names.redis_prefix))
+        .collect();
+    redis::AsyncCommands::mget(&mut r, &keys).await.ok()
+}
+
+/// Waits until every id has a result and the work and retry queues are empty, or `limit`
+/// passes; returns whether it ended. The tally runs either way.
+pub async fn wait_done(names: &Names, url: &str, ids: &[String], limit: Duration) -> bool {
+    let start = Instant::now();
+    let mut last = 0;
+    while start.elapsed() < limit {
+        let have = (stored(names, url, ids).await).map_or(0, |v| v.iter().flatten().count());
+        if have != last {
+            eprintln!(
+                "soak: {have} of {} results at {:?}",
+                ids.len(),
+                start.elapsed()
+            );
+            last = have;
+        }
+        let drained = have == ids.len()
+            && queue_depth(names, &names.queue).await == 0
+            && retry_depth(names).await == 0;
+        if drained {
+            // The last dead-letterings follow their results.
+            tokio::time::sleep(Duration::from_secs(3)).await;
+            return true;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    false
+}
+
+/// A log without its colours.
+fn plain(line: &str) -> String {
+    let mut out = String::with_capacity(line.len());
+    let mut rest = line;
+    while let Some(i) = rest.find('\x1b') {
+        out.push_str(&rest[..i]);
+        rest = rest[i..].find('m').map_or("", |j| &rest[i + j + 1..]);
+    }
+    out + rest
+}
+
+/// From the workers' logs: the panics, and per job the copies that finished and then found a
+/// result already stored (each a run that did the whole work a second time).
+fn read_logs(logs: &[String], seen: &mut Observed) -> HashMap<String, u32> {
+    let mut lost_races = HashMap::new();
+    for line in logs.iter().flat_map(|l| l.lines()).map(plain) {
+        if line.contains("panicked at") || line.contains("panic in") {
+            seen.panics.push(line);
+        } else if line.contains("a result already existed") {
+            let id = line
+                .split("job_id=")
+                .nth(1)
+                .and_then(|s| s.split([' ', '}']).next());
+            if let Some(id) = id {
+                *lost_races.entry(id.to_string()).or_default() += 1;
+            }
+        }
+    }
+    lost_races
+}
+
+async fn read_objects(seen: &mut Observed) {
+    let s3 = s3_client().await;
+    let uris: HashSet<String> = (seen.results.values())
+        .flat_map(|r| &r.outputs)
+        .map(|o| o.uri.clone())
+        .collect();
+    for uri in uris {
+        let found = match uri.strip_prefix(&format!("s3://{}/", bucket())) {
+            Some(key) => object_sha256(&s3, key).await,
+            None => Err("not in the test bucket".into()),
+        };
+        seen.objects.insert(uri, found);
+    }
+}
+
+/// Everything the tally judges, read once the soak has stopped.
+pub async fn gather(
+    names: &Names,
+    url: &str,
+    plan: &Plan,
+    heard: &Listener,
+    logs: &[String],
+) -> Observed {
+    let mut seen = Observed::default();
+    let ids = plan.result_ids();
+    let values = stored(names, url, &ids).await.unwrap_or_default();
+    for (id, v) in ids.iter().zip(values) {
+        // An unreadable result counts as none (`without_result`).
+        match v.map(|v| serde_json::from_str::<JobResult>(&v)) {
+            Some(Ok(r)) => drop(seen.results.insert(id.clone(), r)),
+            Some(Err(e)) => eprintln!("soak: {id}: an unreadable result: {e}"),
+            None => {}
+        }
+    }
+    let prefix = format!("{}:result:", names.redis_prefix);
+    let mut r = connect(url).await.expect("the soak's redis");
+    let keys: Vec<String> = redis::AsyncCommands::keys(&mut r, format!("{prefix}*"))
+        .await
+        .unwrap_or_default();
+    let planned: HashSet<&String> = ids.iter().collect();
+    seen.unplanned_results = (keys.iter())
+        .map(|k| k.strip_prefix(&prefix).unwrap_or(k).to_string())
+        .filter(|id| !planned.contains(id))
+        .collect();
+    seen.dead = take_dead_letters(names).await;
+    let lost_races = read_logs(logs, &mut seen);
+    let heard = heard.lock().unwrap();
+    seen.announced = heard.announced.clone();
+    for (id, (_, runs)) in &heard.progress {
+        let raced = lost_races.get(id).copied().unwrap_or(0);
+        seen.runs.insert(id.clone(), (*runs).max(1 + raced));
+    }
+    for (id, raced) in lost_races {
+        seen.runs.entry(id).or_insert(1 + raced);
+    }
+    drop(heard);
+    read_objects(&mut seen).await;
+    seen
+}
