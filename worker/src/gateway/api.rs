@@ -172,15 +172,14 @@ async fn submit_job(
     req: Request,
 ) -> Result<Response, ApiError> {
     // Counted, and a place reserved for a fresh id, while the body is read.
-    let counted = limits::admit_meanwhile(&gw, &client);
-    let presumed = submit::Presumed::reserve_meanwhile(&gw, &client)?;
+    let admitted = submit::Presumed::admit_meanwhile(&gw, &client)?;
     let parsed = async {
         let key = idempotency_key(req.headers())?;
         let (job, image) = job_body(&gw, req).await?;
         Ok::<_, ApiError>((key, submit::prepare(&gw, &client, job, image, "")?))
     }
     .await;
-    let (counted, presumed) = tokio::join!(counted, presumed);
+    let (counted, presumed) = admitted.await;
     let (key, prepared) = match counted.and(parsed) {
         Ok(p) => p,
         Err(e) => {

@@ -18,7 +18,7 @@ use super::Gateway;
 /// The limits of one client (`0`: unlimited).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limits {
-    /// Requests per minute, over all of the gateway's replicas (a fixed window in Redis).
+    /// Requests per minute, over all of the gateway's replicas (a sliding window in Redis).
     pub requests_per_minute: u64,
     /// Accepted jobs without a result yet.
     pub jobs_in_flight: usize,

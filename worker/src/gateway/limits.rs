@@ -12,6 +12,7 @@ use axum::http::StatusCode;
 use super::auth::Client;
 use super::error::ApiError;
 use super::Gateway;
+use crate::adapters::redis::gateway::{Places, PlacesAsk, RateAsk};
 
 /// The rate window.
 const WINDOW_SECS: u64 = 60;
@@ -33,17 +34,68 @@ impl Limiter {
 
 /// Counts one request of `client`; 429 with `Retry-After` over its rate.
 pub async fn admit(gw: &Gateway, client: &Client) -> Result<(), ApiError> {
-    let rpm = client.limits.requests_per_minute;
-    if rpm == 0 {
-        return Ok(());
+    ask(gw, client, true, &[]).await.0
+}
+
+/// Counts one request of `client` and, when it is admitted, reserves places in flight for
+/// `job_ids` (scoped ids), all or none: one Redis round trip. The first result is the count's
+/// (429 over the rate), the second the places' (429 when they do not fit; also an error when the
+/// request was refused, since nothing was reserved).
+pub async fn admit_with_places(
+    gw: &Gateway,
+    client: &Client,
+    job_ids: &[&str],
+) -> (Result<(), ApiError>, Result<(), ApiError>) {
+    ask(gw, client, true, job_ids).await
+}
+
+/// [`admit_with_places`], counting the request only when `count`.
+async fn ask(
+    gw: &Gateway,
+    client: &Client,
+    count: bool,
+    job_ids: &[&str],
+) -> (Result<(), ApiError>, Result<(), ApiError>) {
+    let rpm = if count {
+        client.limits.requests_per_minute
+    } else {
+        0
+    };
+    let limit = client.limits.jobs_in_flight;
+    let member = format!(
+        "{}-{}",
+        gw.limiter.replica,
+        gw.limiter.seq.fetch_add(1, Ordering::Relaxed)
+    );
+    let rate = (rpm > 0).then_some(RateAsk {
+        limit: rpm,
+        window_secs: WINDOW_SECS,
+        member: &member,
+    });
+    let places = (limit > 0 && !job_ids.is_empty()).then_some(PlacesAsk { job_ids, limit });
+    if let Some(p) = &places {
+        if p.job_ids.len() > limit {
+            let e = ApiError::invalid(
+                "jobs",
+                format!(
+                    "{} jobs; this client's in-flight limit is {limit}",
+                    job_ids.len()
+                ),
+            );
+            return (Err(e.clone()), Err(e));
+        }
     }
-    let seq = gw.limiter.seq.fetch_add(1, Ordering::Relaxed);
-    let member = format!("{}-{seq}", gw.limiter.replica);
-    match gw
-        .redis
-        .count_request(&client.name, rpm, WINDOW_SECS, &member)
-        .await?
-    {
+    if rate.is_none() && places.is_none() {
+        return (Ok(()), Ok(()));
+    }
+    let admission = match gw.redis.admit(&client.name, rate, places).await {
+        Ok(a) => a,
+        Err(e) => {
+            let e = ApiError::from(e);
+            return (Err(e.clone()), Err(e));
+        }
+    };
+    let counted = match admission.rate_wait_secs {
         None => Ok(()),
         Some(wait) => {
             gw.metrics.limited.inc();
@@ -54,7 +106,28 @@ pub async fn admit(gw: &Gateway, client: &Client) -> Result<(), ApiError> {
             )
             .retry_after(wait))
         }
-    }
+    };
+    let placed = match admission.places {
+        Places::Reserved => Ok(()),
+        Places::NotAsked if job_ids.is_empty() || limit == 0 => Ok(()),
+        Places::NotAsked => Err(counted
+            .clone()
+            .err()
+            .unwrap_or_else(|| ApiError::internal("places in flight were not reserved"))),
+        Places::Refused { open } => {
+            gw.metrics.limited.inc();
+            Err(ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "too_many_jobs",
+                format!(
+                    "{open} jobs in flight and {} more; the limit is {limit}",
+                    job_ids.len()
+                ),
+            )
+            .retry_after(5))
+        }
+    };
+    (counted, placed)
 }
 
 /// [`admit`] in a task of its own, for a handler that reads its body meanwhile: the request
@@ -73,38 +146,7 @@ pub fn admit_meanwhile(
 }
 
 /// Reserves places in flight for `job_ids` (scoped ids) of `client`, all or none; 429 with
-/// `Retry-After` when they do not fit.
+/// `Retry-After` when they do not fit. Counts no request.
 pub async fn reserve(gw: &Gateway, client: &Client, job_ids: &[&str]) -> Result<(), ApiError> {
-    let limit = client.limits.jobs_in_flight;
-    if limit == 0 || job_ids.is_empty() {
-        return Ok(());
-    }
-    if job_ids.len() > limit {
-        return Err(ApiError::invalid(
-            "jobs",
-            format!(
-                "{} jobs; this client's in-flight limit is {limit}",
-                job_ids.len()
-            ),
-        ));
-    }
-    match gw
-        .redis
-        .reserve_in_flight(&client.name, job_ids, limit)
-        .await?
-    {
-        None => Ok(()),
-        Some(open) => {
-            gw.metrics.limited.inc();
-            Err(ApiError::new(
-                StatusCode::TOO_MANY_REQUESTS,
-                "too_many_jobs",
-                format!(
-                    "{open} jobs in flight and {} more; the limit is {limit}",
-                    job_ids.len()
-                ),
-            )
-            .retry_after(5))
-        }
-    }
+    ask(gw, client, false, job_ids).await.1
 }

@@ -443,21 +443,25 @@ pub struct Presumed {
 }
 
 impl Presumed {
-    /// Reserves a place for a fresh id in a task of its own, while the handler reads the body
-    /// (a fresh job, the common case, then waits for no Redis round trip of its own).
-    pub fn reserve_meanwhile(
+    /// Counts the request and reserves a place for a fresh id, in one Redis round trip, in a task
+    /// of its own while the handler reads the body (a fresh job, the common case, then waits for
+    /// no round trip of its own). The first result is the count's.
+    pub fn admit_meanwhile(
         gw: &Arc<Gateway>,
         client: &Client,
-    ) -> Result<impl std::future::Future<Output = Presumed>, ApiError> {
+    ) -> Result<impl std::future::Future<Output = (Result<(), ApiError>, Presumed)>, ApiError> {
         let id = new_job_id()?;
         let (gw, client, key) = (gw.clone(), client.clone(), client.scoped(&id));
-        let reserving =
-            tokio::spawn(async move { super::limits::reserve(&gw, &client, &[&key]).await });
+        let admitting =
+            tokio::spawn(
+                async move { super::limits::admit_with_places(&gw, &client, &[&key]).await },
+            );
         Ok(async move {
-            let reserved = reserving
-                .await
-                .unwrap_or_else(|e| Err(ApiError::internal(format!("reserving: {e}"))));
-            Presumed { id, reserved }
+            let (counted, reserved) = admitting.await.unwrap_or_else(|e| {
+                let e = ApiError::internal(format!("admitting: {e}"));
+                (Err(e.clone()), Err(e))
+            });
+            (counted, Presumed { id, reserved })
         })
     }
 

@@ -36,6 +36,39 @@ pub struct JobRecord {
     pub token: String,
 }
 
+/// A request to count against a client's rate: at most `limit` requests in any `window_secs`.
+pub struct RateAsk<'a> {
+    pub limit: u64,
+    pub window_secs: u64,
+    pub member: &'a str,
+}
+
+/// Places in flight to reserve, for `job_ids` (scoped ids), within `limit`.
+pub struct PlacesAsk<'a> {
+    pub job_ids: &'a [&'a str],
+    pub limit: usize,
+}
+
+/// What [`ResultStore::admit`] decided.
+#[derive(Debug, PartialEq)]
+pub struct Admission {
+    /// `Some(secs)` when the request was over its rate: the seconds until one would be admitted.
+    pub rate_wait_secs: Option<u64>,
+    pub places: Places,
+}
+
+/// Whether places in flight were reserved.
+#[derive(Debug, PartialEq)]
+pub enum Places {
+    Reserved,
+    /// They would pass the limit: `open` jobs are in flight.
+    Refused {
+        open: usize,
+    },
+    /// None were asked for, or the request was over its rate.
+    NotAsked,
+}
+
 /// A job as the gateway sees it, read in one round trip.
 #[derive(Debug, Default)]
 pub struct JobView {
@@ -158,100 +191,89 @@ impl ResultStore {
         Ok(old.unwrap_or_else(|| job_id.to_string()))
     }
 
-    /// Counts one request of `client` against `limit` requests in any `window_secs` (a sliding
-    /// window on Redis's clock, so replicas' clocks do not matter): `Ok(None)` when admitted,
-    /// `Ok(Some(secs))` when refused, with the seconds until a request would be admitted. A
-    /// refused request is not recorded. `member` must be unique to this request.
-    pub async fn count_request(
+    /// Admits one request of `client` in one atomic script (so replicas' clocks, and concurrent
+    /// requests on any replicas, do not matter):
+    /// - `rate`, when given: counts it against `limit` requests in any `window_secs` (a sliding
+    ///   window on Redis's clock; `member` unique to this request). A refused request is not
+    ///   recorded, and reserves nothing.
+    /// - `places`, when given: reserves places for its job ids among the client's jobs in flight,
+    ///   all or none. At the limit the script first drops the jobs that have a result, and the
+    ///   places older than a claim whose job was never recorded (the set holds at most `limit`).
+    pub async fn admit(
         &self,
         client: &str,
-        limit: u64,
-        window_secs: u64,
-        member: &str,
-    ) -> Result<Option<u64>> {
+        rate: Option<RateAsk<'_>>,
+        places: Option<PlacesAsk<'_>>,
+    ) -> Result<Admission> {
         static SCRIPT: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
             redis::Script::new(
                 r"
-                local t = redis.call('TIME')
-                local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-                local window = tonumber(ARGV[2]) * 1000
-                redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - window)
-                if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[1]) then
-                    local oldest = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
-                    return tonumber(oldest[2]) + window - now
+                local rate_limit, window = tonumber(ARGV[1]), tonumber(ARGV[2]) * 1000
+                if rate_limit > 0 then
+                    local t = redis.call('TIME')
+                    local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+                    redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - window)
+                    if redis.call('ZCARD', KEYS[1]) >= rate_limit then
+                        local oldest = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
+                        return {tonumber(oldest[2]) + window - now, -2}
+                    end
+                    redis.call('ZADD', KEYS[1], now, ARGV[3])
+                    redis.call('PEXPIRE', KEYS[1], window)
                 end
-                redis.call('ZADD', KEYS[1], now, ARGV[3])
-                redis.call('PEXPIRE', KEYS[1], window)
-                return -1",
-            )
-        });
-        let mut c = self.conn.clone();
-        let wait_ms: i64 = SCRIPT
-            .key(self.gw_key("rate", client))
-            .arg(limit)
-            .arg(window_secs)
-            .arg(member)
-            .invoke_async(&mut c)
-            .await
-            .map_err(unavailable)?;
-        Ok((wait_ms >= 0).then(|| (wait_ms as u64).div_ceil(1000).max(1)))
-    }
-
-    /// Reserves places for `job_ids` among `client`'s jobs in flight, all or none: `Ok(None)`
-    /// when reserved, `Ok(Some(open))` when `limit` would be passed (`open`: the jobs in flight).
-    /// Atomic, so concurrent requests on any replicas never pass the limit together. At the
-    /// limit the script drops the jobs that have a result, and the places older than a claim
-    /// whose job was never recorded (the set holds at most `limit`).
-    pub async fn reserve_in_flight(
-        &self,
-        client: &str,
-        job_ids: &[&str],
-        limit: usize,
-    ) -> Result<Option<usize>> {
-        static SCRIPT: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
-            redis::Script::new(
-                r"
-                local limit = tonumber(ARGV[1])
-                redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[3])
+                local limit = tonumber(ARGV[4])
+                if limit == 0 or #ARGV < 11 then return {-1, -1} end
+                redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', ARGV[6])
                 local more = 0
-                for i = 8, #ARGV do
-                    if not redis.call('ZSCORE', KEYS[1], ARGV[i]) then more = more + 1 end
+                for i = 11, #ARGV do
+                    if not redis.call('ZSCORE', KEYS[2], ARGV[i]) then more = more + 1 end
                 end
-                local n = redis.call('ZCARD', KEYS[1])
+                local n = redis.call('ZCARD', KEYS[2])
                 if n + more > limit then
-                    local claims = tonumber(ARGV[4]) - tonumber(ARGV[7])
-                    local all = redis.call('ZRANGE', KEYS[1], 0, -1, 'WITHSCORES')
+                    local claims = tonumber(ARGV[7]) - tonumber(ARGV[10])
+                    local all = redis.call('ZRANGE', KEYS[2], 0, -1, 'WITHSCORES')
                     for i = 1, #all, 2 do
                         local id, at = all[i], tonumber(all[i + 1])
-                        local finished = redis.call('EXISTS', ARGV[2] .. id) == 1
+                        local finished = redis.call('EXISTS', ARGV[5] .. id) == 1
                         -- a place whose request never recorded its job (a gateway that died)
-                        local orphan = at < claims and redis.call('EXISTS', ARGV[6] .. id) == 0
+                        local orphan = at < claims and redis.call('EXISTS', ARGV[9] .. id) == 0
                         if finished or orphan then
-                            redis.call('ZREM', KEYS[1], id)
+                            redis.call('ZREM', KEYS[2], id)
                             n = n - 1
                         end
                     end
-                    if n + more > limit then return n end
+                    if n + more > limit then return {-1, n} end
                 end
-                for i = 8, #ARGV do redis.call('ZADD', KEYS[1], ARGV[4], ARGV[i]) end
-                redis.call('EXPIRE', KEYS[1], ARGV[5])
-                return -1",
+                for i = 11, #ARGV do redis.call('ZADD', KEYS[2], ARGV[7], ARGV[i]) end
+                redis.call('EXPIRE', KEYS[2], ARGV[8])
+                return {-1, -1}",
             )
         });
         let now = crate::clock::unix_secs();
         let mut c = self.conn.clone();
-        let mut call = SCRIPT.key(self.gw_key("open", client));
-        call.arg(limit)
+        let mut call = SCRIPT.key(self.gw_key("rate", client));
+        call.key(self.gw_key("open", client));
+        match &rate {
+            Some(r) => call.arg(r.limit).arg(r.window_secs).arg(r.member),
+            None => call.arg(0).arg(0).arg(""),
+        };
+        call.arg(places.as_ref().map_or(0, |p| p.limit))
             .arg(self.result_key(""))
             .arg(now.saturating_sub(self.cfg.result_ttl_secs))
             .arg(now)
             .arg(self.cfg.result_ttl_secs)
             .arg(self.gw_key("job", ""))
             .arg(CLAIM_TTL_SECS);
-        for id in job_ids {
+        for id in places.iter().flat_map(|p| p.job_ids) {
             call.arg(*id);
         }
-        let open: i64 = call.invoke_async(&mut c).await.map_err(unavailable)?;
-        Ok((open >= 0).then_some(open as usize))
+        let (wait_ms, open): (i64, i64) = call.invoke_async(&mut c).await.map_err(unavailable)?;
+        Ok(Admission {
+            rate_wait_secs: (wait_ms >= 0).then(|| (wait_ms as u64).div_ceil(1000).max(1)),
+            places: match open {
+                -1 if places.is_some() => Places::Reserved,
+                n if n >= 0 => Places::Refused { open: n as usize },
+                _ => Places::NotAsked,
+            },
+        })
     }
 }
