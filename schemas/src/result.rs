@@ -57,6 +57,8 @@ pub struct Metrics {
     pub steps: u32,
     /// Largest number of jobs that shared a forward pass with this one.
     pub batch_size: u32,
+    /// Where the nodes ran, read from the sessions: every execution provider that ran one,
+    /// joined by `+` (`cpu`, `cuda`, `tensorrt+cuda`, `cuda+cpu` without strict placement).
     pub execution_provider: String,
 }
 

@@ -7,7 +7,8 @@ use anyhow::Context;
 use clap::{Args, ValueEnum};
 use ddit_schemas::Manifest;
 use ddit_worker::engine::{
-    parse_providers, Engine, EngineConfig, Package, Provider, TensorRtOptions,
+    parse_bytes, parse_providers, ArenaExtend, ConvSearch, CudaOptions, Engine, EngineConfig,
+    Package, Provider, TensorRtOptions,
 };
 use ddit_worker::image_io::ImageLimits;
 use ddit_worker::runner::{LatentMode, RunnerConfig};
@@ -56,6 +57,31 @@ pub struct EngineArgs {
     /// TensorRT: engine and timing cache root (a subfolder per model hash).
     #[arg(long, env = "DDIT_TRT_CACHE_DIR")]
     trt_cache_dir: Option<PathBuf>,
+    /// CUDA: most bytes the device arena may hold, e.g. `20GiB` (default: no limit).
+    #[arg(long, env = "DDIT_GPU_MEM_LIMIT")]
+    gpu_mem_limit: Option<String>,
+    /// CUDA: how the device arena grows: next-power-of-two or same-as-requested.
+    #[arg(
+        long,
+        default_value = "next-power-of-two",
+        env = "DDIT_ARENA_EXTEND_STRATEGY"
+    )]
+    arena_extend_strategy: String,
+    /// CUDA: how cuDNN picks convolution algorithms: exhaustive, heuristic or default.
+    #[arg(
+        long,
+        default_value = "exhaustive",
+        env = "DDIT_CUDNN_CONV_ALGO_SEARCH"
+    )]
+    cudnn_conv_algo_search: String,
+    /// One device arena shared by every session of the process instead of one per segment
+    /// (default: true with a GPU provider, false on the CPU).
+    #[arg(long, action = clap::ArgAction::Set, env = "DDIT_SHARED_ALLOCATOR")]
+    shared_allocator: Option<bool>,
+    /// Fail at start-up when any node of a segment would fall back to the CPU, naming them
+    /// (default: true with a GPU provider, false on the CPU).
+    #[arg(long, action = clap::ArgAction::Set, env = "DDIT_STRICT_PLACEMENT")]
+    strict_placement: Option<bool>,
     /// Path of libonnxruntime.so (else ORT_DYLIB_PATH, else the standard places).
     #[arg(long, env = "DDIT_ORT_LIBRARY")]
     ort_library: Option<PathBuf>,
@@ -196,6 +222,17 @@ impl EngineArgs {
                 cache_dir: self.trt_cache_dir.clone(),
                 max_batch: max_batch.max(1),
             },
+            cuda: CudaOptions {
+                mem_limit: self
+                    .gpu_mem_limit
+                    .as_deref()
+                    .map(|s| parse_bytes("gpu-mem-limit", s))
+                    .transpose()?,
+                arena_extend: ArenaExtend::parse(&self.arena_extend_strategy)?,
+                conv_search: ConvSearch::parse(&self.cudnn_conv_algo_search)?,
+            },
+            shared_allocator: self.shared_allocator,
+            strict_placement: self.strict_placement,
             ort_library: self.ort_library.clone(),
         })
     }

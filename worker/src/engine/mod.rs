@@ -4,6 +4,7 @@
 //! several inference threads holds several engines. Every method is batch-first.
 
 pub mod package;
+pub mod placement;
 pub mod profiles;
 pub mod providers;
 pub mod session;
@@ -11,7 +12,11 @@ pub mod session;
 use ddit_schemas::{Manifest, Role};
 
 pub use package::Package;
-pub use providers::{parse_providers, EngineConfig, Provider, TensorRtOptions};
+pub use placement::Placement;
+pub use providers::{
+    parse_bytes, parse_providers, ArenaExtend, ConvSearch, CudaOptions, EngineConfig, Provider,
+    TensorRtOptions,
+};
 use session::{to_host, Bound, Input, Segment};
 
 use crate::error::{Result, WorkerError};
@@ -27,7 +32,9 @@ pub enum Stream {
 
 pub struct Engine {
     pub manifest: Manifest,
-    provider: &'static str,
+    /// Where the nodes run, read from the sessions ([`Placement::label`]).
+    provider: String,
+    placement: Placement,
     text_encoder: Segment,
     context_embedder: Segment,
     timestep_embed: Segment,
@@ -58,6 +65,7 @@ impl Engine {
     /// process). Fails before serving when a graph disagrees with its manifest entry.
     pub fn load(pkg: &Package, cfg: &EngineConfig) -> Result<Self> {
         let dir = &pkg.dir;
+        pkg.check_providers(&cfg.providers)?;
         let env = session::environment(cfg)?;
         let load_role = |role: Role| -> Result<Segment> {
             let spec = pkg
@@ -75,7 +83,7 @@ impl Engine {
             .by_role(Role::JointBlocks)
             .map(|s| Segment::load(env, cfg, &pkg.path_of(s), s, &pkg.manifest))
             .collect::<Result<Vec<_>>>()?;
-        Ok(Self {
+        let mut e = Self {
             text_encoder: load_role(Role::TextEncoder)?,
             context_embedder: load_role(Role::ContextEmbedder)?,
             timestep_embed: load_role(Role::TimestepEmbed)?,
@@ -88,15 +96,46 @@ impl Engine {
             vae_decoder: load_role(Role::VaeDecoder)?,
             joint_blocks,
             bound: cfg.io_binding.then(|| cfg.device_memory()).transpose()?,
-            provider: cfg.primary(),
+            provider: String::new(),
+            placement: Placement::default(),
             tokenizer_path: pkg.tokenizer_path(),
             manifest: pkg.manifest.clone(),
-        })
+        };
+        let mut all = Placement::default();
+        for seg in e.segments() {
+            all.merge(&seg.placement);
+        }
+        e.placement = all;
+        e.provider = e.placement.label();
+        placement::observe(&e.provider);
+        Ok(e)
     }
 
-    /// The execution provider running the graphs (`cpu`, `cuda`, `tensorrt`).
-    pub fn provider(&self) -> &'static str {
-        self.provider
+    fn segments(&self) -> impl Iterator<Item = &Segment> {
+        let fixed = [
+            &self.text_encoder,
+            &self.context_embedder,
+            &self.timestep_embed,
+            &self.patch_embed,
+            &self.image_tail,
+            &self.text_tail,
+            &self.image_head,
+            &self.text_head,
+            &self.vae_encoder,
+            &self.vae_decoder,
+        ];
+        self.joint_blocks.iter().chain(fixed)
+    }
+
+    /// Where the execution providers run the graphs' nodes, read from the sessions: `cpu`,
+    /// `cuda`, `tensorrt`, or several joined by `+` ([`Placement::label`]).
+    pub fn provider(&self) -> &str {
+        &self.provider
+    }
+
+    /// Every segment's nodes by the execution provider that runs them.
+    pub fn placement(&self) -> &Placement {
+        &self.placement
     }
 
     /// Token ids `[B][L]` (equal lengths) -> text stream `[B, L, D]` (T5 then context embedder).
@@ -255,7 +294,7 @@ impl Model for Engine {
     }
 
     fn provider(&self) -> &str {
-        self.provider
+        &self.provider
     }
 
     fn encode_text(&mut self, ids: &[Vec<i64>]) -> Result<Tensor> {

@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 
 use ddit_schemas::{Manifest, SegmentSpec};
 
+use super::providers::Provider;
 use crate::error::{Result, WorkerError};
 
 /// A verified package: hand it to every engine of the process instead of re-hashing.
@@ -24,6 +25,32 @@ impl Package {
         Ok(Self {
             dir: dir.to_path_buf(),
             manifest,
+        })
+    }
+
+    /// Refuses, from the manifest alone (before any provider library loads), a package that
+    /// cannot run on the first of `providers`: int8 weights (`DynamicQuantizeMatMul`, whose
+    /// kernels only the CPU provider has) under a GPU provider, where those nodes would silently
+    /// run on the CPU (CUDA) or split the graph (TensorRT).
+    pub fn check_providers(&self, providers: &[Provider]) -> Result<()> {
+        let Some(gpu) = providers.first().filter(|p| **p != Provider::Cpu) else {
+            return Ok(());
+        };
+        let m = &self.manifest.model;
+        if m.weights_dtype != "int8" {
+            return Ok(());
+        }
+        Err(WorkerError::Provider {
+            provider: gpu.name().into(),
+            message: format!(
+                "model package {} ({}) stores int8 weights: its DynamicQuantizeMatMul nodes have \
+                 kernels only on the CPU provider, so under {} they would fall back to the CPU \
+                 or split the graph; export the package with `--weights f32` or `f16` for a \
+                 GPU, or serve this one with `--providers cpu`",
+                self.dir.display(),
+                m.name,
+                gpu.name()
+            ),
         })
     }
 

@@ -86,6 +86,110 @@ pub struct TensorRtOptions {
     pub max_batch: usize,
 }
 
+/// How a device memory arena grows when it runs out (ONNX Runtime's `arena_extend_strategy`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum ArenaExtend {
+    /// Each extension doubles (ONNX Runtime's default): fewer allocations, more slack.
+    #[default]
+    NextPowerOfTwo,
+    /// Each extension is what was asked for: no slack, so a memory limit is used tightly.
+    SameAsRequested,
+}
+
+impl ArenaExtend {
+    /// `next-power-of-two` or `same-as-requested` (`--arena-extend-strategy`).
+    pub fn parse(s: &str) -> Result<Self> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "next-power-of-two" => Ok(Self::NextPowerOfTwo),
+            "same-as-requested" => Ok(Self::SameAsRequested),
+            _ => Err(config(
+                "arena-extend-strategy",
+                format!("`{s}`: expected next-power-of-two or same-as-requested"),
+            )),
+        }
+    }
+
+    /// The value ONNX Runtime's arena configuration takes.
+    pub fn ort_value(self) -> usize {
+        match self {
+            Self::NextPowerOfTwo => 0,
+            Self::SameAsRequested => 1,
+        }
+    }
+}
+
+/// How cuDNN picks a convolution algorithm (ONNX Runtime's `cudnn_conv_algo_search`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum ConvSearch {
+    /// Benchmark every algorithm on first use of a shape (ONNX Runtime's default).
+    #[default]
+    Exhaustive,
+    /// cuDNN's heuristics, no benchmarking.
+    Heuristic,
+    /// cuDNN's default algorithm.
+    Default,
+}
+
+impl ConvSearch {
+    /// `exhaustive`, `heuristic` or `default` (`--cudnn-conv-algo-search`).
+    pub fn parse(s: &str) -> Result<Self> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "exhaustive" => Ok(Self::Exhaustive),
+            "heuristic" => Ok(Self::Heuristic),
+            "default" => Ok(Self::Default),
+            _ => Err(config(
+                "cudnn-conv-algo-search",
+                format!("`{s}`: expected exhaustive, heuristic or default"),
+            )),
+        }
+    }
+}
+
+/// CUDA provider options (for `cuda`, and for the shared device arena).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct CudaOptions {
+    /// Bytes the device arena may hold (`--gpu-mem-limit`); `None`: no limit.
+    pub mem_limit: Option<usize>,
+    pub arena_extend: ArenaExtend,
+    pub conv_search: ConvSearch,
+}
+
+/// A byte count such as `20GiB`, `512MiB`, `8GB` or `1073741824` (`flag` names it in errors).
+pub fn parse_bytes(flag: &str, s: &str) -> Result<usize> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let scale: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kib" => 1 << 10,
+        "m" | "mib" => 1 << 20,
+        "g" | "gib" => 1 << 30,
+        "kb" => 1_000,
+        "mb" => 1_000_000,
+        "gb" => 1_000_000_000,
+        _ => {
+            return Err(config(
+                flag,
+                format!("`{s}`: unknown unit (B, KiB, MiB, GiB, KB, MB, GB)"),
+            ))
+        }
+    };
+    let n: u64 = num
+        .parse()
+        .map_err(|_| config(flag, format!("`{s}` is not a byte count such as 20GiB")))?;
+    n.checked_mul(scale)
+        .and_then(|b| usize::try_from(b).ok())
+        .filter(|b| *b > 0)
+        .ok_or_else(|| config(flag, format!("`{s}` must be positive and fit in memory")))
+}
+
+fn config(name: &str, message: String) -> WorkerError {
+    WorkerError::Config {
+        name: name.into(),
+        message,
+    }
+}
+
 /// Everything the engine needs to create sessions.
 #[derive(Debug, Clone)]
 pub struct EngineConfig {
@@ -97,6 +201,13 @@ pub struct EngineConfig {
     /// Denoising steps through I/O bindings ([`crate::engine::Engine::velocity_bound`]).
     pub io_binding: bool,
     pub tensorrt: TensorRtOptions,
+    pub cuda: CudaOptions,
+    /// One device arena for every session of the process (`--shared-allocator`); `None`: on
+    /// when a GPU provider is requested.
+    pub shared_allocator: Option<bool>,
+    /// Start-up fails when a node would fall back to the CPU (`--strict-placement`); `None`:
+    /// on when a GPU provider is requested.
+    pub strict_placement: Option<bool>,
     /// Path of `libonnxruntime.so`; default: `ORT_DYLIB_PATH`, then the standard places (README).
     pub ort_library: Option<PathBuf>,
 }
@@ -109,6 +220,9 @@ impl Default for EngineConfig {
             spin: true,
             io_binding: false,
             tensorrt: TensorRtOptions::default(),
+            cuda: CudaOptions::default(),
+            shared_allocator: None,
+            strict_placement: None,
             ort_library: None,
         }
     }
@@ -118,6 +232,42 @@ impl EngineConfig {
     /// The provider that runs the graphs: the first requested one (the others are fallbacks).
     pub fn primary(&self) -> &'static str {
         self.providers.first().map(Provider::name).unwrap_or("cpu")
+    }
+
+    /// Every requested provider is the CPU.
+    pub fn cpu_only(&self) -> bool {
+        self.providers.iter().all(|p| *p == Provider::Cpu)
+    }
+
+    /// Whether start-up refuses a node placed on the CPU (default: with a GPU provider).
+    pub fn strict(&self) -> bool {
+        self.strict_placement.unwrap_or(!self.cpu_only())
+    }
+
+    /// Whether every session shares one device arena (default: with a GPU provider).
+    pub fn shared(&self) -> bool {
+        self.shared_allocator.unwrap_or(!self.cpu_only())
+    }
+
+    /// The CUDA provider with `--gpu-mem-limit`, `--arena-extend-strategy` and
+    /// `--cudnn-conv-algo-search`.
+    pub fn cuda(&self, device: i32) -> ep::CUDA {
+        let o = &self.cuda;
+        let mut cuda = ep::CUDA::default()
+            .with_device_id(device)
+            .with_arena_extend_strategy(match o.arena_extend {
+                ArenaExtend::NextPowerOfTwo => ep::ArenaExtendStrategy::NextPowerOfTwo,
+                ArenaExtend::SameAsRequested => ep::ArenaExtendStrategy::SameAsRequested,
+            })
+            .with_conv_algorithm_search(match o.conv_search {
+                ConvSearch::Exhaustive => ep::cuda::ConvAlgorithmSearch::Exhaustive,
+                ConvSearch::Heuristic => ep::cuda::ConvAlgorithmSearch::Heuristic,
+                ConvSearch::Default => ep::cuda::ConvAlgorithmSearch::Default,
+            });
+        if let Some(limit) = o.mem_limit {
+            cuda = cuda.with_memory_limit(limit);
+        }
+        cuda
     }
 
     /// The memory the primary provider keeps its tensors in (what I/O bindings bind outputs to).
@@ -159,10 +309,7 @@ impl EngineConfig {
                     .with_arena_allocator(true)
                     .build()
                     .error_on_failure(),
-                Provider::Cuda { device } => ep::CUDA::default()
-                    .with_device_id(*device)
-                    .build()
-                    .error_on_failure(),
+                Provider::Cuda { device } => self.cuda(*device).build().error_on_failure(),
                 Provider::TensorRt { device } => {
                     let mut trt = ep::TensorRT::default()
                         .with_device_id(*device)
@@ -333,6 +480,68 @@ mod tests {
         assert_eq!(c.dispatch("abc", None).len(), 3);
         // Registering the TensorRT provider prepares its cache folder.
         assert!(root.path().join("abc").join("sm89-trt10.13.3").is_dir());
+    }
+
+    #[test]
+    fn cuda_options_reach_the_provider() {
+        let mut c = EngineConfig {
+            providers: vec![Provider::Cuda { device: 1 }, Provider::Cpu],
+            ..EngineConfig::default()
+        };
+        let defaults = format!("{:?}", c.cuda(1));
+        assert!(defaults.contains(r#""device_id": "1""#), "{defaults}");
+        assert!(!defaults.contains("gpu_mem_limit"), "{defaults}");
+        c.cuda = CudaOptions {
+            mem_limit: Some(parse_bytes("gpu-mem-limit", "20GiB").expect("size")),
+            arena_extend: ArenaExtend::parse("same-as-requested").expect("strategy"),
+            conv_search: ConvSearch::parse("heuristic").expect("search"),
+        };
+        let set = format!("{:?}", c.cuda(1));
+        for (k, v) in [
+            ("gpu_mem_limit", "21474836480"),
+            ("arena_extend_strategy", "kSameAsRequested"),
+            ("cudnn_conv_algo_search", "HEURISTIC"),
+        ] {
+            assert!(set.contains(&format!(r#""{k}": "{v}""#)), "{k}: {set}");
+        }
+        assert_eq!(c.dispatch("abc", None).len(), 2);
+        // GPU requested: strict placement and the shared arena default on; CPU only: off.
+        assert!(c.strict() && c.shared());
+        c.strict_placement = Some(false);
+        assert!(!c.strict());
+        let cpu = EngineConfig::default();
+        assert!(!cpu.strict() && !cpu.shared());
+    }
+
+    #[test]
+    fn provider_option_values_are_validated_naming_the_flag() {
+        assert_eq!(parse_bytes("f", "512MiB").ok(), Some(512 << 20));
+        assert_eq!(parse_bytes("f", " 8gb ").ok(), Some(8_000_000_000));
+        assert_eq!(parse_bytes("f", "4096").ok(), Some(4096));
+        for bad in [
+            "",
+            "0",
+            "0GiB",
+            "GiB",
+            "-1",
+            "1.5GiB",
+            "12 parsecs",
+            "99999999999999GiB",
+        ] {
+            match parse_bytes("gpu-mem-limit", bad) {
+                Err(WorkerError::Config { name, .. }) => assert_eq!(name, "gpu-mem-limit"),
+                other => panic!("{bad}: {other:?}"),
+            }
+        }
+        match ArenaExtend::parse("double") {
+            Err(WorkerError::Config { name, .. }) => assert_eq!(name, "arena-extend-strategy"),
+            other => panic!("{other:?}"),
+        }
+        match ConvSearch::parse("fastest") {
+            Err(WorkerError::Config { name, .. }) => assert_eq!(name, "cudnn-conv-algo-search"),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(ConvSearch::parse("Default").ok(), Some(ConvSearch::Default));
     }
 
     #[test]

@@ -2,7 +2,7 @@
 
 use std::borrow::Cow;
 use std::path::{Path, PathBuf};
-use std::sync::OnceLock;
+use std::sync::{Mutex, OnceLock};
 
 use ddit_schemas::{Manifest, SegmentSpec, TensorDtype};
 use ort::environment::{Environment, GlobalThreadPoolOptions};
@@ -10,6 +10,7 @@ use ort::memory::{AllocationDevice, MemoryInfo};
 use ort::session::{IoBinding, Session, SessionInputValue};
 use ort::value::{DynValue, Tensor as OrtTensor, TensorElementType, TensorRef, TensorValueType};
 
+use super::placement::{register_shared_allocator, Placement, RECORD_PLACEMENT};
 use super::profiles::trt_profile;
 use super::providers::{EngineConfig, Provider};
 use crate::error::{Result, WorkerError};
@@ -47,7 +48,8 @@ pub fn default_library_candidates() -> Vec<PathBuf> {
 }
 
 /// Loads ONNX Runtime once per process, with one intra-op thread pool of `intra_threads` that
-/// every session of the process shares (spinning per `spin`); the first engine's config sets it.
+/// every session of the process shares (spinning per `spin`), and, under `--shared-allocator`,
+/// one device arena they share too; the first engine's config sets each.
 pub fn environment(cfg: &EngineConfig) -> Result<&'static Environment> {
     static ENV: OnceLock<std::result::Result<Environment, String>> = OnceLock::new();
     let res = ENV.get_or_init(|| {
@@ -77,10 +79,30 @@ pub fn environment(cfg: &EngineConfig) -> Result<&'static Environment> {
             .build()
             .map_err(|e| format!("creating the environment: {e}"))
     });
-    res.as_ref().map_err(|m| WorkerError::Runtime {
+    let env = res.as_ref().map_err(|m| WorkerError::Runtime {
         context: "onnxruntime".into(),
         message: m.clone(),
-    })
+    })?;
+    if cfg.shared() {
+        shared_arena(env, cfg)?;
+    }
+    Ok(env)
+}
+
+/// Registers the environment's shared device arena once per process (the first engine to
+/// register it sets its device, limit and growth); a failure is the provider's.
+fn shared_arena(env: &Environment, cfg: &EngineConfig) -> Result<()> {
+    static REGISTERED: Mutex<bool> = Mutex::new(false);
+    let mut done = REGISTERED
+        .lock()
+        .map_err(|_| WorkerError::Internal("shared arena lock poisoned".into()))?;
+    if !*done {
+        let first = cfg.providers.first().unwrap_or(&Provider::Cpu);
+        let limit = cfg.cuda.mem_limit.unwrap_or(0);
+        register_shared_allocator(env, first, limit, cfg.cuda.arena_extend)?;
+        *done = true;
+    }
+    Ok(())
 }
 
 /// An input value for a segment.
@@ -96,6 +118,8 @@ pub struct Segment {
     outputs: Vec<String>,
     /// The I/O binding of [`Segment::run_bound`], made on first use.
     binding: Option<IoBinding>,
+    /// Where ONNX Runtime placed each node, read back from the session.
+    pub placement: Placement,
 }
 
 /// An input of [`Segment::run_bound`]: host data (copied to the session's device when bound) or
@@ -136,8 +160,17 @@ impl Segment {
             })?,
             false => None,
         };
-        // Every session runs on the environment's one thread pool (see `environment`).
-        let builder = Session::builder(env).map_err(|e| WorkerError::runtime(ctx("builder"), e))?;
+        // Every session runs on the environment's one thread pool (see `environment`), records
+        // where its nodes go, and allocates from the shared arena when there is one.
+        let mut builder = Session::builder(env)
+            .map_err(|e| WorkerError::runtime(ctx("builder"), e))?
+            .with_config_entry(RECORD_PLACEMENT, "1")
+            .map_err(|e| WorkerError::runtime(ctx("builder"), e))?;
+        if cfg.shared() {
+            builder = builder
+                .with_env_allocators()
+                .map_err(|e| WorkerError::runtime(ctx("builder"), e))?;
+        }
         let mut builder = builder
             .with_execution_providers(cfg.dispatch(&manifest.model.hash, profile.as_ref()))
             .map_err(|e| WorkerError::Provider {
@@ -179,7 +212,13 @@ impl Segment {
         };
         check("inputs", io(session.inputs()), &spec.inputs)?;
         check("outputs", io(session.outputs()), &spec.outputs)?;
+        let placement = Placement::read(&session)?;
+        if cfg.strict() {
+            placement.check_strict(&spec.name, &cfg.providers)?;
+        }
+        tracing::debug!(segment = %spec.name, placed = %placement.label(), "placement");
         Ok(Self {
+            placement,
             name: spec.name.clone(),
             inputs: spec.inputs.iter().map(|t| t.name.clone()).collect(),
             outputs: spec.outputs.iter().map(|t| t.name.clone()).collect(),

@@ -85,6 +85,8 @@ impl Metrics {
             "Deliveries flagged as redelivered",
             redeliveries.clone(),
         );
+        #[cfg(feature = "gpu")]
+        super::gpu::register(&mut registry);
         Self {
             registry: Mutex::new(registry),
             jobs,
@@ -95,6 +97,17 @@ impl Metrics {
             provider: provider_f,
             redeliveries,
         }
+    }
+
+    /// Reports where the nodes run, read from the loaded engines' sessions, in place of the
+    /// provider requested.
+    pub fn set_provider(&self, provider: &str) {
+        self.provider.clear();
+        self.provider
+            .get_or_create(&ProviderLabels {
+                provider: provider.to_string(),
+            })
+            .set(1);
     }
 
     pub fn encode(&self) -> String {

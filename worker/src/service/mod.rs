@@ -13,6 +13,8 @@
 
 mod attempts;
 mod deliveries;
+#[cfg(feature = "gpu")]
+mod gpu;
 pub mod http;
 pub mod inference;
 pub mod metrics;
@@ -173,6 +175,9 @@ async fn start(cfg: &ServeConfig) -> Result<Started> {
     };
     let pool = inference::start(pool_cfg, io, canceled.clone(), ev_tx)?;
     wait_ready(cfg, &mut events).await?;
+    if let Some(placed) = crate::engine::placement::observed() {
+        metrics.set_provider(&placed);
+    }
     state.model_ready.store(true, Ordering::SeqCst);
     let svc = Service {
         cfg: cfg.clone(),
