@@ -138,12 +138,23 @@ fn int8_turns_every_linear_layer_of_the_blocks_and_t5_into_one_integer_matmul() 
         let (written, after) = written_and_optimized(role, StoreDtype::Int8);
         let linears = f32_written["MatMul"];
         assert!(linears >= 8, "{role}: {f32_written:?}");
-        let op = "DynamicQuantizeMatMul";
+        let op = "MatMulIntegerToFloat";
         assert_eq!(written.get(op), Some(&linears), "{role}");
         assert_eq!(written.get("MatMul"), None, "{role}: {written:?}");
-        // ONNX Runtime keeps them integer (nothing dequantized back to a float MatMul).
+        // ONNX Runtime keeps them integer (nothing dequantized back to a float MatMul), and
+        // nothing quantizes a whole tensor at once (that would tie the rows of a batch together).
         assert_eq!(after.get(op), Some(&linears), "{role}: {after:?}");
-        assert_eq!(after.get("MatMul"), None, "{role}: {after:?}");
-        assert_eq!(after.get("DequantizeLinear"), None, "{role}: {after:?}");
+        for float_or_per_tensor in [
+            "MatMul",
+            "DequantizeLinear",
+            "DynamicQuantizeMatMul",
+            "DynamicQuantizeLinear",
+        ] {
+            assert_eq!(after.get(float_or_per_tensor), None, "{role}: {after:?}");
+        }
+        // The layers that read one input (Q, K and V; T5's gated pair) share its quantization.
+        let quantized = after["QuantizeLinear"];
+        assert!(quantized < linears, "{role}: {quantized} of {linears}");
+        assert_eq!(written["QuantizeLinear"], quantized, "{role}");
     }
 }

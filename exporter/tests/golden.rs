@@ -17,23 +17,24 @@ const F32_TOL: f32 = 1e-4;
 /// Measured about 3e-3 on the tiny fixture; 2e-2 leaves headroom across segments.
 const F16_TOL: f32 = 2e-2;
 /// int8 joint blocks and T5 (int8 weights per output channel, activations quantized to uint8 per
-/// tensor at run time), one bound per kind of segment; every segment without an int8 `MatMul` is
+/// row at run time), one bound per kind of segment; every segment without an int8 `MatMul` is
 /// held to [`F32_TOL`]. Its quality is judged on ShapesEval (docs/performance.md,
 /// `worker/tests/shapes_eval.rs`).
 ///
-/// Measured on the tiny fixture (CPU, ORT 1.31.1): T5 hidden states 5.94e-2; joint blocks
-/// 2.20e-3 to 4.39e-3 (`joint_blocks_0_2/text_tokens_out`), tails 3.18e-3 and 3.36e-3; chained
-/// velocity 5.74e-3, chained logits 6.98e-2 (T5's error carried through). Each bound is about
+/// Measured on the tiny fixture (CPU, ORT 1.31.1): T5 hidden states 5.13e-2; joint blocks
+/// 1.83e-3 to 4.65e-3 (`joint_blocks_0_2/text_tokens_out`), tails 2.83e-3 and 3.22e-3; chained
+/// velocity 7.76e-3, chained logits 9.41e-2 (T5's error carried through). (One scale per tensor
+/// measured 5.94e-2; 2.20e-3 to 4.39e-3; 3.18e-3, 3.36e-3; 5.74e-3, 6.98e-2.) Each bound is about
 /// 1.5 times the measurement: the export is deterministic, but ORT's u8×s8 `MatMul` kernels differ
 /// between CPUs (AVX2, AVX-512, VNNI), so a few ulps of int8 rounding may land differently. A
 /// block whose output is half its true update off is about 20 times the blocks' bound
 /// ([`a_half_broken_block_fails_the_int8_bound`]); the old single bound of 0.2 let it through.
 const INT8_TOL: Tolerances = Tolerances {
     plain: F32_TOL,
-    t5: 9e-2,
+    t5: 8e-2,
     blocks: 7e-3,
-    velocity: 9e-3,
-    logits: 1.1e-1,
+    velocity: 1.2e-2,
+    logits: 1.4e-1,
 };
 
 /// Bounds on the max abs error of one package: `t5` for a text encoder and `blocks` for joint
@@ -68,10 +69,10 @@ impl Tolerances {
     }
 }
 
-/// Whether a segment's graph holds an int8 `MatMul` (`DynamicQuantizeMatMul`).
+/// Whether a segment's graph holds an int8 `MatMul` (`MatMulIntegerToFloat`).
 fn has_int8(pkg: &Path, seg: &SegmentSpec) -> bool {
     let bytes = std::fs::read(pkg.join(&seg.files[0].path)).unwrap();
-    let op = b"DynamicQuantizeMatMul";
+    let op = b"MatMulIntegerToFloat";
     bytes.windows(op.len()).any(|w| w == op)
 }
 

@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{job, run_jobs, write_png};
+use common::{job, run_jobs, run_jobs_on, write_png};
 use ddit_schemas::{ErrorKind, JobResult, Status};
 use ddit_worker::engine::EngineConfig;
 use ddit_worker::runner::{run_threads, Incoming, RunnerConfig};
@@ -126,11 +126,24 @@ fn same_seed_gives_identical_outputs() {
 
 #[test]
 fn batched_results_equal_unbatched() {
+    assert_batched_equals_unbatched(common::package());
+}
+
+/// int8 too: activations are quantized per row, so a job's results do not depend on the jobs that
+/// share its batch (with one scale per tensor they did).
+#[test]
+fn int8_batched_results_equal_unbatched() {
+    assert_batched_equals_unbatched(common::int8_package());
+}
+
+/// The mixed jobs run alone (`max_batch` 1) and batched (8) on `pkg` give the same results and
+/// the same PNG bytes.
+fn assert_batched_equals_unbatched(pkg: &std::path::Path) {
     let dir = tempfile::tempdir().unwrap();
     let img = dir.path().join("in.png");
     write_png(&img, 32);
-    let (a, sa, _) = run_jobs(mixed_jobs(img.to_str().unwrap()), 1);
-    let (b, sb, _) = run_jobs(mixed_jobs(img.to_str().unwrap()), 8);
+    let (a, sa, _) = run_jobs_on(pkg, mixed_jobs(img.to_str().unwrap()), 1);
+    let (b, sb, _) = run_jobs_on(pkg, mixed_jobs(img.to_str().unwrap()), 8);
     assert!(a
         .iter()
         .all(|r| r.metrics.as_ref().unwrap().batch_size == 1));

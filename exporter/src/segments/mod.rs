@@ -5,6 +5,8 @@ pub mod t5;
 pub mod transformer;
 pub mod vae;
 
+use std::collections::HashMap;
+
 use half::f16;
 
 use crate::checkpoint::{TensorRef, WeightStore};
@@ -14,9 +16,10 @@ use crate::onnx::{Attr, DType, Graph, Value, WeightData};
 /// How weights are stored in the ONNX files. Graph I/O and arithmetic stay f32; f16 storage
 /// halves the package and is cast up at load (execution providers may then fold or fuse it).
 /// `Int8` keeps f32 everywhere except the linear layers of the segments that take it (the joint
-/// blocks and T5): those become ONNX Runtime `DynamicQuantizeMatMul`, with int8 weights and one
-/// f32 scale per output channel (symmetric), the activations quantized to uint8 per tensor at run
-/// time and multiplied in integers. (`MatMulNBits` with 8-bit blocks of 32 at accuracy level 4
+/// blocks and T5): those become ONNX Runtime `MatMulIntegerToFloat`, with int8 weights and one
+/// f32 scale per output channel (symmetric), the activations quantized at run time with one scale
+/// per row ([`Ctx::quantize_rows`]) and multiplied in integers, so a row's result never depends on
+/// the other rows of its batch. (`MatMulNBits` with 8-bit blocks of 32 at accuracy level 4
 /// measured 1.7× slower here: docs/performance.md.)
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StoreDtype {
@@ -48,6 +51,23 @@ pub struct Ctx<'a> {
     pub g: Graph,
     pub w: &'a WeightStore,
     pub store: StoreDtype,
+    /// int8 activations already quantized: input value -> [`Quantized`], so the linear layers
+    /// that read one input (Q, K, V; the modulations) quantize it once.
+    quantized: HashMap<Value, Quantized>,
+}
+
+/// ONNX's code for uint8 (the int8 path's quantized activations).
+const U8: i64 = 2;
+
+/// Activations quantized per row ([`Ctx::quantize_rows`]).
+#[derive(Clone)]
+struct Quantized {
+    /// uint8, shaped as the input.
+    q: Value,
+    /// One f32 scale per row, `[..., 1]`.
+    scale: Value,
+    /// The uint8 scalar 128.
+    zero: Value,
 }
 
 fn encode(vals: &[f32], store: StoreDtype) -> Vec<u8> {
@@ -105,6 +125,7 @@ impl<'a> Ctx<'a> {
             g: Graph::new(name),
             w,
             store,
+            quantized: HashMap::new(),
         }
     }
 
@@ -174,7 +195,8 @@ impl<'a> Ctx<'a> {
     }
 
     /// `x @ W^T` with the `[out, in]` checkpoint matrix `key` quantized to int8 (see
-    /// [`StoreDtype::Int8`] and [`quantize_int8`]).
+    /// [`StoreDtype::Int8`] and [`quantize_int8`]): `x`'s rows in uint8 ([`Ctx::quantize_rows`])
+    /// times the int8 weights, accumulated in int32, then scaled per row and per output channel.
     fn linear_int8(&mut self, x: &str, key: &str, inp: usize, out: usize) -> Result<Value> {
         let t = self.w.get(key, &[out, inp])?;
         let weights = {
@@ -199,9 +221,55 @@ impl<'a> Ctx<'a> {
             scales,
             false,
         );
-        Ok(self
-            .g
-            .ms_op("DynamicQuantizeMatMul", &[x, &weights, &scales], vec![]))
+        let a = self.quantize_rows(x, inp);
+        Ok(self.g.ms_op(
+            "MatMulIntegerToFloat",
+            &[&a.q, &weights, &a.scale, &scales, &a.zero],
+            vec![],
+        ))
+    }
+
+    /// `x` (`[..., inp]`, f32) quantized per row, symmetric: `scale = max|row| / 127` (at least
+    /// the smallest normal f32, so a zero row stays zero), `q = round(x / scale) + 128` in uint8.
+    /// Each row's values depend on that row alone, unlike ONNX Runtime's `DynamicQuantizeMatMul`,
+    /// which takes one scale over the whole tensor (every job of a batch).
+    fn quantize_rows(&mut self, x: &str, inp: usize) -> Quantized {
+        if let Some(q) = self.quantized.get(x) {
+            return q.clone();
+        }
+        let g = &mut self.g;
+        let c = g.scalar_f32(128.0);
+        // A constant, folded by ONNX Runtime.
+        let zero = g.op("Cast", &[&c], vec![("to", Attr::Int(U8))]);
+        let abs = g.op("Abs", &[x], vec![]);
+        let last = g.const_i64(&[-1]);
+        let amax = g.op(
+            "ReduceMax",
+            &[&abs, &last],
+            vec![("keepdims", Attr::Int(1))],
+        );
+        let inv = g.scalar_f32(1.0 / 127.0);
+        let scale = g.mul(&amax, &inv);
+        let floor = g.scalar_f32(f32::MIN_POSITIVE);
+        let scale = g.op("Max", &[&scale, &floor], vec![]);
+        // QuantizeLinear takes one scale per index of one axis: the rows, flattened.
+        let rows = g.reshape(x, &[-1, inp as i64]);
+        let flat = g.reshape(&scale, &[-1]);
+        let n = g.shape(&flat);
+        let zeros = g.op("Expand", &[&zero, &n], vec![]);
+        let q = g.op(
+            "QuantizeLinear",
+            &[&rows, &flat, &zeros],
+            vec![("axis", Attr::Int(0))],
+        );
+        let shape = g.shape(x);
+        let a = Quantized {
+            q: g.reshape_to(&q, &shape),
+            scale,
+            zero,
+        };
+        self.quantized.insert(x.to_string(), a.clone());
+        a
     }
 
     /// LayerNorm over the last axis without affine parameters.

@@ -35,6 +35,25 @@ pub fn package() -> &'static Path {
     p
 }
 
+/// The `tiny-f32` fixture exported with `--weights int8` (blocks split 2 + 2), kept for the whole
+/// test binary.
+pub fn int8_package() -> &'static Path {
+    static PKG: OnceLock<(tempfile::TempDir, PathBuf)> = OnceLock::new();
+    let (_, p) = PKG.get_or_init(|| {
+        let dir = tempfile::tempdir().unwrap();
+        let pkg = dir.path().join("pkg");
+        export_as(
+            &workspace().join("tests/fixtures/tiny-f32/checkpoint"),
+            &pkg,
+            ("tiny-f32", ddit_export::StoreDtype::Int8),
+            [12, 10, 40],
+            Some(2),
+        );
+        (dir, pkg)
+    });
+    p
+}
+
 /// A writable copy of the fixture package (a flat folder).
 pub fn copy_package() -> (tempfile::TempDir, PathBuf) {
     let dir = tempfile::tempdir().unwrap();
@@ -52,12 +71,25 @@ pub fn export(
     checkpoint: &Path,
     out: &Path,
     name: &str,
+    lengths: [u64; 3],
+    blocks_per_segment: Option<usize>,
+) {
+    let f32 = ddit_export::StoreDtype::F32;
+    export_as(checkpoint, out, (name, f32), lengths, blocks_per_segment);
+}
+
+/// [`export`] with the given weight storage.
+pub fn export_as(
+    checkpoint: &Path,
+    out: &Path,
+    (name, dtype): (&str, ddit_export::StoreDtype),
     [prompt, caption, vqa]: [u64; 3],
     blocks_per_segment: Option<usize>,
 ) {
     let mut o = ddit_export::ExportOptions::new(checkpoint.to_path_buf(), out);
     o.blocks_per_segment = blocks_per_segment;
     o.name = Some(name.into());
+    o.dtype = dtype;
     o.text_lengths = ddit_export::LengthOverrides {
         prompt: Some(prompt),
         caption: Some(caption),
