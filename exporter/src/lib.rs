@@ -13,5 +13,7 @@ pub mod segments;
 
 pub use error::{ExportError, Result};
 pub use inspect::{summary, verify};
-pub use package::{convert, ExportOptions, LengthOverrides, DEFAULT_EXTERNAL_THRESHOLD};
-pub use segments::StoreDtype;
+pub use package::{
+    convert, ExportOptions, LengthOverrides, DEFAULT_EXTERNAL_THRESHOLD, DEFAULT_MAX_FILE_BYTES,
+};
+pub use segments::{StoreDtype, Target};

@@ -5,8 +5,8 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use ddit_export::{
-    convert, summary, verify, ExportOptions, LengthOverrides, StoreDtype,
-    DEFAULT_EXTERNAL_THRESHOLD,
+    convert, summary, verify, ExportOptions, LengthOverrides, StoreDtype, Target,
+    DEFAULT_EXTERNAL_THRESHOLD, DEFAULT_MAX_FILE_BYTES,
 };
 
 #[derive(Parser)]
@@ -26,6 +26,14 @@ enum Dtype {
     F16,
     /// f32, with the joint blocks' and T5's linear layers in int8 (`DynamicQuantizeMatMul`).
     Int8,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum TargetArg {
+    /// ONNX Runtime's CPU and CUDA providers (opset 23, fused `Attention`).
+    Cpu,
+    /// TensorRT 10.13's ONNX parser: opset 22, only its operators, attention unfused.
+    Tensorrt,
 }
 
 #[derive(Subcommand)]
@@ -54,6 +62,13 @@ enum Cmd {
         /// Segments whose weights exceed this many bytes are written with ONNX external data.
         #[arg(long, default_value_t = DEFAULT_EXTERNAL_THRESHOLD, env = "DDIT_EXTERNAL_DATA_THRESHOLD")]
         external_data_threshold: u64,
+        /// Most bytes of one segment's files (`.onnx` and external data together): the joint
+        /// blocks and T5 are split by layers to stay under it.
+        #[arg(long, default_value_t = DEFAULT_MAX_FILE_BYTES, env = "DDIT_MAX_FILE_BYTES")]
+        max_file_bytes: u64,
+        /// The execution provider the graphs are written for.
+        #[arg(long, value_enum, default_value = "cpu", env = "DDIT_TARGET")]
+        target: TargetArg,
         /// Mask token (default: the tokenizer config's mask_token, else `<extra_id_0>`).
         #[arg(long, env = "DDIT_MASK_TOKEN")]
         mask_token: Option<String>,
@@ -94,6 +109,8 @@ fn main() -> ExitCode {
             dtype,
             blocks_per_segment,
             external_data_threshold,
+            max_file_bytes,
+            target,
             mask_token,
             name,
             prompt_len,
@@ -110,6 +127,11 @@ fn main() -> ExitCode {
             };
             o.blocks_per_segment = blocks_per_segment;
             o.external_data_threshold = external_data_threshold;
+            o.max_file_bytes = max_file_bytes;
+            o.target = match target {
+                TargetArg::Cpu => Target::Cpu,
+                TargetArg::Tensorrt => Target::TensorRt,
+            };
             o.mask_token = mask_token;
             o.name = name;
             o.text_lengths = LengthOverrides {

@@ -11,14 +11,19 @@ use ddit_schemas::{
 use crate::checkpoint::Checkpoint;
 use crate::error::{ExportError, Result};
 use crate::onnx::graph::Io;
-use crate::onnx::write::{model_bytes, Weights, OPSET};
+use crate::onnx::tensorrt;
+use crate::onnx::write::{model_bytes, size_bound, Weights};
 use crate::onnx::{DType, Dim, Graph};
 use crate::segments::transformer::{self, Keep};
-use crate::segments::{t5, vae, StoreDtype};
+use crate::segments::{t5, vae, StoreDtype, Target};
 
 /// Protobuf files cannot exceed 2 GiB; segments whose weights pass this many bytes use
 /// external data. Kept below 2^31 to leave room for the graph itself.
 pub const DEFAULT_EXTERNAL_THRESHOLD: u64 = 2_000_000_000;
+
+/// No segment's files (the `.onnx` and its external data together) pass this many bytes by
+/// default: TensorRT's parser reads a model through protobuf, whose messages stop at 2 GiB.
+pub const DEFAULT_MAX_FILE_BYTES: u64 = 2_000_000_000;
 
 /// Canvas lengths given on the command line; `None` takes the checkpoint's (its
 /// `model_index.json` `text_lengths`, else the published D-DiT's 256 / 128 / 128).
@@ -48,6 +53,11 @@ pub struct ExportOptions {
     /// Joint blocks per ONNX file; `None` puts all blocks in one file.
     pub blocks_per_segment: Option<usize>,
     pub external_data_threshold: u64,
+    /// Most bytes of one segment's files together: joint blocks and T5 layers are split into
+    /// as many files as it takes ([`DEFAULT_MAX_FILE_BYTES`]).
+    pub max_file_bytes: u64,
+    /// The execution provider the graphs are written for.
+    pub target: Target,
     pub mask_token: Option<String>,
     pub name: Option<String>,
     pub text_lengths: LengthOverrides,
@@ -66,6 +76,8 @@ impl ExportOptions {
             dtype: StoreDtype::F32,
             blocks_per_segment: None,
             external_data_threshold: DEFAULT_EXTERNAL_THRESHOLD,
+            max_file_bytes: DEFAULT_MAX_FILE_BYTES,
+            target: Target::Cpu,
             mask_token: None,
             name: None,
             text_lengths: LengthOverrides::default(),
@@ -108,16 +120,47 @@ fn spec(io: &Io) -> TensorSpec {
 struct SegmentWriter<'a> {
     out: &'a Path,
     threshold: u64,
+    limit: u64,
+    target: Target,
     segments: Vec<SegmentSpec>,
 }
 
 impl SegmentWriter<'_> {
-    fn write(&mut self, g: &Graph, role: Role, blocks: Option<[u64; 2]>) -> Result<()> {
+    /// Whether `g`'s weights go to an external-data file.
+    fn external(&self, g: &Graph) -> bool {
+        g.weight_bytes() > self.threshold
+    }
+
+    /// Whether `g`'s files would stay within `--max-file-bytes`.
+    fn fits(&self, g: &Graph) -> bool {
+        size_bound(g, self.external(g)) <= self.limit
+    }
+
+    fn too_large(&self, what: &str, bytes: u64) -> ExportError {
+        ExportError::Argument {
+            name: "max-file-bytes".into(),
+            message: format!(
+                "{what} takes {bytes} bytes, over the limit of {} per segment (one layer is \
+                 the smallest piece)",
+                self.limit
+            ),
+        }
+    }
+
+    fn write(&mut self, mut g: Graph, role: Role, blocks: Option<[u64; 2]>) -> Result<()> {
+        g.opset = self.target.opset();
+        if self.target == Target::TensorRt {
+            tensorrt::check(&g)?;
+        }
+        let external = self.external(&g);
+        let bound = size_bound(&g, external);
+        if bound > self.limit {
+            return Err(self.too_large(&format!("segment {}", g.name), bound));
+        }
         let out = self.out;
         let name = g.name.clone();
         let onnx_name = format!("{name}.onnx");
         let data_name = format!("{name}.onnx.data");
-        let external = g.weight_bytes() > self.threshold;
         let doc = format!("ddit segment `{name}` (role {role})");
         let weights = if external {
             Weights::External {
@@ -127,12 +170,16 @@ impl SegmentWriter<'_> {
         } else {
             Weights::Inline
         };
-        let bytes = model_bytes(g, weights, &doc)?;
+        let bytes = model_bytes(&g, weights, &doc)?;
         let path = out.join(&onnx_name);
         std::fs::write(&path, &bytes).map_err(|e| ExportError::io(&path, e))?;
         let mut files = vec![file_entry(out, &onnx_name)?];
         if external {
             files.push(file_entry(out, &data_name)?);
+        }
+        let total: u64 = files.iter().map(|f| f.bytes).sum();
+        if total > self.limit {
+            return Err(self.too_large(&format!("segment {name} as written"), total));
         }
         self.segments.push(SegmentSpec {
             name,
@@ -144,6 +191,43 @@ impl SegmentWriter<'_> {
             outputs: g.outputs.iter().map(spec).collect(),
         });
         Ok(())
+    }
+
+    /// Splits layers `[0, n)` into consecutive ranges of at most `k` layers (all when `None`)
+    /// whose graph (`build`) fits the limit, each as long as it may be; writes each as `role`.
+    /// Returns how many pieces were written.
+    fn write_layers(
+        &mut self,
+        n: usize,
+        k: Option<usize>,
+        role: Role,
+        build: impl Fn(usize, usize) -> Result<Graph>,
+    ) -> Result<usize> {
+        let ranges = block_ranges(n, k)?;
+        let mut pieces = Vec::new();
+        for (start, end) in ranges {
+            let mut s = start;
+            while s < end {
+                let mut e = s + 1;
+                let first = build(s, e)?;
+                if !self.fits(&first) {
+                    let bytes = size_bound(&first, self.external(&first));
+                    return Err(self.too_large(&format!("{role} layer {s}"), bytes));
+                }
+                while e < end && self.fits(&build(s, e + 1)?) {
+                    e += 1;
+                }
+                pieces.push((s, e));
+                s = e;
+            }
+        }
+        let whole = pieces.len() == 1;
+        for &(s, e) in &pieces {
+            // One piece covering every layer keeps the unsplit manifest (no range) for T5.
+            let blocks = (role == Role::JointBlocks || !whole).then_some([s as u64, e as u64]);
+            self.write(build(s, e)?, role, blocks)?;
+        }
+        Ok(pieces.len())
     }
 }
 
@@ -171,56 +255,73 @@ fn write_segments(ck: &Checkpoint, opts: &ExportOptions) -> Result<(Vec<SegmentS
     // int8 applies to the joint blocks and T5 (most of the FLOPs); the rest stays float.
     let (tc, tw, quantized) = (&ck.transformer, &ck.transformer_weights, opts.dtype);
     let store = quantized.unquantized();
+    let target = opts.target;
+    if target == Target::TensorRt && quantized == StoreDtype::Int8 {
+        return Err(ExportError::Argument {
+            name: "target".into(),
+            message: "int8 weights use ONNX Runtime's CPU contrib operators (com.microsoft), \
+                      which TensorRT cannot parse: export f32 or f16 weights for --target \
+                      tensorrt"
+                .into(),
+        });
+    }
     let mut w = SegmentWriter {
         out: &opts.out,
         threshold: opts.external_data_threshold,
+        limit: opts.max_file_bytes,
+        target,
         segments: Vec::new(),
     };
+    let (t5c, t5w) = (&ck.t5, &ck.t5_weights);
+    w.write_layers(t5c.num_layers, None, Role::TextEncoder, |s, e| {
+        t5::encoder(t5c, t5w, (quantized, target), (s, e))
+    })?;
     w.write(
-        &t5::encoder(&ck.t5, &ck.t5_weights, quantized)?,
-        Role::TextEncoder,
+        transformer::context_embedder(tc, tw, store)?,
+        Role::ContextEmbedder,
         None,
     )?;
-    let ctx = transformer::context_embedder(tc, tw, store)?;
-    w.write(&ctx, Role::ContextEmbedder, None)?;
-    let temb = transformer::timestep_embed(tc, tw, store)?;
-    w.write(&temb, Role::TimestepEmbed, None)?;
     w.write(
-        &transformer::patch_embed(tc, tw, store)?,
+        transformer::timestep_embed(tc, tw, store)?,
+        Role::TimestepEmbed,
+        None,
+    )?;
+    w.write(
+        transformer::patch_embed(tc, tw, store)?,
         Role::PatchEmbed,
         None,
     )?;
     let (null_graph, null_tokens) = transformer::null_image(tc, tw, store)?;
-    w.write(&null_graph, Role::NullImage, None)?;
-    // Every block but the last, K per file; the last twice, each copy computing one stream.
+    w.write(null_graph, Role::NullImage, None)?;
+    // Every block but the last, K per file at most; the last twice, each copy computing one
+    // stream.
     let last = tc.num_layers.checked_sub(1).ok_or(ExportError::Argument {
         name: "num_layers".into(),
         message: "the transformer has no joint blocks".into(),
     })?;
-    let tails = [(Keep::Image, Role::ImageTail), (Keep::Text, Role::TextTail)];
-    let ranges = block_ranges(last, opts.blocks_per_segment)?;
-    let ranges = ranges
-        .into_iter()
-        .map(|r| (r, Keep::Both, Role::JointBlocks));
-    let tails = tails.map(|(k, role)| ((last, last + 1), k, role));
-    for ((s, e), keep, role) in ranges.chain(tails) {
-        let g = transformer::joint_blocks(tc, tw, quantized, (s, e), keep)?;
-        w.write(&g, role, Some([s as u64, e as u64]))?;
+    let blocks = |r, keep| transformer::joint_blocks(tc, tw, (quantized, target), r, keep);
+    w.write_layers(last, opts.blocks_per_segment, Role::JointBlocks, |s, e| {
+        blocks((s, e), Keep::Both)
+    })?;
+    for (keep, role) in [(Keep::Image, Role::ImageTail), (Keep::Text, Role::TextTail)] {
+        let b = Some([last as u64, last as u64 + 1]);
+        w.write(blocks((last, last + 1), keep)?, role, b)?;
     }
     w.write(
-        &transformer::image_head(tc, tw, store)?,
+        transformer::image_head(tc, tw, store)?,
         Role::ImageHead,
         None,
     )?;
     let head = transformer::text_head(tc, tw, store, ck.vocab_size)?;
-    w.write(&head, Role::TextHead, None)?;
+    w.write(head, Role::TextHead, None)?;
+    let (vc, vw) = (&ck.vae, &ck.vae_weights);
     w.write(
-        &vae::encoder(&ck.vae, &ck.vae_weights, store)?,
+        vae::encoder(vc, vw, (store, target))?,
         Role::VaeEncoder,
         None,
     )?;
     w.write(
-        &vae::decoder(&ck.vae, &ck.vae_weights, store)?,
+        vae::decoder(vc, vw, (store, target))?,
         Role::VaeDecoder,
         None,
     )?;
@@ -298,7 +399,7 @@ pub fn convert(opts: &ExportOptions) -> Result<Manifest> {
             hash: String::new(),
             weights_dtype: opts.dtype.as_str().into(),
             exporter_version: env!("CARGO_PKG_VERSION").into(),
-            opset: OPSET,
+            opset: opts.target.opset(),
         },
         values: model_values(&ck, opts, null_tokens),
         tokenizer: file_entry(out, "tokenizer.json")?,

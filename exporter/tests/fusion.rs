@@ -12,53 +12,18 @@ use ddit_export::StoreDtype;
 use ddit_schemas::Role;
 use ort::session::Session;
 
-/// One protobuf field: (number, varint value or length-delimited bytes).
-fn fields(mut b: &[u8]) -> Vec<(u64, Option<&[u8]>)> {
-    fn varint(b: &mut &[u8]) -> u64 {
-        let mut v = 0u64;
-        for shift in (0..64).step_by(7) {
-            let (byte, rest) = b.split_first().unwrap();
-            *b = rest;
-            v |= u64::from(byte & 0x7f) << shift;
-            if byte & 0x80 == 0 {
-                break;
-            }
-        }
-        v
-    }
-    let mut out = Vec::new();
-    while !b.is_empty() {
-        let key = varint(&mut b);
-        match key & 7 {
-            0 => {
-                varint(&mut b);
-                out.push((key >> 3, None));
-            }
-            2 => {
-                let n = varint(&mut b) as usize;
-                out.push((key >> 3, Some(&b[..n])));
-                b = &b[n..];
-            }
-            5 => b = &b[4..],
-            1 => b = &b[8..],
-            w => panic!("wire type {w}"),
-        }
-    }
-    out
-}
-
 /// Op type -> count over the main graph of an ONNX file (ModelProto.graph = 7,
 /// GraphProto.node = 1, NodeProto.op_type = 4).
 fn op_counts(path: &Path) -> HashMap<String, usize> {
     let bytes = std::fs::read(path).unwrap();
     let mut counts = HashMap::new();
-    for (f, graph) in fields(&bytes) {
+    for (f, graph) in common::fields(&bytes) {
         let (7, Some(graph)) = (f, graph) else {
             continue;
         };
-        for (f, node) in fields(graph) {
+        for (f, node) in common::fields(graph) {
             let (1, Some(node)) = (f, node) else { continue };
-            for (f, op) in fields(node) {
+            for (f, op) in common::fields(node) {
                 if let (4, Some(op)) = (f, op) {
                     *counts
                         .entry(String::from_utf8(op.to_vec()).unwrap())

@@ -142,7 +142,12 @@ fn check_segments(
                 vec![
                     g[&format!("blocks.x.{n}")].clone(),
                     g["blocks.temb"].clone(),
-                    Gold::I64(vec![2], vec![3, 5]),
+                    // Latents of the velocity's shape (a 3 x 5 patch grid): only their shape
+                    // is read.
+                    {
+                        let (shape, v) = g["image_head.out"].f32();
+                        Gold::F32(shape.to_vec(), vec![0.0; v.len()])
+                    },
                 ],
                 vec![g["image_head.out"].clone()],
             ),
@@ -195,11 +200,7 @@ fn check_chain(pkg: &Path, m: &Manifest, g: &HashMap<String, Gold>) -> (f32, f32
     let y = seg_in(one(Role::TextTail), last).remove(0);
     let vel = seg_in(
         one(Role::ImageHead),
-        vec![
-            as_gold(&x),
-            as_gold(&temb[0]),
-            Gold::I64(vec![2], vec![3, 5]),
-        ],
+        vec![as_gold(&x), as_gold(&temb[0]), g["full.latents"].clone()],
     );
     let logits = seg_in(one(Role::TextHead), vec![as_gold(&y)]);
     (

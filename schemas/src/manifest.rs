@@ -123,7 +123,9 @@ pub struct FileEntry {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Role {
-    /// token ids `[batch, text_len]` -> T5 hidden states `[batch, text_len, text_hidden]`.
+    /// token ids `[batch, text_len]` -> T5 hidden states `[batch, text_len, text_hidden]`. A T5
+    /// split by layers is several pieces in order (`blocks`: their layers); every piece after the
+    /// first reads the previous one's hidden states.
     TextEncoder,
     /// T5 hidden states -> text stream `[batch, text_len, hidden]`.
     ContextEmbedder,
@@ -142,7 +144,8 @@ pub enum Role {
     /// (image stream, text stream, temb) -> text stream: the last joint block, computing only
     /// the text stream's output (what captioning and VQA read).
     TextTail,
-    /// (image stream, temb, grid_hw) -> velocity `[batch, C, h, w]`.
+    /// (image stream, temb, latents `[batch, C, h, w]`, read only for their shape) -> velocity
+    /// `[batch, C, h, w]`.
     ImageHead,
     /// text stream -> logits `[batch, text_len, vocab]`.
     TextHead,
@@ -198,7 +201,8 @@ impl std::fmt::Display for Role {
 pub struct SegmentSpec {
     pub name: String,
     pub role: Role,
-    /// For `joint_blocks`, `image_tail` and `text_tail`: the half-open range of block indices.
+    /// For `joint_blocks`, `image_tail` and `text_tail`: the half-open range of block indices;
+    /// for the pieces of a split `text_encoder`, of T5 layers.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub blocks: Option<[u64; 2]>,
     /// The `.onnx` file first, then its external-data file if any.

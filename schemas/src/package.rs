@@ -99,14 +99,18 @@ fn contract(role: Role) -> (&'static [TensorDtype], &'static [TensorDtype]) {
         | Role::TextHead => (&[F32], &[F32]),
         Role::JointBlocks => (&[F32, F32, F32], &[F32, F32]),
         Role::ImageTail | Role::TextTail => (&[F32, F32, F32], &[F32]),
-        Role::ImageHead => (&[F32, F32, I64], &[F32]),
+        Role::ImageHead => (&[F32, F32, F32], &[F32]),
         Role::VaeEncoder => (&[F32], &[F32, F32]),
         Role::VaeDecoder => (&[F32], &[F32]),
     }
 }
 
-fn check_contract(seg: &SegmentSpec) -> Result<(), String> {
-    let (ins, outs) = contract(seg.role);
+fn check_contract((i, seg): (usize, &SegmentSpec)) -> Result<(), String> {
+    let (ins, outs) = match (seg.role, i) {
+        // T5 split by layers: the pieces after the first read the previous one's hidden states.
+        (Role::TextEncoder, 1..) => (&[TensorDtype::F32][..], &[TensorDtype::F32][..]),
+        (role, _) => contract(role),
+    };
     let got_in: Vec<TensorDtype> = seg.inputs.iter().map(|t| t.dtype).collect();
     let got_out: Vec<TensorDtype> = seg.outputs.iter().map(|t| t.dtype).collect();
     if got_in != ins || got_out != outs {
@@ -133,7 +137,8 @@ impl Manifest {
     }
 
     /// The checks that need no file: paths stay inside the package, one segment per role (one or
-    /// more joint-block files covering every layer in order), each role's I/O contract, and the
+    /// more joint-block files covering every layer in order; one or more T5 pieces, covering
+    /// consecutive layers when more than one), each role's I/O contract, and the
     /// package hash over the listed file hashes.
     pub fn validate(&self) -> Result<(), String> {
         for f in self.files() {
@@ -146,6 +151,7 @@ impl Manifest {
             let n = self.by_role(role).count();
             let (ok, want) = match role {
                 Role::JointBlocks => (true, "any number of"),
+                Role::TextEncoder => (n >= 1, "one or more"),
                 _ => (n == 1, "one"),
             };
             if !ok {
@@ -154,7 +160,25 @@ impl Manifest {
                 ));
             }
         }
-        self.segments.iter().try_for_each(check_contract)?;
+        for role in Role::ALL {
+            self.by_role(role)
+                .enumerate()
+                .try_for_each(check_contract)?;
+        }
+        if self.by_role(Role::TextEncoder).count() > 1 {
+            let mut next = 0;
+            for seg in self.by_role(Role::TextEncoder) {
+                match seg.blocks {
+                    Some([s, e]) if s == next && e > s => next = e,
+                    b => {
+                        return Err(format!(
+                            "text encoder piece {} covers layers {b:?} but layer {next} is next",
+                            seg.name
+                        ))
+                    }
+                }
+            }
+        }
         let mut next = 0;
         for seg in self.by_role(Role::JointBlocks) {
             let [s, e] = seg

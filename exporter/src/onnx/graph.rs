@@ -94,6 +94,8 @@ pub struct Graph {
     pub initializers: Vec<Initializer>,
     pub inputs: Vec<Io>,
     pub outputs: Vec<Io>,
+    /// The ONNX opset the model imports ([`super::write::OPSET`] unless a target asks otherwise).
+    pub opset: u32,
     counter: usize,
     scope: Vec<String>,
 }
@@ -106,6 +108,7 @@ impl Graph {
             initializers: Vec::new(),
             inputs: Vec::new(),
             outputs: Vec::new(),
+            opset: super::write::OPSET,
             counter: 0,
             scope: Vec::new(),
         }

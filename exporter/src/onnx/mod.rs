@@ -2,6 +2,7 @@
 
 pub mod graph;
 pub mod proto;
+pub mod tensorrt;
 pub mod write;
 
 pub use graph::{Attr, DType, Dim, Graph, Value, WeightData};

@@ -152,7 +152,36 @@ pub fn model_bytes(g: &Graph, weights: Weights<'_>, doc: &str) -> Result<Vec<u8>
     for io in &g.outputs {
         graph.msg(f::graph::OUTPUT, io_msg(io));
     }
-    Ok(model_msg(graph, doc, &g.name).into_bytes())
+    let contrib = g.nodes.iter().any(|n| n.domain == super::graph::MS_DOMAIN);
+    Ok(model_msg(graph, doc, g, contrib).into_bytes())
+}
+
+/// An upper bound of what [`model_bytes`] writes for `g`, the model file and (with `external`
+/// weights) its data file together, found without producing any weight.
+pub fn size_bound(g: &Graph, external: bool) -> u64 {
+    let len = |m: Msg| m.into_bytes().len() as u64 + 16;
+    let nodes: u64 = g.nodes.iter().map(|n| len(node_msg(n))).sum();
+    let io: u64 = g
+        .inputs
+        .iter()
+        .chain(&g.outputs)
+        .map(|i| len(io_msg(i)))
+        .sum();
+    let inits: u64 = g
+        .initializers
+        .iter()
+        .map(|i| {
+            let header = 64 + i.name.len() as u64 + 11 * i.dims.len() as u64;
+            // Alignment padding and the location / offset / length entries.
+            let ext = if external && i.is_param {
+                ALIGN + 192 + 2 * g.name.len() as u64
+            } else {
+                0
+            };
+            header + ext + i.nbytes() as u64
+        })
+        .sum();
+    nodes + io + inits + 4096 + 4 * g.name.len() as u64
 }
 
 fn node_msg(n: &Node) -> Msg {
@@ -174,12 +203,13 @@ fn node_msg(n: &Node) -> Msg {
     node
 }
 
-/// The model around a graph: IR version, producer, opset, and the segment name as metadata.
-fn model_msg(graph: Msg, doc: &str, segment: &str) -> Msg {
+/// The model around a graph: IR version, producer, opset (and ONNX Runtime's contrib domain
+/// when a node uses it), and the segment name as metadata.
+fn model_msg(graph: Msg, doc: &str, g: &Graph, contrib: bool) -> Msg {
     let mut opset = Msg::new();
     opset
         .string(f::opset::DOMAIN, "")
-        .int(f::opset::VERSION, i64::from(OPSET));
+        .int(f::opset::VERSION, i64::from(g.opset));
     let mut model = Msg::new();
     model
         .int(f::model::IR_VERSION, IR_VERSION)
@@ -188,14 +218,15 @@ fn model_msg(graph: Msg, doc: &str, segment: &str) -> Msg {
         .string(f::model::DOC_STRING, doc)
         .msg(f::model::GRAPH, graph)
         .msg(f::model::OPSET_IMPORT, opset);
-    let mut contrib = Msg::new();
-    contrib
-        .string(f::opset::DOMAIN, super::graph::MS_DOMAIN)
-        .int(f::opset::VERSION, 1);
-    model.msg(f::model::OPSET_IMPORT, contrib);
+    if contrib {
+        let mut ms = Msg::new();
+        ms.string(f::opset::DOMAIN, super::graph::MS_DOMAIN)
+            .int(f::opset::VERSION, 1);
+        model.msg(f::model::OPSET_IMPORT, ms);
+    }
     let mut meta = Msg::new();
     meta.string(f::entry::KEY, "ddit.segment")
-        .string(f::entry::VALUE, segment);
+        .string(f::entry::VALUE, &g.name);
     model.msg(f::model::METADATA_PROPS, meta);
     model
 }

@@ -46,11 +46,40 @@ impl StoreDtype {
     }
 }
 
+/// Which execution provider's parser the graphs are written for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Target {
+    /// ONNX Runtime's CPU (and CUDA) providers: opset 23, attention as one `Attention` op.
+    #[default]
+    Cpu,
+    /// TensorRT 10.13's ONNX parser: opset 22 and only the operators it accepts
+    /// ([`crate::onnx::tensorrt`]); attention written out as MatMul, Softmax, MatMul.
+    TensorRt,
+}
+
+impl Target {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Target::Cpu => "cpu",
+            Target::TensorRt => "tensorrt",
+        }
+    }
+
+    /// The ONNX opset the graphs import.
+    pub fn opset(self) -> u32 {
+        match self {
+            Target::Cpu => crate::onnx::write::OPSET,
+            Target::TensorRt => crate::onnx::tensorrt::OPSET,
+        }
+    }
+}
+
 /// A graph being built from one checkpoint component.
 pub struct Ctx<'a> {
     pub g: Graph,
     pub w: &'a WeightStore,
     pub store: StoreDtype,
+    pub target: Target,
     /// int8 activations already quantized: input value -> [`Quantized`], so the linear layers
     /// that read one input (Q, K, V; the modulations) quantize it once.
     quantized: HashMap<Value, Quantized>,
@@ -125,8 +154,16 @@ impl<'a> Ctx<'a> {
             g: Graph::new(name),
             w,
             store,
+            target: Target::Cpu,
             quantized: HashMap::new(),
         }
+    }
+
+    /// The same, with attention written for `target` (the package writer sets the opset).
+    pub fn for_target(name: &str, w: &'a WeightStore, store: StoreDtype, target: Target) -> Self {
+        let mut c = Self::new(name, w, store);
+        c.target = target;
+        c
     }
 
     fn lazy(&mut self, t: TensorRef, dims: Vec<i64>, transpose: Option<(usize, usize)>) -> Value {
@@ -338,9 +375,9 @@ impl<'a> Ctx<'a> {
 
     /// Softmax attention over `[B, S, H*dh]` projections with `heads` heads; returns
     /// `[B, S, H*dh]`. Scores are scaled by `scale` (1 when `None`); `bias` (`[1 or B, H, S, S]`)
-    /// is added before the softmax. One ONNX `Attention` op (opset 23), which ONNX Runtime's CPU
-    /// kernel runs faster than its contrib `MultiHeadAttention` on narrow models
-    /// (docs/performance.md).
+    /// is added before the softmax. For the CPU target, one ONNX `Attention` op (opset 23), which
+    /// ONNX Runtime's CPU kernel runs faster than its contrib `MultiHeadAttention` on narrow
+    /// models (docs/performance.md); for TensorRT, [`Ctx::attention_unfused`].
     pub fn attention(
         &mut self,
         q: &str,
@@ -350,6 +387,9 @@ impl<'a> Ctx<'a> {
         scale: Option<f32>,
         bias: Option<&str>,
     ) -> Value {
+        if self.target == Target::TensorRt {
+            return self.attention_unfused(q, k, v, heads, scale, bias);
+        }
         let mut inputs = vec![q, k, v];
         inputs.extend(bias);
         let heads = Attr::Int(heads as i64);
@@ -362,6 +402,40 @@ impl<'a> Ctx<'a> {
                 ("scale", Attr::Float(scale.unwrap_or(1.0))),
             ],
         )
+    }
+
+    /// [`Ctx::attention`] in operators every TensorRT parser accepts: heads split off by
+    /// Reshape/Transpose, `softmax(scale · Q·Kᵀ + bias)·V` in f32, heads merged back.
+    fn attention_unfused(
+        &mut self,
+        q: &str,
+        k: &str,
+        v: &str,
+        heads: usize,
+        scale: Option<f32>,
+        bias: Option<&str>,
+    ) -> Value {
+        let g = &mut self.g;
+        let h = heads as i64;
+        let split = |g: &mut Graph, x: &str, perm: &[i64]| {
+            let x4 = g.reshape(x, &[0, 0, h, -1]);
+            g.transpose(&x4, perm)
+        };
+        let q4 = split(g, q, &[0, 2, 1, 3]);
+        let kt = split(g, k, &[0, 2, 3, 1]);
+        let v4 = split(g, v, &[0, 2, 1, 3]);
+        let mut s = g.matmul(&q4, &kt);
+        if let Some(scale) = scale.filter(|s| *s != 1.0) {
+            let c = g.scalar_f32(scale);
+            s = g.mul(&s, &c);
+        }
+        if let Some(b) = bias {
+            s = g.add(&s, b);
+        }
+        let p = g.softmax(&s, -1);
+        let o = g.matmul(&p, &v4);
+        let o = g.transpose(&o, &[0, 2, 1, 3]);
+        g.reshape(&o, &[0, 0, -1])
     }
 }
 

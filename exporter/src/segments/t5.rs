@@ -7,7 +7,7 @@ use crate::checkpoint::{T5Act, T5Config, WeightStore};
 use crate::error::Result;
 use crate::onnx::{DType, Dim, Graph, Value, WeightData};
 
-use super::{Ctx, StoreDtype};
+use super::{Ctx, StoreDtype, Target};
 
 /// The bucket of every relative position `k - q` in `[-max_distance, max_distance]` (bidirectional),
 /// computed in f32 exactly as transformers' `T5Attention._relative_position_bucket`. Positions
@@ -51,42 +51,60 @@ fn rms_norm(c: &mut Ctx<'_>, x: &str, key: &str, d: usize, eps: f32) -> Result<V
     Ok(g.mul(&n, &w))
 }
 
-/// `input_ids [batch, text_len] -> hidden_states [batch, text_len, d_model]`.
-pub fn encoder(cfg: &T5Config, w: &WeightStore, store: StoreDtype) -> Result<Graph> {
+/// Encoder layers `[start, end)` of `cfg.num_layers`: the first piece reads `input_ids
+/// [batch, text_len]` (through the embedding), the others the previous piece's
+/// `hidden_states_in [batch, text_len, d_model]`; the last applies the final norm. Every piece
+/// computes the shared position bias for its own length from block 0's table (a copy of that
+/// small table in each). The whole range is named `text_encoder`, a piece
+/// `text_encoder_{start}_{end}`.
+pub fn encoder(
+    cfg: &T5Config,
+    w: &WeightStore,
+    (store, target): (StoreDtype, Target),
+    (start, end): (usize, usize),
+) -> Result<Graph> {
     let d = cfg.d_model;
-    let mut c = Ctx::new("text_encoder", w, store);
-    let ids = c.g.input(
-        "input_ids",
-        DType::I64,
-        vec![Dim::Sym("batch"), Dim::Sym("text_len")],
-    );
-    let emb_key = if w.contains("shared.weight") {
-        "shared.weight"
+    let name = if (start, end) == (0, cfg.num_layers) {
+        "text_encoder".to_string()
     } else {
-        "encoder.embed_tokens.weight"
+        format!("text_encoder_{start}_{end}")
     };
-    let table = c.param(emb_key, &[cfg.vocab_size, d])?;
-    let mut x = c.g.op(
-        "Gather",
-        &[&table, &ids],
-        vec![("axis", crate::onnx::Attr::Int(0))],
-    );
-
-    let bias = position_bias(&mut c, cfg, &ids)?;
-    for i in 0..cfg.num_layers {
+    let mut c = Ctx::for_target(&name, w, store, target);
+    let text_dims = vec![
+        Dim::Sym("batch"),
+        Dim::Sym("text_len"),
+        Dim::Fixed(d as i64),
+    ];
+    let mut x = if start == 0 {
+        let ids = c.g.input(
+            "input_ids",
+            DType::I64,
+            vec![Dim::Sym("batch"), Dim::Sym("text_len")],
+        );
+        let emb_key = if w.contains("shared.weight") {
+            "shared.weight"
+        } else {
+            "encoder.embed_tokens.weight"
+        };
+        let table = c.param(emb_key, &[cfg.vocab_size, d])?;
+        c.g.op(
+            "Gather",
+            &[&table, &ids],
+            vec![("axis", crate::onnx::Attr::Int(0))],
+        )
+    } else {
+        c.g.input("hidden_states_in", DType::F32, text_dims.clone())
+    };
+    let bias = position_bias(&mut c, cfg, &x)?;
+    for i in start..end {
         x = block(&mut c, cfg, &x, &bias, i)?;
     }
-    let out = rms_norm(&mut c, &x, "encoder.final_layer_norm.weight", d, cfg.eps)?;
-    c.g.output(
-        &out,
-        "hidden_states",
-        DType::F32,
-        vec![
-            Dim::Sym("batch"),
-            Dim::Sym("text_len"),
-            Dim::Fixed(d as i64),
-        ],
-    );
+    let out = if end == cfg.num_layers {
+        rms_norm(&mut c, &x, "encoder.final_layer_norm.weight", d, cfg.eps)?
+    } else {
+        x
+    };
+    c.g.output(&out, "hidden_states", DType::F32, text_dims);
     Ok(c.g)
 }
 
@@ -98,8 +116,9 @@ fn act(c: &mut Ctx<'_>, x: &str, a: T5Act) -> Value {
     }
 }
 
-/// Relative position bias `[1, H, L, L]` from block 0's table, for the ids' length.
-fn position_bias(c: &mut Ctx<'_>, cfg: &T5Config, ids: &Value) -> Result<Value> {
+/// Relative position bias `[1, H, L, L]` from block 0's table, for the length `L` of axis 1 of
+/// `x` (the ids or the hidden states).
+fn position_bias(c: &mut Ctx<'_>, cfg: &T5Config, x: &Value) -> Result<Value> {
     let h = cfg.num_heads;
     let rel_w = c.param(
         "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight",
@@ -116,7 +135,7 @@ fn position_bias(c: &mut Ctx<'_>, cfg: &T5Config, ids: &Value) -> Result<Value> 
         WeightData::Bytes(table_bytes),
         false,
     );
-    let len = g.shape_slice(ids, 1, 2);
+    let len = g.shape_slice(x, 1, 2);
     let zero_axis = g.const_i64(&[0]);
     let len_s = g.op("Squeeze", &[&len, &zero_axis], vec![]);
     let zero = g.const_i64(&[0]);

@@ -5,7 +5,7 @@ use crate::checkpoint::{TransformerConfig, WeightStore};
 use crate::error::Result;
 use crate::onnx::{Attr, DType, Dim, Graph, Value};
 
-use super::{Ctx, StoreDtype};
+use super::{Ctx, StoreDtype, Target};
 
 const LN_EPS: f32 = 1e-6;
 /// Channels of the sinusoidal timestep projection.
@@ -280,7 +280,7 @@ fn joint_block(
 pub fn joint_blocks(
     cfg: &TransformerConfig,
     w: &WeightStore,
-    store: StoreDtype,
+    (store, target): (StoreDtype, Target),
     (start, end): (usize, usize),
     keep: Keep,
 ) -> Result<Graph> {
@@ -290,7 +290,7 @@ pub fn joint_blocks(
         Keep::Image => format!("image_tail_{start}_{end}"),
         Keep::Text => format!("text_tail_{start}_{end}"),
     };
-    let mut c = Ctx::new(&name, w, store);
+    let mut c = Ctx::for_target(&name, w, store, target);
     let x =
         c.g.input("image_tokens", DType::F32, hidden_dims(Dim::Fixed(d)));
     let text_dims = vec![Dim::Sym("batch"), Dim::Sym("text_len"), Dim::Fixed(d)];
@@ -324,10 +324,16 @@ pub fn joint_blocks(
     Ok(c.g)
 }
 
-/// `(image tokens, temb, grid_hw) -> velocity [batch, C, h·p, w·p]`: AdaLN (scale, shift), Linear,
-/// unpatchify `nhwpqc -> nchpwq`.
+/// `(image tokens, temb, latents) -> velocity [batch, C, h·p, w·p]`: AdaLN (scale, shift),
+/// Linear, unpatchify `nhwpqc -> nchpwq`. Only the latents' shape is read (the grid of
+/// patches), so every input is an ordinary tensor with dynamic dimensions (no shape values).
 pub fn image_head(cfg: &TransformerConfig, w: &WeightStore, store: StoreDtype) -> Result<Graph> {
-    let (d, p, co) = (cfg.hidden, cfg.patch_size, cfg.out_channels);
+    let (d, p, co, ci) = (
+        cfg.hidden,
+        cfg.patch_size,
+        cfg.out_channels,
+        cfg.in_channels,
+    );
     let mut c = Ctx::new("image_head", w, store);
     let x = c.g.input(
         "image_tokens",
@@ -339,7 +345,15 @@ pub fn image_head(cfg: &TransformerConfig, w: &WeightStore, store: StoreDtype) -
         DType::F32,
         vec![Dim::Sym("batch"), Dim::Fixed(d as i64)],
     );
-    let grid = c.g.input("grid_hw", DType::I64, vec![Dim::Fixed(2)]);
+    let latent_dims = |ch: usize| {
+        vec![
+            Dim::Sym("batch"),
+            Dim::Fixed(ch as i64),
+            Dim::Sym("latent_height"),
+            Dim::Sym("latent_width"),
+        ]
+    };
+    let latents = c.g.input("latents", DType::F32, latent_dims(ci));
     let st = c.g.silu(&t);
     let m = modulation(&mut c, &st, "image_norm_out.linear", d, 2)?;
     // AdaLayerNormContinuous chunks are (scale, shift).
@@ -347,26 +361,17 @@ pub fn image_head(cfg: &TransformerConfig, w: &WeightStore, store: StoreDtype) -
     let o = c.linear(&xn, "image_proj_out", d, p * p * co, true)?;
     let g = &mut c.g;
     let b = g.shape_slice(&o, 0, 1);
+    let hw = g.shape_slice(&latents, 2, 4);
+    let pc = g.const_i64(&[p as i64]);
+    let grid = g.div(&hw, &pc);
     let ppc = g.const_i64(&[p as i64, p as i64, co as i64]);
     let s6 = g.concat(&[&b, &grid, &ppc], 0);
     let o6 = g.reshape_to(&o, &s6);
     let img = g.transpose(&o6, &[0, 5, 1, 3, 2, 4]);
-    let pc = g.const_i64(&[p as i64]);
-    let hw = g.mul(&grid, &pc);
     let cc = g.const_i64(&[co as i64]);
     let s4 = g.concat(&[&b, &cc, &hw], 0);
     let out = g.reshape_to(&img, &s4);
-    g.output(
-        &out,
-        "velocity",
-        DType::F32,
-        vec![
-            Dim::Sym("batch"),
-            Dim::Fixed(co as i64),
-            Dim::Sym("latent_height"),
-            Dim::Sym("latent_width"),
-        ],
-    );
+    g.output(&out, "velocity", DType::F32, latent_dims(co));
     Ok(c.g)
 }
 

@@ -4,7 +4,7 @@ use crate::checkpoint::{VaeConfig, WeightStore};
 use crate::error::Result;
 use crate::onnx::{Attr, DType, Dim, Graph, Value};
 
-use super::{Ctx, StoreDtype};
+use super::{Ctx, StoreDtype, Target};
 
 const EPS: f32 = 1e-6;
 
@@ -65,8 +65,12 @@ fn image_dims(ch: usize, h: &'static str, w: &'static str) -> Vec<Dim> {
 }
 
 /// `image [batch, 3, height, width] in [-1, 1] -> (latent_mean, latent_logvar)`.
-pub fn encoder(cfg: &VaeConfig, w: &WeightStore, store: StoreDtype) -> Result<Graph> {
-    let mut c = Ctx::new("vae_encoder", w, store);
+pub fn encoder(
+    cfg: &VaeConfig,
+    w: &WeightStore,
+    (store, target): (StoreDtype, Target),
+) -> Result<Graph> {
+    let mut c = Ctx::for_target("vae_encoder", w, store, target);
     let chans = &cfg.block_out_channels;
     let x = c.g.input(
         "image",
@@ -135,8 +139,12 @@ pub fn encoder(cfg: &VaeConfig, w: &WeightStore, store: StoreDtype) -> Result<Gr
 }
 
 /// `latent [batch, C, h, w]` (VAE space: `z/scale + shift` already applied) -> image in [-1, 1].
-pub fn decoder(cfg: &VaeConfig, w: &WeightStore, store: StoreDtype) -> Result<Graph> {
-    let mut c = Ctx::new("vae_decoder", w, store);
+pub fn decoder(
+    cfg: &VaeConfig,
+    w: &WeightStore,
+    (store, target): (StoreDtype, Target),
+) -> Result<Graph> {
+    let mut c = Ctx::for_target("vae_decoder", w, store, target);
     let lc = cfg.latent_channels;
     let rev: Vec<usize> = cfg.block_out_channels.iter().rev().copied().collect();
     let z = c.g.input(

@@ -199,3 +199,38 @@ pub fn nan_max(values: impl IntoIterator<Item = f32>) -> f32 {
 pub fn f32s(s: &[usize], v: Vec<f32>) -> Gold {
     Gold::F32(s.to_vec(), v)
 }
+
+/// One protobuf field: (number, varint value or length-delimited bytes).
+pub fn fields(mut b: &[u8]) -> Vec<(u64, Option<&[u8]>)> {
+    fn varint(b: &mut &[u8]) -> u64 {
+        let mut v = 0u64;
+        for shift in (0..64).step_by(7) {
+            let (byte, rest) = b.split_first().unwrap();
+            *b = rest;
+            v |= u64::from(byte & 0x7f) << shift;
+            if byte & 0x80 == 0 {
+                break;
+            }
+        }
+        v
+    }
+    let mut out = Vec::new();
+    while !b.is_empty() {
+        let key = varint(&mut b);
+        match key & 7 {
+            0 => {
+                varint(&mut b);
+                out.push((key >> 3, None));
+            }
+            2 => {
+                let n = varint(&mut b) as usize;
+                out.push((key >> 3, Some(&b[..n])));
+                b = &b[n..];
+            }
+            5 => b = &b[4..],
+            1 => b = &b[8..],
+            w => panic!("wire type {w}"),
+        }
+    }
+    out
+}

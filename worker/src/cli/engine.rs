@@ -221,6 +221,7 @@ impl EngineArgs {
                 fp16: self.trt_fp16,
                 cache_dir: self.trt_cache_dir.clone(),
                 max_batch: max_batch.max(1),
+                max_side: self.limits.limits().max_side,
             },
             cuda: CudaOptions {
                 mem_limit: self

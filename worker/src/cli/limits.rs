@@ -15,6 +15,11 @@ pub struct LimitArgs {
     /// D-DiT's native 512 × 512 (4096 image tokens, whose attention grows with their square).
     #[arg(long, default_value_t = D.max_pixels, env = "DDIT_MAX_PIXELS")]
     max_pixels: u64,
+    /// Most pixels of a generated image's side; also what the TensorRT optimization profiles
+    /// cover (with `--max-batch`). Default 1024: D-DiT's 512 native side doubled, the size
+    /// whose activations fit a 40 GB card at the default batch (docs/deploy.md).
+    #[arg(long, default_value_t = D.max_side, env = "DDIT_MAX_SIDE")]
+    max_side: u32,
     /// Most images one generate job may ask for (each is a whole sampling chain of up to two
     /// rows). Default 4: what image UIs offer per request; 8 would fill an 8-row batch alone.
     #[arg(long, default_value_t = D.max_images, env = "DDIT_MAX_IMAGES_PER_JOB")]
@@ -38,6 +43,7 @@ impl LimitArgs {
     pub fn limits(&self) -> JobLimits {
         JobLimits {
             max_pixels: self.max_pixels,
+            max_side: self.max_side,
             max_images: self.max_images_per_job,
             max_steps: self.max_steps,
             max_text_tokens: self.max_text_tokens,

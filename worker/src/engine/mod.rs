@@ -35,7 +35,8 @@ pub struct Engine {
     /// Where the nodes run, read from the sessions ([`Placement::label`]).
     provider: String,
     placement: Placement,
-    text_encoder: Segment,
+    /// T5, in one piece or split by layers (each piece reads the previous one's output).
+    text_encoder: Vec<Segment>,
     context_embedder: Segment,
     timestep_embed: Segment,
     patch_embed: Segment,
@@ -78,13 +79,17 @@ impl Engine {
                 })?;
             Segment::load(env, cfg, &pkg.path_of(spec), spec, &pkg.manifest)
         };
-        let joint_blocks = pkg
-            .manifest
-            .by_role(Role::JointBlocks)
-            .map(|s| Segment::load(env, cfg, &pkg.path_of(s), s, &pkg.manifest))
-            .collect::<Result<Vec<_>>>()?;
+        let load_all = |role: Role| {
+            pkg.manifest
+                .by_role(role)
+                .map(|s| Segment::load(env, cfg, &pkg.path_of(s), s, &pkg.manifest))
+                .collect::<Result<Vec<_>>>()
+        };
+        let joint_blocks = load_all(Role::JointBlocks)?;
+        // One or more T5 pieces: the manifest's rules (`Manifest::validate`) make sure.
+        let text_encoder = load_all(Role::TextEncoder)?;
         let mut e = Self {
-            text_encoder: load_role(Role::TextEncoder)?,
+            text_encoder,
             context_embedder: load_role(Role::ContextEmbedder)?,
             timestep_embed: load_role(Role::TimestepEmbed)?,
             patch_embed: load_role(Role::PatchEmbed)?,
@@ -113,7 +118,6 @@ impl Engine {
 
     fn segments(&self) -> impl Iterator<Item = &Segment> {
         let fixed = [
-            &self.text_encoder,
             &self.context_embedder,
             &self.timestep_embed,
             &self.patch_embed,
@@ -124,7 +128,10 @@ impl Engine {
             &self.vae_encoder,
             &self.vae_decoder,
         ];
-        self.joint_blocks.iter().chain(fixed)
+        self.text_encoder
+            .iter()
+            .chain(&self.joint_blocks)
+            .chain(fixed)
     }
 
     /// Where the execution providers run the graphs' nodes, read from the sessions: `cpu`,
@@ -147,11 +154,20 @@ impl Engine {
             ));
         }
         let data: Vec<i64> = ids.iter().flatten().copied().collect();
-        let mut h = self.text_encoder.run(vec![Input::I64 {
-            shape: vec![ids.len(), l],
-            data,
-        }])?;
-        let h = take(&mut h, "text_encoder")?;
+        let mut pieces = self.text_encoder.iter_mut();
+        let first = pieces
+            .next()
+            .ok_or_else(|| WorkerError::Internal("text_encoder: no segment".into()))?;
+        let mut h = take(
+            &mut first.run(vec![Input::I64 {
+                shape: vec![ids.len(), l],
+                data,
+            }])?,
+            "text_encoder",
+        )?;
+        for piece in pieces {
+            h = take(&mut piece.run(vec![Input::F32(&h)])?, "text_encoder")?;
+        }
         take(
             &mut self.context_embedder.run(vec![Input::F32(&h)])?,
             "context_embedder",
@@ -201,23 +217,11 @@ impl Engine {
         take(&mut tail.run(inputs)?, what)
     }
 
-    /// Image stream -> velocity `[B, C, h, w]` for a latent grid of `grid` patches.
-    pub fn image_head(
-        &mut self,
-        x: &Tensor,
-        temb: &Tensor,
-        grid: (usize, usize),
-    ) -> Result<Tensor> {
-        let g = Input::I64 {
-            shape: vec![2],
-            data: vec![grid.0 as i64, grid.1 as i64],
-        };
-        take(
-            &mut self
-                .image_head
-                .run(vec![Input::F32(x), Input::F32(temb), g])?,
-            "image_head",
-        )
+    /// Image stream -> velocity `[B, C, h, w]` of the shape of `latents` (read for their
+    /// shape only).
+    pub fn image_head(&mut self, x: &Tensor, temb: &Tensor, latents: &Tensor) -> Result<Tensor> {
+        let inputs = vec![Input::F32(x), Input::F32(temb), Input::F32(latents)];
+        take(&mut self.image_head.run(inputs)?, "image_head")
     }
 
     /// [`Model::velocity`] through I/O bindings: temb and both streams stay in `device` memory
@@ -235,8 +239,6 @@ impl Engine {
                 .next()
                 .ok_or_else(|| WorkerError::Internal(format!("{what}: missing output")))
         };
-        let p = self.manifest.values.patch_size as usize;
-        let grid = (latents.shape[2] / p, latents.shape[3] / p);
         let t = Tensor::new(vec![timesteps.len()], timesteps.to_vec())?;
         let host = |t| Bound::Host(Input::F32(t));
         let temb = self.timestep_embed.run_bound(vec![host(&t)], device)?;
@@ -256,11 +258,7 @@ impl Engine {
         let text = y.as_ref().map_or(host(context), Bound::Device);
         let inputs = vec![Bound::Device(&x), text, Bound::Device(&temb)];
         let x = first(self.image_tail.run_bound(inputs, device)?, "image_tail")?;
-        let g = Input::I64 {
-            shape: vec![2],
-            data: vec![grid.0 as i64, grid.1 as i64],
-        };
-        let inputs = vec![Bound::Device(&x), Bound::Device(&temb), Bound::Host(g)];
+        let inputs = vec![Bound::Device(&x), Bound::Device(&temb), host(latents)];
         let v = self.image_head.run_bound(inputs, device)?;
         to_host(first(v, "image_head")?, "image_head")
     }
@@ -326,12 +324,10 @@ impl Model for Engine {
             self.bound = Some(device);
             return v;
         }
-        let p = self.manifest.values.patch_size as usize;
-        let grid = (latents.shape[2] / p, latents.shape[3] / p);
         let temb = self.time_embed(timesteps)?;
         let x = self.patch_embed(latents)?;
         let x = self.blocks(&x, context, &temb, Stream::Image)?;
-        self.image_head(&x, &temb, grid)
+        self.image_head(&x, &temb, latents)
     }
 
     fn logits(

@@ -84,6 +84,9 @@ pub struct TensorRtOptions {
     pub cache_dir: Option<PathBuf>,
     /// Rows per forward pass the optimization profiles cover (the runner's `--max-batch`).
     pub max_batch: usize,
+    /// Pixels of the longest image side the profiles cover (`--max-side`; jobs beyond it are
+    /// refused at admission).
+    pub max_side: u32,
 }
 
 /// How a device memory arena grows when it runs out (ONNX Runtime's `arena_extend_strategy`).

@@ -152,12 +152,12 @@ impl Segment {
             .iter()
             .any(|p| matches!(p, Provider::TensorRt { .. }));
         let profile = match trt {
-            true => trt_profile(spec, manifest, cfg.tensorrt.max_batch).map_err(|m| {
-                WorkerError::Package {
+            true => {
+                trt_profile(spec, manifest, &cfg.tensorrt).map_err(|m| WorkerError::Package {
                     path: path.display().to_string(),
                     message: m,
-                }
-            })?,
+                })?
+            }
             false => None,
         };
         // Every session runs on the environment's one thread pool (see `environment`), records

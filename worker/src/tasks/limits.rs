@@ -11,6 +11,9 @@ use crate::error::{Result, WorkerError};
 pub struct JobLimits {
     /// Pixels per generated image (`width × height`).
     pub max_pixels: u64,
+    /// Pixels of a generated image's longer side; also the largest side the TensorRT
+    /// optimization profiles cover.
+    pub max_side: u32,
     /// Images per generate job.
     pub max_images: u32,
     /// Sampling steps of any task.
@@ -23,9 +26,10 @@ pub struct JobLimits {
 
 impl JobLimits {
     /// The fleet defaults (the flags' defaults; the reasons are in the flags' help):
-    /// 1024 × 1024 pixels, 4 images, 250 steps, a 256-token caption canvas, 4000 characters.
+    /// 1024 × 1024 pixels, 1024 a side, 4 images, 250 steps, a 256-token caption canvas, 4000 characters.
     pub const DEFAULT: Self = Self {
         max_pixels: 1024 * 1024,
+        max_side: 1024,
         max_images: 4,
         max_steps: 250,
         max_text_tokens: 256,

@@ -176,6 +176,7 @@ pub fn plan(job: &Job, m: &Manifest, limits: &JobLimits) -> Result<Plan> {
                         ),
                     ));
                 }
+                JobLimits::check(field, v.into(), limits.max_side.into(), "--max-side")?;
                 Ok(v)
             };
             let (width, height) = (

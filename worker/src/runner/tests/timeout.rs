@@ -132,6 +132,7 @@ fn limited(limits: JobLimits) -> RunnerConfig {
 fn a_job_over_a_cap_fails_once_naming_the_field_before_the_model_runs() {
     let limits = JobLimits {
         max_pixels: 16 * 16,
+        max_side: 24,
         max_images: 2,
         max_steps: 10,
         max_text_tokens: 12,
@@ -150,7 +151,8 @@ fn a_job_over_a_cap_fails_once_naming_the_field_before_the_model_runs() {
         p.prompt = "a red circle left of a blue square".into();
     }
     let cases = [
-        (generate("pixels", 4, 32, 1), "params.width × params.height"),
+        (generate("pixels", 4, 20, 1), "params.width × params.height"),
+        (generate("side", 4, 28, 1), "params.width"),
         (generate("images", 4, 16, 3), "params.num_images"),
         (generate("steps", 11, 16, 1), "params.steps"),
         (caption("caption-steps", 9, 11), "params.steps"),
@@ -185,6 +187,7 @@ fn a_job_within_the_caps_computes_what_it_would_without_them() {
     let jobs = || vec![generate("g", 10, 16, 2), caption("c", 9, 10)];
     let at_caps = JobLimits {
         max_pixels: 16 * 16,
+        max_side: 16,
         max_images: 2,
         max_steps: 10,
         max_text_tokens: 8,
@@ -192,6 +195,7 @@ fn a_job_within_the_caps_computes_what_it_would_without_them() {
     };
     let wide = JobLimits {
         max_pixels: u64::MAX,
+        max_side: u32::MAX,
         max_images: u32::MAX,
         max_steps: u32::MAX,
         max_text_tokens: u32::MAX,
