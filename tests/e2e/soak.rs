@@ -7,7 +7,8 @@
 //! once. With chaos on (the default), a random worker is killed with SIGKILL every 20 s and
 //! replaced, the broker is restarted (`rabbitmqctl stop_app`/`start_app`), the test's own Redis
 //! (the deploy manifests' persistence, on a spare port) is shut down with `SHUTDOWN` and started
-//! again, SeaweedFS is stopped for 30 s, and a worker under load gets SIGTERM and drains.
+//! again, S3 is unreachable for 30 s (the workers reach it through a relay the test shuts), and
+//! a worker under load gets SIGTERM and drains.
 //!
 //! The tally runs whether or not every job ended, judges the published plan against what the
 //! services hold, and prints one line, `soak: jobs=N lost=0 duplicates=0 ran_twice=R mismatched=0
@@ -20,6 +21,8 @@
 
 #[path = "soak/chaos.rs"]
 mod chaos;
+#[path = "soak/gate.rs"]
+mod gate;
 #[path = "soak/hostile.rs"]
 mod hostile;
 #[path = "soak/jobs.rs"]
@@ -61,7 +64,7 @@ impl Background {
 async fn publish_through_chaos(
     names: &Names,
     plan: &jobs::Plan,
-    faults: Option<(&chaos::OwnRedis, &chaos::Fleet)>,
+    faults: Option<(&chaos::OwnRedis, &chaos::Fleet, &gate::Gate)>,
     pause: Duration,
 ) -> Background {
     let mut bg = Background::default();
@@ -69,9 +72,9 @@ async fn publish_through_chaos(
         publish(names, &chunk).await;
         match (i, faults) {
             (0, Some(_)) => chaos::restart_broker(),
-            (1, Some(_)) => bg.outage = Some(chaos::s3_outage(Duration::from_secs(30))),
-            (3, Some((redis, _))) => redis.restart(Duration::from_secs(3)),
-            (5, Some((_, fleet))) => bg.drained = Some(fleet.sigterm_one()),
+            (1, Some((_, _, s3))) => bg.outage = Some(s3.outage(Duration::from_secs(30))),
+            (3, Some((redis, ..))) => redis.restart(Duration::from_secs(3)),
+            (5, Some((_, fleet, _))) => bg.drained = Some(fleet.sigterm_one()),
             _ => {}
         }
         tokio::time::sleep(pause).await;
@@ -93,12 +96,13 @@ async fn soak() {
     let redis = chaos::OwnRedis::start(dir.path());
     let plan = jobs::Plan::build(&names, n, fuzz).await;
     let heard = observe::listen(&redis.url, &names.redis_prefix);
-    let fleet = chaos::Fleet::start(&names, &model, dir.path(), &redis.url);
+    let s3 = gate::Gate::start();
+    let fleet = chaos::Fleet::start(&names, &model, dir.path(), &redis.url, &s3.endpoint);
     let killer = chaos_on.then(|| fleet.kill_every(Duration::from_secs(20)));
 
     let t0 = Instant::now();
     let pause = Duration::from_secs((n / 100).max(3) as u64);
-    let faults = chaos_on.then_some((&redis, &fleet));
+    let faults = chaos_on.then_some((&redis, &fleet, &s3));
     let bg = publish_through_chaos(&names, &plan, faults, pause).await;
     eprintln!(
         "soak: published {} messages in {:?}",

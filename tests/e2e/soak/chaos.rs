@@ -98,25 +98,6 @@ pub fn restart_broker() {
     ctl(&["await_startup"]);
 }
 
-/// SeaweedFS stopped for `down`, then started again on its data (`scripts/services.sh`), on a
-/// thread of its own (the soak goes on publishing meanwhile): join it before reading S3.
-pub fn s3_outage(down: Duration) -> std::thread::JoinHandle<()> {
-    let services = |cmd: &str| {
-        let out = Command::new(workspace().join("scripts/services.sh"))
-            .arg(cmd)
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "services.sh {cmd}: {out:?}");
-    };
-    std::thread::spawn(move || {
-        eprintln!("soak: S3 down for {down:?}");
-        services("down");
-        std::thread::sleep(down);
-        services("up");
-        eprintln!("soak: S3 up again");
-    })
-}
-
 struct Slots {
     workers: Vec<Worker>,
     logs: Vec<PathBuf>,
@@ -154,10 +135,18 @@ impl Killer {
 }
 
 impl Fleet {
-    pub fn start(names: &Names, model: &Path, dir: &Path, redis_url: &str) -> Self {
+    /// Workers on the test's Redis (`redis_url`) that reach S3 at `s3_endpoint` (the gate).
+    pub fn start(
+        names: &Names,
+        model: &Path,
+        dir: &Path,
+        redis_url: &str,
+        s3_endpoint: &str,
+    ) -> Self {
         let limit = names.delivery_limit.to_string();
         let flags = [
             ("--redis-url", redis_url.to_string()),
+            ("--s3-endpoint", s3_endpoint.to_string()),
             (
                 "--s3-input-buckets",
                 var("DDIT_TEST_S3_LOCKED_BUCKET", "ddit-test-locked"),
