@@ -318,7 +318,7 @@ mod tests {
         );
         let e = p
             .check_strict("joint_blocks_0", &cuda)
-            .unwrap_err()
+            .expect_err("a CPU node under strict placement")
             .to_string();
         assert!(e.contains("`cuda`") && e.contains("joint_blocks_0"), "{e}");
         assert!(e.contains("14 of 19 nodes"), "{e}");
