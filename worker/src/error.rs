@@ -34,6 +34,14 @@ pub enum WorkerError {
     )]
     TooLarge { context: String, message: String },
 
+    /// The device failed under a segment: CUDA, cuDNN, cuBLAS or the driver reported a fault that
+    /// says the GPU, not the job, is broken (an illegal address, a launch failure, an ECC error,
+    /// a device-side assert, a device that is gone). Not final: the job is retried, and the
+    /// service's circuit breaker counts it. Made by [`WorkerError::runtime`]; an allocation that
+    /// failed stays [`WorkerError::TooLarge`]. See `docs/operations.md#circuit-breaker`.
+    #[error("device failure: {context}: {message}")]
+    Device { context: String, message: String },
+
     /// A requested execution provider could not be registered.
     #[error("execution provider `{provider}` could not be registered: {message}")]
     Provider { provider: String, message: String },
@@ -102,11 +110,14 @@ impl WorkerError {
         }
     }
 
-    /// An ONNX Runtime error; an allocation that failed is [`WorkerError::TooLarge`].
+    /// An ONNX Runtime error; an allocation that failed is [`WorkerError::TooLarge`], a device
+    /// fault [`WorkerError::Device`].
     pub fn runtime(context: impl Into<String>, e: impl std::fmt::Display) -> Self {
         let (context, message) = (context.into(), e.to_string());
         if out_of_memory(&message) {
             WorkerError::TooLarge { context, message }
+        } else if device_fault(&message) {
+            WorkerError::Device { context, message }
         } else {
             WorkerError::Runtime { context, message }
         }
@@ -132,7 +143,9 @@ impl WorkerError {
             WorkerError::Package { .. }
             | WorkerError::Runtime { .. }
             | WorkerError::Provider { .. } => ErrorKind::ModelError,
-            WorkerError::Unavailable { .. } | WorkerError::Io { .. } => ErrorKind::Unavailable,
+            WorkerError::Unavailable { .. }
+            | WorkerError::Io { .. }
+            | WorkerError::Device { .. } => ErrorKind::Unavailable,
             WorkerError::Config { .. } | WorkerError::Internal(_) => ErrorKind::Internal,
         }
     }
@@ -146,6 +159,32 @@ fn out_of_memory(message: &str) -> bool {
         "out of memory",
         "bad_alloc",
         "smaller than requested bytes",
+    ]
+    .iter()
+    .any(|p| m.contains(p))
+}
+
+/// CUDA's, cuDNN's, cuBLAS's and the driver's words for a fault of the device itself (most are
+/// sticky: every later call in the process fails too). Not here: out of memory (the job's, see
+/// [`out_of_memory`]) and TensorRT's own errors (a bad engine or profile is a configuration).
+fn device_fault(message: &str) -> bool {
+    let m = message.to_ascii_lowercase();
+    [
+        "illegal memory access",
+        "illegal address",
+        "unspecified launch failure",
+        "launch timed out",
+        "ecc error",
+        "device-side assert",
+        "misaligned address",
+        "illegal instruction",
+        "hardware stack error",
+        "uncorrectable nvlink",
+        "fallen off the bus",
+        "devices are busy or unavailable",
+        "no cuda-capable device",
+        "cuda failure 999",
+        "status_execution_failed",
     ]
     .iter()
     .any(|p| m.contains(p))
@@ -178,5 +217,28 @@ mod tests {
         assert_eq!(shape.kind(), ErrorKind::ModelError);
         assert!(!shape.kind().retryable());
         assert!(!WorkerError::invalid("steps", "0").kind().retryable());
+    }
+
+    #[test]
+    fn a_device_fault_is_retryable_and_distinct_from_a_jobs_out_of_memory() {
+        let rt = |message: &str| WorkerError::runtime("joint_blocks", message);
+        for m in [
+            "CUDA failure 700: an illegal memory access was encountered ; GPU=0 ; expr=cudaMemcpyAsync",
+            "CUDA failure 719: unspecified launch failure ; GPU=0",
+            "CUDA failure 214: uncorrectable ECC error encountered",
+            "CUDA failure 710: device-side assert triggered",
+            "CUBLAS failure 13: CUBLAS_STATUS_EXECUTION_FAILED ; GPU=0",
+            "CUDNN failure 8: CUDNN_STATUS_EXECUTION_FAILED",
+            "CUDA failure 46: all CUDA-capable devices are busy or unavailable",
+        ] {
+            let e = rt(m);
+            assert!(matches!(e, WorkerError::Device { .. }), "{m}: {e:?}");
+            assert!(e.kind().retryable(), "{m}");
+            assert!(e.to_string().starts_with("device failure: joint_blocks"), "{e}");
+        }
+        let oom = rt("CUDA failure 2: out of memory ; GPU=0");
+        assert!(matches!(oom, WorkerError::TooLarge { .. }), "{oom:?}");
+        let trt = rt("TensorRT EP failed to create engine from network");
+        assert!(matches!(trt, WorkerError::Runtime { .. }), "{trt:?}");
     }
 }

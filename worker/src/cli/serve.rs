@@ -227,6 +227,10 @@ struct ServeArgs {
     /// 60 s) and jittered. `--delivery-limit` is the number of attempts.
     #[arg(long, default_value_t = 2000, env = "DDIT_RETRY_DELAY_MS")]
     retry_delay_ms: u64,
+    /// Consecutive device faults (CUDA illegal address, launch failure, ECC, ...) after which the
+    /// worker stops consuming, gives back its jobs uncharged and fails /healthz and /readyz; 0: off.
+    #[arg(long, default_value_t = 3, env = "DDIT_BREAKER_THRESHOLD")]
+    breaker_threshold: u32,
     /// OTLP/HTTP traces endpoint, e.g. http://collector:4318/v1/traces (unset: no export).
     #[arg(long, env = "DDIT_OTLP_ENDPOINT")]
     otlp_endpoint: Option<String>,
@@ -275,6 +279,7 @@ impl TryFrom<ServeCmd> for ServeConfig {
             shutdown_deadline: std::time::Duration::from_secs(s.shutdown_deadline),
             listen: s.listen,
             retry_delay: std::time::Duration::from_millis(s.retry_delay_ms),
+            breaker_threshold: s.breaker_threshold,
             name: s.worker_name,
         })
     }

@@ -145,6 +145,15 @@ pub trait Hooks {
     fn result(&mut self, result: JobResult);
     /// One batched forward pass took `seconds` for `rows` rows (`kind`: generate or masked).
     fn step(&mut self, _kind: &'static str, _rows: usize, _seconds: f64) {}
+    /// A forward pass, or a job's preparation, failed with `e`.
+    fn failure(&mut self, _e: &WorkerError) {}
+    /// Whether the runner must stop stepping and give back every job it holds (the service's
+    /// circuit breaker is open). Asked before each forward pass and each admission.
+    fn halted(&mut self) -> bool {
+        false
+    }
+    /// A job given back unfinished once [`Hooks::halted`]: it gets no result from this runner.
+    fn given_back(&mut self, _job_id: &str) {}
 }
 
 pub struct Runner<'a, M: Model> {
@@ -224,6 +233,9 @@ impl<'a, M: Model> Runner<'a, M> {
                     (false, None) => Wait::No,
                 };
                 match source.next_job(wait) {
+                    Some(Incoming::Job { job, .. }) if hooks.halted() => {
+                        hooks.given_back(&job.job_id)
+                    }
                     Some(inc) => {
                         // Busy from now, so that an idle runner waits for it instead of leaving.
                         self.set_busy(true);
@@ -236,6 +248,12 @@ impl<'a, M: Model> Runner<'a, M> {
                         exhausted = self.active.is_empty() && wait == Wait::Forever;
                         break;
                     }
+                }
+            }
+            if hooks.halted() {
+                for a in self.active.drain(..) {
+                    a.span.in_scope(|| tracing::warn!("given back unfinished"));
+                    hooks.given_back(&a.job_id);
                 }
             }
             if self.active.is_empty() {
@@ -315,6 +333,7 @@ impl<'a, M: Model> Runner<'a, M> {
                         .unwrap_or_else(|x| Err(step::panicked("preparing the job", x.as_ref())))
                 })
                 .map_err(|e| {
+                    hooks.failure(&e);
                     Box::new(self.failed(&job.job_id, Some(task), Status::Failed, Some(&e)))
                 })?;
             tracing::debug!(rows = work.rows(), "admitted");

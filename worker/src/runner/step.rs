@@ -39,7 +39,7 @@ impl<M: Model> Runner<'_, M> {
         let mut failed: BTreeMap<usize, WorkerError> = BTreeMap::new();
         for (key, rows) in self.groups() {
             for chunk in rows.chunks(self.cfg.max_batch.max(1)) {
-                let Err(e) = self.guarded(&key, chunk, hooks) else {
+                let Some(Err(e)) = self.guarded(&key, chunk, hooks) else {
                     continue;
                 };
                 if chunk.len() == 1 {
@@ -53,7 +53,7 @@ impl<M: Model> Runner<'_, M> {
                     "batched step failed, retrying rows alone: {e}"
                 );
                 for row in chunk {
-                    if let Err(e) = self.guarded(&key, std::slice::from_ref(row), hooks) {
+                    if let Some(Err(e)) = self.guarded(&key, std::slice::from_ref(row), hooks) {
                         failed.entry(row.0).or_insert(e);
                     }
                 }
@@ -62,31 +62,59 @@ impl<M: Model> Runner<'_, M> {
         self.settle(failed, sink, hooks);
     }
 
-    /// [`Self::forward`], with a panic turned into an error: the thread and the other jobs live on.
+    /// [`Self::forward`], with a panic turned into an error: the thread and the other jobs live
+    /// on. A failure is reported to `hooks`; `None` (no pass) once they say the runner is halted.
     fn guarded(
         &mut self,
         key: &GroupKey,
         chunk: &[(usize, usize)],
         hooks: &mut dyn Hooks,
-    ) -> Result<()> {
+    ) -> Option<Result<()>> {
+        if hooks.halted() {
+            return None;
+        }
         #[cfg(feature = "fault-injection")]
         let poisoned = chunk
             .iter()
             .any(|&(ai, _)| self.active[ai].job_id.contains("ddit-inject-panic"));
-        #[cfg(feature = "fault-injection")]
-        if chunk
-            .iter()
-            .any(|&(ai, _)| self.active[ai].job_id.contains("ddit-inject-oom"))
-        {
-            let oom = "Failed to allocate memory for requested buffer of size 1073741824";
-            return Err(WorkerError::runtime("joint_blocks (injected)", oom));
-        }
         let run = std::panic::AssertUnwindSafe(|| {
             #[cfg(feature = "fault-injection")]
             assert!(!poisoned, "injected panic (the fault-injection feature)");
+            #[cfg(feature = "fault-injection")]
+            if let Some(e) = self.injected(chunk) {
+                return Err(e);
+            }
             self.forward(key, chunk, hooks)
         });
-        std::panic::catch_unwind(run).unwrap_or_else(|p| Err(panicked("a step", p.as_ref())))
+        let res =
+            std::panic::catch_unwind(run).unwrap_or_else(|p| Err(panicked("a step", p.as_ref())));
+        if let Err(e) = &res {
+            hooks.failure(e);
+        }
+        Some(res)
+    }
+
+    /// Test-only faults (the `fault-injection` feature), by job id: `ddit-inject-oom` fails its
+    /// pass as an allocation that failed; `ddit-inject-device` fails its pass as a lost GPU
+    /// does, and every pass of this process after it (CUDA's errors are sticky).
+    #[cfg(feature = "fault-injection")]
+    fn injected(&self, chunk: &[(usize, usize)]) -> Option<WorkerError> {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        static DEVICE_LOST: AtomicBool = AtomicBool::new(false);
+        let holds = |marker: &str| {
+            chunk
+                .iter()
+                .any(|&(ai, _)| self.active[ai].job_id.contains(marker))
+        };
+        if holds("ddit-inject-device") {
+            DEVICE_LOST.store(true, Ordering::SeqCst);
+        }
+        if DEVICE_LOST.load(Ordering::SeqCst) {
+            let lost = "CUDA failure 700: an illegal memory access was encountered ; GPU=0";
+            return Some(WorkerError::runtime("joint_blocks (injected)", lost));
+        }
+        let oom = "Failed to allocate memory for requested buffer of size 1073741824";
+        holds("ddit-inject-oom").then(|| WorkerError::runtime("joint_blocks (injected)", oom))
     }
 
     /// Cancellation, deadlines and the job timeout, between steps.

@@ -74,4 +74,13 @@ impl<T: Hooks + ?Sized> Hooks for Shared<'_, T> {
     fn step(&mut self, kind: &'static str, rows: usize, seconds: f64) {
         self.with(|h| h.step(kind, rows, seconds))
     }
+    fn failure(&mut self, e: &crate::error::WorkerError) {
+        self.with(|h| h.failure(e))
+    }
+    fn halted(&mut self) -> bool {
+        self.with(|h| h.halted())
+    }
+    fn given_back(&mut self, job_id: &str) {
+        self.with(|h| h.given_back(job_id))
+    }
 }

@@ -164,6 +164,20 @@ impl Service {
             .await;
     }
 
+    /// A job in hand that did not run to its end here (handed over and not started at a drain, or
+    /// given back by a runner halted by the circuit breaker): requeued as
+    /// [`Self::requeue_unstarted`] does. Returns whether it was in flight.
+    pub(super) async fn take_back(&mut self, job_id: &str) -> bool {
+        let Some(f) = self.in_flight.remove(job_id) else {
+            return false;
+        };
+        self.requeue_unstarted(job_id, &f).await;
+        for _ in f.ackers() {
+            self.metrics.in_flight.dec();
+        }
+        true
+    }
+
     /// Deliveries the broker sent before the consumer was canceled and the loop never took:
     /// sent back the same way (a channel closed on them would requeue them, and RabbitMQ before
     /// 4.3 would count that). Returns how many.

@@ -376,6 +376,12 @@ pub(super) async fn handle_event(svc: &mut Service, ev: Event) {
                 .observe(seconds);
             svc.metrics.batch_size.observe(rows as f64);
         }
+        Event::BreakerOpen => {
+            svc.metrics.breaker_open.set(1);
+        }
+        Event::GivenBack(job_id) => {
+            svc.take_back(&job_id).await;
+        }
         Event::Ready | Event::LoadFailed(_) => {}
     }
 }

@@ -9,6 +9,7 @@ use axum::http::StatusCode;
 use axum::routing::get;
 use axum::Router;
 
+use super::breaker::Breaker;
 use super::metrics::Metrics;
 use crate::adapters::redis::ResultStore;
 use crate::adapters::s3::S3Store;
@@ -23,10 +24,15 @@ pub struct AppState {
     pub redis: ResultStore,
     pub s3: S3Store,
     pub metrics: Arc<Metrics>,
+    pub breaker: Arc<Breaker>,
 }
 
-/// Alive while every inference thread is: a dead one would strand the jobs handed to it.
+/// Alive while every inference thread is (a dead one would strand the jobs handed to it) and the
+/// circuit breaker is closed (an open one asks for a restart on a fresh device context).
 async fn healthz(State(s): State<Arc<AppState>>) -> (StatusCode, String) {
+    if let Some(p) = s.breaker.problem() {
+        return (StatusCode::SERVICE_UNAVAILABLE, p + "\n");
+    }
     let alive = s.threads_alive.load(Ordering::SeqCst);
     if alive < s.threads {
         tracing::error!(alive, started = s.threads, "an inference thread has died");
@@ -37,7 +43,7 @@ async fn healthz(State(s): State<Arc<AppState>>) -> (StatusCode, String) {
 }
 
 async fn readyz(State(s): State<Arc<AppState>>) -> (StatusCode, String) {
-    let mut problems = Vec::new();
+    let mut problems: Vec<String> = s.breaker.problem().into_iter().collect();
     if !s.model_ready.load(Ordering::SeqCst) {
         problems.push("model not loaded".to_string());
     }

@@ -10,6 +10,7 @@ use ddit_schemas::{Job, JobResult};
 use tokio::sync::mpsc;
 use tracing::Instrument;
 
+use super::breaker::Breaker;
 use crate::adapters::s3::S3Io;
 use crate::engine::{Engine, EngineConfig, Package};
 use crate::error::{Result, WorkerError};
@@ -34,6 +35,10 @@ pub enum Event {
         rows: usize,
         seconds: f64,
     },
+    /// The circuit breaker opened (sent once).
+    BreakerOpen,
+    /// A job a halted runner gave back unfinished.
+    GivenBack(String),
 }
 
 /// Job ids a client asked to cancel (kept current by the async side).
@@ -88,6 +93,7 @@ impl JobSource for ChannelSource {
 struct EventHooks {
     tx: mpsc::UnboundedSender<Event>,
     canceled: CancelSet,
+    breaker: Arc<Breaker>,
 }
 
 impl Hooks for EventHooks {
@@ -108,11 +114,23 @@ impl Hooks for EventHooks {
         let _ = self.tx.send(Event::Result(Box::new(r)));
     }
     fn step(&mut self, kind: &'static str, rows: usize, seconds: f64) {
+        self.breaker.success();
         let _ = self.tx.send(Event::Step {
             kind,
             rows,
             seconds,
         });
+    }
+    fn failure(&mut self, e: &WorkerError) {
+        if self.breaker.failure(e) {
+            let _ = self.tx.send(Event::BreakerOpen);
+        }
+    }
+    fn halted(&mut self) -> bool {
+        self.breaker.is_open()
+    }
+    fn given_back(&mut self, job_id: &str) {
+        let _ = self.tx.send(Event::GivenBack(job_id.to_string()));
     }
 }
 
@@ -206,6 +224,7 @@ pub struct PoolConfig {
     pub capacity: usize,
     /// Counts the threads that run (`/healthz` fails when one has died).
     pub alive: Arc<AtomicUsize>,
+    pub breaker: Arc<Breaker>,
 }
 
 pub fn start(
@@ -228,6 +247,7 @@ pub fn start(
             let draining = draining.clone();
             let events = events.clone();
             let canceled = canceled.clone();
+            let breaker = cfg.breaker.clone();
             let fetcher = io.clone();
             let mut sink = Uploads {
                 io: io.clone(),
@@ -260,6 +280,7 @@ pub fn start(
                     let mut hooks = EventHooks {
                         tx: events,
                         canceled,
+                        breaker,
                     };
                     Runner::new(&mut engine, &codec, &fetcher, rcfg)
                         .with_handoff(handoff)

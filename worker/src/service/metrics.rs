@@ -35,6 +35,7 @@ pub struct Metrics {
     pub in_flight: Gauge<i64, AtomicI64>,
     pub provider: Family<ProviderLabels, Gauge<i64, AtomicI64>>,
     pub redeliveries: Counter,
+    pub breaker_open: Gauge<i64, AtomicI64>,
 }
 
 impl Metrics {
@@ -85,6 +86,12 @@ impl Metrics {
             "Deliveries flagged as redelivered",
             redeliveries.clone(),
         );
+        let breaker_open = Gauge::<i64, AtomicI64>::default();
+        registry.register(
+            "breaker_open",
+            "1 once the circuit breaker opened on device faults (the worker takes no jobs), else 0",
+            breaker_open.clone(),
+        );
         #[cfg(feature = "gpu")]
         super::gpu::register(&mut registry);
         Self {
@@ -96,6 +103,7 @@ impl Metrics {
             in_flight,
             provider: provider_f,
             redeliveries,
+            breaker_open,
         }
     }
 

@@ -12,6 +12,7 @@
 //! load the inference threads), [`connect`] (the broker), then the loop and [`drain`].
 
 mod attempts;
+pub mod breaker;
 mod deliveries;
 #[cfg(feature = "gpu")]
 mod gpu;
@@ -58,6 +59,8 @@ pub struct ServeConfig {
     pub listen: SocketAddr,
     /// First delay before a transient failure's retry (doubled per attempt, jittered, ≤ 60 s).
     pub retry_delay: Duration,
+    /// Consecutive device faults that open the circuit breaker (0: never).
+    pub breaker_threshold: u32,
     pub name: String,
 }
 
@@ -66,6 +69,7 @@ struct Started {
     svc: Service,
     state: Arc<http::AppState>,
     events: mpsc::UnboundedReceiver<Event>,
+    breaker: Arc<breaker::Breaker>,
 }
 
 /// Runs the service until `shutdown` resolves, then drains and returns.
@@ -74,6 +78,7 @@ pub async fn serve(cfg: ServeConfig, shutdown: impl Future<Output = ()>) -> Resu
         mut svc,
         state,
         mut events,
+        breaker,
     } = start(&cfg).await?;
     let canceled = svc.canceled.clone();
     let tag = format!("{}-{}", cfg.name, std::process::id());
@@ -95,16 +100,23 @@ pub async fn serve(cfg: ServeConfig, shutdown: impl Future<Output = ()>) -> Resu
     );
     let mut cancel_poll = tokio::time::interval(Duration::from_millis(250));
     tokio::pin!(shutdown);
+    let mut signaled = false;
     loop {
         tokio::select! {
-            _ = &mut shutdown => break,
+            _ = &mut shutdown => { signaled = true; break },
             d = consumer.next() => match d {
                 Some(Ok(d)) => svc.on_delivery(d).await,
                 Some(Err(e)) => tracing::warn!("consumer: {e}"),
                 None => { tracing::warn!("consumer closed"); break; }
             },
             ev = events.recv() => match ev {
-                Some(ev) => handle_event(&mut svc, ev).await,
+                // The breaker's own event follows its opening: the loop ends at it at the latest.
+                Some(ev) => {
+                    handle_event(&mut svc, ev).await;
+                    if breaker.is_open() {
+                        break;
+                    }
+                }
                 None => break,
             },
             _ = cancel_poll.tick() => {
@@ -120,6 +132,11 @@ pub async fn serve(cfg: ServeConfig, shutdown: impl Future<Output = ()>) -> Resu
         }
     }
     drain(&mut svc, &mut events, (&ch, &mut consumer), &tag).await;
+    if breaker.is_open() && !signaled {
+        // Given back what it held; unhealthy and unready until the orchestrator restarts it.
+        tracing::error!("circuit breaker open: consuming nothing until restarted");
+        shutdown.await;
+    }
     let _ = ch.close(200, "shutdown".into()).await;
     let _ = conn.close(200, "shutdown".into()).await;
     tracing::info!("stopped");
@@ -146,6 +163,7 @@ async fn start(cfg: &ServeConfig) -> Result<Started> {
         tracing::error!("s3 bucket {} not reachable: {e}", cfg.s3.bucket);
     }
     let alive = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let breaker = Arc::new(breaker::Breaker::new(cfg.breaker_threshold));
     let state = Arc::new(http::AppState {
         model_ready: false.into(),
         threads_alive: alive.clone(),
@@ -154,6 +172,7 @@ async fn start(cfg: &ServeConfig) -> Result<Started> {
         redis: redis.clone(),
         s3: s3.clone(),
         metrics: metrics.clone(),
+        breaker: breaker.clone(),
     });
     let bound = http::spawn(cfg.listen, state.clone()).await?;
     tracing::info!(%bound, "http listening");
@@ -172,6 +191,7 @@ async fn start(cfg: &ServeConfig) -> Result<Started> {
         runner: cfg.runner.clone(),
         capacity: usize::from(cfg.amqp.prefetch).max(1),
         alive,
+        breaker: breaker.clone(),
     };
     let pool = inference::start(pool_cfg, io, canceled.clone(), ev_tx)?;
     wait_ready(cfg, &mut events).await?;
@@ -192,7 +212,12 @@ async fn start(cfg: &ServeConfig) -> Result<Started> {
         draining: pool.draining,
         canceled,
     };
-    Ok(Started { svc, state, events })
+    Ok(Started {
+        svc,
+        state,
+        events,
+        breaker,
+    })
 }
 
 /// Waits for every inference thread's `Ready`; the first load failure ends `serve`.
@@ -251,12 +276,8 @@ async fn drain(
         let queued = svc.queued.clone();
         let mut rx = queued.lock().await;
         while let Ok((job, ..)) = rx.try_recv() {
-            if let Some(f) = svc.in_flight.remove(&job.job_id) {
-                // Never started: a fresh copy goes back, and it costs no attempt.
-                svc.requeue_unstarted(&job.job_id, &f).await;
-                for _ in f.ackers() {
-                    svc.metrics.in_flight.dec();
-                }
+            // Never started: a fresh copy goes back, and it costs no attempt.
+            if svc.take_back(&job.job_id).await {
                 not_started += 1;
             }
         }
