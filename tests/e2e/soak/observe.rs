@@ -161,6 +161,24 @@ async fn read_objects(seen: &mut Observed) {
     }
 }
 
+/// The announcements, and the runs of each job: the most its progress or the logs show.
+fn take_heard(heard: &Listener, lost_races: HashMap<String, u32>, seen: &mut Observed) {
+    let heard = heard.lock().unwrap();
+    let restarts = (heard.progress.values())
+        .filter(|(_, runs)| *runs > 1)
+        .count();
+    let raced: u32 = lost_races.values().sum();
+    eprintln!("soak: {restarts} jobs' progress started over; {raced} finished copies found a result stored");
+    seen.announced = heard.announced.clone();
+    for (id, (_, runs)) in &heard.progress {
+        let raced = lost_races.get(id).copied().unwrap_or(0);
+        seen.runs.insert(id.clone(), (*runs).max(1 + raced));
+    }
+    for (id, raced) in lost_races {
+        seen.runs.entry(id).or_insert(1 + raced);
+    }
+}
+
 /// Everything the tally judges, read once the soak has stopped.
 pub async fn gather(
     names: &Names,
@@ -192,16 +210,25 @@ pub async fn gather(
         .collect();
     seen.dead = take_dead_letters(names).await;
     let lost_races = read_logs(logs, &mut seen);
-    let heard = heard.lock().unwrap();
-    seen.announced = heard.announced.clone();
-    for (id, (_, runs)) in &heard.progress {
-        let raced = lost_races.get(id).copied().unwrap_or(0);
-        seen.runs.insert(id.clone(), (*runs).max(1 + raced));
-    }
-    for (id, raced) in lost_races {
-        seen.runs.entry(id).or_insert(1 + raced);
-    }
-    drop(heard);
+    take_heard(heard, lost_races, &mut seen);
     read_objects(&mut seen).await;
     seen
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_lost_race_is_read_from_a_coloured_log_line() {
+        let line = "\x1b[2m2026-12-07T19:00:00Z\x1b[0m \x1b[32m INFO\x1b[0m \x1b[1mjob\x1b[0m\
+            \x1b[1m{\x1b[0m\x1b[3mjob_id\x1b[0m\x1b[2m=\x1b[0mjob-00007 \x1b[3mtask\x1b[0m\
+            \x1b[2m=\x1b[0mgenerate\x1b[1m}\x1b[0m\x1b[2m:\x1b[0m ddit_worker::service::deliveries: \
+            a result already existed (duplicate delivery)";
+        let logs = [format!("{line}\nthread 'x' panicked at src/a.rs:1:1\n")];
+        let mut seen = Observed::default();
+        let raced = read_logs(&logs, &mut seen);
+        assert_eq!(raced.get("job-00007"), Some(&1));
+        assert_eq!(seen.panics.len(), 1);
+    }
 }
