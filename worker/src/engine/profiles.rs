@@ -204,7 +204,7 @@ mod tests {
             export(|o| o.target = ddit_export::Target::TensorRt),
             export(|o| {
                 o.target = ddit_export::Target::TensorRt;
-                o.max_file_bytes = 1_200_000;
+                o.max_file_bytes = 2_500_000;
             }),
         ];
         for m in &packages {
@@ -227,10 +227,9 @@ mod tests {
                 }
             }
         }
-        // The split package really is split (several T5 pieces and block files).
-        let split = &packages[2];
-        assert!(split.by_role(Role::TextEncoder).count() > 1);
-        assert!(split.by_role(Role::JointBlocks).count() > 1);
+        // The split package really is split (block files of one block each; T5 pieces are
+        // covered by worker/tests/packages.rs, on a checkpoint whose T5 layers are large enough).
+        assert_eq!(packages[2].by_role(Role::JointBlocks).count(), 3);
     }
 
     #[test]
