@@ -11,6 +11,7 @@ mod limits;
 mod local;
 #[cfg(feature = "service")]
 mod model_store;
+mod parity;
 #[cfg(feature = "service")]
 mod serve;
 #[cfg(feature = "service")]
@@ -69,6 +70,9 @@ enum Cmd {
     Probe(ProbeArgs),
     /// Runs a JSONL file of jobs; writes OUT/results.jsonl and OUT/{job_id}/{n}.png. Resumable.
     Batch(local::BatchArgs),
+    /// Every segment on the same seeded inputs under `--providers` and `--against`: each one's
+    /// largest absolute difference, and where `--against` placed the nodes.
+    Parity(Box<parity::ParityArgs>),
 }
 
 #[derive(clap::Args)]
@@ -86,6 +90,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Caption(a) => local::caption(a),
         Cmd::Vqa(a) => local::vqa(a),
         Cmd::Batch(a) => local::batch(a),
+        Cmd::Parity(a) => parity::run(*a),
         Cmd::Eval { what } => eval::run(what),
         #[cfg(feature = "service")]
         Cmd::Serve(a) => serve::run(*a),

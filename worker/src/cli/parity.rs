@@ -1,0 +1,159 @@
+//! `ddit-worker parity`: every segment of a package on the same seeded inputs under two provider
+//! lists (`--providers`, the reference, and `--against`), printing each segment's largest absolute
+//! difference and where `--against` placed the nodes. `scripts/gpu-check.sh` runs it.
+//!
+//! Output, tab-separated: `placement PROVIDER NODES` lines, then one `parity SEGMENT MAX_ABS_DIFF
+//! MAX_ABS_REFERENCE` line per segment. Each segment gets the reference's outputs of the segments
+//! before it as inputs, so a line measures that segment alone.
+
+use clap::Args;
+use ddit_worker::engine::{parse_providers, Engine, Package, Stream};
+use ddit_worker::tensor::Tensor;
+use rand_core::{RngCore, SeedableRng};
+
+use super::engine::EngineArgs;
+
+#[derive(Args)]
+pub struct ParityArgs {
+    #[command(flatten)]
+    engine: EngineArgs,
+    /// The provider list compared against `--providers`, e.g. `cuda` or `tensorrt,cuda`.
+    #[arg(long, env = "DDIT_PARITY_AGAINST")]
+    against: String,
+    /// Rows of every input.
+    #[arg(long, default_value_t = 2, env = "DDIT_PARITY_ROWS")]
+    rows: usize,
+}
+
+pub fn run(a: ParityArgs) -> anyhow::Result<()> {
+    super::init_logging(&a.engine.log);
+    let pkg = Package::open(&a.engine.model)?;
+    let threads = a.engine.threads(&pkg.manifest, Some(1))?;
+    let reference = a.engine.config(a.rows.max(1), threads.intra)?;
+    let mut other = reference.clone();
+    other.providers = parse_providers(&a.against)?;
+    // A node that falls back to the CPU is reported below, not refused.
+    other.strict_placement = Some(false);
+    let mut r = Engine::load(&pkg, &reference)?;
+    let mut o = Engine::load(&pkg, &other)?;
+    for (ep, nodes) in &o.placement().by_provider {
+        println!("placement\t{ep}\t{}", nodes.len());
+    }
+    for (segment, diff, scale) in compare(&mut r, &mut o, a.rows.max(1))? {
+        println!("parity\t{segment}\t{diff:.3e}\t{scale:.3e}");
+    }
+    Ok(())
+}
+
+/// Seeded values in [-1, 1).
+struct Inputs(rand_chacha::ChaCha8Rng);
+
+impl Inputs {
+    fn tensor(&mut self, shape: Vec<usize>) -> anyhow::Result<Tensor> {
+        let n = shape.iter().product();
+        let data = (0..n)
+            .map(|_| (self.0.next_u32() >> 8) as f32 / (1u32 << 23) as f32 - 1.0)
+            .collect();
+        Ok(Tensor::new(shape, data)?)
+    }
+}
+
+/// (largest |a - b|, largest |a|); an error when the shapes differ.
+fn diff(segment: &str, a: &Tensor, b: &Tensor) -> anyhow::Result<(f32, f32)> {
+    anyhow::ensure!(
+        a.shape == b.shape,
+        "{segment}: shapes {:?} and {:?}",
+        a.shape,
+        b.shape
+    );
+    let d = a.data.iter().zip(&b.data).map(|(x, y)| (x - y).abs());
+    let scale = a.data.iter().map(|x| x.abs()).fold(0.0, f32::max);
+    Ok((d.fold(0.0, f32::max), scale))
+}
+
+type Row = (&'static str, f32, f32);
+
+fn compare(r: &mut Engine, o: &mut Engine, b: usize) -> anyhow::Result<Vec<Row>> {
+    let v = r.manifest.values.clone();
+    let mut inputs = Inputs(rand_chacha::ChaCha8Rng::seed_from_u64(7));
+    let mut rows = Vec::new();
+    let mut push = |name: &'static str, x: &Tensor, y: &Tensor| -> anyhow::Result<()> {
+        let (d, s) = diff(name, x, y)?;
+        rows.push((name, d, s));
+        Ok(())
+    };
+    let (len, vocab) = (v.text_lengths.prompt as usize, v.vocab_size.max(2));
+    let ids: Vec<Vec<i64>> = (0..b)
+        .map(|_| {
+            let row = (0..len).map(|_| (inputs.0.next_u64() % vocab) as i64);
+            row.collect()
+        })
+        .collect();
+    let ctx = r.encode_text(&ids)?;
+    push("text_encoder+context_embedder", &ctx, &o.encode_text(&ids)?)?;
+    let steps = v.scheduler.num_train_timesteps as f32;
+    let t: Vec<f32> = (0..b)
+        .map(|i| steps * (i as f32 + 0.5) / b as f32)
+        .collect();
+    let temb = r.time_embed(&t)?;
+    push("timestep_embed", &temb, &o.time_embed(&t)?)?;
+    let (c, s) = (v.latent_channels as usize, v.sample_size as usize);
+    let latents = inputs.tensor(vec![b, c, s, s])?;
+    let x = r.patch_embed(&latents)?;
+    push("patch_embed", &x, &o.patch_embed(&latents)?)?;
+    let xi = r.blocks(&x, &ctx, &temb, Stream::Image)?;
+    push(
+        "joint_blocks+image_tail",
+        &xi,
+        &o.blocks(&x, &ctx, &temb, Stream::Image)?,
+    )?;
+    let yt = r.blocks(&x, &ctx, &temb, Stream::Text)?;
+    push(
+        "joint_blocks+text_tail",
+        &yt,
+        &o.blocks(&x, &ctx, &temb, Stream::Text)?,
+    )?;
+    let vel = r.image_head(&xi, &temb, &latents)?;
+    push("image_head", &vel, &o.image_head(&xi, &temb, &latents)?)?;
+    push("text_head", &r.text_head(&yt)?, &o.text_head(&yt)?)?;
+    let image = r.vae_decode(&latents)?;
+    push("vae_decoder", &image, &o.vae_decode(&latents)?)?;
+    let image = Tensor::new(
+        image.shape.clone(),
+        image.data.iter().map(|p| p.clamp(-1.0, 1.0)).collect(),
+    )?;
+    let ((mean, logvar), (om, ol)) = (r.vae_encode(&image)?, o.vae_encode(&image)?);
+    push("vae_encoder (mean)", &mean, &om)?;
+    push("vae_encoder (logvar)", &logvar, &ol)?;
+    Ok(rows)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use ddit_worker::engine::EngineConfig;
+
+    use super::*;
+
+    /// Every segment runs on both engines, and two CPU engines of one thread agree exactly.
+    #[test]
+    fn every_segment_is_compared_and_two_cpu_engines_agree() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        let checkpoint = root.join("tests/fixtures/tiny-f32/checkpoint");
+        let o = ddit_export::ExportOptions::new(checkpoint, dir.path().join("pkg"));
+        ddit_export::convert(&o).unwrap();
+        let pkg = Package::open(&dir.path().join("pkg")).unwrap();
+        let cfg = EngineConfig::default();
+        let (mut r, mut o) = (
+            Engine::load(&pkg, &cfg).unwrap(),
+            Engine::load(&pkg, &cfg).unwrap(),
+        );
+        let rows = compare(&mut r, &mut o, 2).unwrap();
+        assert_eq!(rows.len(), 10, "{rows:?}");
+        for (segment, diff, scale) in rows {
+            assert_eq!(diff, 0.0, "{segment}");
+            assert!(scale > 0.0, "{segment}: all zeros");
+        }
+    }
+}
