@@ -86,11 +86,11 @@ fn assert_at_least(scores: &Scores, [caption, vqa, generation]: [f64; 3]) {
 /// CPUs in their last bits, which may flip one borderline sample.
 const F32_MIN: [f64; 3] = [0.958, 0.931, 0.708];
 
-/// int8, measured: 24/24 = 1.000, 124/132 = 0.939, 19/24 = 0.792, the same in three runs, on one
+/// int8, measured: 24/24 = 1.000, 124/132 = 0.939, 20/24 = 0.833, the same in three runs, on one
 /// runner and on two (activations are quantized per row, so int8 results do not depend on the
-/// batch either). One item of slack each (23/24, 123/132, 18/24), as for f32: besides the f32
+/// batch either). One item of slack each (23/24, 123/132, 19/24), as for f32: besides the f32
 /// kernels' last bits, ORT's u8×s8 kernel on CPUs without VNNI may saturate a pair of products.
-const INT8_MIN: [f64; 3] = [0.958, 0.931, 0.750];
+const INT8_MIN: [f64; 3] = [0.958, 0.931, 0.791];
 
 #[test]
 fn shapes_eval_slice() {

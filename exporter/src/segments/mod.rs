@@ -93,7 +93,7 @@ const U8: i64 = 2;
 struct Quantized {
     /// uint8, shaped as the input.
     q: Value,
-    /// One f32 scale per row, `[..., 1]`.
+    /// One f32 scale per row, `[..., 1]`: its largest magnitude.
     scale: Value,
     /// The uint8 scalar 128.
     zero: Value,
@@ -243,9 +243,10 @@ impl<'a> Ctx<'a> {
                 Ok(q.into_iter().map(|v| v as u8).collect())
             }))
         };
+        // The activations' 1/127 ([`Ctx::quantize_rows`]) folded in.
         let scales = WeightData::Lazy(Box::new(move || {
             let s = int8_scales(&t.to_f32()?, out, inp);
-            Ok(s.iter().flat_map(|v| v.to_le_bytes()).collect())
+            Ok(s.iter().flat_map(|v| (v / 127.0).to_le_bytes()).collect())
         }));
         let dims = vec![inp as i64, out as i64];
         let weights = self
@@ -258,7 +259,7 @@ impl<'a> Ctx<'a> {
             scales,
             false,
         );
-        let a = self.quantize_rows(x, inp);
+        let a = self.quantize_rows(x);
         Ok(self.g.ms_op(
             "MatMulIntegerToFloat",
             &[&a.q, &weights, &a.scale, &scales, &a.zero],
@@ -266,11 +267,11 @@ impl<'a> Ctx<'a> {
         ))
     }
 
-    /// `x` (`[..., inp]`, f32) quantized per row, symmetric: `scale = max|row| / 127` (at least
-    /// the smallest normal f32, so a zero row stays zero), `q = round(x / scale) + 128` in uint8.
-    /// Each row's values depend on that row alone, unlike ONNX Runtime's `DynamicQuantizeMatMul`,
-    /// which takes one scale over the whole tensor (every job of a batch).
-    fn quantize_rows(&mut self, x: &str, inp: usize) -> Quantized {
+    /// `x` (`[..., in]`, f32) quantized per row (the last axis), symmetric: with `m = max|row|`,
+    /// `q = round(127 · x / m) + 128` in uint8, and the row's scale `m` (`[..., 1]`; the weights'
+    /// scales carry the 1/127). Each row's values depend on that row alone, unlike ONNX Runtime's
+    /// `DynamicQuantizeMatMul`, which takes one scale over the whole tensor (every job of a batch).
+    fn quantize_rows(&mut self, x: &str) -> Quantized {
         if let Some(q) = self.quantized.get(x) {
             return q.clone();
         }
@@ -285,24 +286,15 @@ impl<'a> Ctx<'a> {
             &[&abs, &last],
             vec![("keepdims", Attr::Int(1))],
         );
-        let inv = g.scalar_f32(1.0 / 127.0);
-        let scale = g.mul(&amax, &inv);
-        let floor = g.scalar_f32(f32::MIN_POSITIVE);
-        let scale = g.op("Max", &[&scale, &floor], vec![]);
-        // QuantizeLinear takes one scale per index of one axis: the rows, flattened.
-        let rows = g.reshape(x, &[-1, inp as i64]);
-        let flat = g.reshape(&scale, &[-1]);
-        let n = g.shape(&flat);
-        let zeros = g.op("Expand", &[&zero, &n], vec![]);
-        let q = g.op(
-            "QuantizeLinear",
-            &[&rows, &flat, &zeros],
-            vec![("axis", Attr::Int(0))],
-        );
-        let shape = g.shape(x);
+        // x / max|row| in [-1, 1], then one per-tensor QuantizeLinear of scale 1/127 rounds (half
+        // to even), shifts and saturates. A zero row divides 0 by 0: whatever bytes it gets, its
+        // scale 0 makes its product exactly 0.
+        let unit = g.div(x, &amax);
+        let step = g.scalar_f32(1.0 / 127.0);
+        let q = g.op("QuantizeLinear", &[&unit, &step, &zero], vec![]);
         let a = Quantized {
-            q: g.reshape_to(&q, &shape),
-            scale,
+            q,
+            scale: amax,
             zero,
         };
         self.quantized.insert(x.to_string(), a.clone());
