@@ -20,16 +20,16 @@ pub struct ParityArgs {
     /// The provider list compared against `--providers`, e.g. `cuda` or `tensorrt,cuda`.
     #[arg(long, env = "DDIT_PARITY_AGAINST")]
     against: String,
-    /// Rows of every input.
-    #[arg(long, default_value_t = 2, env = "DDIT_PARITY_ROWS")]
-    rows: usize,
 }
+
+/// Rows of every input.
+const ROWS: usize = 2;
 
 pub fn run(a: ParityArgs) -> anyhow::Result<()> {
     super::init_logging(&a.engine.log);
     let pkg = Package::open(&a.engine.model)?;
     let threads = a.engine.threads(&pkg.manifest, Some(1))?;
-    let reference = a.engine.config(a.rows.max(1), threads.intra)?;
+    let reference = a.engine.config(ROWS, threads.intra)?;
     let mut other = reference.clone();
     other.providers = parse_providers(&a.against)?;
     // A node that falls back to the CPU is reported below, not refused.
@@ -39,7 +39,7 @@ pub fn run(a: ParityArgs) -> anyhow::Result<()> {
     for (ep, nodes) in &o.placement().by_provider {
         println!("placement\t{ep}\t{}", nodes.len());
     }
-    for (segment, diff, scale) in compare(&mut r, &mut o, a.rows.max(1))? {
+    for (segment, diff, scale) in compare(&mut r, &mut o, ROWS)? {
         println!("parity\t{segment}\t{diff:.3e}\t{scale:.3e}");
     }
     Ok(())
@@ -149,7 +149,7 @@ mod tests {
             Engine::load(&pkg, &cfg).unwrap(),
             Engine::load(&pkg, &cfg).unwrap(),
         );
-        let rows = compare(&mut r, &mut o, 2).unwrap();
+        let rows = compare(&mut r, &mut o, ROWS).unwrap();
         assert_eq!(rows.len(), 10, "{rows:?}");
         for (segment, diff, scale) in rows {
             assert_eq!(diff, 0.0, "{segment}");
