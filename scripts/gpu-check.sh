@@ -192,8 +192,8 @@ for line in read(work / "rows.tsv").splitlines():
         f = l.split("\t")
         if f[0] == "placement":
             place.append(f"{f[1].replace('ExecutionProvider', '')} {f[2]}")
-        elif f[0] == "parity":
-            diffs[f[1]] = f[2]
+        elif f[0] == "parity":  # the reason of an error: work/{row}.parity.tsv
+            diffs[f[1]] = "error" if f[2].startswith("error") else f[2]
         elif f[0] == "error":
             place.append("parity failed: " + f[1])
     cells = [model, prec, prov, ", ".join(place) or "–"] + [diffs.get(s, "–") for s in segs]

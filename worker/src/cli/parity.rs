@@ -3,11 +3,13 @@
 //! difference and where `--against` placed the nodes. `scripts/gpu-check.sh` runs it.
 //!
 //! Output, tab-separated: `placement PROVIDER NODES` lines, then one `parity SEGMENT MAX_ABS_DIFF
-//! MAX_ABS_REFERENCE` line per segment. Each segment gets the reference's outputs of the segments
-//! before it as inputs, so a line measures that segment alone.
+//! MAX_ABS_REFERENCE` line per segment (`parity SEGMENT error: WHY` when `--against` failed it).
+//! Each segment gets the reference's outputs of the segments before it as inputs, so a line
+//! measures that segment alone.
 
 use clap::Args;
 use ddit_worker::engine::{parse_providers, Engine, Package, Stream};
+use ddit_worker::error::{Result as WResult, WorkerError};
 use ddit_worker::tensor::Tensor;
 use rand_core::{RngCore, SeedableRng};
 
@@ -39,8 +41,11 @@ pub fn run(a: ParityArgs) -> anyhow::Result<()> {
     for (ep, nodes) in &o.placement().by_provider {
         println!("placement\t{ep}\t{}", nodes.len());
     }
-    for (segment, diff, scale) in compare(&mut r, &mut o, ROWS)? {
-        println!("parity\t{segment}\t{diff:.3e}\t{scale:.3e}");
+    for (segment, outcome) in compare(&mut r, &mut o, ROWS)? {
+        match outcome {
+            Ok((diff, scale)) => println!("parity\t{segment}\t{diff:.3e}\t{scale:.3e}"),
+            Err(e) => println!("parity\t{segment}\terror: {e}"),
+        }
     }
     Ok(())
 }
@@ -58,29 +63,28 @@ impl Inputs {
     }
 }
 
-/// (largest |a - b|, largest |a|); an error when the shapes differ.
-fn diff(segment: &str, a: &Tensor, b: &Tensor) -> anyhow::Result<(f32, f32)> {
-    anyhow::ensure!(
-        a.shape == b.shape,
-        "{segment}: shapes {:?} and {:?}",
-        a.shape,
-        b.shape
-    );
+/// (largest |a - b|, largest |a|), or why `b` is missing or of another shape.
+fn diff(a: &Tensor, b: WResult<Tensor>) -> Result<(f32, f32), String> {
+    let b = b.map_err(|e| e.to_string())?;
+    if a.shape != b.shape {
+        return Err(format!("shapes {:?} and {:?}", a.shape, b.shape));
+    }
     let d = a.data.iter().zip(&b.data).map(|(x, y)| (x - y).abs());
     let scale = a.data.iter().map(|x| x.abs()).fold(0.0, f32::max);
     Ok((d.fold(0.0, f32::max), scale))
 }
 
-type Row = (&'static str, f32, f32);
+/// A segment and its (difference, scale), or why it could not be compared.
+type Row = (&'static str, Result<(f32, f32), String>);
 
+/// Each segment on `r` (the reference, whose failure ends the comparison) and on `o` (whose
+/// failure is that segment's row), on `r`'s outputs of the segments before it.
 fn compare(r: &mut Engine, o: &mut Engine, b: usize) -> anyhow::Result<Vec<Row>> {
     let v = r.manifest.values.clone();
     let mut inputs = Inputs(rand_chacha::ChaCha8Rng::seed_from_u64(7));
-    let mut rows = Vec::new();
-    let mut push = |name: &'static str, x: &Tensor, y: &Tensor| -> anyhow::Result<()> {
-        let (d, s) = diff(name, x, y)?;
-        rows.push((name, d, s));
-        Ok(())
+    let mut rows: Vec<Row> = Vec::new();
+    let mut push = |name: &'static str, x: &Tensor, y: WResult<Tensor>| {
+        rows.push((name, diff(x, y)));
     };
     let (len, vocab) = (v.text_lengths.prompt as usize, v.vocab_size.max(2));
     let ids: Vec<Vec<i64>> = (0..b)
@@ -90,41 +94,40 @@ fn compare(r: &mut Engine, o: &mut Engine, b: usize) -> anyhow::Result<Vec<Row>>
         })
         .collect();
     let ctx = r.encode_text(&ids)?;
-    push("text_encoder+context_embedder", &ctx, &o.encode_text(&ids)?)?;
+    push("text_encoder+context_embedder", &ctx, o.encode_text(&ids));
     let steps = v.scheduler.num_train_timesteps as f32;
     let t: Vec<f32> = (0..b)
         .map(|i| steps * (i as f32 + 0.5) / b as f32)
         .collect();
     let temb = r.time_embed(&t)?;
-    push("timestep_embed", &temb, &o.time_embed(&t)?)?;
+    push("timestep_embed", &temb, o.time_embed(&t));
     let (c, s) = (v.latent_channels as usize, v.sample_size as usize);
     let latents = inputs.tensor(vec![b, c, s, s])?;
     let x = r.patch_embed(&latents)?;
-    push("patch_embed", &x, &o.patch_embed(&latents)?)?;
+    push("patch_embed", &x, o.patch_embed(&latents));
     let xi = r.blocks(&x, &ctx, &temb, Stream::Image)?;
-    push(
-        "joint_blocks+image_tail",
-        &xi,
-        &o.blocks(&x, &ctx, &temb, Stream::Image)?,
-    )?;
+    let other = o.blocks(&x, &ctx, &temb, Stream::Image);
+    push("joint_blocks+image_tail", &xi, other);
     let yt = r.blocks(&x, &ctx, &temb, Stream::Text)?;
-    push(
-        "joint_blocks+text_tail",
-        &yt,
-        &o.blocks(&x, &ctx, &temb, Stream::Text)?,
-    )?;
+    let other = o.blocks(&x, &ctx, &temb, Stream::Text);
+    push("joint_blocks+text_tail", &yt, other);
     let vel = r.image_head(&xi, &temb, &latents)?;
-    push("image_head", &vel, &o.image_head(&xi, &temb, &latents)?)?;
-    push("text_head", &r.text_head(&yt)?, &o.text_head(&yt)?)?;
+    push("image_head", &vel, o.image_head(&xi, &temb, &latents));
+    push("text_head", &r.text_head(&yt)?, o.text_head(&yt));
     let image = r.vae_decode(&latents)?;
-    push("vae_decoder", &image, &o.vae_decode(&latents)?)?;
-    let image = Tensor::new(
-        image.shape.clone(),
-        image.data.iter().map(|p| p.clamp(-1.0, 1.0)).collect(),
-    )?;
-    let ((mean, logvar), (om, ol)) = (r.vae_encode(&image)?, o.vae_encode(&image)?);
-    push("vae_encoder (mean)", &mean, &om)?;
-    push("vae_encoder (logvar)", &logvar, &ol)?;
+    push("vae_decoder", &image, o.vae_decode(&latents));
+    let clamped = image.data.iter().map(|p| p.clamp(-1.0, 1.0)).collect();
+    let image = Tensor::new(image.shape.clone(), clamped)?;
+    let (mean, logvar) = r.vae_encode(&image)?;
+    let (om, ol) = match o.vae_encode(&image) {
+        Ok((m, l)) => (Ok(m), Ok(l)),
+        Err(e) => (
+            Err(e),
+            Err(WorkerError::Internal("vae_encoder failed".into())),
+        ),
+    };
+    push("vae_encoder (mean)", &mean, om);
+    push("vae_encoder (logvar)", &logvar, ol);
     Ok(rows)
 }
 
@@ -151,7 +154,8 @@ mod tests {
         );
         let rows = compare(&mut r, &mut o, ROWS).unwrap();
         assert_eq!(rows.len(), 10, "{rows:?}");
-        for (segment, diff, scale) in rows {
+        for (segment, outcome) in rows {
+            let (diff, scale) = outcome.unwrap();
             assert_eq!(diff, 0.0, "{segment}");
             assert!(scale > 0.0, "{segment}: all zeros");
         }
