@@ -40,14 +40,19 @@ say() { echo "gpu-check: $*" >&2; }
 PIP=("$VENV/bin/pip" install --quiet --disable-pip-version-check)
 if ! "$VENV/bin/python" -c "import onnxruntime" 2>/dev/null; then
   say "installing onnxruntime-gpu==$ORT_VERSION"
-  "${PIP[@]}" "onnxruntime-gpu[cuda,cudnn]==$ORT_VERSION" >"$LOGS/pip.log" 2>&1
+  "${PIP[@]}" "onnxruntime-gpu[cuda,cudnn]==$ORT_VERSION" >"$LOGS/pip.log" 2>&1 ||
+    { say "pip failed: $LOGS/pip.log"; exit 1; }
 fi
 SITE="$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
 CAPI="$SITE/onnxruntime/capi"
 needed() { # the major version of library $2 that provider library $1 links against
   "$VENV/bin/python" - "$CAPI/libonnxruntime_providers_$1.so" "$2" <<'PY'
 import re, sys
-m = re.search(re.escape(sys.argv[2]).encode() + rb"\.so\.(\d+)", open(sys.argv[1], "rb").read())
+try:
+    lib = open(sys.argv[1], "rb").read()
+except OSError:
+    lib = b""
+m = re.search(re.escape(sys.argv[2]).encode() + rb"\.so\.(\d+)", lib)
 print(m.group(1).decode() if m else "")
 PY
 }
@@ -55,12 +60,13 @@ CUDA_MAJOR="$(needed cuda libcudart)"
 CUDNN_MAJOR="$(needed cuda libcudnn)"
 TRT_MAJOR="$(needed tensorrt libnvinfer)"
 [ -n "$CUDA_MAJOR" ] || { say "cannot read the CUDA major of $CAPI/libonnxruntime_providers_cuda.so"; exit 1; }
-if ! ls "$SITE"/nvidia/cuda_runtime/lib/libcudart.so.* >/dev/null 2>&1; then
+if [ -z "$(find "$SITE/nvidia" -name "libcudart.so.$CUDA_MAJOR*" 2>/dev/null | head -1)" ]; then
   # A wheel without the cuda/cudnn extras: the runtime wheels of the same majors.
   say "installing the CUDA $CUDA_MAJOR and cuDNN ${CUDNN_MAJOR:-?} runtime wheels"
   cu="cu$CUDA_MAJOR"
   "${PIP[@]}" "nvidia-cuda-runtime-$cu" "nvidia-cublas-$cu" "nvidia-cufft-$cu" "nvidia-curand-$cu" \
-    "nvidia-cuda-nvrtc-$cu" "nvidia-cudnn-$cu${CUDNN_MAJOR:+==$CUDNN_MAJOR.*}" >>"$LOGS/pip.log" 2>&1
+    "nvidia-cuda-nvrtc-$cu" "nvidia-cudnn-$cu${CUDNN_MAJOR:+==$CUDNN_MAJOR.*}" >>"$LOGS/pip.log" 2>&1 ||
+    { say "pip failed: $LOGS/pip.log"; exit 1; }
 fi
 if [ -n "$TRT_MAJOR" ] && ! ls "$SITE"/tensorrt_libs/libnvinfer.so.* >/dev/null 2>&1; then
   say "installing tensorrt-cu$CUDA_MAJOR-libs==$TRT_MAJOR.*"
@@ -69,7 +75,8 @@ if [ -n "$TRT_MAJOR" ] && ! ls "$SITE"/tensorrt_libs/libnvinfer.so.* >/dev/null 
 fi
 LIBS="$(find "$SITE/nvidia" -maxdepth 2 -type d -name lib 2>/dev/null | sort | paste -sd: -)"
 export LD_LIBRARY_PATH="$CAPI:$SITE/tensorrt_libs:$LIBS${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
-ORT_DYLIB_PATH="$(ls "$CAPI"/libonnxruntime.so.*[0-9] | head -1)"
+ORT_DYLIB_PATH="$(find "$CAPI" -maxdepth 1 -name 'libonnxruntime.so*' | sort | tail -1)"
+[ -n "$ORT_DYLIB_PATH" ] || { say "no libonnxruntime.so in $CAPI"; exit 1; }
 export ORT_DYLIB_PATH
 
 # 2. The binaries.
