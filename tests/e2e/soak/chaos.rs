@@ -201,8 +201,9 @@ impl Fleet {
         Killer { stop, thread }
     }
 
-    /// SIGTERM to the busiest-looking worker (the first): it drains on a thread of its own while
-    /// a new one takes its place at once. Join the handle for its exit status.
+    /// SIGTERM to the worker in the first slot (all three are busy while the plan is being
+    /// published): it drains on a thread of its own while a new one takes its place at once.
+    /// Join the handle for its exit status.
     pub fn sigterm_one(&self) -> std::thread::JoinHandle<String> {
         let mut s = self.0.lock().unwrap();
         let w = s.spawn();
