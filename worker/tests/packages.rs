@@ -286,6 +286,17 @@ fn a_package_split_under_a_small_file_limit_runs_jobs_to_the_same_bytes() {
         }
     }
 
+    // T5 pieces out of order are refused when the package is opened, naming the piece.
+    let swapped = dir.path().join("swapped");
+    common_copy(&split, &swapped);
+    let mpath = swapped.join("manifest.json");
+    let mut v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&mpath).unwrap()).unwrap();
+    v["segments"].as_array_mut().unwrap().swap(1, 2);
+    std::fs::write(&mpath, serde_json::to_string_pretty(&v).unwrap()).unwrap();
+    let e = ddit_worker::engine::Package::open(&swapped).unwrap_err();
+    assert!(e.to_string().contains("text_encoder_2_3"), "{e}");
+
     let img = dir.path().join("in.png");
     write_png(&img, 32);
     let img = img.to_str().unwrap();
