@@ -26,7 +26,8 @@ pub struct JobLimits {
 
 impl JobLimits {
     /// The fleet defaults (the flags' defaults; the reasons are in the flags' help):
-    /// 1024 × 1024 pixels, 1024 a side, 4 images, 250 steps, a 256-token caption canvas, 4000 characters.
+    /// 1024 × 1024 pixels, 1024 a side, 4 images, 250 steps, a 256-token caption canvas, 4000
+    /// characters.
     pub const DEFAULT: Self = Self {
         max_pixels: 1024 * 1024,
         max_side: 1024,
