@@ -24,7 +24,8 @@ struct Cli {
 enum Dtype {
     F32,
     F16,
-    /// f32, with the joint blocks' and T5's linear layers in int8 (`DynamicQuantizeMatMul`).
+    /// f32, with the joint blocks' and T5's linear layers in int8 (`MatMulIntegerToFloat`,
+    /// activations quantized per row).
     Int8,
 }
 
