@@ -29,9 +29,9 @@ impl Package {
     }
 
     /// Refuses, from the manifest alone (before any provider library loads), a package that
-    /// cannot run on the first of `providers`: int8 weights (`DynamicQuantizeMatMul`, whose
-    /// kernels only the CPU provider has) under a GPU provider, where those nodes would silently
-    /// run on the CPU (CUDA) or split the graph (TensorRT).
+    /// cannot run on the first of `providers`: int8 weights (`MatMulIntegerToFloat` or
+    /// `DynamicQuantizeMatMul`, whose kernels only the CPU provider has) under a GPU provider,
+    /// where those nodes would silently run on the CPU (CUDA) or split the graph (TensorRT).
     pub fn check_providers(&self, providers: &[Provider]) -> Result<()> {
         let Some(gpu) = providers.first().filter(|p| **p != Provider::Cpu) else {
             return Ok(());
@@ -43,9 +43,9 @@ impl Package {
         Err(WorkerError::Provider {
             provider: gpu.name().into(),
             message: format!(
-                "model package {} ({}) stores int8 weights: its DynamicQuantizeMatMul nodes have \
-                 kernels only on the CPU provider, so under {} they would fall back to the CPU \
-                 or split the graph; export the package with `--weights f32` or `f16` for a \
+                "model package {} ({}) stores int8 weights: its integer matrix products \
+                 (MatMulIntegerToFloat, DynamicQuantizeMatMul) have kernels only on the CPU \
+                 provider, so under {} they would fall back to the CPU or split the graph; export the package with `--weights f32` or `f16` for a \
                  GPU, or serve this one with `--providers cpu`",
                 self.dir.display(),
                 m.name,
