@@ -41,6 +41,9 @@ fi
 echo "== deploy/ (Kubernetes + KEDA schemas, compose, dashboard)"
 scripts/validate-deploy.sh
 
+echo "== GPU check (one line and exit 0 without an NVIDIA GPU)"
+scripts/gpu-check.sh
+
 echo "== cargo fmt --check"
 cargo fmt --all --check
 
