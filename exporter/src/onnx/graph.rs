@@ -67,7 +67,7 @@ impl Initializer {
     }
 }
 
-/// The domain of ONNX Runtime's contrib ops (`DynamicQuantizeMatMul`, ...), imported at version 1
+/// The domain of ONNX Runtime's contrib ops (`MatMulIntegerToFloat`, ...), imported at version 1
 /// by every segment.
 pub const MS_DOMAIN: &str = "com.microsoft";
 
