@@ -173,6 +173,10 @@ async fn submit_job(
 ) -> Result<Response, ApiError> {
     // Counted, and a place reserved for a fresh id, while the body is read.
     let admitted = submit::Presumed::admit_meanwhile(&gw, &client)?;
+    // Let the admission (and the Redis connection's writer) run now: a body already buffered is
+    // read and checked without yielding, and on one event loop the round trip would otherwise
+    // start only when the handler waits for it.
+    tokio::task::yield_now().await;
     let parsed = async {
         let key = idempotency_key(req.headers())?;
         let (job, image) = job_body(&gw, req).await?;
@@ -223,6 +227,7 @@ async fn submit_batch(
     req: Request,
 ) -> Result<Response, ApiError> {
     let counted = limits::admit_meanwhile(&gw, &client);
+    tokio::task::yield_now().await;
     let bytes = Bytes::from_request(req, &gw).await;
     counted.await?;
     let bytes = bytes.map_err(|r| ApiError::body(r.status(), r.body_text()))?;
