@@ -117,7 +117,8 @@ async fn soak() {
     bg.join();
     let logs = fleet.stop();
 
-    let seen = observe::gather(&names, &redis.url, &plan, &heard, &logs).await;
+    let at = (redis.url.as_str(), model.as_path(), dir.path());
+    let seen = observe::gather(&names, at, &plan, &heard, &logs).await;
     let t = tally::Tally::judge(&plan, names.delivery_limit, &seen);
     eprintln!("soak: took {:?}", t0.elapsed());
     eprint!("{}", t.details);

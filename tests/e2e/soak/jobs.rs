@@ -52,7 +52,11 @@ impl Rng {
     }
 }
 
-fn png(rgb: [u8; 3]) -> Vec<u8> {
+/// The colour of the caption jobs' S3 image and of the VQA jobs' data URI.
+pub const CAPTION_RGB: [u8; 3] = [200, 30, 30];
+pub const VQA_RGB: [u8; 3] = [30, 30, 200];
+
+pub fn png(rgb: [u8; 3]) -> Vec<u8> {
     let mut out = std::io::Cursor::new(Vec::new());
     image::RgbImage::from_pixel(32, 32, image::Rgb(rgb))
         .write_to(&mut out, image::ImageFormat::Png)
@@ -168,8 +172,8 @@ impl Plan {
     /// first, as their attempts take the longest.
     pub async fn build(names: &Names, n: usize, fuzz: usize) -> Self {
         let inputs = Inputs {
-            s3: upload(names, png([200, 30, 30])).await,
-            data: data_uri(&png([30, 30, 200])),
+            s3: upload(names, png(CAPTION_RGB)).await,
+            data: data_uri(&png(VQA_RGB)),
             locked: var("DDIT_TEST_S3_LOCKED_BUCKET", "ddit-test-locked"),
         };
         let mut rng = Rng::new(0x50a4);

@@ -109,6 +109,11 @@ fn a_success_without_an_image_or_a_text_is_an_empty_success() {
     let t = Tally::judge(&plan(), LIMIT, &seen);
     assert_eq!((t.empty_success, t.lost), (2, 0), "{}", t.details);
     assert!(!t.clean());
+
+    // An empty text the same job run locally answers too is the model's answer.
+    seen.model_says_empty.insert("job-2".into());
+    let t = Tally::judge(&plan(), LIMIT, &seen);
+    assert_eq!(t.empty_success, 1, "{}", t.details);
 }
 
 #[test]
