@@ -63,13 +63,21 @@ impl Inputs {
     }
 }
 
-/// (largest |a - b|, largest |a|), or why `b` is missing or of another shape.
+/// (largest |a - b|, largest |a|), or why `b` is missing or of another shape. A NaN on either
+/// side is an infinite difference (an overflow must not read as a match).
 fn diff(a: &Tensor, b: WResult<Tensor>) -> Result<(f32, f32), String> {
     let b = b.map_err(|e| e.to_string())?;
     if a.shape != b.shape {
         return Err(format!("shapes {:?} and {:?}", a.shape, b.shape));
     }
-    let d = a.data.iter().zip(&b.data).map(|(x, y)| (x - y).abs());
+    let d = a.data.iter().zip(&b.data).map(|(x, y)| {
+        let d = (x - y).abs();
+        if d.is_nan() {
+            f32::INFINITY
+        } else {
+            d
+        }
+    });
     let scale = a.data.iter().map(|x| x.abs()).fold(0.0, f32::max);
     Ok((d.fold(0.0, f32::max), scale))
 }
@@ -137,6 +145,16 @@ mod tests {
     use ddit_worker::engine::EngineConfig;
 
     use super::*;
+
+    /// A NaN on either side is an infinite difference, never a match.
+    #[test]
+    fn a_nan_output_is_an_infinite_difference() {
+        let a = Tensor::new(vec![3], vec![1.0, 2.0, 3.0]).unwrap();
+        let nan = Tensor::new(vec![3], vec![1.0, f32::NAN, 3.0]).unwrap();
+        assert_eq!(diff(&a, Ok(a.clone())).unwrap().0, 0.0);
+        assert_eq!(diff(&a, Ok(nan.clone())).unwrap().0, f32::INFINITY);
+        assert_eq!(diff(&nan, Ok(a)).unwrap().0, f32::INFINITY);
+    }
 
     /// Every segment runs on both engines, and two CPU engines of one thread agree exactly.
     #[test]
