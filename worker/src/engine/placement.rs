@@ -43,6 +43,39 @@ pub struct Placement {
 
 const CPU_EP: &str = "CPUExecutionProvider";
 
+/// Operators that also compute shapes and indices. ONNX Runtime's CUDA provider leaves the small
+/// integer subgraphs that compute shapes (from `Shape` to a `Reshape`'s target) on the CPU on
+/// purpose, where they are cheaper than a kernel launch; such nodes are not a fallback. Every
+/// other operator on the CPU is: a kernel the GPU providers lack (an int8 or contrib operator, an
+/// opset they do not know yet).
+const SHAPE_OPS: &[&str] = &[
+    "Shape",
+    "Size",
+    "Gather",
+    "Slice",
+    "Concat",
+    "Unsqueeze",
+    "Squeeze",
+    "Reshape",
+    "Cast",
+    "Range",
+    "ConstantOfShape",
+    "Expand",
+    "Equal",
+    "Where",
+    "Add",
+    "Sub",
+    "Mul",
+    "Div",
+    "Floor",
+    "Ceil",
+    "Min",
+    "Max",
+    "ReduceProd",
+    "Identity",
+    "Constant",
+];
+
 /// ddit's name for an ONNX Runtime execution provider, e.g. `CUDAExecutionProvider` -> `cuda`.
 pub fn short_name(ep: &str) -> String {
     match ep {
@@ -150,12 +183,17 @@ impl Placement {
     }
 
     /// Under `--strict-placement`, with a GPU provider first in `requested`: an error naming
-    /// `segment` and the nodes that would fall back to the CPU.
+    /// `segment` and the nodes that would fall back to the CPU (shape computations aside, see
+    /// [`SHAPE_OPS`]).
     pub fn check_strict(&self, segment: &str, requested: &[Provider]) -> Result<()> {
         let Some(primary) = requested.first().filter(|p| **p != Provider::Cpu) else {
             return Ok(());
         };
-        let cpu = self.on_cpu();
+        let cpu: Vec<&PlacedNode> = self
+            .on_cpu()
+            .iter()
+            .filter(|n| !(n.domain.is_empty() && SHAPE_OPS.contains(&n.op_type.as_str())))
+            .collect();
         if cpu.is_empty() {
             return Ok(());
         }
@@ -309,6 +347,12 @@ mod tests {
     fn strict_placement_names_the_segment_and_the_nodes_that_fall_back() {
         let cuda = [Provider::Cuda { device: 0 }, Provider::Cpu];
         let mut p = placed(&[("CUDAExecutionProvider", 5)]);
+        assert!(p.check_strict("joint_blocks_0", &cuda).is_ok());
+        // The shape computations the CUDA provider keeps on the CPU on purpose are no fallback.
+        p.by_provider.insert(
+            CPU_EP.into(),
+            vec![node("s", "Shape"), node("g", "Gather"), node("c", "Concat")],
+        );
         assert!(p.check_strict("joint_blocks_0", &cuda).is_ok());
         p.by_provider.insert(
             CPU_EP.into(),

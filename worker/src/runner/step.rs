@@ -39,7 +39,7 @@ impl<M: Model> Runner<'_, M> {
         let mut failed: BTreeMap<usize, WorkerError> = BTreeMap::new();
         for (key, rows) in self.groups() {
             for chunk in rows.chunks(self.cfg.max_batch.max(1)) {
-                let Some(Err(e)) = self.guarded(&key, chunk, hooks) else {
+                let Some(Err(e)) = self.guarded(&key, chunk, hooks, true) else {
                     continue;
                 };
                 if chunk.len() == 1 {
@@ -47,14 +47,29 @@ impl<M: Model> Runner<'_, M> {
                     continue;
                 }
                 // One bad row must not fail its neighbours: each row again, alone. A failure
-                // happens before any row is updated, so the retried rows step exactly once.
+                // happens before any row is updated, so the retried rows step exactly once. The
+                // retries report no failure of their own: one failing pass is one fault.
                 tracing::warn!(
                     rows = chunk.len(),
                     "batched step failed, retrying rows alone: {e}"
                 );
                 for row in chunk {
-                    if let Some(Err(e)) = self.guarded(&key, std::slice::from_ref(row), hooks) {
-                        failed.entry(row.0).or_insert(e);
+                    match self.guarded(&key, std::slice::from_ref(row), hooks, false) {
+                        Some(Ok(())) => {}
+                        Some(Err(e)) => {
+                            failed.entry(row.0).or_insert(e);
+                        }
+                        // Halted by a device fault (this pass's, or another runner's): a row of
+                        // the failing pass is charged like a retried one, so that a job that
+                        // breaks devices runs out of attempts instead of going back free.
+                        None => {
+                            if let WorkerError::Device { context, message } = &e {
+                                failed.entry(row.0).or_insert(WorkerError::Device {
+                                    context: context.clone(),
+                                    message: message.clone(),
+                                });
+                            }
+                        }
                     }
                 }
             }
@@ -63,12 +78,14 @@ impl<M: Model> Runner<'_, M> {
     }
 
     /// [`Self::forward`], with a panic turned into an error: the thread and the other jobs live
-    /// on. A failure is reported to `hooks`; `None` (no pass) once they say the runner is halted.
+    /// on. A failure is reported to `hooks` when `report`; `None` (no pass) once they say the
+    /// runner is halted.
     fn guarded(
         &mut self,
         key: &GroupKey,
         chunk: &[(usize, usize)],
         hooks: &mut dyn Hooks,
+        report: bool,
     ) -> Option<Result<()>> {
         if hooks.halted() {
             return None;
@@ -88,7 +105,7 @@ impl<M: Model> Runner<'_, M> {
         });
         let res =
             std::panic::catch_unwind(run).unwrap_or_else(|p| Err(panicked("a step", p.as_ref())));
-        if let Err(e) = &res {
+        if let (true, Err(e)) = (report, &res) {
             hooks.failure(e);
         }
         Some(res)
