@@ -196,7 +196,8 @@ async fn submit_captions_40_images_with_two_workers_across_an_interruption() {
         used.insert(name);
     }
     assert!(used.len() >= 6, "{used:?}");
-    for name in &used {
+    // Except the NVML gauges (`ddit_gpu_*`): only a `gpu` build on a host with a device has them.
+    for name in used.iter().filter(|n| !n.starts_with("ddit_gpu_")) {
         assert!(
             exposition
                 .lines()
