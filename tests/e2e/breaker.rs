@@ -9,27 +9,6 @@ use ddit_e2e::*;
 use ddit_schemas::Status;
 use serde_json::json;
 
-/// Consumers of the work queue (a worker that stopped consuming has none there).
-async fn consumers(names: &Names) -> u32 {
-    let conn = ddit_worker::adapters::amqp::connect(&names.amqp(), "e2e-inspect")
-        .await
-        .unwrap();
-    let ch = conn.create_channel().await.unwrap();
-    let q = ch
-        .queue_declare(
-            names.queue.as_str().into(),
-            lapin::options::QueueDeclareOptions {
-                passive: true,
-                ..Default::default()
-            },
-            lapin::types::FieldTable::default(),
-        )
-        .await
-        .unwrap();
-    let _ = conn.close(200, "done".into()).await;
-    q.consumer_count()
-}
-
 /// A worker built with the test-only `fault-injection` feature loses its device at the first pass
 /// holding `ddit-inject-device` (that pass and every later one fail as CUDA's illegal address
 /// does). With `--max-batch 2`, one inference thread and `--breaker-threshold 1`, the first batch
@@ -99,7 +78,7 @@ async fn a_lost_device_opens_the_breaker_and_a_healthy_worker_finishes_every_job
             .map(|(_, m)| m)
             .unwrap_or_default();
         let settled = metrics.lines().any(|l| l == "ddit_jobs_in_flight 0");
-        if settled && consumers(&names).await == 0 {
+        if settled && queue_consumers(&names, &names.queue).await == 0 {
             assert!(
                 metrics.lines().any(|l| l == "ddit_breaker_open 1"),
                 "{metrics}"

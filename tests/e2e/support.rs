@@ -410,6 +410,16 @@ pub async fn publish(names: &Names, bodies: &[Vec<u8>]) {
 
 /// Messages waiting in a queue.
 pub async fn queue_depth(names: &Names, queue: &str) -> u32 {
+    queue_state(names, queue).await.message_count()
+}
+
+/// Consumers of a queue (a worker that stopped consuming has none there).
+pub async fn queue_consumers(names: &Names, queue: &str) -> u32 {
+    queue_state(names, queue).await.consumer_count()
+}
+
+/// A queue as the broker reports it (a passive declare).
+async fn queue_state(names: &Names, queue: &str) -> lapin::Queue {
     let cfg = names.amqp();
     let conn = amqp::connect(&cfg, "e2e-inspect").await.unwrap();
     let ch = conn.create_channel().await.unwrap();
@@ -424,9 +434,8 @@ pub async fn queue_depth(names: &Names, queue: &str) -> u32 {
         )
         .await
         .unwrap();
-    let n = q.message_count();
     let _ = conn.close(200, "done".into()).await;
-    n
+    q
 }
 
 /// Messages waiting in all the retry queues.
