@@ -11,10 +11,11 @@ use aws_sdk_s3::config::{BehaviorVersion, Credentials, Region};
 use aws_sdk_s3::primitives::ByteStream;
 use aws_sdk_s3::Client;
 use tokio::runtime::Handle;
+use tracing::Instrument;
 
 use crate::error::{Result, WorkerError};
 use crate::runner::Png;
-use crate::tasks::input::{decode_data_uri, InputFetcher};
+use crate::tasks::input::{decode_data_uri, Fetched, InputFetcher};
 
 #[derive(Debug, Clone)]
 pub struct S3Config {
@@ -271,7 +272,7 @@ impl S3Store {
     }
 }
 
-/// Input fetching and image output for inference threads (blocking on the service's runtime).
+/// Input fetching and image output for inference threads (both on the service's runtime).
 #[derive(Clone)]
 pub struct S3Io {
     pub store: S3Store,
@@ -279,18 +280,22 @@ pub struct S3Io {
     pub model_hash: String,
 }
 
+/// Data URIs are decoded in place; an `s3://` object is read by a task on the service's runtime,
+/// which hands the bytes to `done` (the inference thread steps its other jobs meanwhile).
 impl InputFetcher for S3Io {
-    fn fetch(&self, uri: &str) -> Result<Vec<u8>> {
+    fn fetch(&self, uri: &str, done: Fetched) {
         if uri.starts_with("data:") {
-            return decode_data_uri(uri);
+            return done(decode_data_uri(uri));
         }
         if !uri.starts_with("s3://") {
-            return Err(WorkerError::invalid(
+            return done(Err(WorkerError::invalid(
                 "params.image",
                 "the service reads s3:// or data: images only",
-            ));
+            )));
         }
-        self.handle.block_on(self.store.get(uri))
+        let (store, uri) = (self.store.clone(), uri.to_string());
+        let read = async move { done(store.get(&uri).await) };
+        self.handle.spawn(read.instrument(tracing::Span::current()));
     }
 }
 

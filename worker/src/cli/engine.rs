@@ -48,9 +48,10 @@ pub struct EngineArgs {
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set, env = "DDIT_ORT_SPIN")]
     ort_spin: bool,
     /// Run each denoising step through I/O bindings: the step's tensors stay on the provider's
-    /// device between segments, and only the velocity comes back (for GPU providers).
-    #[arg(long, default_value_t = false, action = clap::ArgAction::Set, env = "DDIT_IO_BINDING")]
-    io_binding: bool,
+    /// device between segments, and only the velocity comes back (default: true with a GPU
+    /// provider, false on the CPU, where it gives the same numbers and saves nothing).
+    #[arg(long, action = clap::ArgAction::Set, env = "DDIT_IO_BINDING")]
+    io_binding: Option<bool>,
     /// TensorRT: build fp16 engines.
     #[arg(long, env = "DDIT_TRT_FP16")]
     trt_fp16: bool,
@@ -212,11 +213,13 @@ impl EngineArgs {
     /// The engine's settings for a runner of `max_batch` rows per forward pass, on a pool of
     /// `intra` threads.
     pub fn config(&self, max_batch: usize, intra: usize) -> anyhow::Result<EngineConfig> {
+        let providers = parse_providers(&self.providers)?;
+        let gpu = providers.iter().any(|p| *p != Provider::Cpu);
         Ok(EngineConfig {
-            providers: parse_providers(&self.providers)?,
+            providers,
             intra_threads: intra,
             spin: self.ort_spin,
-            io_binding: self.io_binding,
+            io_binding: self.io_binding.unwrap_or(gpu),
             tensorrt: TensorRtOptions {
                 fp16: self.trt_fp16,
                 cache_dir: self.trt_cache_dir.clone(),
@@ -240,8 +243,12 @@ impl EngineArgs {
 
     /// The runner's settings with `max_batch` rows per forward pass.
     pub fn runner(&self, max_batch: usize) -> RunnerConfig {
+        // TensorRT's VAE decoder profile holds one image (engine/profiles.rs).
+        let trt = parse_providers(&self.providers)
+            .is_ok_and(|ps| ps.iter().any(|p| matches!(p, Provider::TensorRt { .. })));
         RunnerConfig {
             max_batch: max_batch.max(1),
+            decode_batch: if trt { 1 } else { max_batch.max(1) },
             caption_latent: match self.caption_latent {
                 CaptionLatent::Sample => LatentMode::Sample,
                 CaptionLatent::Mean => LatentMode::Mean,

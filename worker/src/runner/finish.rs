@@ -1,15 +1,18 @@
-//! A job's end: decoded images into the sink, or decoded text, and its result.
+//! A job's end: decoded images into the sink, or decoded text, and its result. The images of the
+//! jobs that finish in one tick are decoded together.
+
+use std::collections::BTreeMap;
 
 use ddit_schemas::{ErrorInfo, JobResult, Metrics, ModelRef, Output, Status};
 use sha2::{Digest, Sha256};
 
+use super::step::panicked;
 use super::work::{Active, Work};
-use super::{ImageSink, Model, Runner};
+use super::{Hooks, ImageSink, Model, Runner};
 use crate::clock::now_rfc3339;
 use crate::error::{Result, WorkerError};
 use crate::image_io;
-use crate::sampler::flow::FlowState;
-use crate::tasks::GeneratePlan;
+use crate::tensor::Tensor;
 
 /// A result without outputs: failed (with the error), expired or canceled.
 pub fn ended_result(
@@ -116,15 +119,49 @@ impl Decoded {
     }
 }
 
+/// A finished generate job's images with their seeds, or why they could not be decoded.
+type Images = Result<Vec<(image::RgbImage, u64)>>;
+
 impl<M: Model> Runner<'_, M> {
+    /// The results of the jobs that finished in one tick, in order; their images decoded first,
+    /// together.
+    pub(super) fn finish_all(
+        &mut self,
+        done: Vec<Active>,
+        sink: &mut dyn ImageSink,
+        hooks: &mut dyn Hooks,
+    ) {
+        if done.is_empty() {
+            return;
+        }
+        let mut images = self.decode_finished(&done).into_iter();
+        for a in done {
+            let (id, task) = (a.job_id.clone(), a.task);
+            let imgs = images.next().flatten();
+            let run = std::panic::AssertUnwindSafe(|| self.finish(a, imgs, sink));
+            let r = std::panic::catch_unwind(run).unwrap_or_else(|p| {
+                let e = panicked("finishing the job", p.as_ref());
+                Some(self.failed(&id, Some(task), Status::Failed, Some(&e)))
+            });
+            if let Some(r) = r {
+                hooks.result(r);
+            }
+        }
+    }
+
     /// The job's result, or `None` when the sink reports it once its images are stored.
-    pub(super) fn finish(&mut self, a: Active, sink: &mut dyn ImageSink) -> Option<JobResult> {
+    fn finish(
+        &mut self,
+        a: Active,
+        images: Option<Images>,
+        sink: &mut dyn ImageSink,
+    ) -> Option<JobResult> {
         let _span = a.span.clone().entered();
         let provider = self.model.provider().to_string();
         let outcome = match &a.work {
-            Work::Generate { states, plan, .. } => {
-                self.decode_images(states, plan).map(|i| (Some(i), None))
-            }
+            Work::Generate { .. } => images
+                .unwrap_or_else(|| Err(WorkerError::Internal("images not decoded".into())))
+                .map(|i| (Some(i), None)),
             Work::Masked {
                 state, answer_from, ..
             } => self
@@ -168,21 +205,89 @@ impl<M: Model> Runner<'_, M> {
         }
     }
 
-    /// Each image's latent through the VAE decoder, as RGB, with its seed.
-    fn decode_images(
+    /// Each finished generate job's images (`None` for the other jobs): the latents of one shape
+    /// through the VAE decoder `decode_batch` at a time (at most `max_batch`), whichever jobs
+    /// they belong to. The decoder is row-wise, so an image is the one it decodes alone.
+    fn decode_finished(&mut self, done: &[Active]) -> Vec<Option<Images>> {
+        let mut by_shape: BTreeMap<&[usize], Vec<(usize, usize)>> = BTreeMap::new();
+        for (ji, a) in done.iter().enumerate() {
+            if let Work::Generate { states, .. } = &a.work {
+                for (si, s) in states.iter().enumerate() {
+                    by_shape.entry(&s.latents.shape).or_default().push((ji, si));
+                }
+            }
+        }
+        let n = self.cfg.decode_batch.min(self.cfg.max_batch).max(1);
+        let mut decoded = BTreeMap::new();
+        for rows in by_shape.into_values() {
+            for chunk in rows.chunks(n) {
+                decoded.extend(chunk.iter().copied().zip(self.decode_rows(done, chunk)));
+            }
+        }
+        done.iter()
+            .enumerate()
+            .map(|(ji, a)| {
+                let Work::Generate { states, plan, .. } = &a.work else {
+                    return None;
+                };
+                let images = (0..states.len()).map(|si| {
+                    let img = decoded.remove(&(ji, si)).unwrap_or_else(|| {
+                        Err(WorkerError::Internal("an image left undecoded".into()))
+                    })?;
+                    Ok((img, plan.seed.wrapping_add(si as u64)))
+                });
+                Some(images.collect())
+            })
+            .collect()
+    }
+
+    /// The images of `rows` ((job, image) of `done`) from one decoder pass; when it fails, each
+    /// image again alone, so that one bad image does not fail the others.
+    fn decode_rows(
         &mut self,
-        states: &[FlowState],
-        plan: &GeneratePlan,
-    ) -> Result<Vec<(image::RgbImage, u64)>> {
+        done: &[Active],
+        rows: &[(usize, usize)],
+    ) -> Vec<Result<image::RgbImage>> {
         let vae = &self.model.manifest().values.vae;
         let (scale, shift) = (vae.scaling_factor as f32, vae.shift_factor as f32);
-        let mut images = Vec::with_capacity(states.len());
-        for (i, s) in states.iter().enumerate() {
-            let mut z = s.latents.clone();
-            z.data.iter_mut().for_each(|x| *x = *x / scale + shift);
-            let img = self.model.vae_decode(&z)?;
-            images.push((image_io::to_rgb(&img)?, plan.seed.wrapping_add(i as u64)));
+        let latents: Vec<Tensor> = rows
+            .iter()
+            .filter_map(|&(ji, si)| match &done[ji].work {
+                Work::Generate { states, .. } => {
+                    let mut z = states[si].latents.clone();
+                    z.data.iter_mut().for_each(|x| *x = *x / scale + shift);
+                    Some(z)
+                }
+                Work::Masked { .. } => None,
+            })
+            .collect();
+        let out = self.guard("decoding images", |r| {
+            let img = r
+                .model
+                .vae_decode(&Tensor::cat(&latents.iter().collect::<Vec<_>>())?)?;
+            match img.batch() == rows.len() {
+                true => Ok(img),
+                false => Err(WorkerError::Internal(format!(
+                    "decoded {:?} for {} latents",
+                    img.shape,
+                    rows.len()
+                ))),
+            }
+        });
+        match out {
+            Ok(img) => (0..rows.len())
+                .map(|k| image_io::to_rgb(&img.row(k)))
+                .collect(),
+            Err(e) if rows.len() == 1 => vec![Err(e)],
+            Err(e) => {
+                tracing::warn!(
+                    images = rows.len(),
+                    "batched decode failed, decoding images alone: {e}"
+                );
+                rows.iter()
+                    .flat_map(|r| self.decode_rows(done, std::slice::from_ref(r)))
+                    .collect()
+            }
         }
-        Ok(images)
     }
 }

@@ -4,8 +4,10 @@
 //! captioning and VQA: canvas length and image tokens). Each tick, every active job advances by
 //! exactly one sampler step; the jobs of a group that need the model share one forward pass (up
 //! to `max_batch` rows). Masked-diffusion jobs whose canvas did not change reuse their cached
-//! probabilities and skip the pass. New jobs join between ticks; finished, failed or canceled
-//! jobs leave. Every job keeps its own RNG, so batching never changes which numbers it draws.
+//! probabilities and skip the pass. New jobs join between ticks, once their input image is read
+//! (off this thread) and the prompts of the jobs admitted together are encoded in one pass;
+//! finished, failed or canceled jobs leave, the images of the jobs that finish together decoded
+//! in one pass. Every job keeps its own RNG, so batching never changes which numbers it draws.
 //!
 //! The runner sees the model only through [`Model`]; the ONNX Runtime engine is one
 //! implementation, and the unit tests (`tests.rs`) use a fake one.
@@ -13,6 +15,7 @@
 mod finish;
 mod handoff;
 mod model;
+mod pending;
 mod step;
 #[cfg(test)]
 mod tests;
@@ -35,6 +38,7 @@ pub use finish::{encode_images, ended_result, Decoded, Png};
 pub use handoff::Handoff;
 use handoff::Member;
 pub use model::Model;
+use pending::{Admitted, Input, Pending, Reads};
 pub use threads::run_threads;
 use work::Active;
 
@@ -50,6 +54,9 @@ pub enum LatentMode {
 #[derive(Debug, Clone)]
 pub struct RunnerConfig {
     pub max_batch: usize,
+    /// Most images one VAE decode pass takes (at most `max_batch`): TensorRT's VAE profile
+    /// holds one image, so a TensorRT worker decodes one at a time.
+    pub decode_batch: usize,
     pub caption_latent: LatentMode,
     pub image_limits: ImageLimits,
     /// Caps on what one job may ask for (pixels, images, steps, text).
@@ -70,6 +77,7 @@ impl Default for RunnerConfig {
     fn default() -> Self {
         Self {
             max_batch: 8,
+            decode_batch: 8,
             caption_latent: LatentMode::Sample,
             image_limits: ImageLimits::default(),
             limits: JobLimits::DEFAULT,
@@ -162,6 +170,9 @@ pub struct Runner<'a, M: Model> {
     pub fetcher: &'a dyn InputFetcher,
     pub cfg: RunnerConfig,
     active: Vec<Active>,
+    /// Admitted jobs before their first step: reading their input, or to be prepared.
+    pending: Vec<Pending>,
+    reads: Reads,
     /// Shared with the process's other runners, when it has several.
     handoff: Option<Member>,
 }
@@ -179,6 +190,8 @@ impl<'a, M: Model> Runner<'a, M> {
             fetcher,
             cfg,
             active: Vec::new(),
+            pending: Vec::new(),
+            reads: Reads::new(),
             handoff: None,
         }
     }
@@ -218,46 +231,22 @@ impl<'a, M: Model> Runner<'a, M> {
     ) {
         let mut exhausted = false;
         loop {
-            self.set_busy(!self.active.is_empty());
-            // Set when this runner wakes from idle: it admits arrivals until then before its pass.
-            let mut fill_until = None;
-            while !exhausted && self.rows() < self.cfg.max_batch.max(1) {
-                if self.active.is_empty() && self.take_handed_off() {
-                    break;
-                }
-                let wait = match (self.active.is_empty(), fill_until) {
-                    // Another runner may hand this one jobs: look at the source, then at it.
-                    (true, _) if self.others_busy() => Wait::No,
-                    (true, _) => Wait::Forever,
-                    (false, Some(t)) => Wait::Until(t),
-                    (false, None) => Wait::No,
-                };
-                match source.next_job(wait) {
-                    Some(Incoming::Job { job, .. }) if hooks.halted() => {
-                        hooks.given_back(&job.job_id)
-                    }
-                    Some(inc) => {
-                        // Busy from now, so that an idle runner waits for it instead of leaving.
-                        self.set_busy(true);
-                        if wait == Wait::Forever && !self.cfg.batch_window.is_zero() {
-                            fill_until = Some(Instant::now() + self.cfg.batch_window);
-                        }
-                        self.admit(inc, hooks)
-                    }
-                    None => {
-                        exhausted = self.active.is_empty() && wait == Wait::Forever;
-                        break;
-                    }
-                }
+            self.set_busy(!self.idle());
+            if !exhausted {
+                exhausted = self.admit_round(source, hooks);
             }
+            self.collect_reads();
+            self.drop_ended_reads(hooks);
             if hooks.halted() {
                 for a in self.active.drain(..) {
                     a.span.in_scope(|| tracing::warn!("given back unfinished"));
                     hooks.given_back(&a.job_id);
                 }
+                self.give_back_pending(hooks);
             }
+            self.prepare_ready(hooks);
             if self.active.is_empty() {
-                if exhausted {
+                if exhausted && self.idle() {
                     return;
                 }
                 continue;
@@ -267,6 +256,41 @@ impl<'a, M: Model> Runner<'a, M> {
             }
             self.tick(sink, hooks);
         }
+    }
+
+    /// Admits arrivals while there is room; returns whether the source is exhausted.
+    fn admit_round(&mut self, source: &mut dyn JobSource, hooks: &mut dyn Hooks) -> bool {
+        // Set when this runner wakes from idle: it admits arrivals until then before its pass.
+        let mut fill_until = None;
+        while self.rows() < self.cfg.max_batch.max(1) {
+            if self.idle() && self.take_handed_off() {
+                break;
+            }
+            let wait = match (self.idle(), fill_until) {
+                // Another runner may hand this one jobs: look at the source, then at it.
+                (true, _) if self.others_busy() => Wait::No,
+                (true, _) => Wait::Forever,
+                (false, Some(t)) => Wait::Until(t),
+                // Only jobs whose input is being read: a short wait, then a look at the reads.
+                (false, None) if self.only_reading() => {
+                    Wait::Until(Instant::now() + pending::FETCH_POLL)
+                }
+                (false, None) => Wait::No,
+            };
+            match source.next_job(wait) {
+                Some(Incoming::Job { job, .. }) if hooks.halted() => hooks.given_back(&job.job_id),
+                Some(inc) => {
+                    // Busy from now, so that an idle runner waits for it instead of leaving.
+                    self.set_busy(true);
+                    if wait == Wait::Forever && !self.cfg.batch_window.is_zero() {
+                        fill_until = Some(Instant::now() + self.cfg.batch_window);
+                    }
+                    self.admit(inc, hooks)
+                }
+                None => return wait == Wait::Forever,
+            }
+        }
+        false
     }
 
     fn set_busy(&mut self, busy: bool) {
@@ -297,12 +321,15 @@ impl<'a, M: Model> Runner<'a, M> {
         !self.active.is_empty()
     }
 
+    /// Rows of the jobs this runner holds, the pending ones included.
     fn rows(&self) -> usize {
-        self.active.iter().map(Active::rows).sum()
+        let pending: usize = self.pending.iter().map(Pending::rows).sum();
+        self.active.iter().map(Active::rows).sum::<usize>() + pending
     }
 
-    /// Checks the job's times, plans and prepares it (text encoding, image encoding), and makes
-    /// it active; or answers it at once with a failed or expired result.
+    /// Checks the job's times and plans it, starts reading its input image, and makes it
+    /// pending (prepared with the round's other arrivals); or answers it at once with a failed or
+    /// expired result.
     fn admit(&mut self, inc: Incoming, hooks: &mut dyn Hooks) {
         let (job, span, received) = match inc {
             Incoming::Job {
@@ -324,33 +351,32 @@ impl<'a, M: Model> Runner<'a, M> {
         }
         let started = Instant::now();
         let received = received.unwrap_or(started).min(started);
-        let admitted = span.in_scope(|| {
+        let planned = span.in_scope(|| {
             let queue_ms = self.check_times(&job, received)?;
-            let work = crate::tasks::plan(&job, self.model.manifest(), &self.cfg.limits)
-                .and_then(|p| {
-                    let run = std::panic::AssertUnwindSafe(|| self.prepare(p));
-                    std::panic::catch_unwind(run)
-                        .unwrap_or_else(|x| Err(step::panicked("preparing the job", x.as_ref())))
-                })
-                .map_err(|e| {
+            let plan =
+                crate::tasks::plan(&job, self.model.manifest(), &self.cfg.limits).map_err(|e| {
                     hooks.failure(&e);
                     Box::new(self.failed(&job.job_id, Some(task), Status::Failed, Some(&e)))
                 })?;
-            tracing::debug!(rows = work.rows(), "admitted");
-            Ok::<_, Box<JobResult>>((queue_ms, work))
+            let input = match pending::image_of(&plan) {
+                Some(uri) => Input::Reading(self.reads.start(self.fetcher, uri)),
+                None => Input::None,
+            };
+            Ok::<_, Box<JobResult>>((queue_ms, plan, input))
         });
-        match admitted {
-            Ok((queue_ms, work)) => self.active.push(Active {
-                job_id: job.job_id.clone(),
-                task,
-                started,
-                received,
-                ends: self.ends_at(&job, started, received),
-                queue_ms,
-                batch_max: 0,
-                span,
-                work,
-                reported: None,
+        match planned {
+            Ok((queue_ms, plan, input)) => self.pending.push(Pending {
+                job: Admitted {
+                    job_id: job.job_id.clone(),
+                    task,
+                    started,
+                    received,
+                    ends: self.ends_at(&job, started, received),
+                    queue_ms,
+                    span,
+                },
+                plan,
+                input,
             }),
             Err(r) => hooks.result(*r),
         }
@@ -385,30 +411,39 @@ impl<'a, M: Model> Runner<'a, M> {
         }
         if let Some(d) = &job.deadline {
             if parse_time("deadline", d).map_err(|e| fail(&e))? <= now {
-                let mut r = self.failed(&job.job_id, task, Status::Expired, None);
-                r.error = Some(ErrorInfo {
-                    kind: ddit_schemas::ErrorKind::InvalidJob,
-                    message: format!("deadline {d} passed before the job started"),
-                    retryable: false,
-                });
-                return Err(Box::new(r));
+                let message = format!("deadline {d} passed before the job started");
+                return Err(Box::new(self.expired(
+                    &job.job_id,
+                    job.task.name(),
+                    message,
+                )));
             }
         }
         let waited = received.elapsed();
         if let Some(t) = self.cfg.job_timeout.filter(|t| waited >= *t) {
-            let mut r = self.failed(&job.job_id, task, Status::Expired, None);
-            r.error = Some(ErrorInfo {
-                kind: ddit_schemas::ErrorKind::InvalidJob,
-                message: format!(
-                    "the job timeout ({:.1} s) passed {:.1} s after the delivery, before the job \
-                     started (it waited behind other jobs in this worker's prefetch buffer)",
-                    t.as_secs_f64(),
-                    waited.as_secs_f64()
-                ),
-                retryable: false,
-            });
-            return Err(Box::new(r));
+            let message = format!(
+                "the job timeout ({:.1} s) passed {:.1} s after the delivery, before the job \
+                 started (it waited behind other jobs in this worker's prefetch buffer)",
+                t.as_secs_f64(),
+                waited.as_secs_f64()
+            );
+            return Err(Box::new(self.expired(
+                &job.job_id,
+                job.task.name(),
+                message,
+            )));
         }
         Ok(queue_ms)
+    }
+
+    /// An `expired` result saying why (a deadline or the job timeout passed).
+    fn expired(&self, job_id: &str, task: &str, message: String) -> JobResult {
+        let mut r = self.failed(job_id, Some(task), Status::Expired, None);
+        r.error = Some(ErrorInfo {
+            kind: ddit_schemas::ErrorKind::InvalidJob,
+            message,
+            retryable: false,
+        });
+        r
     }
 }

@@ -153,13 +153,7 @@ impl<M: Model> Runner<'_, M> {
                     ran.as_secs_f64()
                 );
                 a.span.in_scope(|| tracing::warn!("{message}"));
-                let mut r = self.failed(&a.job_id, Some(a.task), Status::Expired, None);
-                r.error = Some(ddit_schemas::ErrorInfo {
-                    kind: ddit_schemas::ErrorKind::InvalidJob,
-                    message,
-                    retryable: false,
-                });
-                r
+                self.expired(&a.job_id, a.task, message)
             } else {
                 i += 1;
                 continue;
@@ -225,7 +219,8 @@ impl<M: Model> Runner<'_, M> {
         Ok(())
     }
 
-    /// Results: failures, then finished jobs; progress for the rest.
+    /// Results: failures, then finished jobs (their images decoded together); progress for the
+    /// rest.
     fn settle(
         &mut self,
         mut failed: BTreeMap<usize, WorkerError>,
@@ -234,6 +229,7 @@ impl<M: Model> Runner<'_, M> {
     ) {
         let active = std::mem::take(&mut self.active);
         let mut keep = Vec::with_capacity(active.len());
+        let mut done = Vec::new();
         let now = Instant::now();
         for (ai, mut a) in active.into_iter().enumerate() {
             if let Some(e) = failed.remove(&ai) {
@@ -241,15 +237,7 @@ impl<M: Model> Runner<'_, M> {
                 let r = self.failed(&a.job_id, Some(a.task), Status::Failed, Some(&e));
                 hooks.result(r);
             } else if a.work.done() {
-                let (id, task) = (a.job_id.clone(), a.task);
-                let run = std::panic::AssertUnwindSafe(|| self.finish(a, sink));
-                let r = std::panic::catch_unwind(run).unwrap_or_else(|p| {
-                    let e = panicked("finishing the job", p.as_ref());
-                    Some(self.failed(&id, Some(task), Status::Failed, Some(&e)))
-                });
-                if let Some(r) = r {
-                    hooks.result(r);
-                }
+                done.push(a);
             } else {
                 if let Some((step, total)) = a.progress_due(self.cfg.progress_every, now) {
                     hooks.progress(&a.job_id, step, total);
@@ -258,6 +246,7 @@ impl<M: Model> Runner<'_, M> {
             }
         }
         self.active = keep;
+        self.finish_all(done, sink, hooks);
     }
 
     fn forward_generate(&mut self, rows: &[(usize, usize)]) -> Result<()> {

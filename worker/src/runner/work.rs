@@ -1,8 +1,9 @@
 //! An admitted job's sampler state, and how a plan becomes one (prompt encoding for generation,
-//! image encoding and the canvas for captioning and VQA).
+//! batched in `pending.rs`; image encoding and the canvas for captioning and VQA).
 
 use std::time::Instant;
 
+use super::pending::Input;
 use super::{LatentMode, Model, Runner};
 use crate::error::{Result, WorkerError};
 use crate::image_io;
@@ -128,24 +129,37 @@ pub(super) enum GroupKey {
 }
 
 impl<M: Model> Runner<'_, M> {
-    pub(super) fn prepare(&mut self, plan: Plan) -> Result<Work> {
+    /// A caption or VQA job's work, from its input image's bytes (`input`, read at admission).
+    pub(super) fn prepare(&mut self, plan: Plan, input: Input) -> Result<Work> {
+        let bytes = match input {
+            Input::Read(bytes) => bytes,
+            Input::None | Input::Reading(_) => Err(WorkerError::Internal(
+                "preparing a job whose input was not read".into(),
+            )),
+        };
         match plan {
-            Plan::Generate(p) => self.prepare_generate(p),
-            Plan::Caption(p) => self.prepare_caption(p),
-            Plan::Vqa(p) => self.prepare_vqa(p),
+            Plan::Generate(_) => Err(WorkerError::Internal(
+                "generation is prepared with its batch's text encoding".into(),
+            )),
+            Plan::Caption(p) => self.prepare_caption(p, bytes),
+            Plan::Vqa(p) => self.prepare_vqa(p, bytes),
         }
     }
 
-    fn prepare_generate(&mut self, p: GeneratePlan) -> Result<Work> {
-        let v = self.model.manifest().values.clone();
-        let len = v.text_lengths.prompt as usize;
+    /// The token ids of the negative and the positive prompt, padded to the prompt length.
+    pub(super) fn prompt_ids(&self, p: &GeneratePlan) -> Result<[Vec<i64>; 2]> {
+        let len = self.model.manifest().values.text_lengths.prompt as usize;
         let neg = self
             .codec
             .encode_padded(&p.negative_prompt, len, "params.negative_prompt")?;
         let pos = self.codec.encode_padded(&p.prompt, len, "params.prompt")?;
-        // [uncond, cond], encoded once per job and kept as rows for batching.
-        let both = self.model.encode_text(&[neg, pos])?;
-        let context = [both.row(0), both.row(1)];
+        Ok([neg, pos])
+    }
+
+    /// A generate job's work from its [uncond, cond] text streams `[1, L, D]` (kept as rows for
+    /// batching).
+    pub(super) fn generate_work(&self, p: GeneratePlan, context: [Tensor; 2]) -> Work {
+        let v = &self.model.manifest().values;
         let f = v.vae.downsample_factor as usize;
         let shape = [
             v.latent_channels as usize,
@@ -165,17 +179,22 @@ impl<M: Model> Runner<'_, M> {
                 )
             })
             .collect();
-        Ok(Work::Generate {
+        Work::Generate {
             states,
             context,
             plan: p,
-        })
+        }
     }
 
-    /// Image -> (image tokens, temb at timestep 0), drawing the posterior noise from `rng`.
-    fn encode_image(&mut self, uri: &str, rng: &mut JobRng) -> Result<(Tensor, Tensor)> {
-        let bytes = self.fetcher.fetch(uri)?;
-        let img = image_io::decode(&bytes, uri, self.cfg.image_limits)?;
+    /// Image bytes (read from `uri`) -> (image tokens, temb at timestep 0), drawing the posterior
+    /// noise from `rng`.
+    fn encode_image(
+        &mut self,
+        bytes: &[u8],
+        uri: &str,
+        rng: &mut JobRng,
+    ) -> Result<(Tensor, Tensor)> {
+        let img = image_io::decode(bytes, uri, self.cfg.image_limits)?;
         let native = tasks::Geometry::of(self.model.manifest()).native;
         let pixels = image_io::preprocess(&img, native);
         let (mean, logvar) = self.model.vae_encode(&pixels)?;
@@ -193,14 +212,14 @@ impl<M: Model> Runner<'_, M> {
 
     fn masked_work(
         &mut self,
-        image: &str,
+        (image, bytes): (&str, Result<Vec<u8>>),
         prefix: Vec<i64>,
         length: usize,
         steps: u32,
         seed: u64,
     ) -> Result<Work> {
         let mut rng = JobRng::new(seed);
-        let (image_tokens, temb) = self.encode_image(image, &mut rng)?;
+        let (image_tokens, temb) = self.encode_image(&bytes?, image, &mut rng)?;
         let v = &self.model.manifest().values;
         // The answer (or caption) is the text written after the prefix.
         let answer_from = prefix.len();
@@ -220,7 +239,7 @@ impl<M: Model> Runner<'_, M> {
         })
     }
 
-    fn prepare_caption(&mut self, p: CaptionPlan) -> Result<Work> {
+    fn prepare_caption(&mut self, p: CaptionPlan, bytes: Result<Vec<u8>>) -> Result<Work> {
         let prefix = match &p.prompt {
             Some(t) => self.codec.encode_prefix(t, "params.prompt")?,
             None => vec![],
@@ -236,10 +255,11 @@ impl<M: Model> Runner<'_, M> {
                 ),
             ));
         }
-        self.masked_work(&p.image, prefix, p.length as usize, p.steps, p.seed)
+        let input = (p.image.as_str(), bytes);
+        self.masked_work(input, prefix, p.length as usize, p.steps, p.seed)
     }
 
-    fn prepare_vqa(&mut self, p: VqaPlan) -> Result<Work> {
+    fn prepare_vqa(&mut self, p: VqaPlan, bytes: Result<Vec<u8>>) -> Result<Work> {
         let prefix = self
             .codec
             .encode_prefix(&tasks::vqa_prompt(&p.question), "params.question")?;
@@ -253,6 +273,7 @@ impl<M: Model> Runner<'_, M> {
                 ),
             ));
         }
-        self.masked_work(&p.image, prefix, p.length as usize, p.steps, p.seed)
+        let input = (p.image.as_str(), bytes);
+        self.masked_work(input, prefix, p.length as usize, p.steps, p.seed)
     }
 }

@@ -1,5 +1,6 @@
 //! Where input images come from: `s3://` URIs, local paths (`file://` or plain), or inline
-//! `data:` URIs. Local mode reads files and data URIs; the service adds S3.
+//! `data:` URIs. Local mode reads files and data URIs; the service adds S3, read on its runtime
+//! so that a slow object store never holds up the inference thread that asked.
 
 use base64::Engine as _;
 
@@ -8,9 +9,15 @@ use crate::error::{Result, WorkerError};
 /// Inline images are for small inputs only.
 pub const MAX_DATA_URI: usize = 1 << 20;
 
+/// What a fetch calls with the bytes it read (or why it could not).
+pub type Fetched = Box<dyn FnOnce(Result<Vec<u8>>) + Send>;
+
 /// Reads input bytes for a URI.
 pub trait InputFetcher {
-    fn fetch(&self, uri: &str) -> Result<Vec<u8>>;
+    /// Reads `uri` and calls `done` with its bytes, here or later from another thread. What is
+    /// quick to read (a file, a data URI) may be read here; a read that waits on a network
+    /// must not be: the caller is an inference thread, whose other jobs step meanwhile.
+    fn fetch(&self, uri: &str, done: Fetched);
 }
 
 /// Syntax check of an image reference (no I/O).
@@ -65,25 +72,30 @@ pub fn decode_data_uri(uri: &str) -> Result<Vec<u8>> {
 pub struct LocalFetcher;
 
 impl InputFetcher for LocalFetcher {
-    fn fetch(&self, uri: &str) -> Result<Vec<u8>> {
-        if uri.starts_with("data:") {
-            return decode_data_uri(uri);
-        }
-        if uri.starts_with("s3://") {
-            return Err(WorkerError::invalid(
-                "params.image",
-                "s3:// inputs need `ddit-worker serve` (S3 configured)",
-            ));
-        }
-        let path = uri.strip_prefix("file://").unwrap_or(uri);
-        std::fs::read(path).map_err(|e| match e.kind() {
-            std::io::ErrorKind::NotFound => WorkerError::InputNotFound {
-                source_ref: path.to_string(),
-            },
-            _ => WorkerError::InvalidInput {
-                source_ref: path.to_string(),
-                message: e.to_string(),
-            },
-        })
+    fn fetch(&self, uri: &str, done: Fetched) {
+        done(read_local(uri))
     }
+}
+
+/// A local file (`file://` or a plain path) or a data URI, read here.
+fn read_local(uri: &str) -> Result<Vec<u8>> {
+    if uri.starts_with("data:") {
+        return decode_data_uri(uri);
+    }
+    if uri.starts_with("s3://") {
+        return Err(WorkerError::invalid(
+            "params.image",
+            "s3:// inputs need `ddit-worker serve` (S3 configured)",
+        ));
+    }
+    let path = uri.strip_prefix("file://").unwrap_or(uri);
+    std::fs::read(path).map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => WorkerError::InputNotFound {
+            source_ref: path.to_string(),
+        },
+        _ => WorkerError::InvalidInput {
+            source_ref: path.to_string(),
+            message: e.to_string(),
+        },
+    })
 }

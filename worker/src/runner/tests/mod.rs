@@ -17,6 +17,7 @@ use crate::tasks::input::LocalFetcher;
 use crate::tensor::Tensor;
 
 mod handoff;
+mod stages;
 mod timeout;
 
 const VOCAB: usize = 47;
@@ -64,6 +65,8 @@ struct Call {
 struct Fake {
     manifest: Manifest,
     calls: Rc<RefCell<Vec<Call>>>,
+    /// Text-encoder and VAE-decoder passes (`encode_text`, `vae_decode`).
+    stages: Rc<RefCell<Vec<Call>>>,
     /// The forward pass (0-based, velocity and logits counted together) that fails.
     fail_call: Option<usize>,
     /// Image tokens whose row mean is above this make the text forward panic (a bright image).
@@ -75,6 +78,7 @@ impl Fake {
         Self {
             manifest: manifest(),
             calls: Rc::default(),
+            stages: Rc::default(),
             fail_call: None,
             poison: None,
         }
@@ -109,6 +113,11 @@ impl Model for Fake {
     }
     fn encode_text(&mut self, ids: &[Vec<i64>]) -> Result<Tensor> {
         let l = ids[0].len();
+        self.stages.borrow_mut().push(Call {
+            kind: "encode_text",
+            rows: ids.len(),
+            shape: vec![ids.len(), l],
+        });
         let data = ids
             .iter()
             .flat_map(|r| {
@@ -138,6 +147,11 @@ impl Model for Fake {
     }
     fn vae_decode(&mut self, z: &Tensor) -> Result<Tensor> {
         let (b, h, w) = (z.batch(), z.shape[2] * 2, z.shape[3] * 2);
+        self.stages.borrow_mut().push(Call {
+            kind: "vae_decode",
+            rows: b,
+            shape: z.shape.clone(),
+        });
         let mut data = Vec::with_capacity(b * 3 * h * w);
         for i in 0..b {
             let m = row_mean(z, i);
