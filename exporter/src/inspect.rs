@@ -39,8 +39,8 @@ pub fn summary(m: &Manifest) -> String {
     );
     let _ = writeln!(
         s,
-        "{:<24} {:<16} {:>14} {:>14}  files",
-        "segment", "role", "parameters", "bytes"
+        "{:<24} {:<16} {:<9} {:>14} {:>14}  files",
+        "segment", "role", "precision", "parameters", "bytes"
     );
     let (mut tp, mut tb) = (0u64, 0u64);
     for seg in &m.segments {
@@ -50,9 +50,10 @@ pub fn summary(m: &Manifest) -> String {
         let files: Vec<&str> = seg.files.iter().map(|f| f.path.as_str()).collect();
         let _ = writeln!(
             s,
-            "{:<24} {:<16} {:>14} {:>14}  {}",
+            "{:<24} {:<16} {:<9} {:>14} {:>14}  {}",
             seg.name,
             seg.role.as_str(),
+            seg.precision.as_str(),
             seg.parameters,
             bytes,
             files.join(" + ")
@@ -60,8 +61,9 @@ pub fn summary(m: &Manifest) -> String {
     }
     let _ = writeln!(
         s,
-        "{:<24} {:<16} {:>14} {:>14}",
+        "{:<24} {:<16} {:<9} {:>14} {:>14}",
         "total",
+        "",
         "",
         tp,
         tb + m.tokenizer.bytes

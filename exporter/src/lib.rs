@@ -11,9 +11,10 @@ pub mod onnx;
 pub mod package;
 pub mod segments;
 
+pub use ddit_schemas::Precision;
 pub use error::{ExportError, Result};
 pub use inspect::{summary, verify};
 pub use package::{
     convert, ExportOptions, LengthOverrides, DEFAULT_EXTERNAL_THRESHOLD, DEFAULT_MAX_FILE_BYTES,
 };
-pub use segments::{StoreDtype, Target};
+pub use segments::{Form, StoreDtype, Target};

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use ddit_export::{
-    convert, summary, verify, ExportOptions, LengthOverrides, StoreDtype, Target,
+    convert, summary, verify, ExportOptions, LengthOverrides, Precision, StoreDtype, Target,
     DEFAULT_EXTERNAL_THRESHOLD, DEFAULT_MAX_FILE_BYTES,
 };
 
@@ -30,6 +30,16 @@ enum Dtype {
 }
 
 #[derive(Clone, Copy, ValueEnum)]
+enum PrecisionArg {
+    Fp32,
+    /// The joint blocks, heads, embedders and VAE in fp16 (normalisation statistics and
+    /// softmax in f32); T5 and the timestep embedding in fp32.
+    Fp16,
+    /// The same in bf16 (ONNX Runtime's CPU provider cannot run it: a GPU provider's).
+    Bf16,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
 enum TargetArg {
     /// ONNX Runtime's CPU and CUDA providers (opset 23, fused `Attention`).
     Cpu,
@@ -47,8 +57,8 @@ enum Cmd {
         /// Output package folder.
         #[arg(long, env = "DDIT_OUT")]
         out: PathBuf,
-        /// Weight storage in the ONNX files (I/O stays f32). `int8`: the joint blocks' and T5's
-        /// linear layers 8-bit block-quantized, the rest f32.
+        /// Weight storage of the fp32 segments (I/O stays f32). `int8`: the joint blocks' and
+        /// T5's linear layers 8-bit quantized per output channel, the rest f32 (fp32 only).
         #[arg(
             long = "weights",
             alias = "dtype",
@@ -57,6 +67,10 @@ enum Cmd {
             env = "DDIT_WEIGHTS"
         )]
         dtype: Dtype,
+        /// What the segments compute in. Half-precision segments take and give f16/bf16
+        /// tensors and keep their weights in that type; T5 and the timestep embedding stay fp32.
+        #[arg(long, value_enum, default_value = "fp32", env = "DDIT_PRECISION")]
+        precision: PrecisionArg,
         /// Joint blocks per ONNX file (default: all blocks in one file).
         #[arg(long, env = "DDIT_BLOCKS_PER_SEGMENT")]
         blocks_per_segment: Option<usize>,
@@ -108,6 +122,7 @@ fn main() -> ExitCode {
             checkpoint,
             out,
             dtype,
+            precision,
             blocks_per_segment,
             external_data_threshold,
             max_file_bytes,
@@ -125,6 +140,11 @@ fn main() -> ExitCode {
                 Dtype::F32 => StoreDtype::F32,
                 Dtype::F16 => StoreDtype::F16,
                 Dtype::Int8 => StoreDtype::Int8,
+            };
+            o.precision = match precision {
+                PrecisionArg::Fp32 => Precision::Fp32,
+                PrecisionArg::Fp16 => Precision::Fp16,
+                PrecisionArg::Bf16 => Precision::Bf16,
             };
             o.blocks_per_segment = blocks_per_segment;
             o.external_data_threshold = external_data_threshold;

@@ -3,8 +3,8 @@
 use std::path::{Path, PathBuf};
 
 use ddit_schemas::{
-    package_hash, sha256_file, Dim as SDim, FileEntry, Manifest, ModelInfo, ModelValues, Role,
-    SchedulerValues, SegmentSpec, TensorDtype, TensorSpec, TextLengths, TokenIds, VaeValues,
+    package_hash, sha256_file, Dim as SDim, FileEntry, Manifest, ModelInfo, ModelValues, Precision,
+    Role, SchedulerValues, SegmentSpec, TensorDtype, TensorSpec, TextLengths, TokenIds, VaeValues,
     MANIFEST_FILE, MANIFEST_FORMAT_VERSION,
 };
 
@@ -15,7 +15,7 @@ use crate::onnx::tensorrt;
 use crate::onnx::write::{model_bytes, size_bound, Weights};
 use crate::onnx::{DType, Dim, Graph};
 use crate::segments::transformer::{self, Keep};
-use crate::segments::{t5, vae, StoreDtype, Target};
+use crate::segments::{t5, vae, Form, StoreDtype, Target};
 
 /// Protobuf files cannot exceed 2 GiB; segments whose weights pass this many bytes use
 /// external data. Kept below 2^31 to leave room for the graph itself.
@@ -50,6 +50,9 @@ pub struct ExportOptions {
     pub checkpoint: PathBuf,
     pub out: PathBuf,
     pub dtype: StoreDtype,
+    /// What the transformer's segments (but the timestep embedding) and the VAE compute in;
+    /// T5 and the timestep embedding stay fp32 (T5 overflows in fp16).
+    pub precision: Precision,
     /// Joint blocks per ONNX file; `None` puts all blocks in one file.
     pub blocks_per_segment: Option<usize>,
     pub external_data_threshold: u64,
@@ -74,6 +77,7 @@ impl ExportOptions {
             checkpoint: checkpoint.into(),
             out: out.into(),
             dtype: StoreDtype::F32,
+            precision: Precision::Fp32,
             blocks_per_segment: None,
             external_data_threshold: DEFAULT_EXTERNAL_THRESHOLD,
             max_file_bytes: DEFAULT_MAX_FILE_BYTES,
@@ -103,6 +107,7 @@ fn spec(io: &Io) -> TensorSpec {
             // Graph I/O is never int8 (only weights are).
             DType::F32 | DType::I8 => TensorDtype::F32,
             DType::F16 => TensorDtype::F16,
+            DType::BF16 => TensorDtype::Bf16,
             DType::I64 => TensorDtype::I64,
         },
         shape: io
@@ -187,6 +192,11 @@ impl SegmentWriter<'_> {
             blocks,
             files,
             parameters: g.param_count(),
+            precision: match g.float {
+                DType::F16 => Precision::Fp16,
+                DType::BF16 => Precision::Bf16,
+                _ => Precision::Fp32,
+            },
             inputs: g.inputs.iter().map(spec).collect(),
             outputs: g.outputs.iter().map(spec).collect(),
         });
@@ -254,17 +264,20 @@ pub fn block_ranges(num_layers: usize, k: Option<usize>) -> Result<Vec<(usize, u
 fn write_segments(ck: &Checkpoint, opts: &ExportOptions) -> Result<(Vec<SegmentSpec>, usize)> {
     // int8 applies to the joint blocks and T5 (most of the FLOPs); the rest stays float.
     let (tc, tw, quantized) = (&ck.transformer, &ck.transformer_weights, opts.dtype);
-    let store = quantized.unquantized();
     let target = opts.target;
-    if target == Target::TensorRt && quantized == StoreDtype::Int8 {
-        return Err(ExportError::Argument {
-            name: "target".into(),
-            message: "int8 weights use ONNX Runtime's CPU contrib operators (com.microsoft), \
-                      which TensorRT cannot parse: export f32 or f16 weights for --target \
-                      tensorrt"
-                .into(),
-        });
-    }
+    check_options(opts)?;
+    // T5 and the timestep embedding in fp32; the rest in `--precision`.
+    let f32_form = |store| Form {
+        store,
+        target,
+        precision: Precision::Fp32,
+    };
+    let form = |store| Form {
+        store,
+        target,
+        precision: opts.precision,
+    };
+    let plain = form(quantized.unquantized());
     let mut w = SegmentWriter {
         out: &opts.out,
         threshold: opts.external_data_threshold,
@@ -274,24 +287,24 @@ fn write_segments(ck: &Checkpoint, opts: &ExportOptions) -> Result<(Vec<SegmentS
     };
     let (t5c, t5w) = (&ck.t5, &ck.t5_weights);
     w.write_layers(t5c.num_layers, None, Role::TextEncoder, |s, e| {
-        t5::encoder(t5c, t5w, (quantized, target), (s, e))
+        t5::encoder(t5c, t5w, f32_form(quantized), (s, e))
     })?;
     w.write(
-        transformer::context_embedder(tc, tw, store)?,
+        transformer::context_embedder(tc, tw, plain)?,
         Role::ContextEmbedder,
         None,
     )?;
     w.write(
-        transformer::timestep_embed(tc, tw, store)?,
+        transformer::timestep_embed(tc, tw, f32_form(quantized.unquantized()))?,
         Role::TimestepEmbed,
         None,
     )?;
     w.write(
-        transformer::patch_embed(tc, tw, store)?,
+        transformer::patch_embed(tc, tw, plain)?,
         Role::PatchEmbed,
         None,
     )?;
-    let (null_graph, null_tokens) = transformer::null_image(tc, tw, store)?;
+    let (null_graph, null_tokens) = transformer::null_image(tc, tw, plain)?;
     w.write(null_graph, Role::NullImage, None)?;
     // Every block but the last, K per file at most; the last twice, each copy computing one
     // stream.
@@ -299,7 +312,7 @@ fn write_segments(ck: &Checkpoint, opts: &ExportOptions) -> Result<(Vec<SegmentS
         name: "num_layers".into(),
         message: "the transformer has no joint blocks".into(),
     })?;
-    let blocks = |r, keep| transformer::joint_blocks(tc, tw, (quantized, target), r, keep);
+    let blocks = |r, keep| transformer::joint_blocks(tc, tw, form(quantized), r, keep);
     w.write_layers(last, opts.blocks_per_segment, Role::JointBlocks, |s, e| {
         blocks((s, e), Keep::Both)
     })?;
@@ -308,24 +321,41 @@ fn write_segments(ck: &Checkpoint, opts: &ExportOptions) -> Result<(Vec<SegmentS
         w.write(blocks((last, last + 1), keep)?, role, b)?;
     }
     w.write(
-        transformer::image_head(tc, tw, store)?,
+        transformer::image_head(tc, tw, plain)?,
         Role::ImageHead,
         None,
     )?;
-    let head = transformer::text_head(tc, tw, store, ck.vocab_size)?;
+    let head = transformer::text_head(tc, tw, plain, ck.vocab_size)?;
     w.write(head, Role::TextHead, None)?;
     let (vc, vw) = (&ck.vae, &ck.vae_weights);
-    w.write(
-        vae::encoder(vc, vw, (store, target))?,
-        Role::VaeEncoder,
-        None,
-    )?;
-    w.write(
-        vae::decoder(vc, vw, (store, target))?,
-        Role::VaeDecoder,
-        None,
-    )?;
+    w.write(vae::encoder(vc, vw, plain)?, Role::VaeEncoder, None)?;
+    w.write(vae::decoder(vc, vw, plain)?, Role::VaeDecoder, None)?;
     Ok((w.segments, null_tokens))
+}
+
+/// The combinations of options no package can be written for.
+fn check_options(opts: &ExportOptions) -> Result<()> {
+    let int8 = opts.dtype == StoreDtype::Int8;
+    if opts.target == Target::TensorRt && int8 {
+        return Err(ExportError::Argument {
+            name: "target".into(),
+            message: "int8 weights use ONNX Runtime's CPU contrib operators (com.microsoft), \
+                      which TensorRT cannot parse: export f32 or f16 weights for --target \
+                      tensorrt"
+                .into(),
+        });
+    }
+    if opts.precision != Precision::Fp32 && int8 {
+        return Err(ExportError::Argument {
+            name: "precision".into(),
+            message: format!(
+                "int8 weights compute in f32 (MatMulIntegerToFloat): --weights int8 needs \
+                 --precision fp32, not {}",
+                opts.precision
+            ),
+        });
+    }
+    Ok(())
 }
 
 /// Every model value the worker needs, from the checkpoint and the options.

@@ -12,8 +12,9 @@ pub mod result;
 
 pub use job::{CaptionParams, GenerateParams, Job, TaskParams, VqaParams};
 pub use manifest::{
-    Dim, FileEntry, Manifest, ModelInfo, ModelValues, Role, SchedulerValues, SegmentSpec,
-    TensorDtype, TensorSpec, TextLengths, TokenIds, VaeValues, MANIFEST_FORMAT_VERSION,
+    Dim, FileEntry, Manifest, ModelInfo, ModelValues, Precision, Role, SchedulerValues,
+    SegmentSpec, TensorDtype, TensorSpec, TextLengths, TokenIds, VaeValues,
+    MANIFEST_FORMAT_VERSION,
 };
 pub use package::{
     hex, package_hash, sha256_file, sha256_stream, verify_file, verify_package, PackageError,

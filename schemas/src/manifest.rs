@@ -37,7 +37,8 @@ pub struct ModelInfo {
     /// sha256 over the sorted `path sha256` lines of every file: the package's identity, used for
     /// results, S3 metadata and TensorRT cache keys.
     pub hash: String,
-    /// Storage dtype of the weights: `f32` or `f16` (computation is always declared in f32 I/O).
+    /// `--weights`: `f32`, `f16` (stored f16, computed in f32) or `int8`. What each segment
+    /// computes in is its [`SegmentSpec::precision`].
     pub weights_dtype: String,
     /// `ddit-export` version that wrote the package.
     pub exporter_version: String,
@@ -208,8 +209,48 @@ pub struct SegmentSpec {
     /// The `.onnx` file first, then its external-data file if any.
     pub files: Vec<FileEntry>,
     pub parameters: u64,
+    /// The element type the segment computes in; every floating-point input and output is of
+    /// this type ([`Precision::dtype`]). Absent in packages written before it existed: fp32.
+    #[serde(default)]
+    pub precision: Precision,
     pub inputs: Vec<TensorSpec>,
     pub outputs: Vec<TensorSpec>,
+}
+
+/// What a segment computes in. Half-precision segments keep the reductions that need it
+/// (normalisation statistics, softmax) in fp32 inside the graph; their I/O is half precision.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    #[default]
+    Fp32,
+    Fp16,
+    Bf16,
+}
+
+impl Precision {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Precision::Fp32 => "fp32",
+            Precision::Fp16 => "fp16",
+            Precision::Bf16 => "bf16",
+        }
+    }
+
+    /// The element type of the segment's floating-point inputs and outputs.
+    pub fn dtype(self) -> TensorDtype {
+        match self {
+            Precision::Fp32 => TensorDtype::F32,
+            Precision::Fp16 => TensorDtype::F16,
+            Precision::Bf16 => TensorDtype::Bf16,
+        }
+    }
+}
+
+impl std::fmt::Display for Precision {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 /// Name, element type and shape of one graph input or output.
@@ -226,7 +267,15 @@ pub struct TensorSpec {
 pub enum TensorDtype {
     F32,
     F16,
+    Bf16,
     I64,
+}
+
+impl TensorDtype {
+    /// f32, f16 or bf16.
+    pub fn is_float(self) -> bool {
+        self != TensorDtype::I64
+    }
 }
 
 /// A dimension: a fixed size or a symbolic name such as `batch`, `text_len`, `image_tokens`.

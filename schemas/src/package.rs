@@ -111,12 +111,21 @@ fn check_contract((i, seg): (usize, &SegmentSpec)) -> Result<(), String> {
         (Role::TextEncoder, 1..) => (&[TensorDtype::F32][..], &[TensorDtype::F32][..]),
         (role, _) => contract(role),
     };
+    // The contract's floats are of the segment's precision (f32 for fp32 segments).
+    let float = seg.precision.dtype();
+    let of_precision = |d: &[TensorDtype]| -> Vec<TensorDtype> {
+        d.iter()
+            .map(|&t| if t.is_float() { float } else { t })
+            .collect()
+    };
+    let (ins, outs) = (of_precision(ins), of_precision(outs));
     let got_in: Vec<TensorDtype> = seg.inputs.iter().map(|t| t.dtype).collect();
     let got_out: Vec<TensorDtype> = seg.outputs.iter().map(|t| t.dtype).collect();
     if got_in != ins || got_out != outs {
         return Err(format!(
-            "segment {} (role {}): inputs {got_in:?} / outputs {got_out:?}, expected {ins:?} / {outs:?}",
-            seg.name, seg.role
+            "segment {} (role {}, precision {}): inputs {got_in:?} / outputs {got_out:?}, \
+             expected {ins:?} / {outs:?}",
+            seg.name, seg.role, seg.precision
         ));
     }
     Ok(())

@@ -13,6 +13,7 @@ pub enum DType {
     I8 = 3,
     I64 = 7,
     F16 = 10,
+    BF16 = 16,
 }
 
 impl DType {
@@ -21,7 +22,23 @@ impl DType {
             DType::F32 => 4,
             DType::I8 => 1,
             DType::I64 => 8,
-            DType::F16 => 2,
+            DType::F16 | DType::BF16 => 2,
+        }
+    }
+
+    /// Little-endian bytes of `vals` in this floating-point type (rounded to nearest even);
+    /// f32 for any other type.
+    pub fn encode(self, vals: &[f32]) -> Vec<u8> {
+        match self {
+            DType::F16 => vals
+                .iter()
+                .flat_map(|v| half::f16::from_f32(*v).to_le_bytes())
+                .collect(),
+            DType::BF16 => vals
+                .iter()
+                .flat_map(|v| half::bf16::from_f32(*v).to_le_bytes())
+                .collect(),
+            _ => vals.iter().flat_map(|v| v.to_le_bytes()).collect(),
         }
     }
 }
@@ -96,6 +113,9 @@ pub struct Graph {
     pub outputs: Vec<Io>,
     /// The ONNX opset the model imports ([`super::write::OPSET`] unless a target asks otherwise).
     pub opset: u32,
+    /// The floating-point type the graph computes in (F32, F16 or BF16): its float I/O, weights
+    /// and the constants of [`Graph::scalar`] and [`Graph::const_float`].
+    pub float: DType,
     counter: usize,
     scope: Vec<String>,
 }
@@ -109,6 +129,7 @@ impl Graph {
             inputs: Vec::new(),
             outputs: Vec::new(),
             opset: super::write::OPSET,
+            float: DType::F32,
             counter: 0,
             scope: Vec::new(),
         }
@@ -246,6 +267,28 @@ impl Graph {
         self.const_f32(&[v], vec![])
     }
 
+    /// A constant in the graph's float type ([`Graph::float`]).
+    pub fn const_float(&mut self, vals: &[f32], dims: Vec<i64>) -> Value {
+        let dtype = self.float;
+        let bytes = dtype.encode(vals);
+        self.initializer("const_f32", dims, dtype, WeightData::Bytes(bytes), false)
+    }
+
+    /// A scalar in the graph's float type.
+    pub fn scalar(&mut self, v: f32) -> Value {
+        self.const_float(&[v], vec![])
+    }
+
+    /// Whether the graph computes in half precision (f16 or bf16).
+    pub fn is_half(&self) -> bool {
+        self.float != DType::F32
+    }
+
+    /// `x` cast to `to`.
+    pub fn cast(&mut self, x: &str, to: DType) -> Value {
+        self.op("Cast", &[x], vec![("to", Attr::Int(to as i64))])
+    }
+
     pub fn param_count(&self) -> u64 {
         self.initializers
             .iter()
@@ -329,11 +372,11 @@ impl Graph {
     /// out with x³ as `Pow(x, 3)`: the form ONNX Runtime's FastGelu fusion rewrites into one op
     /// (every other execution provider runs it as written).
     pub fn gelu_tanh(&mut self, x: &str) -> Value {
-        let c = self.scalar_f32((2.0f64 / std::f64::consts::PI).sqrt() as f32);
-        let k = self.scalar_f32(0.044715);
-        let half = self.scalar_f32(0.5);
-        let one = self.scalar_f32(1.0);
-        let three = self.scalar_f32(3.0);
+        let c = self.scalar((2.0f64 / std::f64::consts::PI).sqrt() as f32);
+        let k = self.scalar(0.044715);
+        let half = self.scalar(0.5);
+        let one = self.scalar(1.0);
+        let three = self.scalar(3.0);
         let x3 = self.op("Pow", &[x, &three], vec![]);
         let kx3 = self.mul(&k, &x3);
         let inner = self.add(x, &kx3);
@@ -345,9 +388,9 @@ impl Graph {
     }
     /// GELU with erf: 0.5·x·(1 + erf(x/√2)).
     pub fn gelu_erf(&mut self, x: &str) -> Value {
-        let inv = self.scalar_f32(std::f32::consts::FRAC_1_SQRT_2);
-        let half = self.scalar_f32(0.5);
-        let one = self.scalar_f32(1.0);
+        let inv = self.scalar(std::f32::consts::FRAC_1_SQRT_2);
+        let half = self.scalar(0.5);
+        let one = self.scalar(1.0);
         let xs = self.mul(x, &inv);
         let e = self.op("Erf", &[&xs], vec![]);
         let onep = self.add(&one, &e);

@@ -7,7 +7,7 @@ pub mod vae;
 
 use std::collections::HashMap;
 
-use half::f16;
+use ddit_schemas::Precision;
 
 use crate::checkpoint::{TensorRef, WeightStore};
 use crate::error::Result;
@@ -74,6 +74,38 @@ impl Target {
     }
 }
 
+/// How one segment is written: where its weights' storage, what it computes in, and for which
+/// provider's parser.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Form {
+    pub store: StoreDtype,
+    pub target: Target,
+    /// A half-precision segment keeps its weights in that type (no `Cast`; `store` then only
+    /// matters for int8, which the exporter refuses with half precision), declares its float
+    /// I/O in it, and computes normalisation statistics and softmax in f32.
+    pub precision: Precision,
+}
+
+impl Form {
+    /// fp32 on ONNX Runtime's CPU provider.
+    pub fn f32(store: StoreDtype) -> Self {
+        Self {
+            store,
+            target: Target::Cpu,
+            precision: Precision::Fp32,
+        }
+    }
+
+    /// The graph element type of `precision`.
+    pub fn float(&self) -> DType {
+        match self.precision {
+            Precision::Fp32 => DType::F32,
+            Precision::Fp16 => DType::F16,
+            Precision::Bf16 => DType::BF16,
+        }
+    }
+}
+
 /// A graph being built from one checkpoint component.
 pub struct Ctx<'a> {
     pub g: Graph,
@@ -97,16 +129,6 @@ struct Quantized {
     scale: Value,
     /// The uint8 scalar 128.
     zero: Value,
-}
-
-fn encode(vals: &[f32], store: StoreDtype) -> Vec<u8> {
-    match store {
-        StoreDtype::F32 | StoreDtype::Int8 => vals.iter().flat_map(|v| v.to_le_bytes()).collect(),
-        StoreDtype::F16 => vals
-            .iter()
-            .flat_map(|v| f16::from_f32(*v).to_le_bytes())
-            .collect(),
-    }
 }
 
 fn transpose2(vals: &[f32], rows: usize, cols: usize) -> Vec<f32> {
@@ -149,25 +171,25 @@ pub fn quantize_int8(w: &[f32], out: usize, inp: usize) -> (Vec<i8>, Vec<f32>) {
 }
 
 impl<'a> Ctx<'a> {
-    pub fn new(name: &str, w: &'a WeightStore, store: StoreDtype) -> Self {
+    pub fn new(name: &str, w: &'a WeightStore, form: Form) -> Self {
+        let mut g = Graph::new(name);
+        g.float = form.float();
         Self {
-            g: Graph::new(name),
+            g,
             w,
-            store,
-            target: Target::Cpu,
+            store: form.store,
+            target: form.target,
             quantized: HashMap::new(),
         }
     }
 
-    /// The same, with attention written for `target` (the package writer sets the opset).
-    pub fn for_target(name: &str, w: &'a WeightStore, store: StoreDtype, target: Target) -> Self {
-        let mut c = Self::new(name, w, store);
-        c.target = target;
-        c
-    }
-
+    /// A checkpoint tensor as an initializer of the graph's float type, or, in an f32 graph,
+    /// stored per `--weights` (f16 storage cast back to f32 at load).
     fn lazy(&mut self, t: TensorRef, dims: Vec<i64>, transpose: Option<(usize, usize)>) -> Value {
-        let store = self.store;
+        let dtype = match (self.g.float, self.store) {
+            (DType::F32, StoreDtype::F16) => DType::F16,
+            (float, _) => float,
+        };
         let hint = t.key.clone();
         let data = WeightData::Lazy(Box::new(move || {
             let v = t.to_f32()?;
@@ -175,19 +197,13 @@ impl<'a> Ctx<'a> {
                 Some((r, c)) => transpose2(&v, r, c),
                 None => v,
             };
-            Ok(encode(&v, store))
+            Ok(dtype.encode(&v))
         }));
-        let dtype = match store {
-            StoreDtype::F32 | StoreDtype::Int8 => DType::F32,
-            StoreDtype::F16 => DType::F16,
-        };
         let name = self.g.initializer(&hint, dims, dtype, data, true);
-        match store {
-            StoreDtype::F32 | StoreDtype::Int8 => name,
-            StoreDtype::F16 => {
-                self.g
-                    .op("Cast", &[&name], vec![("to", Attr::Int(DType::F32 as i64))])
-            }
+        if dtype == self.g.float {
+            name
+        } else {
+            self.g.cast(&name, self.g.float)
         }
     }
 
@@ -301,15 +317,17 @@ impl<'a> Ctx<'a> {
         a
     }
 
-    /// LayerNorm over the last axis without affine parameters.
+    /// LayerNorm over the last axis without affine parameters. In a half-precision graph the
+    /// mean and variance are f32 (`stash_type` 1, also ONNX's default, written out so that no
+    /// reader has to know it).
     pub fn layer_norm(&mut self, x: &str, dim: usize, eps: f32) -> Value {
-        let ones = self.g.const_f32(&vec![1.0; dim], vec![dim as i64]);
-        let zeros = self.g.const_f32(&vec![0.0; dim], vec![dim as i64]);
-        self.g.op(
-            "LayerNormalization",
-            &[x, &ones, &zeros],
-            vec![("axis", Attr::Int(-1)), ("epsilon", Attr::Float(eps))],
-        )
+        let ones = self.g.const_float(&vec![1.0; dim], vec![dim as i64]);
+        let zeros = self.g.const_float(&vec![0.0; dim], vec![dim as i64]);
+        let mut attrs = vec![("axis", Attr::Int(-1)), ("epsilon", Attr::Float(eps))];
+        if self.g.is_half() {
+            attrs.push(("stash_type", Attr::Int(DType::F32 as i64)));
+        }
+        self.g.op("LayerNormalization", &[x, &ones, &zeros], attrs)
     }
 
     /// torch `GroupNorm(groups, channels, eps)` on `[B, C, H, W]`, affine from `prefix`: one
@@ -325,14 +343,22 @@ impl<'a> Ctx<'a> {
     ) -> Result<Value> {
         let g = &mut self.g;
         let orig = g.shape(x);
-        let grouped = g.reshape(x, &[0, groups as i64, -1]);
+        let mut grouped = g.reshape(x, &[0, groups as i64, -1]);
+        // Half precision: the statistics over C/groups·H·W values in f32, the affine in half.
+        let half = g.is_half().then_some(g.float);
+        if half.is_some() {
+            grouped = g.cast(&grouped, DType::F32);
+        }
         let ones = g.const_f32(&vec![1.0; groups], vec![groups as i64]);
         let zeros = g.const_f32(&vec![0.0; groups], vec![groups as i64]);
-        let normed = g.op(
+        let mut normed = g.op(
             "InstanceNormalization",
             &[&grouped, &ones, &zeros],
             vec![("epsilon", Attr::Float(eps))],
         );
+        if let Some(float) = half {
+            normed = g.cast(&normed, float);
+        }
         let back = g.reshape_to(&normed, &orig);
         let c = channels as i64;
         let gamma = self.param_as(&format!("{prefix}.weight"), &[channels], &[c, 1, 1])?;
@@ -385,19 +411,20 @@ impl<'a> Ctx<'a> {
         let mut inputs = vec![q, k, v];
         inputs.extend(bias);
         let heads = Attr::Int(heads as i64);
-        self.g.op(
-            "Attention",
-            &inputs,
-            vec![
-                ("q_num_heads", heads.clone()),
-                ("kv_num_heads", heads),
-                ("scale", Attr::Float(scale.unwrap_or(1.0))),
-            ],
-        )
+        let mut attrs = vec![
+            ("q_num_heads", heads.clone()),
+            ("kv_num_heads", heads),
+            ("scale", Attr::Float(scale.unwrap_or(1.0))),
+        ];
+        if self.g.is_half() {
+            // The softmax in f32 (the scores' exponentials and their sum).
+            attrs.push(("softmax_precision", Attr::Int(DType::F32 as i64)));
+        }
+        self.g.op("Attention", &inputs, attrs)
     }
 
     /// [`Ctx::attention`] in operators every TensorRT parser accepts: heads split off by
-    /// Reshape/Transpose, `softmax(scale · Q·Kᵀ + bias)·V` in f32, heads merged back.
+    /// Reshape/Transpose, `softmax(scale · Q·Kᵀ + bias)·V` (the softmax in f32), heads merged back.
     fn attention_unfused(
         &mut self,
         q: &str,
@@ -418,13 +445,21 @@ impl<'a> Ctx<'a> {
         let v4 = split(g, v, &[0, 2, 1, 3]);
         let mut s = g.matmul(&q4, &kt);
         if let Some(scale) = scale.filter(|s| *s != 1.0) {
-            let c = g.scalar_f32(scale);
+            let c = g.scalar(scale);
             s = g.mul(&s, &c);
         }
         if let Some(b) = bias {
             s = g.add(&s, b);
         }
-        let p = g.softmax(&s, -1);
+        // Half precision: the softmax in f32, its probabilities back in half for the MatMul.
+        let p = match g.is_half().then_some(g.float) {
+            Some(float) => {
+                let s32 = g.cast(&s, DType::F32);
+                let p = g.softmax(&s32, -1);
+                g.cast(&p, float)
+            }
+            None => g.softmax(&s, -1),
+        };
         let o = g.matmul(&p, &v4);
         let o = g.transpose(&o, &[0, 2, 1, 3]);
         g.reshape(&o, &[0, 0, -1])

@@ -7,7 +7,7 @@ use crate::checkpoint::{T5Act, T5Config, WeightStore};
 use crate::error::Result;
 use crate::onnx::{DType, Dim, Graph, Value, WeightData};
 
-use super::{Ctx, StoreDtype, Target};
+use super::{Ctx, Form};
 
 /// The bucket of every relative position `k - q` in `[-max_distance, max_distance]` (bidirectional),
 /// computed in f32 exactly as transformers' `T5Attention._relative_position_bucket`. Positions
@@ -36,7 +36,7 @@ pub fn bucket_table(num_buckets: usize, max_distance: usize) -> Vec<i64> {
 fn rms_norm(c: &mut Ctx<'_>, x: &str, key: &str, d: usize, eps: f32) -> Result<Value> {
     let w = c.param(key, &[d])?;
     let g = &mut c.g;
-    let two = g.scalar_f32(2.0);
+    let two = g.scalar(2.0);
     let sq = g.op("Pow", &[x, &two], vec![]);
     let axes = g.const_i64(&[-1]);
     let var = g.op(
@@ -44,7 +44,7 @@ fn rms_norm(c: &mut Ctx<'_>, x: &str, key: &str, d: usize, eps: f32) -> Result<V
         &[&sq, &axes],
         vec![("keepdims", crate::onnx::Attr::Int(1))],
     );
-    let e = g.scalar_f32(eps);
+    let e = g.scalar(eps);
     let ve = g.add(&var, &e);
     let r = g.op("Sqrt", &[&ve], vec![]);
     let n = g.div(x, &r);
@@ -60,7 +60,7 @@ fn rms_norm(c: &mut Ctx<'_>, x: &str, key: &str, d: usize, eps: f32) -> Result<V
 pub fn encoder(
     cfg: &T5Config,
     w: &WeightStore,
-    (store, target): (StoreDtype, Target),
+    form: Form,
     (start, end): (usize, usize),
 ) -> Result<Graph> {
     let d = cfg.d_model;
@@ -69,7 +69,7 @@ pub fn encoder(
     } else {
         format!("text_encoder_{start}_{end}")
     };
-    let mut c = Ctx::for_target(&name, w, store, target);
+    let mut c = Ctx::new(&name, w, form);
     let text_dims = vec![
         Dim::Sym("batch"),
         Dim::Sym("text_len"),
@@ -93,7 +93,7 @@ pub fn encoder(
             vec![("axis", crate::onnx::Attr::Int(0))],
         )
     } else {
-        c.g.input("hidden_states_in", DType::F32, text_dims.clone())
+        c.g.input("hidden_states_in", c.g.float, text_dims.clone())
     };
     let bias = position_bias(&mut c, cfg, &x)?;
     for i in start..end {
@@ -104,7 +104,7 @@ pub fn encoder(
     } else {
         x
     };
-    c.g.output(&out, "hidden_states", DType::F32, text_dims);
+    c.g.output(&out, "hidden_states", c.g.float, text_dims);
     Ok(c.g)
 }
 

@@ -3,9 +3,9 @@
 
 use crate::checkpoint::{TransformerConfig, WeightStore};
 use crate::error::Result;
-use crate::onnx::{Attr, DType, Dim, Graph, Value};
+use crate::onnx::{Attr, Dim, Graph, Value};
 
-use super::{Ctx, StoreDtype, Target};
+use super::{Ctx, Form};
 
 const LN_EPS: f32 = 1e-6;
 /// Channels of the sinusoidal timestep projection.
@@ -26,16 +26,12 @@ pub fn timestep_freqs() -> Vec<f32> {
 }
 
 /// `timestep [batch] -> temb [batch, D]`: sinusoid (cos first) -> Linear -> SiLU -> Linear.
-pub fn timestep_embed(
-    cfg: &TransformerConfig,
-    w: &WeightStore,
-    store: StoreDtype,
-) -> Result<Graph> {
+pub fn timestep_embed(cfg: &TransformerConfig, w: &WeightStore, form: Form) -> Result<Graph> {
     let d = cfg.hidden;
-    let mut c = Ctx::new("timestep_embed", w, store);
-    let t = c.g.input("timestep", DType::F32, vec![Dim::Sym("batch")]);
+    let mut c = Ctx::new("timestep_embed", w, form);
+    let t = c.g.input("timestep", c.g.float, vec![Dim::Sym("batch")]);
     let freqs = timestep_freqs();
-    let f = c.g.const_f32(&freqs, vec![1, freqs.len() as i64]);
+    let f = c.g.const_float(&freqs, vec![1, freqs.len() as i64]);
     let t2 = c.g.unsqueeze(&t, &[1]);
     let arg = c.g.mul(&t2, &f);
     let cos = c.g.op("Cos", &[&arg], vec![]);
@@ -48,7 +44,7 @@ pub fn timestep_embed(
     c.g.output(
         &out,
         "temb",
-        DType::F32,
+        c.g.float,
         vec![Dim::Sym("batch"), Dim::Fixed(d as i64)],
     );
     Ok(c.g)
@@ -56,17 +52,17 @@ pub fn timestep_embed(
 
 /// `latents [batch, C, h, w] -> image tokens [batch, (h/p)(w/p), D]` with the centre-cropped
 /// sin-cos position table.
-pub fn patch_embed(cfg: &TransformerConfig, w: &WeightStore, store: StoreDtype) -> Result<Graph> {
+pub fn patch_embed(cfg: &TransformerConfig, w: &WeightStore, form: Form) -> Result<Graph> {
     let (d, p, ch, m) = (
         cfg.hidden,
         cfg.patch_size,
         cfg.in_channels,
         cfg.pos_embed_max_size,
     );
-    let mut c = Ctx::new("patch_embed", w, store);
+    let mut c = Ctx::new("patch_embed", w, form);
     let x = c.g.input(
         "latents",
-        DType::F32,
+        c.g.float,
         vec![
             Dim::Sym("batch"),
             Dim::Fixed(ch as i64),
@@ -97,23 +93,19 @@ pub fn patch_embed(cfg: &TransformerConfig, w: &WeightStore, store: StoreDtype) 
     g.output(
         &out,
         "image_tokens",
-        DType::F32,
+        g.float,
         hidden_dims(Dim::Fixed(d as i64)),
     );
     Ok(c.g)
 }
 
 /// `T5 hidden [batch, text_len, J] -> text stream [batch, text_len, D]`.
-pub fn context_embedder(
-    cfg: &TransformerConfig,
-    w: &WeightStore,
-    store: StoreDtype,
-) -> Result<Graph> {
+pub fn context_embedder(cfg: &TransformerConfig, w: &WeightStore, form: Form) -> Result<Graph> {
     let (d, j) = (cfg.hidden, cfg.joint_attention_dim);
-    let mut c = Ctx::new("context_embedder", w, store);
+    let mut c = Ctx::new("context_embedder", w, form);
     let x = c.g.input(
         "hidden_states",
-        DType::F32,
+        c.g.float,
         vec![
             Dim::Sym("batch"),
             Dim::Sym("text_len"),
@@ -124,7 +116,7 @@ pub fn context_embedder(
     c.g.output(
         &y,
         "context",
-        DType::F32,
+        c.g.float,
         vec![
             Dim::Sym("batch"),
             Dim::Sym("text_len"),
@@ -135,20 +127,16 @@ pub fn context_embedder(
 }
 
 /// `temb [batch, D] -> null_image_embd repeated [batch, 8, D]`.
-pub fn null_image(
-    cfg: &TransformerConfig,
-    w: &WeightStore,
-    store: StoreDtype,
-) -> Result<(Graph, usize)> {
+pub fn null_image(cfg: &TransformerConfig, w: &WeightStore, form: Form) -> Result<(Graph, usize)> {
     let d = cfg.hidden;
     let tokens = w
         .shape_of("null_image_embd")
         .map(|s| if s.len() == 3 { s[1] } else { 8 })
         .unwrap_or(8);
-    let mut c = Ctx::new("null_image", w, store);
+    let mut c = Ctx::new("null_image", w, form);
     let t = c.g.input(
         "temb",
-        DType::F32,
+        c.g.float,
         vec![Dim::Sym("batch"), Dim::Fixed(d as i64)],
     );
     let e = c.param("null_image_embd", &[1, tokens, d])?;
@@ -160,7 +148,7 @@ pub fn null_image(
     g.output(
         &out,
         "image_tokens",
-        DType::F32,
+        g.float,
         vec![
             Dim::Sym("batch"),
             Dim::Fixed(tokens as i64),
@@ -186,7 +174,7 @@ fn modulation(
 /// `LN(x)·(1+scale)+shift`.
 fn modulate(c: &mut Ctx<'_>, x: &str, d: usize, shift: &str, scale: &str) -> Value {
     let n = c.layer_norm(x, d, LN_EPS);
-    let one = c.g.scalar_f32(1.0);
+    let one = c.g.scalar(1.0);
     let s1 = c.g.add(&one, scale);
     let y = c.g.mul(&n, &s1);
     c.g.add(&y, shift)
@@ -280,7 +268,7 @@ fn joint_block(
 pub fn joint_blocks(
     cfg: &TransformerConfig,
     w: &WeightStore,
-    (store, target): (StoreDtype, Target),
+    form: Form,
     (start, end): (usize, usize),
     keep: Keep,
 ) -> Result<Graph> {
@@ -290,13 +278,13 @@ pub fn joint_blocks(
         Keep::Image => format!("image_tail_{start}_{end}"),
         Keep::Text => format!("text_tail_{start}_{end}"),
     };
-    let mut c = Ctx::for_target(&name, w, store, target);
+    let mut c = Ctx::new(&name, w, form);
     let x =
-        c.g.input("image_tokens", DType::F32, hidden_dims(Dim::Fixed(d)));
+        c.g.input("image_tokens", c.g.float, hidden_dims(Dim::Fixed(d)));
     let text_dims = vec![Dim::Sym("batch"), Dim::Sym("text_len"), Dim::Fixed(d)];
-    let y = c.g.input("text_tokens", DType::F32, text_dims.clone());
+    let y = c.g.input("text_tokens", c.g.float, text_dims.clone());
     let t =
-        c.g.input("temb", DType::F32, vec![Dim::Sym("batch"), Dim::Fixed(d)]);
+        c.g.input("temb", c.g.float, vec![Dim::Sym("batch"), Dim::Fixed(d)]);
     let st = c.g.silu(&t);
     let mut streams = (Some(x), Some(y));
     for i in start..end {
@@ -314,12 +302,12 @@ pub fn joint_blocks(
         c.g.output(
             &x,
             "image_tokens_out",
-            DType::F32,
+            c.g.float,
             hidden_dims(Dim::Fixed(d)),
         );
     }
     if let Some(y) = y {
-        c.g.output(&y, "text_tokens_out", DType::F32, text_dims);
+        c.g.output(&y, "text_tokens_out", c.g.float, text_dims);
     }
     Ok(c.g)
 }
@@ -327,22 +315,19 @@ pub fn joint_blocks(
 /// `(image tokens, temb, latents) -> velocity [batch, C, h·p, w·p]`: AdaLN (scale, shift),
 /// Linear, unpatchify `nhwpqc -> nchpwq`. Only the latents' shape is read (the grid of
 /// patches), so every input is an ordinary tensor with dynamic dimensions (no shape values).
-pub fn image_head(cfg: &TransformerConfig, w: &WeightStore, store: StoreDtype) -> Result<Graph> {
+pub fn image_head(cfg: &TransformerConfig, w: &WeightStore, form: Form) -> Result<Graph> {
     let (d, p, co, ci) = (
         cfg.hidden,
         cfg.patch_size,
         cfg.out_channels,
         cfg.in_channels,
     );
-    let mut c = Ctx::new("image_head", w, store);
-    let x = c.g.input(
-        "image_tokens",
-        DType::F32,
-        hidden_dims(Dim::Fixed(d as i64)),
-    );
+    let mut c = Ctx::new("image_head", w, form);
+    let x =
+        c.g.input("image_tokens", c.g.float, hidden_dims(Dim::Fixed(d as i64)));
     let t = c.g.input(
         "temb",
-        DType::F32,
+        c.g.float,
         vec![Dim::Sym("batch"), Dim::Fixed(d as i64)],
     );
     let latent_dims = |ch: usize| {
@@ -353,7 +338,7 @@ pub fn image_head(cfg: &TransformerConfig, w: &WeightStore, store: StoreDtype) -
             Dim::Sym("latent_width"),
         ]
     };
-    let latents = c.g.input("latents", DType::F32, latent_dims(ci));
+    let latents = c.g.input("latents", c.g.float, latent_dims(ci));
     let st = c.g.silu(&t);
     let m = modulation(&mut c, &st, "image_norm_out.linear", d, 2)?;
     // AdaLayerNormContinuous chunks are (scale, shift).
@@ -371,7 +356,7 @@ pub fn image_head(cfg: &TransformerConfig, w: &WeightStore, store: StoreDtype) -
     let cc = g.const_i64(&[co as i64]);
     let s4 = g.concat(&[&b, &cc, &hw], 0);
     let out = g.reshape_to(&img, &s4);
-    g.output(&out, "velocity", DType::F32, latent_dims(co));
+    g.output(&out, "velocity", g.float, latent_dims(co));
     Ok(c.g)
 }
 
@@ -379,14 +364,14 @@ pub fn image_head(cfg: &TransformerConfig, w: &WeightStore, store: StoreDtype) -
 pub fn text_head(
     cfg: &TransformerConfig,
     w: &WeightStore,
-    store: StoreDtype,
+    form: Form,
     vocab: usize,
 ) -> Result<Graph> {
     let d = cfg.hidden;
-    let mut c = Ctx::new("text_head", w, store);
+    let mut c = Ctx::new("text_head", w, form);
     let y = c.g.input(
         "text_tokens",
-        DType::F32,
+        c.g.float,
         vec![
             Dim::Sym("batch"),
             Dim::Sym("text_len"),
@@ -398,7 +383,7 @@ pub fn text_head(
     c.g.output(
         &l,
         "logits",
-        DType::F32,
+        c.g.float,
         vec![
             Dim::Sym("batch"),
             Dim::Sym("text_len"),

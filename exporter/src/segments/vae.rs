@@ -2,9 +2,9 @@
 
 use crate::checkpoint::{VaeConfig, WeightStore};
 use crate::error::Result;
-use crate::onnx::{Attr, DType, Dim, Graph, Value};
+use crate::onnx::{Attr, Dim, Graph, Value};
 
-use super::{Ctx, StoreDtype, Target};
+use super::{Ctx, Form};
 
 const EPS: f32 = 1e-6;
 
@@ -65,16 +65,12 @@ fn image_dims(ch: usize, h: &'static str, w: &'static str) -> Vec<Dim> {
 }
 
 /// `image [batch, 3, height, width] in [-1, 1] -> (latent_mean, latent_logvar)`.
-pub fn encoder(
-    cfg: &VaeConfig,
-    w: &WeightStore,
-    (store, target): (StoreDtype, Target),
-) -> Result<Graph> {
-    let mut c = Ctx::for_target("vae_encoder", w, store, target);
+pub fn encoder(cfg: &VaeConfig, w: &WeightStore, form: Form) -> Result<Graph> {
+    let mut c = Ctx::new("vae_encoder", w, form);
     let chans = &cfg.block_out_channels;
     let x = c.g.input(
         "image",
-        DType::F32,
+        c.g.float,
         image_dims(cfg.in_channels, "height", "width"),
     );
     let mut h = c.conv(&x, "encoder.conv_in", (cfg.in_channels, chans[0]), 3, 1, 1)?;
@@ -120,36 +116,32 @@ pub fn encoder(
         h = c.conv(&h, "quant_conv", (2 * lc, 2 * lc), 1, 1, 0)?;
     }
     let parts = c.g.split_equal(&h, 1, 2);
-    let lo = c.g.scalar_f32(-30.0);
-    let hi = c.g.scalar_f32(20.0);
+    let lo = c.g.scalar(-30.0);
+    let hi = c.g.scalar(20.0);
     let logvar = c.g.op("Clip", &[&parts[1], &lo, &hi], vec![]);
     c.g.output(
         &parts[0],
         "latent_mean",
-        DType::F32,
+        c.g.float,
         image_dims(lc, "latent_height", "latent_width"),
     );
     c.g.output(
         &logvar,
         "latent_logvar",
-        DType::F32,
+        c.g.float,
         image_dims(lc, "latent_height", "latent_width"),
     );
     Ok(c.g)
 }
 
 /// `latent [batch, C, h, w]` (VAE space: `z/scale + shift` already applied) -> image in [-1, 1].
-pub fn decoder(
-    cfg: &VaeConfig,
-    w: &WeightStore,
-    (store, target): (StoreDtype, Target),
-) -> Result<Graph> {
-    let mut c = Ctx::for_target("vae_decoder", w, store, target);
+pub fn decoder(cfg: &VaeConfig, w: &WeightStore, form: Form) -> Result<Graph> {
+    let mut c = Ctx::new("vae_decoder", w, form);
     let lc = cfg.latent_channels;
     let rev: Vec<usize> = cfg.block_out_channels.iter().rev().copied().collect();
     let z = c.g.input(
         "latent",
-        DType::F32,
+        c.g.float,
         image_dims(lc, "latent_height", "latent_width"),
     );
     let mut h = z.clone();
@@ -204,7 +196,7 @@ pub fn decoder(
     c.g.output(
         &h,
         "image",
-        DType::F32,
+        c.g.float,
         image_dims(cfg.out_channels, "height", "width"),
     );
     Ok(c.g)

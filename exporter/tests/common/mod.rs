@@ -1,12 +1,15 @@
 //! Shared helpers for the exporter's tests: fixtures, ONNX Runtime, comparisons.
 #![allow(dead_code, clippy::unwrap_used)]
 
+pub mod parity;
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
 use ddit_export::{convert, ExportOptions};
-use ddit_schemas::{Manifest, SegmentSpec};
+use ddit_schemas::{Manifest, SegmentSpec, TensorDtype};
+use half::{bf16, f16};
 use ort::session::Session;
 use ort::value::Tensor;
 
@@ -134,6 +137,8 @@ pub fn export(
 }
 
 /// Runs one segment on named inputs; returns its outputs in manifest order as (shape, data).
+/// f32 inputs are rounded to the element type the manifest declares (f16, bf16: to nearest,
+/// ties to even, as PyTorch's `.to()`), and half-precision outputs widened to f32.
 pub fn run(
     pkg: &Path,
     seg: &SegmentSpec,
@@ -151,11 +156,11 @@ pub fn run(
     )> = inputs
         .into_iter()
         .map(|(name, g)| {
-            let v: ort::session::SessionInputValue<'_> = match g {
-                Gold::F32(s, d) => Tensor::from_array((s, d)).unwrap().into(),
-                Gold::I64(s, d) => Tensor::from_array((s, d)).unwrap().into(),
-            };
-            (std::borrow::Cow::Owned(name.to_string()), v)
+            let spec = seg.inputs.iter().find(|s| s.name == name).unwrap();
+            (
+                std::borrow::Cow::Owned(name.to_string()),
+                feed(g, spec.dtype),
+            )
         })
         .collect();
     let out = session
@@ -163,11 +168,43 @@ pub fn run(
         .unwrap_or_else(|e| panic!("run {}: {e}", seg.name));
     seg.outputs
         .iter()
-        .map(|o| {
-            let (shape, data) = out[o.name.as_str()].try_extract_tensor::<f32>().unwrap();
-            (shape.iter().map(|&d| d as usize).collect(), data.to_vec())
-        })
+        .map(|o| read(&out[o.name.as_str()], o.dtype))
         .collect()
+}
+
+/// A golden input as a tensor of `dtype`.
+fn feed(g: Gold, dtype: TensorDtype) -> ort::session::SessionInputValue<'static> {
+    match (g, dtype) {
+        (Gold::F32(s, d), TensorDtype::F16) => {
+            let d: Vec<f16> = d.iter().map(|&v| f16::from_f32(v)).collect();
+            Tensor::from_array((s, d)).unwrap().into()
+        }
+        (Gold::F32(s, d), TensorDtype::Bf16) => {
+            let d: Vec<bf16> = d.iter().map(|&v| bf16::from_f32(v)).collect();
+            Tensor::from_array((s, d)).unwrap().into()
+        }
+        (Gold::F32(s, d), _) => Tensor::from_array((s, d)).unwrap().into(),
+        (Gold::I64(s, d), _) => Tensor::from_array((s, d)).unwrap().into(),
+    }
+}
+
+/// An output of `dtype` as f32.
+fn read(v: &ort::value::DynValue, dtype: TensorDtype) -> (Vec<usize>, Vec<f32>) {
+    let (shape, data): (&[i64], Vec<f32>) = match dtype {
+        TensorDtype::F16 => {
+            let (s, d) = v.try_extract_tensor::<f16>().unwrap();
+            (&s[..], d.iter().map(|x| x.to_f32()).collect())
+        }
+        TensorDtype::Bf16 => {
+            let (s, d) = v.try_extract_tensor::<bf16>().unwrap();
+            (&s[..], d.iter().map(|x| x.to_f32()).collect())
+        }
+        _ => {
+            let (s, d) = v.try_extract_tensor::<f32>().unwrap();
+            (&s[..], d.to_vec())
+        }
+    };
+    (shape.iter().map(|&d| d as usize).collect(), data)
 }
 
 /// Max absolute error, after checking shapes agree. NaN when any element of either side is NaN

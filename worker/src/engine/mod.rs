@@ -3,6 +3,7 @@
 //! Sessions need `&mut self` to run, so an engine belongs to one inference thread; a worker with
 //! several inference threads holds several engines. Every method is batch-first.
 
+pub mod dtype;
 pub mod package;
 pub mod placement;
 pub mod profiles;
@@ -11,13 +12,14 @@ pub mod session;
 
 use ddit_schemas::{Manifest, Role};
 
+use dtype::to_host;
 pub use package::Package;
 pub use placement::Placement;
 pub use providers::{
     parse_bytes, parse_providers, ArenaExtend, ConvSearch, CudaOptions, EngineConfig, Provider,
     TensorRtOptions,
 };
-use session::{to_host, Bound, Input, Segment};
+use session::{Bound, Input, Segment};
 
 use crate::error::{Result, WorkerError};
 use crate::runner::Model;
@@ -260,7 +262,7 @@ impl Engine {
         let x = first(self.image_tail.run_bound(inputs, device)?, "image_tail")?;
         let inputs = vec![Bound::Device(&x), Bound::Device(&temb), host(latents)];
         let v = self.image_head.run_bound(inputs, device)?;
-        to_host(first(v, "image_head")?, "image_head")
+        to_host(&first(v, "image_head")?, "image_head")
     }
 
     /// Text stream -> logits `[B, L, V]`.

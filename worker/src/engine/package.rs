@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use ddit_schemas::{Manifest, SegmentSpec};
+use ddit_schemas::{Manifest, Precision, SegmentSpec};
 
 use super::providers::Provider;
 use crate::error::{Result, WorkerError};
@@ -31,17 +31,19 @@ impl Package {
     /// Refuses, from the manifest alone (before any provider library loads), a package that
     /// cannot run on the first of `providers`: int8 weights (`MatMulIntegerToFloat` or
     /// `DynamicQuantizeMatMul`, whose kernels only the CPU provider has) under a GPU provider,
-    /// where those nodes would silently run on the CPU (CUDA) or split the graph (TensorRT).
+    /// where those nodes would silently run on the CPU (CUDA) or split the graph (TensorRT); bf16
+    /// segments on the CPU provider, which has no bf16 kernels.
     pub fn check_providers(&self, providers: &[Provider]) -> Result<()> {
-        let Some(gpu) = providers.first().filter(|p| **p != Provider::Cpu) else {
-            return Ok(());
-        };
+        let first = providers.first().unwrap_or(&Provider::Cpu);
         let m = &self.manifest.model;
+        if *first == Provider::Cpu {
+            return self.check_cpu_precision();
+        }
         if m.weights_dtype != "int8" {
             return Ok(());
         }
         Err(WorkerError::Provider {
-            provider: gpu.name().into(),
+            provider: first.name().into(),
             message: format!(
                 "model package {} ({}) stores int8 weights: its integer matrix products \
                  (MatMulIntegerToFloat, DynamicQuantizeMatMul) have kernels only on the CPU \
@@ -49,7 +51,33 @@ impl Package {
                  GPU, or serve this one with `--providers cpu`",
                 self.dir.display(),
                 m.name,
-                gpu.name()
+                first.name()
+            ),
+        })
+    }
+
+    /// ONNX Runtime 1.31's CPU provider has bf16 kernels for `Cast` and little else (`Add`,
+    /// `Mul`, `Sigmoid`, `ReduceMax`, ... are not implemented): a bf16 segment would fail to
+    /// load with a missing-kernel error, so it is refused up front, naming the segment.
+    fn check_cpu_precision(&self) -> Result<()> {
+        let bf16 = self
+            .manifest
+            .segments
+            .iter()
+            .find(|s| s.precision == Precision::Bf16);
+        let Some(seg) = bf16 else {
+            return Ok(());
+        };
+        Err(WorkerError::Provider {
+            provider: Provider::Cpu.name().into(),
+            message: format!(
+                "model package {} ({}): segment {} computes in bf16, and ONNX Runtime's CPU \
+                 provider has no bf16 kernels (Add, Mul, MatMul, ...); serve it with \
+                 `--providers cuda` or `tensorrt`, or export it with `--precision fp16` or \
+                 `fp32` for the CPU",
+                self.dir.display(),
+                self.manifest.model.name,
+                seg.name
             ),
         })
     }

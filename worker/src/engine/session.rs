@@ -6,9 +6,11 @@ use std::sync::{Mutex, OnceLock};
 
 use ddit_schemas::{Manifest, SegmentSpec, TensorDtype};
 use ort::environment::{Environment, GlobalThreadPoolOptions};
-use ort::memory::{AllocationDevice, MemoryInfo};
+use ort::memory::MemoryInfo;
 use ort::session::{IoBinding, Session, SessionInputValue};
-use ort::value::{DynValue, Tensor as OrtTensor, TensorElementType, TensorRef, TensorValueType};
+use ort::value::{DynValue, Tensor as OrtTensor, TensorElementType, TensorRef};
+
+use super::dtype::{element, element_of, host_value, read_f32, to_host};
 
 use super::placement::{register_shared_allocator, Placement, RECORD_PLACEMENT};
 use super::profiles::trt_profile;
@@ -114,7 +116,9 @@ pub enum Input<'a> {
 pub struct Segment {
     pub name: String,
     session: Session,
-    inputs: Vec<String>,
+    /// Inputs and outputs in manifest order, each with the element type the manifest declares
+    /// (f32 tensors are converted to and from it in [`super::dtype`]).
+    inputs: Vec<(String, TensorDtype)>,
     outputs: Vec<String>,
     /// The I/O binding of [`Segment::run_bound`], made on first use.
     binding: Option<IoBinding>,
@@ -127,14 +131,6 @@ pub struct Segment {
 pub enum Bound<'a> {
     Host(Input<'a>),
     Device(&'a DynValue),
-}
-
-fn element(d: TensorDtype) -> TensorElementType {
-    match d {
-        TensorDtype::F32 => TensorElementType::Float32,
-        TensorDtype::F16 => TensorElementType::Float16,
-        TensorDtype::I64 => TensorElementType::Int64,
-    }
 }
 
 impl Segment {
@@ -220,7 +216,11 @@ impl Segment {
         Ok(Self {
             placement,
             name: spec.name.clone(),
-            inputs: spec.inputs.iter().map(|t| t.name.clone()).collect(),
+            inputs: spec
+                .inputs
+                .iter()
+                .map(|t| (t.name.clone(), t.dtype))
+                .collect(),
             outputs: spec.outputs.iter().map(|t| t.name.clone()).collect(),
             session,
             binding: None,
@@ -239,12 +239,16 @@ impl Segment {
         }
         let mut feeds: Vec<(Cow<'_, str>, SessionInputValue<'_>)> =
             Vec::with_capacity(inputs.len());
-        for (name, inp) in self.inputs.iter().zip(&inputs) {
+        for ((name, dtype), inp) in self.inputs.iter().zip(&inputs) {
             let v: SessionInputValue<'_> = match inp {
                 // Views over the caller's buffers: no copy of activations per step.
-                Input::F32(t) => TensorRef::from_array_view((t.shape.clone(), t.data.as_slice()))
-                    .map_err(|e| WorkerError::runtime(ctx(name), e))?
-                    .into(),
+                Input::F32(t) if *dtype == TensorDtype::F32 => {
+                    TensorRef::from_array_view((t.shape.clone(), t.data.as_slice()))
+                        .map_err(|e| WorkerError::runtime(ctx(name), e))?
+                        .into()
+                }
+                // A half-precision input: converted, so owned.
+                Input::F32(t) => host_value(t, *dtype, &ctx(name))?.into(),
                 Input::I64 { shape, data } => {
                     TensorRef::from_array_view((shape.clone(), data.as_slice()))
                         .map_err(|e| WorkerError::runtime(ctx(name), e))?
@@ -259,13 +263,7 @@ impl Segment {
             .map_err(|e| WorkerError::runtime(ctx("run"), e))?;
         let mut res = Vec::with_capacity(self.outputs.len());
         for name in &self.outputs {
-            let (shape, data) = out[name.as_str()]
-                .try_extract_tensor::<f32>()
-                .map_err(|e| WorkerError::runtime(ctx(name), e))?;
-            res.push(Tensor {
-                shape: shape.iter().map(|&d| d.max(0) as usize).collect(),
-                data: data.to_vec(),
-            });
+            res.push(read_f32(&out[name.as_str()], &ctx(name))?);
         }
         Ok(res)
     }
@@ -301,12 +299,21 @@ impl Segment {
         }
         // Host inputs as owned tensors: ort clones a borrowed view on binding, and that clone
         // deadlocks in ort 2.0.0-rc.15 (its identity session takes a lock it already holds).
-        for (name, inp) in self.inputs.iter().zip(&inputs) {
+        for ((name, dtype), inp) in self.inputs.iter().zip(&inputs) {
             let bound = match inp {
-                Bound::Device(v) => binding.bind_input(name.as_str(), *v),
+                Bound::Device(v) if element_of(v) == Some(element(*dtype)) => {
+                    binding.bind_input(name.as_str(), *v)
+                }
+                // Another segment's output of another precision (the fp32 timestep embedding
+                // into a half-precision block): through the host, converted.
+                Bound::Device(v) => {
+                    let t = to_host(v, &ctx(name))?;
+                    let v = host_value(&t, *dtype, &ctx(name))?;
+                    binding.bind_input(name.as_str(), &v)
+                }
                 Bound::Host(Input::F32(t)) => {
-                    OrtTensor::from_array((t.shape.clone(), t.data.clone()))
-                        .and_then(|v| binding.bind_input(name.as_str(), &v))
+                    let v = host_value(t, *dtype, &ctx(name))?;
+                    binding.bind_input(name.as_str(), &v)
                 }
                 Bound::Host(Input::I64 { shape, data }) => {
                     OrtTensor::from_array((shape.clone(), data.clone()))
@@ -327,21 +334,4 @@ impl Segment {
             })
             .collect()
     }
-}
-
-/// A device value read back to the host (copied off the device first when the host cannot read
-/// its memory).
-pub fn to_host(v: DynValue, what: &str) -> Result<Tensor> {
-    let ctx = |e| WorkerError::runtime(what.to_string(), e);
-    let t = v.downcast::<TensorValueType<f32>>().map_err(ctx)?;
-    let t = if t.memory_info().is_cpu_accessible() {
-        t
-    } else {
-        t.to(AllocationDevice::CPU, 0).map_err(ctx)?
-    };
-    let (shape, data) = t.extract_tensor();
-    Ok(Tensor {
-        shape: shape.iter().map(|&d| d.max(0) as usize).collect(),
-        data: data.to_vec(),
-    })
 }
