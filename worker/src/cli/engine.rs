@@ -298,7 +298,48 @@ impl EngineArgs {
 
 #[cfg(test)]
 mod tests {
-    use super::{Threads, Workload};
+    #![allow(clippy::unwrap_used)]
+    use clap::Parser;
+
+    use super::{EngineArgs, Threads, Workload};
+
+    #[derive(Parser)]
+    struct Cmd {
+        #[command(flatten)]
+        engine: EngineArgs,
+    }
+
+    fn args(flags: &[&str]) -> EngineArgs {
+        let argv = ["ddit-worker", "--model", "pkg"].iter().chain(flags);
+        Cmd::try_parse_from(argv).unwrap().engine
+    }
+
+    fn io_binding(flags: &[&str]) -> bool {
+        args(flags).config(8, 1).unwrap().io_binding
+    }
+
+    #[test]
+    fn io_binding_is_on_with_a_gpu_provider_unless_turned_off() {
+        assert!(!io_binding(&[]));
+        assert!(!io_binding(&["--providers", "cpu"]));
+        assert!(io_binding(&["--providers", "cuda,cpu"]));
+        assert!(io_binding(&["--providers", "tensorrt:1,cuda:1,cpu"]));
+        assert!(!io_binding(&[
+            "--providers",
+            "cuda",
+            "--io-binding",
+            "false"
+        ]));
+        assert!(io_binding(&["--providers", "cpu", "--io-binding", "true"]));
+    }
+
+    #[test]
+    fn tensorrt_decodes_one_image_a_pass() {
+        let decode = |flags: &[&str]| args(flags).runner(8).decode_batch;
+        assert_eq!(decode(&[]), 8);
+        assert_eq!(decode(&["--providers", "cuda,cpu"]), 8);
+        assert_eq!(decode(&["--providers", "tensorrt,cuda,cpu"]), 1);
+    }
 
     const GIB: u64 = 1 << 30;
 
