@@ -11,7 +11,7 @@
 # 3. on the tiny fixture (tests/fixtures/tiny-f32) and the medium checkpoint (.ddit/bench/medium, made
 #    by tools/bench/make_medium.py as scripts/bench.sh makes it; it needs the reference stack of
 #    tools/reference/requirements.txt in DDIT_BENCH_VENV, default /opt/ddit-venv, else .ddit/gpu/ref):
-#    for fp32 on CUDA and on TensorRT, and half precision (the exporter's `--precision f16` where it
+#    for fp32 on CUDA and on TensorRT, and half precision (the exporter's `--precision fp16` where it
 #    offers one; else TensorRT's own fp16 engines, `--trt-fp16`, and CUDA half precision skipped):
 #    - per-segment parity against the CPU (`ddit-worker parity`: the largest absolute difference of
 #      each segment on the same seeded inputs) and the placement (nodes per execution provider);
@@ -165,7 +165,7 @@ for model in ${DDIT_GPU_CHECK_MODELS:-tiny medium}; do
   check "$model-fp32-trt" "$model" fp32 tensorrt,cuda "$ptrt"
   if [ -n "$HAS_PRECISION" ]; then
     p16="$WORK/$model-f16"
-    export_pkg "$ck" "$p16" --precision f16 || { SKIPPED+=("$model f16: export failed"); continue; }
+    export_pkg "$ck" "$p16" --precision fp16 || { SKIPPED+=("$model f16: export failed"); continue; }
     check "$model-fp16-cuda" "$model" fp16 cuda "$p16"
     check "$model-fp16-trt" "$model" fp16 tensorrt,cuda "$p16" --trt-fp16
   else

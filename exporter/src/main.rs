@@ -31,9 +31,11 @@ enum Dtype {
 
 #[derive(Clone, Copy, ValueEnum)]
 enum PrecisionArg {
+    #[value(alias = "f32")]
     Fp32,
     /// The joint blocks, heads, embedders and VAE in fp16 (normalisation statistics and
     /// softmax in f32); T5 and the timestep embedding in fp32.
+    #[value(alias = "f16")]
     Fp16,
     /// The same in bf16 (ONNX Runtime's CPU provider cannot run it: a GPU provider's).
     Bf16,
