@@ -55,15 +55,20 @@ rabbit_up() {
   for _ in $(seq 1 60); do rabbitmqctl -q await_startup >/dev/null 2>&1 && break; sleep 1; done
 }
 
+# 10.0.2.2 is this host as a container sees it through slirp4netns (the container test).
+SAN='subjectAltName=DNS:localhost,IP:127.0.0.1,IP:10.0.2.2'
+TLS_RENEWED=0
 tls_certs() {
-  [[ -f "$TLS_DIR/server.pem" ]] && return 0
+  [[ -f "$TLS_DIR/server.pem" ]] && grep -qxF "$SAN" "$TLS_DIR/san.ext" 2>/dev/null && return 0
+  # Listeners started with an older certificate are restarted below.
+  TLS_RENEWED=1
   log "making a test CA and a localhost certificate in $TLS_DIR"
   mkdir -p "$TLS_DIR"
   openssl req -x509 -newkey rsa:2048 -nodes -days 3650 -subj "/CN=ddit test CA" \
     -keyout "$TLS_DIR/ca.key" -out "$TLS_DIR/ca.pem" 2>/dev/null
   openssl req -newkey rsa:2048 -nodes -subj "/CN=localhost" \
     -keyout "$TLS_DIR/server.key" -out "$TLS_DIR/server.csr" 2>/dev/null
-  printf 'subjectAltName=DNS:localhost,IP:127.0.0.1\n' > "$TLS_DIR/san.ext"
+  printf '%s\n' "$SAN" > "$TLS_DIR/san.ext"
   openssl x509 -req -in "$TLS_DIR/server.csr" -CA "$TLS_DIR/ca.pem" -CAkey "$TLS_DIR/ca.key" \
     -CAcreateserial -days 3650 -extfile "$TLS_DIR/san.ext" -out "$TLS_DIR/server.pem" 2>/dev/null
   # The broker runs as its own user; the key is a loopback test key.
@@ -74,7 +79,7 @@ tls_certs() {
 # RabbitMQ reads listeners at boot: the TLS listener is added to its config once, then the node is
 # restarted (its queues are durable).
 rabbit_tls_up() {
-  port_open 5671 && return 0
+  port_open 5671 && [[ $TLS_RENEWED = 0 ]] && return 0
   if ! grep -q "ddit-tls" "$RABBIT_CONF" 2>/dev/null; then
     mkdir -p "$(dirname "$RABBIT_CONF")"
     cat >> "$RABBIT_CONF" <<CONF
@@ -105,6 +110,10 @@ rabbit_start() {
 }
 
 redis_tls_up() {
+  if port_open 6390 && [[ $TLS_RENEWED = 1 ]]; then
+    pkill -f "^redis-server 127.0.0.1:6390" || true
+    for _ in $(seq 1 30); do port_open 6390 || break; sleep 1; done
+  fi
   port_open 6390 && return 0
   log "starting redis with TLS on 6390"
   mkdir -p /var/lib/redis-tls /var/log/redis
@@ -165,7 +174,7 @@ s3_up() {
   seaweed_install
   seaweed_conf
   # A server started before the https listener existed is restarted with it.
-  if port_open 3900 && ! port_open 3901; then s3_down; fi
+  if port_open 3900 && { ! port_open 3901 || [[ $TLS_RENEWED = 1 ]]; }; then s3_down; fi
   if ! port_open 3900; then
     log "starting seaweedfs"
     # Its internal ports (master 19333, volume 18080, filer 18888 and each +10000 for gRPC) stay

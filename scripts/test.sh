@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite, as CI runs it (.ci/run calls exactly this).
 # Installs what it needs (ONNX Runtime's library and the Python client example's packages from
-# PyPI, the deploy validators from PyPI/npm/Debian), then: deploy validation, fmt, clippy, tests.
+# PyPI, the deploy validators from PyPI/npm/Debian, podman from Debian), then: deploy validation,
+# fmt, clippy, tests, the container image and its test.
 # No test needs the PyTorch reference stack, a GPU or a network beyond the package registries.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -66,4 +67,10 @@ cargo build -p ddit-worker --features fault-injection
 cp target/debug/ddit-worker target/debug/ddit-worker-fault-injection
 cargo build --workspace --bins
 cargo test --workspace
+
+echo "== container image (podman, local Debian bases) and the container test"
+# Builds deploy/docker/Dockerfile.cpu, then runs it as deploy/k8s/base says: the fetch-model init
+# container, the worker and the gateway, jobs through the gateway, a SIGTERM drain.
+scripts/images.sh
+cargo test -p ddit-e2e --test container -- --ignored
 echo "== disk: target/ $(du -sh target | cut -f1), $(df -h --output=avail . | tail -1 | tr -d ' ') free"

