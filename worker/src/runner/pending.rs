@@ -98,11 +98,39 @@ impl Reads {
 
     /// Starts reading `uri` through `fetcher`; the id its bytes will come under.
     pub(super) fn start(&mut self, fetcher: &dyn InputFetcher, uri: &str) -> u64 {
-        let (id, tx) = (self.next, self.tx.clone());
+        let id = self.next;
         self.next += 1;
-        // A read whose job has gone (canceled, given back) reports to no one: ignored.
-        fetcher.fetch(uri, Box::new(move |bytes| drop(tx.send((id, bytes)))));
+        let reply = Reply {
+            id,
+            tx: Some(self.tx.clone()),
+        };
+        fetcher.fetch(uri, Box::new(move |bytes| reply.send(bytes)));
         id
+    }
+}
+
+/// Where one read answers. A read dropped unanswered (its task panicked, its runtime shut down)
+/// answers with a transient error, so that its job never waits for ever. A read whose job has
+/// gone (canceled, given back) answers no one: ignored.
+struct Reply {
+    id: u64,
+    tx: Option<mpsc::Sender<(u64, Result<Vec<u8>>)>>,
+}
+
+impl Reply {
+    fn send(mut self, bytes: Result<Vec<u8>>) {
+        if let Some(tx) = self.tx.take() {
+            let _ = tx.send((self.id, bytes));
+        }
+    }
+}
+
+impl Drop for Reply {
+    fn drop(&mut self) {
+        if let Some(tx) = self.tx.take() {
+            let e = WorkerError::unavailable("input image", "the read ended without an answer");
+            let _ = tx.send((self.id, Err(e)));
+        }
     }
 }
 

@@ -161,6 +161,38 @@ fn a_job_canceled_while_its_input_is_read_ends_canceled_without_a_step() {
     assert!(fake.stages.borrow().is_empty());
 }
 
+/// Drops every read unanswered, as a read task that panicked does.
+struct LostReads;
+
+impl InputFetcher for LostReads {
+    fn fetch(&self, _uri: &str, done: Fetched) {
+        drop(done);
+    }
+}
+
+#[test]
+fn a_read_that_never_answers_fails_its_job_as_transient() {
+    let (mut fake, codec) = (Fake::new(), codec());
+    let mut h = Collect::default();
+    let mut src = Source {
+        jobs: vec![vqa("v", 40), generate("g", 2, 16, 1)].into(),
+        hold: None,
+    };
+    let pngs = Rc::new(RefCell::new(Vec::new()));
+    // Without an answer it would wait for its job timeout, and end expired.
+    let cfg = RunnerConfig {
+        job_timeout: Some(Duration::from_secs(3)),
+        ..RunnerConfig::default()
+    };
+    Runner::new(&mut fake, &codec, &LostReads, cfg).run(&mut src, &mut Sink(pngs), &mut h);
+    let e = result(&h, "v").error.clone().unwrap();
+    assert!(
+        e.retryable && e.message.contains("without an answer"),
+        "{e:?}"
+    );
+    assert_eq!(result(&h, "g").status, Status::Succeeded);
+}
+
 fn stages(fake: &Fake, kind: &str) -> Vec<(usize, Vec<usize>)> {
     let stages = fake.stages.borrow();
     let of_kind = stages.iter().filter(|c| c.kind == kind);
