@@ -56,6 +56,19 @@ fn fp16_package_matches_the_fp16_reference() {
     assert_within("tiny fp16", &errs);
 }
 
+/// `--target tensorrt` in fp16 (attention written out, its softmax `Cast` to f32 and back; only
+/// the parser's operators, checked when written) holds the same bounds on the CPU.
+#[test]
+fn the_tensorrt_target_in_fp16_matches_the_fp16_reference() {
+    let (dir, m) = export("tiny-f32", |o| {
+        half(Precision::Fp16)(o);
+        o.target = ddit_export::Target::TensorRt;
+    });
+    assert_eq!(m.model.opset, 22);
+    let errs = check_package(&dir.path().join("pkg"), &m, &tiny_golden("fp16"), &FP16_TOL);
+    assert_within("tiny fp16 trt", &errs);
+}
+
 #[test]
 fn the_manifest_records_each_segments_precision() {
     for (p, dtype) in [
