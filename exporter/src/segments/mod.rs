@@ -13,7 +13,8 @@ use crate::checkpoint::{TensorRef, WeightStore};
 use crate::error::Result;
 use crate::onnx::{Attr, DType, Graph, Value, WeightData};
 
-/// How weights are stored in the ONNX files. Graph I/O and arithmetic stay f32; f16 storage
+/// How the weights of an fp32 segment are stored in the ONNX files (a half-precision segment keeps
+/// its weights in its own type: [`Form::precision`]). Graph I/O and arithmetic stay f32; f16 storage
 /// halves the package and is cast up at load (execution providers may then fold or fuse it).
 /// `Int8` keeps f32 everywhere except the linear layers of the segments that take it (the joint
 /// blocks and T5): those become ONNX Runtime `MatMulIntegerToFloat`, with int8 weights and one
@@ -74,7 +75,7 @@ impl Target {
     }
 }
 
-/// How one segment is written: where its weights' storage, what it computes in, and for which
+/// How one segment is written: its weights' storage, what it computes in, and for which
 /// provider's parser.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Form {
