@@ -88,15 +88,6 @@ pub struct Form {
 }
 
 impl Form {
-    /// fp32 on ONNX Runtime's CPU provider.
-    pub fn f32(store: StoreDtype) -> Self {
-        Self {
-            store,
-            target: Target::Cpu,
-            precision: Precision::Fp32,
-        }
-    }
-
     /// The graph element type of `precision`.
     pub fn float(&self) -> DType {
         match self.precision {
