@@ -235,7 +235,7 @@ impl<'a, M: Model> Runner<'a, M> {
             if !exhausted {
                 exhausted = self.admit_round(source, hooks);
             }
-            self.collect_reads();
+            self.collect_reads(true);
             self.drop_ended_reads(hooks);
             if hooks.halted() {
                 for a in self.active.drain(..) {
@@ -266,6 +266,8 @@ impl<'a, M: Model> Runner<'a, M> {
             if self.idle() && self.take_handed_off() {
                 break;
             }
+            // Reads done in place (files, data URIs) answered already: no wait for them.
+            self.collect_reads(false);
             let wait = match (self.idle(), fill_until) {
                 // Another runner may hand this one jobs: look at the source, then at it.
                 (true, _) if self.others_busy() => Wait::No,

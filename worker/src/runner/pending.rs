@@ -156,11 +156,10 @@ impl<M: Model> Runner<'_, M> {
             && self.pending.iter().all(Pending::reading)
     }
 
-    /// Takes the reads that have finished; waits up to [`FETCH_POLL`] for one when nothing else
-    /// could run.
-    pub(super) fn collect_reads(&mut self) {
-        let first = self
-            .only_reading()
+    /// Takes the reads that have finished; with `wait`, waits up to [`FETCH_POLL`] for one when
+    /// nothing else could run.
+    pub(super) fn collect_reads(&mut self, wait: bool) {
+        let first = (wait && self.only_reading())
             .then(|| self.reads.rx.recv_timeout(FETCH_POLL).ok())
             .flatten();
         for (id, bytes) in first.into_iter().chain(self.reads.rx.try_iter()) {

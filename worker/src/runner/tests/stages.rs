@@ -281,3 +281,22 @@ fn the_images_of_jobs_finishing_together_are_decoded_together() {
     alone_pngs.sort();
     assert_eq!(batched, alone_pngs);
 }
+
+#[test]
+fn an_input_read_in_place_adds_no_wait_for_more_jobs() {
+    // v2 is held back from a call that does not wait until the model has made one call: v1's
+    // image (a data URI) is read at its admission, so the runner asks without waiting and steps
+    // v1 alone first.
+    let mut fake = Fake::new();
+    let mut h = Collect::default();
+    run_held(
+        &mut fake,
+        vec![vqa("v1", 40), vqa("v2", 90)],
+        8,
+        &mut h,
+        Some(1),
+    );
+    let rows: Vec<usize> = fake.calls.borrow().iter().map(|c| c.rows).collect();
+    assert_eq!(rows[..2], [1, 2], "{rows:?}");
+    assert!(h.results.iter().all(|r| r.status == Status::Succeeded));
+}
