@@ -209,6 +209,68 @@ fn limits_hold_under_concurrency_on_four_replicas() {
     rt.block_on(cleanup(&names));
 }
 
+/// Both limits through the one admission script: a request abandoned mid-body gives its place
+/// back at once, and a burst over both limits is refused for the right reason every time.
+#[test]
+fn an_abandoned_body_keeps_no_place_and_both_limits_hold() {
+    let names = Names::new("hostile-both");
+    let dir = tempfile::tempdir().unwrap();
+    // Six requests a minute, one job in flight; a request has one second.
+    let gw = Gateway::start(
+        &names,
+        dir.path(),
+        "gw",
+        &token_line("erin", "erin-token", ":6:1"),
+        &["--request-timeout", "1"],
+    );
+    let erin = "Authorization: Bearer erin-token";
+    let job = r#"{"task": "generate", "params": {"prompt": "a red circle", "steps": 2}}"#;
+    // Headers and part of the body (the admission, count and place, runs meanwhile), then the
+    // client goes away, or stays past the request timeout and gets a 408.
+    let abandon = |hold: Duration| {
+        let mut half = std::net::TcpStream::connect(("127.0.0.1", gw.port)).unwrap();
+        let head = format!(
+            "POST /v1/jobs HTTP/1.1\r\nHost: x\r\n{erin}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+            job.len()
+        );
+        half.write_all(head.as_bytes()).unwrap();
+        half.write_all(&job.as_bytes()[..10]).unwrap();
+        std::thread::sleep(hold);
+        let mut answer = String::new();
+        half.set_read_timeout(Some(Duration::from_millis(100)))
+            .unwrap();
+        let _ = half.read_to_string(&mut answer);
+        answer
+    };
+    abandon(Duration::from_millis(300));
+    let timed_out = abandon(Duration::from_millis(1800));
+    assert!(timed_out.starts_with("HTTP/1.1 408"), "{timed_out}");
+    std::thread::sleep(Duration::from_millis(300));
+    // The place is free again (it was held until the claim's TTL, 600 s); both requests counted.
+    let r = post(&gw, "/v1/jobs", erin, job);
+    assert_eq!(r.status, 202, "{}", r.text());
+    // Three of six requests used, one job in flight: of eight at once, three are refused for
+    // the place and five for the rate.
+    let codes: Vec<String> = std::thread::scope(|s| {
+        let hs: Vec<_> = (0..8)
+            .map(|_| s.spawn(|| post(&gw, "/v1/jobs", erin, job)))
+            .collect();
+        hs.into_iter()
+            .map(|h| {
+                let r = h.join().unwrap();
+                assert_eq!(r.status, 429, "{}", r.text());
+                r.json()["error"]["code"].as_str().unwrap().to_string()
+            })
+            .collect()
+    });
+    let jobs = codes.iter().filter(|c| *c == "too_many_jobs").count();
+    let rate = codes.iter().filter(|c| *c == "rate_limited").count();
+    assert_eq!((jobs, rate), (3, 5), "{codes:?}");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    assert_eq!(rt.block_on(queue_depth(&names, &names.queue)), 1);
+    rt.block_on(cleanup(&names));
+}
+
 /// Items 5 and 9: a batch with one broken inline image publishes nothing; ten identical
 /// requests at once (same `job_id`, same body, two replicas) publish one job.
 #[test]

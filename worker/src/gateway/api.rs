@@ -183,7 +183,7 @@ async fn submit_job(
         Ok::<_, ApiError>((key, submit::prepare(&gw, &client, job, image, "")?))
     }
     .await;
-    let (counted, presumed) = admitted.await;
+    let (counted, presumed) = admitted.finish().await;
     let (key, prepared) = match counted.and(parsed) {
         Ok(p) => p,
         Err(e) => {

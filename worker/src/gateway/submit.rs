@@ -445,23 +445,17 @@ pub struct Presumed {
 impl Presumed {
     /// Counts the request and reserves a place for a fresh id, in one Redis round trip, in a task
     /// of its own while the handler reads the body (a fresh job, the common case, then waits for
-    /// no round trip of its own). The first result is the count's.
-    pub fn admit_meanwhile(
-        gw: &Arc<Gateway>,
-        client: &Client,
-    ) -> Result<impl std::future::Future<Output = (Result<(), ApiError>, Presumed)>, ApiError> {
+    /// no round trip of its own). [`Admitting::finish`] gives the count's result first.
+    pub fn admit_meanwhile(gw: &Arc<Gateway>, client: &Client) -> Result<Admitting, ApiError> {
         let id = new_job_id()?;
-        let (gw, client, key) = (gw.clone(), client.clone(), client.scoped(&id));
-        let admitting =
-            tokio::spawn(
-                async move { super::limits::admit_with_places(&gw, &client, &[&key]).await },
-            );
-        Ok(async move {
-            let (counted, reserved) = admitting.await.unwrap_or_else(|e| {
-                let e = ApiError::internal(format!("admitting: {e}"));
-                (Err(e.clone()), Err(e))
-            });
-            (counted, Presumed { id, reserved })
+        let (g, c, key) = (gw.clone(), client.clone(), client.scoped(&id));
+        let task =
+            tokio::spawn(async move { super::limits::admit_with_places(&g, &c, &[&key]).await });
+        Ok(Admitting {
+            gw: gw.clone(),
+            client: client.clone(),
+            id,
+            task: Some(task),
         })
     }
 
@@ -471,6 +465,46 @@ impl Presumed {
             let key = client.scoped(&self.id);
             let _ = gw.redis.forget_job(&key, &client.name, "").await;
         }
+    }
+}
+
+type Admission = (Result<(), ApiError>, Result<(), ApiError>);
+
+/// The admission of a [`Presumed`] id under way. Dropped before [`Admitting::finish`] returns
+/// (the client went away mid-body, or the request timed out), it gives back the place it
+/// reserves, once reserved, rather than leave it until the claim's TTL.
+pub struct Admitting {
+    gw: Arc<Gateway>,
+    client: Client,
+    id: String,
+    task: Option<tokio::task::JoinHandle<Admission>>,
+}
+
+impl Admitting {
+    pub async fn finish(mut self) -> (Result<(), ApiError>, Presumed) {
+        // Awaited in place: dropped mid-wait, `self` still holds the task and gives back.
+        let joined = match self.task.as_mut() {
+            Some(task) => task
+                .await
+                .map_err(|e| ApiError::internal(format!("admitting: {e}"))),
+            None => Err(ApiError::internal("admission finished twice")),
+        };
+        self.task = None;
+        let (counted, reserved) = joined.unwrap_or_else(|e| (Err(e.clone()), Err(e)));
+        let id = std::mem::take(&mut self.id);
+        (counted, Presumed { id, reserved })
+    }
+}
+
+impl Drop for Admitting {
+    fn drop(&mut self) {
+        let Some(task) = self.task.take() else { return };
+        let (gw, client, id) = (self.gw.clone(), self.client.clone(), self.id.clone());
+        tokio::spawn(async move {
+            if let Ok((_, reserved)) = task.await {
+                Presumed { id, reserved }.give_back(&gw, &client).await;
+            }
+        });
     }
 }
 
