@@ -1,7 +1,12 @@
 //! Every job ends with exactly one true result: attempts that end, dead letters without a usable
-//! id, two copies of one job at once on two workers, and a panic in one job's step.
+//! id, two copies of one job at once on two workers, and a panic in one job's step. A stalled S3
+//! holds up only the job whose input it is reading.
 #![allow(clippy::unwrap_used)]
 
+use std::io::{Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ddit_e2e::*;
@@ -223,6 +228,127 @@ async fn a_panic_in_one_jobs_step_fails_that_job_alone() {
     assert_eq!(got.len(), 1, "{}", w.log_text());
     assert_eq!(got[0].status, Status::Succeeded);
     assert!(w.child.try_wait().unwrap().is_none(), "the worker exited");
+    drop(w);
+    cleanup(&names).await;
+}
+
+/// A TCP relay to the loopback S3 whose answers can be held back: while `stalled`, nothing the
+/// server sends reaches the worker (a stalled object store; requests still go through).
+struct StallingRelay {
+    endpoint: String,
+    stalled: Arc<AtomicBool>,
+}
+
+impl StallingRelay {
+    fn start() -> Self {
+        let upstream = var("DDIT_S3_ENDPOINT", "http://127.0.0.1:3900");
+        let upstream = upstream.trim_start_matches("http://").to_string();
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let endpoint = format!("http://{}", listener.local_addr().unwrap());
+        let stalled = Arc::new(AtomicBool::new(false));
+        let flag = stalled.clone();
+        std::thread::spawn(move || {
+            for client in listener.incoming().flatten() {
+                let Ok(server) = TcpStream::connect(&upstream) else {
+                    continue;
+                };
+                let (mut c_in, mut s_out) =
+                    (client.try_clone().unwrap(), server.try_clone().unwrap());
+                std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut c_in, &mut s_out);
+                    let _ = s_out.shutdown(Shutdown::Write);
+                });
+                let flag = flag.clone();
+                std::thread::spawn(move || answer(server, client, &flag));
+            }
+        });
+        Self { endpoint, stalled }
+    }
+}
+
+/// Copies the server's answers to the client, holding each chunk while `stalled` is set.
+fn answer(mut from: TcpStream, mut to: TcpStream, stalled: &AtomicBool) {
+    let mut buf = [0u8; 16 * 1024];
+    while let Ok(n) = from.read(&mut buf) {
+        if n == 0 {
+            break;
+        }
+        while stalled.load(Ordering::SeqCst) {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        if to.write_all(&buf[..n]).is_err() {
+            break;
+        }
+    }
+    let _ = to.shutdown(Shutdown::Write);
+}
+
+/// One inference thread; a caption job whose input read stalls (S3 answers nothing), then a
+/// generate job. The generate job takes every step while the read waits, and once S3 answers the
+/// caption succeeds at its first attempt. (When the read blocked the inference thread, the
+/// generate job did not step until the read gave up at the S3 client's 30 s timeout, and the
+/// caption was retried.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_input_read_holds_up_only_its_own_job() {
+    use redis::AsyncCommands;
+    let names = Names::new("stalled");
+    let dir = tempfile::tempdir().unwrap();
+    let model = export_model(dir.path());
+    let input = upload_input(&names).await;
+    let relay = StallingRelay::start();
+    let flags = [
+        "--s3-endpoint",
+        relay.endpoint.as_str(),
+        "--inference-threads",
+        "1",
+        "--progress-interval-ms",
+        "0",
+    ];
+    let mut w = Worker::start(&names, &model, dir.path(), "w", &flags);
+    w.wait_ready(Duration::from_secs(60));
+    relay.stalled.store(true, Ordering::SeqCst);
+    let jobs = [
+        json!({"job_id": "cap", "task": "caption", "params": {"image": input, "steps": 4}}),
+        json!({"job_id": "gen", "task": "generate", "params": {"prompt": "a red circle", "steps": 8}}),
+    ];
+    let bodies: Vec<Vec<u8>> = jobs
+        .iter()
+        .map(|j| serde_json::to_vec(j).unwrap())
+        .collect();
+    publish(&names, &bodies).await;
+    // gen's last step is reported while S3 still answers nothing.
+    let mut redis = redis().await;
+    let key = format!("{}:step:gen", names.redis_prefix);
+    let t0 = Instant::now();
+    let mut last = None;
+    while t0.elapsed() < Duration::from_secs(25) {
+        let v: Option<String> = redis.get(&key).await.unwrap();
+        let p = v.map(|v| serde_json::from_str::<serde_json::Value>(&v).unwrap());
+        if let Some(p) =
+            p.filter(|p| p["step"].as_u64().unwrap() + 1 >= p["total"].as_u64().unwrap())
+        {
+            last = Some(p);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    relay.stalled.store(false, Ordering::SeqCst);
+    assert!(
+        last.is_some(),
+        "gen did not step while the caption's input read stalled:\n{}",
+        w.log_text()
+    );
+    let got = wait_results(
+        &names,
+        &["cap".into(), "gen".into()],
+        Duration::from_secs(120),
+    )
+    .await;
+    assert_eq!(got.len(), 2, "{}", w.log_text());
+    for r in &got {
+        assert_eq!(r.status, Status::Succeeded, "{}: {:?}", r.job_id, r.error);
+        assert_eq!(r.attempts, Some(1), "{}", r.job_id);
+    }
     drop(w);
     cleanup(&names).await;
 }
