@@ -206,8 +206,9 @@ impl<M: Model> Runner<'_, M> {
     }
 
     /// Each finished generate job's images (`None` for the other jobs): the latents of one shape
-    /// through the VAE decoder `decode_batch` at a time (at most `max_batch`), whichever jobs
-    /// they belong to. The decoder is row-wise, so an image is the one it decodes alone.
+    /// through the VAE decoder together, whichever jobs they belong to, at most `decode_batch`
+    /// (and `max_batch`) images and `decode_pixels` pixels a pass. The decoder is row-wise, so an
+    /// image is the one it decodes alone.
     fn decode_finished(&mut self, done: &[Active]) -> Vec<Option<Images>> {
         let mut by_shape: BTreeMap<&[usize], Vec<(usize, usize)>> = BTreeMap::new();
         for (ji, a) in done.iter().enumerate() {
@@ -217,10 +218,14 @@ impl<M: Model> Runner<'_, M> {
                 }
             }
         }
-        let n = self.cfg.decode_batch.min(self.cfg.max_batch).max(1);
+        let f = self.model.manifest().values.vae.downsample_factor.max(1);
+        let most = self.cfg.decode_batch.min(self.cfg.max_batch);
         let mut decoded = BTreeMap::new();
-        for rows in by_shape.into_values() {
-            for chunk in rows.chunks(n) {
+        for (shape, rows) in by_shape {
+            // A latent [1, C, h, w] decodes to (h·f) × (w·f) pixels.
+            let pixels = shape.iter().skip(2).product::<usize>() as u64 * f * f;
+            let fit = usize::try_from(self.cfg.decode_pixels / pixels.max(1)).unwrap_or(usize::MAX);
+            for chunk in rows.chunks(most.min(fit).max(1)) {
                 decoded.extend(chunk.iter().copied().zip(self.decode_rows(done, chunk)));
             }
         }

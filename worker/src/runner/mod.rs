@@ -51,12 +51,18 @@ pub enum LatentMode {
     Mean,
 }
 
+/// The default [`RunnerConfig::decode_pixels`]: four 1024 × 1024 images.
+pub const DECODE_PIXELS: u64 = 4 << 20;
+
 #[derive(Debug, Clone)]
 pub struct RunnerConfig {
     pub max_batch: usize,
     /// Most images one VAE decode pass takes (at most `max_batch`): TensorRT's VAE profile
     /// holds one image, so a TensorRT worker decodes one at a time.
     pub decode_batch: usize,
+    /// Most pixels one VAE decode pass outputs (one image at least): the decoder's activations
+    /// grow with them (full-resolution feature maps), so large images go fewer at a time.
+    pub decode_pixels: u64,
     pub caption_latent: LatentMode,
     pub image_limits: ImageLimits,
     /// Caps on what one job may ask for (pixels, images, steps, text).
@@ -78,6 +84,7 @@ impl Default for RunnerConfig {
         Self {
             max_batch: 8,
             decode_batch: 8,
+            decode_pixels: DECODE_PIXELS,
             caption_latent: LatentMode::Sample,
             image_limits: ImageLimits::default(),
             limits: JobLimits::DEFAULT,

@@ -261,6 +261,16 @@ fn the_images_of_jobs_finishing_together_are_decoded_together() {
     run_with(&mut fake, jobs(), cfg, &mut two, None);
     let rows: Vec<usize> = stages(&fake, "vae_decode").iter().map(|s| s.0).collect();
     assert_eq!(rows, vec![2, 1, 1, 1]);
+    // At most `decode_pixels` pixels a pass: two 16 × 16 images, or one 32 × 16.
+    let mut fake = Fake::new();
+    let mut small = Collect::default();
+    let cfg = RunnerConfig {
+        decode_pixels: 2 * 16 * 16,
+        ..RunnerConfig::default()
+    };
+    run_with(&mut fake, jobs(), cfg, &mut small, None);
+    let rows: Vec<usize> = stages(&fake, "vae_decode").iter().map(|s| s.0).collect();
+    assert_eq!(rows, vec![2, 1, 1, 1]);
     for j in jobs() {
         let mut alone = Collect::default();
         run(&mut Fake::new(), vec![j.clone()], 1, &mut alone);
@@ -268,6 +278,7 @@ fn the_images_of_jobs_finishing_together_are_decoded_together() {
         assert_eq!(want.0, Status::Succeeded);
         assert_eq!(outcome(&h, &j.job_id), want, "{}", j.job_id);
         assert_eq!(outcome(&two, &j.job_id), want, "{}", j.job_id);
+        assert_eq!(outcome(&small, &j.job_id), want, "{}", j.job_id);
     }
     // The PNGs themselves, in the order each job stored them.
     let mut alone_pngs = Vec::new();
