@@ -249,6 +249,7 @@ impl EngineArgs {
         RunnerConfig {
             max_batch: max_batch.max(1),
             decode_batch: if trt { 1 } else { max_batch.max(1) },
+            decode_pixels: ddit_worker::runner::DECODE_PIXELS,
             caption_latent: match self.caption_latent {
                 CaptionLatent::Sample => LatentMode::Sample,
                 CaptionLatent::Mean => LatentMode::Mean,
