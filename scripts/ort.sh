@@ -3,12 +3,18 @@
 #   .ddit/ort/libonnxruntime.so.1.31.1
 # and prints its path. Idempotent: does nothing when the library is already there.
 # ddit loads it at run time (ort `load-dynamic`); ORT_DYLIB_PATH overrides the location.
+# DDIT_ORT_PACKAGE=onnxruntime-gpu (with DDIT_ORT_VERSION) takes the GPU wheel's libraries instead,
+# the CUDA and TensorRT providers' included (deploy/docker/Dockerfile.gpu).
 set -euo pipefail
-ORT_VERSION=1.31.1
+ORT_VERSION="${DDIT_ORT_VERSION:-1.31.1}"
+PACKAGE="${DDIT_ORT_PACKAGE:-onnxruntime}"
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 DEST="${DDIT_ORT_DIR:-$ROOT/.ddit/ort}"
 LIB="$DEST/libonnxruntime.so.$ORT_VERSION"
-if [[ -f "$LIB" ]]; then
+# The GPU wheel's own library has the same name: it counts as there only with its CUDA provider.
+MARK="$LIB"
+[[ "$PACKAGE" = onnxruntime-gpu ]] && MARK="$DEST/libonnxruntime_providers_cuda.so"
+if [[ -f "$LIB" && -f "$MARK" ]]; then
   echo "$LIB"
   exit 0
 fi
@@ -20,8 +26,8 @@ if [[ -z "$PY" ]]; then
 fi
 TMP="$(mktemp -d)"
 trap 'rm -rf "$TMP"' EXIT
-"$PY" -m pip download --quiet --no-deps --only-binary=:all: -d "$TMP" "onnxruntime==$ORT_VERSION" >&2
-WHEEL="$(ls "$TMP"/onnxruntime-*.whl)"
+"$PY" -m pip download --quiet --no-deps --only-binary=:all: -d "$TMP" "$PACKAGE==$ORT_VERSION" >&2
+WHEEL="$(ls "$TMP"/"${PACKAGE//-/_}"-*.whl)"
 "$PY" - "$WHEEL" "$DEST" <<'PYEOF'
 import sys, zipfile, os
 wheel, dest = sys.argv[1], sys.argv[2]

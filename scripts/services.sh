@@ -59,8 +59,10 @@ rabbit_up() {
 SAN='subjectAltName=DNS:localhost,IP:127.0.0.1,IP:10.0.2.2'
 TLS_RENEWED=0
 tls_certs() {
+  # Listeners started with an older certificate are restarted below, until one `up` has done
+  # them all (the mark stays when it fails half-way).
+  if [[ -f "$TLS_DIR/renewed" ]]; then TLS_RENEWED=1; fi
   [[ -f "$TLS_DIR/server.pem" ]] && grep -qxF "$SAN" "$TLS_DIR/san.ext" 2>/dev/null && return 0
-  # Listeners started with an older certificate are restarted below.
   TLS_RENEWED=1
   log "making a test CA and a localhost certificate in $TLS_DIR"
   mkdir -p "$TLS_DIR"
@@ -74,6 +76,7 @@ tls_certs() {
   # The broker runs as its own user; the key is a loopback test key.
   chmod 755 "$TLS_DIR"
   chmod 644 "$TLS_DIR"/*.pem "$TLS_DIR/server.key"
+  touch "$TLS_DIR/renewed"
 }
 
 # RabbitMQ reads listeners at boot: the TLS listener is added to its config once, then the node is
@@ -221,6 +224,7 @@ case "${1:-up}" in
     rabbit_tls_up
     redis_tls_up
     s3_up
+    rm -f "$TLS_DIR/renewed"
     print_env > "$STATE/env"
     log "up: redis 6379 (TLS 6390), rabbitmq 5672 (TLS 5671), seaweedfs s3 3900 (https 3901) (variables in $STATE/env)"
     ;;

@@ -71,6 +71,8 @@ cargo test --workspace
 echo "== container image (podman, local Debian bases) and the container test"
 # Builds deploy/docker/Dockerfile.cpu, then runs it as deploy/k8s/base says: the fetch-model init
 # container, the worker and the gateway, jobs through the gateway, a SIGTERM drain.
-scripts/images.sh
-cargo test -p ddit-e2e --test container -- --ignored
+# Also the GPU Dockerfile on a Debian stand-in for NVIDIA's base: it must build, run the CPU
+# provider, and refuse a GPU provider whose libraries are missing with a clear error.
+scripts/images.sh gpu
+cargo test -p ddit-e2e --test container -- --ignored --test-threads=1
 echo "== disk: target/ $(du -sh target | cut -f1), $(df -h --output=avail . | tail -1 | tr -d ' ') free"

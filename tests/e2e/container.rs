@@ -11,7 +11,9 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use ddit_e2e::container::{manifest_specs, podman, test_settings, volume, Pod};
+use ddit_e2e::container::{
+    gpu_image, image, manifest_specs, podman, podman_run, test_settings, volume, Pod,
+};
 use ddit_e2e::gateway::{curl, token_line, Http};
 use ddit_e2e::*;
 use serde_json::{json, Value};
@@ -71,44 +73,41 @@ fn png_b64() -> String {
     base64::engine::general_purpose::STANDARD.encode(out.into_inner())
 }
 
-/// The folders behind the pods' volumes: models and tmp (emptyDir), the CA and the tokens (Secrets).
-fn volumes(dir: &Path, worker: &Value) -> BTreeMap<String, std::path::PathBuf> {
-    let mut v = BTreeMap::new();
-    for name in ["models", "tmp", "tls-ca", "tokens"] {
-        v.insert(name.to_string(), volume(dir, name, worker));
-    }
+/// The folders behind the pods' volumes (models and tmp: emptyDir), and the Secrets' files under
+/// the key names the manifests give them.
+fn volumes(dir: &Path, specs: &BTreeMap<String, Value>) -> BTreeMap<String, std::path::PathBuf> {
     let ca = var("DDIT_TEST_TLS_CA_FILE", "/var/lib/ddit-tls/ca.pem");
-    std::fs::copy(ca, v["tls-ca"].join("ca.pem")).unwrap();
-    std::fs::write(
-        v["tokens"].join("tokens"),
-        token_line("container", TOKEN, ""),
-    )
-    .unwrap();
+    let content = BTreeMap::from([
+        ("ca.pem", std::fs::read(ca).unwrap()),
+        ("tokens", token_line("container", TOKEN, "").into_bytes()),
+    ]);
+    let mut v = BTreeMap::new();
+    for m in specs.values().flat_map(|s| s["mounts"].as_array().unwrap()) {
+        let name = m["volume"].as_str().unwrap();
+        let path = volume(dir, name, &specs["worker"]);
+        for key in m["keys"].as_array().unwrap() {
+            let key = key.as_str().unwrap();
+            let bytes = content
+                .get(key)
+                .unwrap_or_else(|| panic!("the manifests' Secret key {key}: no test content"));
+            std::fs::write(path.join(key), bytes).unwrap();
+        }
+        v.insert(name.to_string(), path);
+    }
     v
 }
 
 /// Pushes the image's own demo package to S3, where the manifests' init container fetches it.
 fn push_model(names: &Names, settings: &[(String, String)], ca: &Path, url: &str) {
-    let mut c = podman();
-    c.args([
-        "run",
-        "--rm",
-        "--network",
-        "slirp4netns:allow_host_loopback=true",
-    ]);
-    c.args([
-        "--ulimit",
-        "nofile=1024:1024",
-        "--ulimit",
-        "nproc=1000:1000",
-    ]);
+    let mut c = podman_run();
+    c.args(["--network", "slirp4netns:allow_host_loopback=true"]);
     c.args(["-v", &format!("{}:/etc/ddit/tls:ro", ca.display())]);
     c.args(["-e", "DDIT_TLS_CA_FILE=/etc/ddit/tls/ca.pem"]);
     for (k, v) in settings {
         c.args(["-e", &format!("{k}={v}")]);
     }
     c.args([
-        &ddit_e2e::container::image(),
+        &image(),
         "push-model",
         "--model",
         "/opt/ddit/models/ddit-shapes",
@@ -132,9 +131,16 @@ fn the_image_runs_as_the_manifests_say() {
     let specs = manifest_specs();
     let model_url = format!("s3://{}/{}/model", bucket(), names.s3_prefix);
     let settings = test_settings(&names, &model_url);
-    let vols = volumes(dir.path(), &specs["worker"]);
+    let vols = volumes(dir.path(), &specs);
     push_model(&names, &settings, &vols["tls-ca"], &model_url);
 
+    // Public CA roots, for S3 or a broker with a publicly trusted certificate.
+    let roots = podman_run()
+        .args(["--network", "none", "--entrypoint", "test", &image()])
+        .args(["-s", "/etc/ssl/certs/ca-certificates.crt"])
+        .status()
+        .unwrap();
+    assert!(roots.success(), "no CA roots in the image");
     // The init container fills the models volume; the worker then reads it read-only.
     let (_, out) = Pod::run(
         &format!("{}-fetch", names.id),
@@ -253,6 +259,15 @@ fn sigterm_drains(
         assert!(start.elapsed() < Duration::from_secs(60), "never started");
         std::thread::sleep(Duration::from_millis(50));
     }
+    // Probed as the kubelet would while it works: a busy worker stays live and ready.
+    std::thread::sleep(Duration::from_secs(1));
+    for kind in ["liveness", "readiness"] {
+        assert!(
+            worker.probe_ok(kind),
+            "{kind} failed under load: {}",
+            worker.logs()
+        );
+    }
     let unfinished = ids
         .iter()
         .filter(|id| {
@@ -309,4 +324,61 @@ fn tls_result_count(names: &Names) -> usize {
         }
         n
     })
+}
+
+/// The GPU Dockerfile's image, built on a Debian stand-in for NVIDIA's base (`scripts/images.sh
+/// gpu`): its binary and the `onnxruntime-gpu` wheel's library run the CPU provider, and a GPU
+/// provider whose libraries cannot load (no CUDA in the stand-in) fails the start with an error
+/// that names the provider and the missing library; no crash, no silent fallback.
+#[test]
+#[ignore = "needs podman and the image from scripts/images.sh gpu (scripts/test.sh runs it)"]
+fn the_gpu_image_runs_on_cpu_and_refuses_a_provider_it_cannot_load() {
+    let dir = tempfile::tempdir().unwrap();
+    let pkg = export_model(dir.path());
+    let out = dir.path().join("out");
+    std::fs::create_dir_all(&out).unwrap();
+    for p in [&pkg, &out] {
+        let ok = std::process::Command::new("chmod")
+            .args(["-R", "a+rwX", p.to_str().unwrap()])
+            .status()
+            .unwrap();
+        assert!(ok.success());
+    }
+    let generate = |providers: &str| {
+        let mut c = podman_run();
+        c.args(["--network", "none", "--read-only"]);
+        c.args(["-v", &format!("{}:/models/current:ro", pkg.display())]);
+        c.args(["-v", &format!("{}:/out", out.display())]);
+        c.args([&gpu_image(), "generate"]);
+        c.args([
+            "--model",
+            "/models/current",
+            "--prompt",
+            "a red circle",
+            "--steps",
+            "2",
+        ]);
+        c.args(["--out", "/out/g.png", "--providers", providers]);
+        c.output().unwrap()
+    };
+    let cpu = generate("cpu");
+    assert!(
+        cpu.status.success(),
+        "{}",
+        String::from_utf8_lossy(&cpu.stderr)
+    );
+    assert!(image::open(out.join("g.png")).is_ok());
+    for providers in ["cuda,cpu", "tensorrt,cuda,cpu"] {
+        let r = generate(providers);
+        let err = String::from_utf8_lossy(&r.stderr);
+        // 1: the worker's own error exit; an abort inside ONNX Runtime would be 134.
+        assert_eq!(r.status.code(), Some(1), "{providers}: {err}");
+        let first = providers.split(',').next().unwrap();
+        assert!(
+            err.contains(&format!(
+                "execution provider `{first}` could not be registered"
+            )) && err.contains("cannot open shared object file"),
+            "{providers}: {err}"
+        );
+    }
 }

@@ -74,6 +74,12 @@ def check(docker: Path, cpu_yaml: Path, gpu_yaml: Path) -> list[str]:
         same(key, cpu[key], gpu[key])
     for var in ("DDIT_LISTEN", "DDIT_LOG"):
         same(var, cpu["env"].get(var), gpu["env"].get(var))
+    for name in ("Dockerfile.cpu", "Dockerfile.gpu"):
+        text = (docker / name).read_text()
+        if "<<" in text:
+            errors.append(f"{name}: a heredoc (buildah before 1.33, Debian's podman 4.3, cannot read it)")
+        if "scripts/ort.sh" not in text:
+            errors.append(f"{name}: ONNX Runtime's libraries not taken by scripts/ort.sh")
     for image in (cpu, gpu):
         lib = image["env"].get("DDIT_ORT_LIBRARY", "")
         if not lib.startswith("/opt/ort/lib/"):

@@ -6,10 +6,12 @@ settings, mounts and probes and cannot drift from them.
 
 One object per container (`worker`, `fetch-model`, `gateway`):
   args, user, group, fs_group, read_only_root, drop_all_caps, no_new_privileges,
-  grace_seconds, env ([name, value] pairs: the ConfigMap's data, then the container's own `env`;
+  grace_seconds, memory_limit, env ([name, value] pairs: the ConfigMap's data, then the container's own `env`;
   a `valueFrom` field is given as null), secret_env (the names the Secret provides), ports
   ({name: number}), mounts ([{path, read_only, volume, kind, keys}]), probes
-  ({startup|liveness|readiness: {path, port, period, failures}}).
+  ({startup|liveness|readiness: {path, port, period, timeout, failures}}). A field the test cannot
+  carry (a `command`, a container-level user, a subPath, a valueFrom other than the pod's name)
+  stops it with an error instead of being dropped.
 """
 
 from __future__ import annotations
@@ -34,7 +36,13 @@ def env_of(container: dict, maps: dict, secrets: dict) -> tuple[list, list]:
             secret_env += list(secrets[src["secretRef"]["name"]].get("stringData", {}))
     for e in container.get("env", []):
         env = [p for p in env if p[0] != e["name"]]
-        env.append([e["name"], str(e["value"]) if "value" in e else None])
+        if "value" in e:
+            env.append([e["name"], str(e["value"])])
+        elif e.get("valueFrom", {}).get("fieldRef", {}).get("fieldPath") == "metadata.name":
+            env.append([e["name"], None])  # the pod's name
+        else:
+            sys.exit(f"container_spec: {container['name']}: env {e['name']} comes from {e}, "
+                     "which the container test cannot give")
     return env, secret_env
 
 
@@ -42,9 +50,13 @@ def mounts_of(container: dict, volumes: dict, secrets: dict) -> list[dict]:
     out = []
     for m in container.get("volumeMounts", []):
         vol = volumes[m["name"]]
+        if m.get("subPath"):
+            sys.exit(f"container_spec: {container['name']}: subPath mounts are not carried")
         if "secret" in vol:
+            if "items" in vol["secret"]:
+                sys.exit(f"container_spec: volume {m['name']}: secret items are not carried")
             secret = secrets[vol["secret"]["secretName"]]
-            kind, keys = "secret", sorted(secret.get("stringData", {}))
+            kind, keys = "secret", sorted({**secret.get("data", {}), **secret.get("stringData", {})})
         else:
             kind, keys = ("emptyDir" if "emptyDir" in vol else "other"), []
         out.append({"path": m["mountPath"], "read_only": bool(m.get("readOnly")),
@@ -60,6 +72,7 @@ def probes_of(container: dict, ports: dict) -> dict:
             port = probe["httpGet"]["port"]
             out[kind] = {"path": probe["httpGet"]["path"], "port": ports.get(port, port),
                          "period": probe.get("periodSeconds", 10),
+                         "timeout": probe.get("timeoutSeconds", 1),
                          "failures": probe.get("failureThreshold", 3)}
     return out
 
@@ -67,6 +80,13 @@ def probes_of(container: dict, ports: dict) -> dict:
 def spec(container: dict, pod: dict, maps: dict, secrets: dict) -> dict:
     sec = pod.get("securityContext", {})
     csec = container.get("securityContext", {})
+    # What the test cannot carry fails here rather than being dropped silently.
+    for key in ("command", "workingDir"):
+        if key in container:
+            sys.exit(f"container_spec: {container['name']}: `{key}` is not carried by the test")
+    for key in ("runAsUser", "runAsGroup", "runAsNonRoot"):
+        if key in csec:
+            sys.exit(f"container_spec: {container['name']}: container-level {key} is not carried")
     ports = {p["name"]: p["containerPort"] for p in container.get("ports", [])}
     volumes = {v["name"]: v for v in pod.get("volumes", [])}
     env, secret_env = env_of(container, maps, secrets)
@@ -79,6 +99,7 @@ def spec(container: dict, pod: dict, maps: dict, secrets: dict) -> dict:
         "drop_all_caps": "ALL" in csec.get("capabilities", {}).get("drop", []),
         "no_new_privileges": csec.get("allowPrivilegeEscalation") is False,
         "grace_seconds": pod.get("terminationGracePeriodSeconds", 30),
+        "memory_limit": container.get("resources", {}).get("limits", {}).get("memory"),
         "env": env,
         "secret_env": secret_env,
         "ports": ports,

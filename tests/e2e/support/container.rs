@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use super::{bucket, free_port, http_get, var, workspace, Names};
+use super::{bucket, free_port, var, workspace, Names};
 
 /// The host's loopback as a slirp4netns container sees it.
 pub const HOST: &str = "10.0.2.2";
@@ -27,8 +27,38 @@ pub fn podman() -> Command {
     c
 }
 
+/// `podman run --rm` with the explicit rlimits runc needs here.
+pub fn podman_run() -> Command {
+    let mut c = podman();
+    c.args([
+        "run",
+        "--rm",
+        "--ulimit",
+        "nofile=1024:1024",
+        "--ulimit",
+        "nproc=1000:1000",
+    ]);
+    c
+}
+
+/// The image `scripts/images.sh` last built from this tree (its id, from `.ddit/images/`), or
+/// `$DDIT_IMAGE`: never a tag another tree on the machine may have moved.
 pub fn image() -> String {
-    var("DDIT_IMAGE", "localhost/ddit-worker:cpu")
+    built_image("DDIT_IMAGE", "cpu")
+}
+
+pub fn gpu_image() -> String {
+    built_image("DDIT_GPU_IMAGE", "gpu-standin")
+}
+
+fn built_image(env: &str, kind: &str) -> String {
+    if let Ok(i) = std::env::var(env) {
+        return i;
+    }
+    let file = workspace().join(format!(".ddit/images/{kind}.id"));
+    let id = std::fs::read_to_string(&file)
+        .unwrap_or_else(|e| panic!("{}: {e} (run scripts/images.sh first)", file.display()));
+    id.trim().to_string()
 }
 
 /// The manifests' containers by name (`worker`, `fetch-model`, `gateway`).
@@ -63,9 +93,10 @@ pub fn test_settings(names: &Names, model_url: &str) -> Vec<(String, String)> {
         "amqps://guest:guest@localhost:5671/%2f",
     );
     let redis = tls("DDIT_TEST_REDISS_URL", "rediss://localhost:6390");
+    // The Secret's credentials; the region is the ConfigMap's DDIT_S3_REGION.
     let mut out: Vec<(String, String)> = super::service_env()
         .into_iter()
-        .filter(|(k, _)| k.starts_with("AWS_"))
+        .filter(|(k, _)| k.starts_with("AWS_") && k != "AWS_REGION")
         .collect();
     out.extend(
         [
@@ -73,6 +104,7 @@ pub fn test_settings(names: &Names, model_url: &str) -> Vec<(String, String)> {
             ("DDIT_REDIS_URL", redis.as_str()),
             ("DDIT_S3_ENDPOINT", s3.as_str()),
             ("DDIT_S3_BUCKET", &bucket()),
+            // SeaweedFS at an address has no per-bucket host names.
             ("DDIT_S3_PATH_STYLE", "true"),
             ("DDIT_MODEL_URL", model_url),
             ("DDIT_QUEUE", &names.queue),
@@ -121,6 +153,9 @@ impl Pod {
             "nproc=1000:1000",
         ]);
         c.args(security_flags(spec));
+        if let Some(m) = spec["memory_limit"].as_str() {
+            c.arg(format!("--memory={}", podman_size(m)));
+        }
         for m in spec["mounts"].as_array().unwrap() {
             let host = &volumes[m["volume"].as_str().unwrap()];
             let ro = if m["read_only"].as_bool().unwrap() {
@@ -173,9 +208,9 @@ impl Pod {
         }
     }
 
-    /// Waits for the manifest's `kind` probe (startup, liveness, readiness) to answer 200,
-    /// within the time the manifest gives it (period × failures).
-    pub fn wait_probe(&self, kind: &str) {
+    /// Whether the manifest's `kind` probe (startup, liveness, readiness) answers 200 within
+    /// the manifest's `timeoutSeconds`.
+    pub fn probe_ok(&self, kind: &str) -> bool {
         let probe = &self.spec["probes"][kind];
         let port = probe["port"].as_u64().unwrap();
         let (pname, _) = self.spec["ports"]
@@ -184,12 +219,23 @@ impl Pod {
             .iter()
             .find(|(_, p)| p.as_u64() == Some(port))
             .unwrap();
+        let url = format!(
+            "http://127.0.0.1:{}{}",
+            self.ports[pname],
+            probe["path"].as_str().unwrap()
+        );
+        let timeout = Duration::from_secs(probe["timeout"].as_u64().unwrap());
+        ddit_worker::client::probe::get(&url, timeout).is_ok_and(|(code, _)| code == 200)
+    }
+
+    /// Waits for the manifest's `kind` probe to pass, within the time the manifest gives it
+    /// (period × failures).
+    pub fn wait_probe(&self, kind: &str) {
+        let probe = &self.spec["probes"][kind];
         let budget = probe["period"].as_u64().unwrap() * probe["failures"].as_u64().unwrap();
         let start = Instant::now();
         while start.elapsed() < Duration::from_secs(budget) {
-            if http_get(self.ports[pname], probe["path"].as_str().unwrap())
-                .is_some_and(|(code, _)| code == 200)
-            {
+            if self.probe_ok(kind) {
                 return;
             }
             assert!(self.running(), "{} exited: {}", self.name, self.logs());
@@ -256,7 +302,9 @@ fn security_flags(spec: &Value) -> Vec<String> {
         f.push(format!("--group-add={g}"));
     }
     if spec["read_only_root"].as_bool().unwrap() {
+        // Without podman's writable /tmp, /var/tmp and /run: only the manifests' volumes.
         f.push("--read-only".into());
+        f.push("--read-only-tmpfs=false".into());
     }
     if spec["drop_all_caps"].as_bool().unwrap() {
         f.push("--cap-drop=ALL".into());
@@ -289,6 +337,16 @@ fn env_of(spec: &Value, settings: &[(String, String)], name: &str) -> Vec<(Strin
         env.insert(k.clone(), v.clone());
     }
     env.into_iter().filter(|(_, v)| !v.is_empty()).collect()
+}
+
+/// A Kubernetes quantity (`512Mi`, `4Gi`) as podman's `--memory`.
+fn podman_size(q: &str) -> String {
+    let units = [("Ki", "k"), ("Mi", "m"), ("Gi", "g")];
+    let (n, unit) = units
+        .iter()
+        .find_map(|(k, p)| q.strip_suffix(k).map(|n| (n, *p)))
+        .unwrap_or_else(|| panic!("memory limit {q}: not Ki, Mi or Gi"));
+    format!("{n}{unit}")
 }
 
 /// A host folder for a volume, owned by the pod's fsGroup as Kubernetes would make it.

@@ -100,6 +100,20 @@ fn shared_arena(env: &Environment, cfg: &EngineConfig) -> Result<()> {
         .map_err(|_| WorkerError::Internal("shared arena lock poisoned".into()))?;
     if !*done {
         let first = cfg.providers.first().unwrap_or(&Provider::Cpu);
+        if let Provider::Cuda { device } | Provider::TensorRt { device } = first {
+            // Registering a CUDA arena while the CUDA provider's library cannot load (a missing
+            // libcublasLt, say) aborts the process inside ONNX Runtime (an uncaught C++
+            // exception); the provider registered first fails with its error instead.
+            let probe = cfg.cuda(*device).build().error_on_failure();
+            let failed = |message: String| WorkerError::Provider {
+                provider: first.name().into(),
+                message,
+            };
+            Session::builder(env)
+                .map_err(|e| failed(e.to_string()))?
+                .with_execution_providers([probe])
+                .map_err(|e| failed(e.to_string()))?;
+        }
         let limit = cfg.cuda.mem_limit.unwrap_or(0);
         register_shared_allocator(env, first, limit, cfg.cuda.arena_extend)?;
         *done = true;
