@@ -205,3 +205,53 @@ async fn dlq_replay_moves_letters_back_with_their_bodies() {
     assert_eq!(got, want);
     cleanup(&names).await;
 }
+
+/// A worker that stored a job's `failed` result and died before rejecting its delivery leaves a
+/// redelivered message: the next worker sends it to the dead-letter queue, as the first would
+/// have, instead of acking it away. A fresh copy of a job that already failed (not a
+/// redelivery) is acked: one dead letter per failed job.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redelivered_failed_job_is_dead_lettered_and_a_fresh_copy_acked() {
+    let names = Names::new("dlq-redelivered");
+    let ids = ["died-1", "copy-2"].map(|i| format!("{i}-{}", names.id));
+    let mut r = redis().await;
+    for id in &ids {
+        let failed = format!(
+            r#"{{"job_id":"{id}","status":"failed","error":{{"kind":"invalid_job","message":"x","retryable":false}},"model":{{"name":"m","hash":"h"}},"finished_at":"2026-12-07T00:00:00Z"}}"#
+        );
+        let key = format!("{}:result:{id}", names.redis_prefix);
+        let _: () = r.set(key, failed).await.unwrap();
+    }
+    publish(&names, &[job(&ids[0])]).await;
+    // The dying worker: takes the delivery and goes away without settling it.
+    let cfg = names.amqp();
+    let conn = amqp::connect(&cfg, "e2e-dying").await.unwrap();
+    let ch = conn.create_channel().await.unwrap();
+    let got = ch
+        .basic_get(cfg.queue.as_str().into(), BasicGetOptions { no_ack: false })
+        .await
+        .unwrap();
+    assert!(got.is_some());
+    let _ = conn.close(200, "died".into()).await;
+    publish(&names, &[job(&ids[1])]).await;
+
+    let dir = tempfile::tempdir().unwrap();
+    let model = export_model(dir.path());
+    let mut w = Worker::start(&names, &model, dir.path(), "w", &[]);
+    w.wait_ready(Duration::from_secs(60));
+    let start = Instant::now();
+    while queue_depth(&names, &names.queue).await > 0 {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "{}",
+            w.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(settle(&names, &names.dlq, 1).await, 1, "{}", w.log_text());
+    let letters = take_dead_letters(&names).await;
+    let bodies: Vec<Vec<u8>> = letters.into_iter().map(|(b, _)| b).collect();
+    assert_eq!(bodies, vec![job(&ids[0])], "{}", w.log_text());
+    w.sigterm();
+    cleanup(&names).await;
+}

@@ -126,6 +126,10 @@ async fn soak() {
     println!("{line}");
     redis.stop();
     cleanup(&names).await;
+    if !(done && t.clean()) {
+        // The workers' logs, for whoever reads the failure.
+        eprintln!("soak: logs kept in {}", dir.keep().display());
+    }
     assert!(done, "not every job ended within {limit:?}: {line}");
     assert!(t.clean(), "{line}");
 }

@@ -188,12 +188,7 @@ impl Service {
         let limit = self.cfg.amqp.delivery_limit;
         let counted = match self.redis.result_or_cancel(&job.job_id).await {
             Ok((true, _)) => {
-                span.in_scope(|| {
-                    tracing::info!("result exists; acknowledging without recomputing")
-                });
-                if let Err(e) = d.acker.ack(BasicAckOptions::default()).await {
-                    tracing::warn!("ack: {e}");
-                }
+                self.settle_existing(d, job, span).await;
                 return None;
             }
             Ok((false, canceled)) => {
@@ -225,6 +220,26 @@ impl Service {
         span.in_scope(|| tracing::warn!(attempts = attempt - 1, "attempts ran out"));
         self.dead_letter(d, r).await;
         None
+    }
+
+    /// A delivery whose job already has a result is acked without recomputing, except a
+    /// redelivery of a failed job: the worker that stored the failure died before it rejected
+    /// the message, so this delivery takes it to the dead-letter queue as that worker would have
+    /// (a fresh copy of an ended job, not redelivered, is acked).
+    async fn settle_existing(&self, d: &Delivery, job: &Job, span: &tracing::Span) {
+        let failed = d.redelivered
+            && matches!(self.redis.get_result(&job.job_id).await,
+                Ok(Some(r)) if r.status == Status::Failed);
+        let res = if failed {
+            span.in_scope(|| tracing::info!("failed result exists; dead-lettering the redelivery"));
+            d.acker.reject(BasicRejectOptions { requeue: false }).await
+        } else {
+            span.in_scope(|| tracing::info!("result exists; acknowledging without recomputing"));
+            d.acker.ack(BasicAckOptions::default()).await
+        };
+        if let Err(e) = res {
+            tracing::warn!("ack: {e}");
+        }
     }
 
     async fn on_result(&mut self, mut r: JobResult) {
