@@ -320,17 +320,30 @@ fn the_manifest_holds_each_segments_io_to_its_precision() {
     segs[i]["precision"] = "fp32".into();
     let err = parse(&wrong).validate().unwrap_err();
     assert!(err.contains("text_head") && err.contains("fp32"), "{err}");
-    // An fp32 manifest without the field (an older package) reads as fp32.
+    // An fp32 manifest has no `precision` (an older worker, whose SegmentSpec denies unknown
+    // fields, reads it) and reads as fp32.
     let (dir, _) = export("tiny-f32", |_| {});
     let text = std::fs::read_to_string(dir.path().join("pkg/manifest.json")).unwrap();
-    let mut old: serde_json::Value = serde_json::from_str(&text).unwrap();
-    for s in old["segments"].as_array_mut().unwrap() {
-        assert_eq!(
-            s.as_object_mut().unwrap().remove("precision"),
-            Some("fp32".into())
-        );
-    }
-    let m = parse(&old);
+    assert!(!text.contains("precision"), "{text}");
+    let m = parse(&serde_json::from_str(&text).unwrap());
     m.validate().unwrap();
     assert!(m.segments.iter().all(|s| s.precision == Precision::Fp32));
+}
+
+/// Forward compatibility: `precision` is written only where it is not fp32, so an fp32 package
+/// is read by a worker from before it existed, and a half one names it on its half segments.
+#[test]
+fn precision_is_written_only_on_half_segments() {
+    let (dir, m) = export("tiny-f32", half(Precision::Fp16));
+    let text = std::fs::read_to_string(dir.path().join("pkg/manifest.json")).unwrap();
+    let value: serde_json::Value = serde_json::from_str(&text).unwrap();
+    for (s, spec) in value["segments"].as_array().unwrap().iter().zip(&m.segments) {
+        let want = match spec.precision {
+            Precision::Fp32 => None,
+            p => Some(serde_json::Value::from(p.as_str())),
+        };
+        assert_eq!(s.get("precision").cloned(), want, "{}", spec.name);
+    }
+    assert!(m.segments.iter().any(|s| s.precision == Precision::Fp32));
+    assert!(m.segments.iter().any(|s| s.precision == Precision::Fp16));
 }

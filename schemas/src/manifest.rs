@@ -210,8 +210,10 @@ pub struct SegmentSpec {
     pub files: Vec<FileEntry>,
     pub parameters: u64,
     /// The element type the segment computes in; every floating-point input and output is of
-    /// this type ([`Precision::dtype`]). Absent in packages written before it existed: fp32.
-    #[serde(default)]
+    /// this type ([`Precision::dtype`]). Absent means fp32: packages written before it
+    /// existed, and fp32 segments now, which leave it out so that a worker from before it
+    /// (whose `SegmentSpec` denies unknown fields) still reads an fp32 package.
+    #[serde(default, skip_serializing_if = "Precision::is_fp32")]
     pub precision: Precision,
     pub inputs: Vec<TensorSpec>,
     pub outputs: Vec<TensorSpec>,
@@ -235,6 +237,11 @@ impl Precision {
             Precision::Fp16 => "fp16",
             Precision::Bf16 => "bf16",
         }
+    }
+
+    /// Whether this is fp32, the default, which a manifest leaves unwritten.
+    pub fn is_fp32(&self) -> bool {
+        *self == Precision::Fp32
     }
 
     /// The element type of the segment's floating-point inputs and outputs.
