@@ -172,7 +172,7 @@ for model in ${DDIT_GPU_CHECK_MODELS:-tiny medium}; do
       export_pkg "$ck" "$p16trt" --precision fp16 --target tensorrt || p16trt="$p16"
     fi
     check "$model-fp16-cuda" "$model" fp16 cuda "$p16"
-    # No --trt-fp16: the graphs are fp16 already, and it would put the fp32 T5 in fp16 too.
+    # No --trt-fp16: the graphs are fp16 already (and it leaves T5 in fp32 anyway).
     check "$model-fp16-trt" "$model" fp16 tensorrt,cuda "$p16trt"
   else
     SKIPPED+=("$model fp16 on cuda: ddit-export offers no --precision (its --weights f16 stores f16 weights and computes in f32)")

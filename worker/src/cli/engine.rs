@@ -52,7 +52,8 @@ pub struct EngineArgs {
     /// provider, false on the CPU, where it gives the same numbers and saves nothing).
     #[arg(long, action = clap::ArgAction::Set, env = "DDIT_IO_BINDING")]
     io_binding: Option<bool>,
-    /// TensorRT: build fp16 engines.
+    /// TensorRT: build fp16 engines for every segment but T5's (the text encoder, which
+    /// overflows in fp16: its engines stay fp32).
     #[arg(long, env = "DDIT_TRT_FP16")]
     trt_fp16: bool,
     /// TensorRT: engine and timing cache root (a subfolder per model hash).

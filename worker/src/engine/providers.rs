@@ -9,6 +9,8 @@ use std::str::FromStr;
 use ort::ep::{self, ExecutionProviderDispatch};
 use ort::memory::{AllocationDevice, AllocatorType, MemoryInfo, MemoryType};
 
+use ddit_schemas::Role;
+
 use super::profiles::TrtProfile;
 use crate::error::{Result, WorkerError};
 
@@ -79,6 +81,8 @@ pub fn parse_providers(s: &str) -> Result<Vec<Provider>> {
 /// TensorRT options.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct TensorRtOptions {
+    /// `--trt-fp16`: TensorRT may pick fp16 kernels, for every segment but T5's
+    /// ([`TensorRtOptions::fp16_for`]).
     pub fp16: bool,
     /// Root of the engine and timing caches; a subfolder per model hash is used.
     pub cache_dir: Option<PathBuf>,
@@ -87,6 +91,14 @@ pub struct TensorRtOptions {
     /// Pixels of the longest image side the profiles cover (`--max-side`; jobs beyond it are
     /// refused at admission).
     pub max_side: u32,
+}
+
+impl TensorRtOptions {
+    /// Whether TensorRT gets fp16 for a segment of `role`: with `--trt-fp16`, every segment but
+    /// T5's pieces, which overflow in fp16 (the exporter keeps them fp32 in half packages too).
+    pub fn fp16_for(&self, role: Role) -> bool {
+        self.fp16 && role != Role::TextEncoder
+    }
 }
 
 /// How a device memory arena grows when it runs out (ONNX Runtime's `arena_extend_strategy`).
@@ -297,10 +309,11 @@ impl EngineConfig {
     }
 
     /// The ort dispatch list, each GPU provider set to fail loudly; TensorRT with the segment's
-    /// optimization profile ([`super::profiles`]).
+    /// optimization profile ([`super::profiles`]), and fp16 unless `role` is T5's.
     pub fn dispatch(
         &self,
         model_hash: &str,
+        role: Role,
         profile: Option<&TrtProfile>,
     ) -> Vec<ExecutionProviderDispatch> {
         self.providers
@@ -316,7 +329,7 @@ impl EngineConfig {
                 Provider::TensorRt { device } => {
                     let mut trt = ep::TensorRT::default()
                         .with_device_id(*device)
-                        .with_fp16(self.tensorrt.fp16);
+                        .with_fp16(self.tensorrt.fp16_for(role));
                     if let Some(dir) = self.trt_cache_for(model_hash, *device) {
                         if let Err(e) = std::fs::create_dir_all(&dir) {
                             tracing::warn!("tensorrt cache {}: {e}", dir.display());
@@ -480,9 +493,29 @@ mod tests {
             Provider::Cpu,
         ];
         assert_eq!(c.primary(), "tensorrt");
-        assert_eq!(c.dispatch("abc", None).len(), 3);
+        assert_eq!(c.dispatch("abc", Role::JointBlocks, None).len(), 3);
         // Registering the TensorRT provider prepares its cache folder.
         assert!(root.path().join("abc").join("sm89-trt10.13.3").is_dir());
+    }
+
+    /// `--trt-fp16` reaches every segment but T5's: T5 overflows in fp16 (its feed-forward
+    /// activations pass 65504), and the exporter keeps it fp32 in half packages for that reason.
+    #[test]
+    fn trt_fp16_leaves_the_text_encoder_in_fp32() {
+        let mut t = TensorRtOptions::default();
+        let roles = [
+            Role::TextEncoder,
+            Role::ContextEmbedder,
+            Role::TimestepEmbed,
+            Role::JointBlocks,
+            Role::ImageHead,
+            Role::VaeDecoder,
+        ];
+        assert!(roles.iter().all(|&r| !t.fp16_for(r)));
+        t.fp16 = true;
+        for r in roles {
+            assert_eq!(t.fp16_for(r), r != Role::TextEncoder, "{r}");
+        }
     }
 
     #[test]
@@ -507,7 +540,7 @@ mod tests {
         ] {
             assert!(set.contains(&format!(r#""{k}": "{v}""#)), "{k}: {set}");
         }
-        assert_eq!(c.dispatch("abc", None).len(), 2);
+        assert_eq!(c.dispatch("abc", Role::JointBlocks, None).len(), 2);
         // GPU requested: strict placement and the shared arena default on; CPU only: off.
         assert!(c.strict() && c.shared());
         c.strict_placement = Some(false);
