@@ -134,6 +134,22 @@ fn read(path: &Path) -> Model {
 }
 
 impl Model {
+    /// The node that outputs `value`, if any.
+    fn producer(&self, value: &str) -> Option<&Node> {
+        self.nodes
+            .iter()
+            .find(|n| n.outputs.iter().any(|o| o == value))
+    }
+
+    /// The first producer up from `value` whose op is not in `through` (following input 0).
+    fn up_through(&self, value: &str, through: &[&str]) -> Option<&Node> {
+        let mut n = self.producer(value)?;
+        while through.contains(&n.op.as_str()) {
+            n = self.producer(&n.inputs[0])?;
+        }
+        Some(n)
+    }
+
     /// Whether `value` is the output of a `Cast` to f32.
     fn cast_to_f32(&self, value: &str) -> bool {
         self.nodes.iter().any(|n| {
@@ -237,4 +253,31 @@ fn bf16_graphs_keep_their_fp32_islands() {
     });
     let seen = check(&dir.path().join("pkg"), &m, BF16);
     assert!(seen.contains_key("attention"), "{seen:?}");
+}
+
+/// `--target tensorrt` in half precision scales Q by 1/√d before `Q·Kᵀ`, not the scores after
+/// it: the product would otherwise be up to √d times larger in fp16 than needed (about 22 times
+/// for the VAE's single 512-channel head) and could overflow to infinity before the scale.
+#[test]
+fn fp16_tensorrt_attention_scales_q_before_the_scores() {
+    let (dir, m) = common::export("tiny-f32", |o| {
+        o.precision = Precision::Fp16;
+        o.blocks_per_segment = Some(2);
+        o.target = Target::TensorRt;
+    });
+    let mut checked = 0;
+    for seg in m.segments.iter().filter(|s| s.precision == Precision::Fp16) {
+        let model = read(&dir.path().join("pkg").join(&seg.files[0].path));
+        for softmax in model.nodes.iter().filter(|n| n.op == "Softmax") {
+            // Softmax <- Cast <- (Add of the bias) <- the scores' MatMul, nothing between.
+            let scores = model.up_through(&softmax.inputs[0], &["Cast", "Add"]).unwrap();
+            assert_eq!(scores.op, "MatMul", "{}: scores from {}", seg.name, scores.op);
+            let q = model
+                .up_through(&scores.inputs[0], &["Transpose", "Reshape"])
+                .unwrap();
+            assert_eq!(q.op, "Mul", "{}: Q not scaled before the MatMul", seg.name);
+            checked += 1;
+        }
+    }
+    assert!(checked > 0);
 }

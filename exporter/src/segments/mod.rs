@@ -416,7 +416,8 @@ impl<'a> Ctx<'a> {
     }
 
     /// [`Ctx::attention`] in operators every TensorRT parser accepts: heads split off by
-    /// Reshape/Transpose, `softmax(scale · Q·Kᵀ + bias)·V` (the softmax in f32), heads merged back.
+    /// Reshape/Transpose, `softmax(scale · Q·Kᵀ + bias)·V` (the softmax in f32; in half precision
+    /// `(scale · Q)·Kᵀ`), heads merged back.
     fn attention_unfused(
         &mut self,
         q: &str,
@@ -432,11 +433,21 @@ impl<'a> Ctx<'a> {
             let x4 = g.reshape(x, &[0, 0, h, -1]);
             g.transpose(&x4, perm)
         };
-        let q4 = split(g, q, &[0, 2, 1, 3]);
+        let scale = scale.filter(|s| *s != 1.0);
+        // Half precision: Q scaled before Q·Kᵀ, so the scores are never √d times larger than
+        // they end up (about 22 times for the VAE's one 512-channel head), which could overflow
+        // fp16 before the scale. fp32 graphs scale the scores after, as they always did (their
+        // files stay byte-identical).
+        let pre = scale.filter(|_| g.is_half()).map(|s| g.scalar(s));
+        let q = match &pre {
+            Some(c) => g.mul(q, c),
+            None => q.to_string(),
+        };
+        let q4 = split(g, &q, &[0, 2, 1, 3]);
         let kt = split(g, k, &[0, 2, 3, 1]);
         let v4 = split(g, v, &[0, 2, 1, 3]);
         let mut s = g.matmul(&q4, &kt);
-        if let Some(scale) = scale.filter(|s| *s != 1.0) {
+        if let Some(scale) = scale.filter(|_| pre.is_none()) {
             let c = g.scalar(scale);
             s = g.mul(&s, &c);
         }
