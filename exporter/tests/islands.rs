@@ -196,12 +196,18 @@ fn check(pkg: &Path, m: &Manifest, half: u64) -> HashMap<&'static str, usize> {
                     "attention"
                 }
                 "InstanceNormalization" => {
-                    assert!(model.cast_to_f32(&n.inputs[0]), "{name}: GroupNorm not in f32");
+                    assert!(
+                        model.cast_to_f32(&n.inputs[0]),
+                        "{name}: GroupNorm not in f32"
+                    );
                     stats.extend(n.inputs[1..].iter().cloned());
                     "group_norm"
                 }
                 "Softmax" => {
-                    assert!(model.cast_to_f32(&n.inputs[0]), "{name}: Softmax not in f32");
+                    assert!(
+                        model.cast_to_f32(&n.inputs[0]),
+                        "{name}: Softmax not in f32"
+                    );
                     "softmax"
                 }
                 _ => continue,
@@ -230,7 +236,10 @@ fn export_fp16(target: Target) -> HashMap<&'static str, usize> {
 fn fp16_graphs_keep_their_fp32_islands() {
     let seen = export_fp16(Target::Cpu);
     for kind in ["layer_norm", "attention", "group_norm"] {
-        assert!(seen.get(kind).copied().unwrap_or(0) > 0, "no {kind}: {seen:?}");
+        assert!(
+            seen.get(kind).copied().unwrap_or(0) > 0,
+            "no {kind}: {seen:?}"
+        );
     }
     assert_eq!(seen.get("softmax"), None, "{seen:?}");
 }
@@ -239,7 +248,10 @@ fn fp16_graphs_keep_their_fp32_islands() {
 fn fp16_tensorrt_graphs_keep_their_fp32_islands() {
     let seen = export_fp16(Target::TensorRt);
     for kind in ["layer_norm", "softmax", "group_norm"] {
-        assert!(seen.get(kind).copied().unwrap_or(0) > 0, "no {kind}: {seen:?}");
+        assert!(
+            seen.get(kind).copied().unwrap_or(0) > 0,
+            "no {kind}: {seen:?}"
+        );
     }
     assert_eq!(seen.get("attention"), None, "{seen:?}");
 }
@@ -270,8 +282,14 @@ fn fp16_tensorrt_attention_scales_q_before_the_scores() {
         let model = read(&dir.path().join("pkg").join(&seg.files[0].path));
         for softmax in model.nodes.iter().filter(|n| n.op == "Softmax") {
             // Softmax <- Cast <- (Add of the bias) <- the scores' MatMul, nothing between.
-            let scores = model.up_through(&softmax.inputs[0], &["Cast", "Add"]).unwrap();
-            assert_eq!(scores.op, "MatMul", "{}: scores from {}", seg.name, scores.op);
+            let scores = model
+                .up_through(&softmax.inputs[0], &["Cast", "Add"])
+                .unwrap();
+            assert_eq!(
+                scores.op, "MatMul",
+                "{}: scores from {}",
+                seg.name, scores.op
+            );
             let q = model
                 .up_through(&scores.inputs[0], &["Transpose", "Reshape"])
                 .unwrap();

@@ -337,7 +337,12 @@ fn precision_is_written_only_on_half_segments() {
     let (dir, m) = export("tiny-f32", half(Precision::Fp16));
     let text = std::fs::read_to_string(dir.path().join("pkg/manifest.json")).unwrap();
     let value: serde_json::Value = serde_json::from_str(&text).unwrap();
-    for (s, spec) in value["segments"].as_array().unwrap().iter().zip(&m.segments) {
+    for (s, spec) in value["segments"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .zip(&m.segments)
+    {
         let want = match spec.precision {
             Precision::Fp32 => None,
             p => Some(serde_json::Value::from(p.as_str())),

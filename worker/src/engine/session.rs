@@ -182,7 +182,11 @@ impl Segment {
                 .map_err(|e| WorkerError::runtime(ctx("builder"), e))?;
         }
         let mut builder = builder
-            .with_execution_providers(cfg.dispatch(&manifest.model.hash, spec.role, profile.as_ref()))
+            .with_execution_providers(cfg.dispatch(
+                &manifest.model.hash,
+                spec.role,
+                profile.as_ref(),
+            ))
             .map_err(|e| WorkerError::Provider {
                 provider: cfg.primary().to_string(),
                 message: e.to_string(),
