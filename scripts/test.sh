@@ -68,6 +68,17 @@ cp target/debug/ddit-worker target/debug/ddit-worker-fault-injection
 cargo build --workspace --bins
 cargo test --workspace
 
+echo "== bf16 graphs (ONNX Runtime's CPU provider has none of their kernels): onnx's reference evaluator against PyTorch's bf16 goldens"
+if ! .ddit/onnxref/bin/python -c "import onnx, ml_dtypes, safetensors" 2>/dev/null; then
+  python3 -m venv .ddit/onnxref
+  .ddit/onnxref/bin/pip install --quiet --disable-pip-version-check \
+    numpy==2.4.6 onnx==1.23.2 ml_dtypes==0.7.0 safetensors==0.8.0
+fi
+rm -rf .ddit/bf16-check
+target/debug/ddit-export convert --checkpoint tests/fixtures/tiny-f32/checkpoint \
+  --out .ddit/bf16-check --name tiny --precision bf16 >/dev/null
+.ddit/onnxref/bin/python tools/reference/check_bf16.py .ddit/bf16-check
+
 echo "== container image (podman, local Debian bases) and the container test"
 # Builds deploy/docker/Dockerfile.cpu, then runs it as deploy/k8s/base says: the fetch-model init
 # container, the worker and the gateway, jobs through the gateway, a SIGTERM drain.
