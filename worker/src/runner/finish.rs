@@ -136,7 +136,7 @@ impl<M: Model> Runner<'_, M> {
         }
         let mut images = self.decode_finished(&done).into_iter();
         for a in done {
-            let (id, task) = (a.job_id.clone(), a.task);
+            let (id, task) = (a.job.job_id.clone(), a.job.task);
             let imgs = images.next().flatten();
             let run = std::panic::AssertUnwindSafe(|| self.finish(a, imgs, sink));
             let r = std::panic::catch_unwind(run).unwrap_or_else(|p| {
@@ -156,7 +156,7 @@ impl<M: Model> Runner<'_, M> {
         images: Option<Images>,
         sink: &mut dyn ImageSink,
     ) -> Option<JobResult> {
-        let _span = a.span.clone().entered();
+        let _span = a.job.span.clone().entered();
         let provider = self.model.provider().to_string();
         let outcome = match &a.work {
             Work::Generate { .. } => images
@@ -177,19 +177,24 @@ impl<M: Model> Runner<'_, M> {
             Ok(x) => x,
             Err(e) => {
                 tracing::warn!("failed: {e}");
-                return Some(self.failed(&a.job_id, Some(a.task), Status::Failed, Some(&e)));
+                return Some(self.failed(
+                    &a.job.job_id,
+                    Some(a.job.task),
+                    Status::Failed,
+                    Some(&e),
+                ));
             }
         };
         tracing::debug!(steps, "succeeded");
         let result = JobResult {
-            job_id: a.job_id.clone(),
+            job_id: a.job.job_id.clone(),
             status: Status::Succeeded,
-            task: Some(a.task.to_string()),
+            task: Some(a.job.task.to_string()),
             outputs: vec![],
             text,
             metrics: Some(Metrics {
-                queue_ms: a.queue_ms,
-                run_ms: a.started.elapsed().as_millis() as u64,
+                queue_ms: a.job.queue_ms,
+                run_ms: a.job.started.elapsed().as_millis() as u64,
                 steps,
                 batch_size: a.batch_max,
                 execution_provider: provider,

@@ -246,8 +246,10 @@ impl<'a, M: Model> Runner<'a, M> {
             self.drop_ended_reads(hooks);
             if hooks.halted() {
                 for a in self.active.drain(..) {
-                    a.span.in_scope(|| tracing::warn!("given back unfinished"));
-                    hooks.given_back(&a.job_id);
+                    a.job
+                        .span
+                        .in_scope(|| tracing::warn!("given back unfinished"));
+                    hooks.given_back(&a.job.job_id);
                 }
                 self.give_back_pending(hooks);
             }

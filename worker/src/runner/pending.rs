@@ -39,23 +39,20 @@ pub(super) struct Admitted {
     pub job_id: String,
     pub task: &'static str,
     pub started: Instant,
+    /// When it was delivered (the job timeout counts from then; without a delivery: `started`).
     pub received: Instant,
+    /// The deadline or the job timeout, whichever comes first (checked between steps).
     pub ends: Option<Instant>,
     pub queue_ms: u64,
+    /// The job's span: its steps are recorded under it, on whichever thread runs them.
     pub span: tracing::Span,
 }
 
 impl Admitted {
     fn activate(self, work: Work) -> Active {
         Active {
-            job_id: self.job_id,
-            task: self.task,
-            started: self.started,
-            received: self.received,
-            ends: self.ends,
-            queue_ms: self.queue_ms,
+            job: self,
             batch_max: 0,
-            span: self.span,
             work,
             reported: None,
         }

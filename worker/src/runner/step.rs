@@ -140,20 +140,20 @@ impl<M: Model> Runner<'_, M> {
         let mut i = 0;
         while i < self.active.len() {
             let a = &self.active[i];
-            let r = if hooks.canceled(&a.job_id) {
-                a.span.in_scope(|| tracing::info!("canceled"));
-                self.failed(&a.job_id, Some(a.task), Status::Canceled, None)
-            } else if a.ends.is_some_and(|t| now >= t) {
+            let r = if hooks.canceled(&a.job.job_id) {
+                a.job.span.in_scope(|| tracing::info!("canceled"));
+                self.failed(&a.job.job_id, Some(a.job.task), Status::Canceled, None)
+            } else if a.job.ends.is_some_and(|t| now >= t) {
                 let (step, total) = a.work.progress();
-                let (secs, ran) = (a.received.elapsed(), a.started.elapsed());
+                let (secs, ran) = (a.job.received.elapsed(), a.job.started.elapsed());
                 let message = format!(
                     "the deadline or the job timeout passed {:.1} s after the delivery ({:.1} s \
                      running), at step {step} of {total}",
                     secs.as_secs_f64(),
                     ran.as_secs_f64()
                 );
-                a.span.in_scope(|| tracing::warn!("{message}"));
-                self.expired(&a.job_id, a.task, message)
+                a.job.span.in_scope(|| tracing::warn!("{message}"));
+                self.expired(&a.job.job_id, a.job.task, message)
             } else {
                 i += 1;
                 continue;
@@ -207,7 +207,7 @@ impl<M: Model> Runner<'_, M> {
             // Recorded in the job's span without entering it; the fields are computed only when
             // a subscriber wants debug events.
             tracing::debug!(
-                parent: &a.span,
+                parent: &a.job.span,
                 kind,
                 image = si,
                 step = a.work.progress().0,
@@ -233,14 +233,14 @@ impl<M: Model> Runner<'_, M> {
         let now = Instant::now();
         for (ai, mut a) in active.into_iter().enumerate() {
             if let Some(e) = failed.remove(&ai) {
-                a.span.in_scope(|| tracing::warn!("failed: {e}"));
-                let r = self.failed(&a.job_id, Some(a.task), Status::Failed, Some(&e));
+                a.job.span.in_scope(|| tracing::warn!("failed: {e}"));
+                let r = self.failed(&a.job.job_id, Some(a.job.task), Status::Failed, Some(&e));
                 hooks.result(r);
             } else if a.work.done() {
                 done.push(a);
             } else {
                 if let Some((step, total)) = a.progress_due(self.cfg.progress_every, now) {
-                    hooks.progress(&a.job_id, step, total);
+                    hooks.progress(&a.job.job_id, step, total);
                 }
                 keep.push(a);
             }

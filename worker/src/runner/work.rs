@@ -3,7 +3,7 @@
 
 use std::time::Instant;
 
-use super::pending::Input;
+use super::pending::{Admitted, Input};
 use super::{LatentMode, Model, Runner};
 use crate::error::{Result, WorkerError};
 use crate::image_io;
@@ -80,17 +80,9 @@ impl Work {
 }
 
 pub(super) struct Active {
-    pub job_id: String,
-    pub task: &'static str,
-    pub started: Instant,
-    /// When it was delivered (the job timeout counts from then; without a delivery: `started`).
-    pub received: Instant,
-    /// The deadline or the job timeout, whichever comes first (checked between steps).
-    pub ends: Option<Instant>,
-    pub queue_ms: u64,
+    /// Who it is, its times and its span (as admitted).
+    pub job: Admitted,
     pub batch_max: u32,
-    /// The job's span: its steps are recorded under it, on whichever thread runs them.
-    pub span: tracing::Span,
     pub work: Work,
     /// When its progress was last reported.
     pub reported: Option<Instant>,

@@ -80,7 +80,7 @@ fn an_idle_runner_takes_half_of_a_busy_runners_jobs_and_each_job_ends_once_as_it
         move || {
             let handed = handoff.take(2, std::time::Duration::from_secs(60));
             go.store(true, Ordering::SeqCst);
-            let ids: Vec<String> = handed.iter().map(|a| a.job_id.clone()).collect();
+            let ids: Vec<String> = handed.iter().map(|a| a.job.job_id.clone()).collect();
             (ids, run_sharing(vec![], handed, handoff, None))
         }
     });
