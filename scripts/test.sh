@@ -54,6 +54,8 @@ cargo clippy --workspace --all-targets -- -D warnings
 cargo clippy -p ddit-worker --no-default-features --features service --all-targets -- -D warnings
 # Local mode alone: no lapin, redis, aws-sdk or OpenTelemetry (the `service` feature off).
 cargo clippy -p ddit-worker --no-default-features --all-targets -- -D warnings
+# The test-only fault hooks (the chaos soak and the panic-isolation test build with them).
+cargo clippy -p ddit-worker --features fault-injection --all-targets -- -D warnings
 if cargo tree -p ddit-worker --no-default-features -e normal --prefix none |
   grep -E '^(lapin|redis|aws-sdk-s3|aws-config|opentelemetry[a-z_-]*|tokio) '; then
   echo "the local-only build pulls in a service dependency (above)" >&2

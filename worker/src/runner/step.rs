@@ -93,7 +93,7 @@ impl<M: Model> Runner<'_, M> {
         #[cfg(feature = "fault-injection")]
         let poisoned = chunk
             .iter()
-            .any(|&(ai, _)| self.active[ai].job_id.contains("ddit-inject-panic"));
+            .any(|&(ai, _)| self.active[ai].job.job_id.contains("ddit-inject-panic"));
         let run = std::panic::AssertUnwindSafe(|| {
             #[cfg(feature = "fault-injection")]
             assert!(!poisoned, "injected panic (the fault-injection feature)");
@@ -121,7 +121,7 @@ impl<M: Model> Runner<'_, M> {
         let holds = |marker: &str| {
             chunk
                 .iter()
-                .any(|&(ai, _)| self.active[ai].job_id.contains(marker))
+                .any(|&(ai, _)| self.active[ai].job.job_id.contains(marker))
         };
         if holds("ddit-inject-device") {
             DEVICE_LOST.store(true, Ordering::SeqCst);
