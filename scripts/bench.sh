@@ -72,6 +72,7 @@ set_, n, work = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 scenes = [json.loads(l) for l in open(f"{set_}/scenes.jsonl")][:n]
 jobs = {
     "generate": [{"task": "generate", "params": {"prompt": s["caption"], "seed": s["id"]}} for s in scenes],
+    "fast": [{"task": "generate", "params": {"prompt": s["caption"], "seed": s["id"], "speed": "fast"}} for s in scenes],
     "caption": [{"task": "caption", "params": {"image": f"{set_}/{s['image']}", "seed": s["id"]}} for s in scenes],
     "vqa": [{"task": "vqa", "params": {"image": f"{set_}/{s['image']}", "question": s["qa"][0]["question"], "seed": s["id"]}} for s in scenes],
 }
@@ -125,7 +126,7 @@ TIMES="$WORK/times.jsonl"
 ddit_round() {
   local w task s
   for w in f32 int8; do
-    for task in generate caption vqa; do
+    for task in generate caption vqa fast; do
       s=$(secs "$w" "$WORK/$task.jsonl") || exit 1
       [ -n "$s" ] || { echo "bench: batch printed no time for $w $task" >&2; exit 1; }
       echo "{\"round\": $1, \"side\": \"$w\", \"task\": \"$task\", \"s\": $s}" >>"$TIMES"
@@ -156,7 +157,7 @@ loads = [r["loadavg"] for r in rows if r["side"] == "load"]
 rows = [r for r in rows if r["side"] != "load"]
 rounds = max(r["round"] for r in rows)
 tasks = ["generate", "caption", "vqa"]
-ips = {(s, t): [n / r["s"] for r in rows if r["side"] == s and r["task"] == t] for s in ("ref", "f32", "int8") for t in tasks}
+ips = {(s, t): [n / r["s"] for r in rows if r["side"] == s and r["task"] == t] for s in ("ref", "f32", "int8") for t in tasks + ["fast"]}
 med = {k: statistics.median(v) for k, v in ips.items()}
 cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), platform.machine())
 print(f"\n{n} items per task, {threads} threads each side, {rounds} rounds (first side alternating), "
@@ -174,6 +175,10 @@ for t in tasks:
     r, d, q = ("ref", t), ("f32", t), ("int8", t)
     print(f"{t:<9} {g:>10.2f} {cell(r):>22} {med[r] * g:>7.1f} {cell(d):>22} {med[d] * g:>7.1f}"
           f" {med[d] / med[r]:>5.2f}x {cell(q):>22} {med[q] / med[r]:>5.2f}x")
+fast = lambda s: [a / b for a, b in zip(ips[(s, "fast")], ips[("ref", "generate")])]
+print(f"generate with \"speed\": \"fast\" (docs/fast-modes.md) against the same reference: "
+      f"{statistics.median(fast('f32')):.2f}x ({min(fast('f32')):.2f}-{max(fast('f32')):.2f}), "
+      f"int8 {statistics.median(fast('int8')):.2f}x ({min(fast('int8')):.2f}-{max(fast('int8')):.2f})")
 busy = [l for l in loads + [sys.argv[9].split()[0]] if float(l) > threads + 0.5]
 rates = [*sg0.values(), *sg1.values()]
 if busy or min(rates) < 0.8 * max(rates):

@@ -73,7 +73,8 @@ enum Cmd {
         /// tensors and keep their weights in that type; T5 and the timestep embedding stay fp32.
         #[arg(long, value_enum, default_value = "fp32", env = "DDIT_PRECISION")]
         precision: PrecisionArg,
-        /// Joint blocks per ONNX file (default: all blocks in one file).
+        /// Joint blocks per ONNX file after block 0, which has a file of its own (the block
+        /// cache runs it alone). Default: all the others in one file.
         #[arg(long, env = "DDIT_BLOCKS_PER_SEGMENT")]
         blocks_per_segment: Option<usize>,
         /// Segments whose weights exceed this many bytes are written with ONNX external data.

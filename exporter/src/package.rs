@@ -203,17 +203,15 @@ impl SegmentWriter<'_> {
         Ok(())
     }
 
-    /// Splits layers `[0, n)` into consecutive ranges of at most `k` layers (all when `None`)
-    /// whose graph (`build`) fits the limit, each as long as it may be; writes each as `role`.
-    /// Returns how many pieces were written.
+    /// Splits each of `ranges` (layers `[start, end)`) into consecutive pieces whose graph
+    /// (`build`) fits the limit, each as long as it may be; writes each as `role`. Returns how
+    /// many pieces were written.
     fn write_layers(
         &mut self,
-        n: usize,
-        k: Option<usize>,
+        ranges: Vec<(usize, usize)>,
         role: Role,
         build: impl Fn(usize, usize) -> Result<Graph>,
     ) -> Result<usize> {
-        let ranges = block_ranges(n, k)?;
         let mut pieces = Vec::new();
         for (start, end) in ranges {
             let mut s = start;
@@ -241,7 +239,8 @@ impl SegmentWriter<'_> {
     }
 }
 
-/// Block ranges `[start, end)` of `k` blocks each (the last may be shorter).
+/// Block ranges `[start, end)`: block 0 alone, then `k` blocks each (the last may be shorter;
+/// all the others when `None`).
 pub fn block_ranges(num_layers: usize, k: Option<usize>) -> Result<Vec<(usize, usize)>> {
     let k = match k {
         None => num_layers,
@@ -253,9 +252,14 @@ pub fn block_ranges(num_layers: usize, k: Option<usize>) -> Result<Vec<(usize, u
         }
         Some(k) => k.min(num_layers),
     };
-    Ok((0..num_layers)
-        .step_by(k.max(1))
-        .map(|s| (s, (s + k).min(num_layers)))
+    let first = (num_layers > 0).then_some((0, 1));
+    Ok(first
+        .into_iter()
+        .chain(
+            (1..num_layers)
+                .step_by(k.max(1))
+                .map(|s| (s, (s + k).min(num_layers))),
+        )
         .collect())
 }
 
@@ -286,7 +290,7 @@ fn write_segments(ck: &Checkpoint, opts: &ExportOptions) -> Result<(Vec<SegmentS
         segments: Vec::new(),
     };
     let (t5c, t5w) = (&ck.t5, &ck.t5_weights);
-    w.write_layers(t5c.num_layers, None, Role::TextEncoder, |s, e| {
+    w.write_layers(vec![(0, t5c.num_layers)], Role::TextEncoder, |s, e| {
         t5::encoder(t5c, t5w, f32_form(quantized), (s, e))
     })?;
     w.write(
@@ -306,16 +310,19 @@ fn write_segments(ck: &Checkpoint, opts: &ExportOptions) -> Result<(Vec<SegmentS
     )?;
     let (null_graph, null_tokens) = transformer::null_image(tc, tw, plain)?;
     w.write(null_graph, Role::NullImage, None)?;
-    // Every block but the last, K per file at most; the last twice, each copy computing one
-    // stream.
+    // Every block but the last: block 0 in a file of its own (the block cache's probe: the
+    // worker runs it alone to decide whether to run the others), then K per file at most; the
+    // last twice, each copy computing one stream.
     let last = tc.num_layers.checked_sub(1).ok_or(ExportError::Argument {
         name: "num_layers".into(),
         message: "the transformer has no joint blocks".into(),
     })?;
     let blocks = |r, keep| transformer::joint_blocks(tc, tw, form(quantized), r, keep);
-    w.write_layers(last, opts.blocks_per_segment, Role::JointBlocks, |s, e| {
-        blocks((s, e), Keep::Both)
-    })?;
+    w.write_layers(
+        block_ranges(last, opts.blocks_per_segment)?,
+        Role::JointBlocks,
+        |s, e| blocks((s, e), Keep::Both),
+    )?;
     for (keep, role) in [(Keep::Image, Role::ImageTail), (Keep::Text, Role::TextTail)] {
         let b = Some([last as u64, last as u64 + 1]);
         w.write(blocks((last, last + 1), keep)?, role, b)?;

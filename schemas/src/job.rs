@@ -56,6 +56,40 @@ pub struct GenerateParams {
     pub seed: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub num_images: Option<u32>,
+    /// A preset of the three options below (each set here wins over it). Absent or `exact`:
+    /// none of them, so the output is the default sampler's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub speed: Option<Speed>,
+    /// The ODE solver. Absent: `euler` (the reference's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub solver: Option<Solver>,
+    /// `[low, high]`: classifier-free guidance only while σ (1 → 0) lies in it; elsewhere one
+    /// conditional row. Absent: guidance at every step.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guidance_interval: Option<[f32; 2]>,
+    /// Reuse the joint blocks' residual from the last computed step while the first block's
+    /// residual has changed by less than this fraction (relative L1). Absent or 0: off.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub block_cache: Option<f32>,
+}
+
+/// Speed presets of a generate job.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Speed {
+    Exact,
+    Fast,
+}
+
+/// Flow-matching ODE solvers.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Solver {
+    /// First order, one model pass per step (diffusers' FlowMatchEulerDiscreteScheduler).
+    #[default]
+    Euler,
+    /// DPM-Solver++(2M): second order from the last two passes, one pass per step.
+    Dpmpp2m,
 }
 
 /// Image to text.

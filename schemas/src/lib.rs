@@ -10,7 +10,7 @@ pub mod package;
 pub mod progress;
 pub mod result;
 
-pub use job::{CaptionParams, GenerateParams, Job, TaskParams, VqaParams};
+pub use job::{CaptionParams, GenerateParams, Job, Solver, Speed, TaskParams, VqaParams};
 pub use manifest::{
     Dim, FileEntry, Manifest, ModelInfo, ModelValues, Precision, Role, SchedulerValues,
     SegmentSpec, TensorDtype, TensorSpec, TextLengths, TokenIds, VaeValues,

@@ -60,6 +60,14 @@ pub struct Metrics {
     /// Where the nodes ran, read from the sessions: every execution provider that ran one,
     /// joined by `+` (`cpu`, `cuda`, `tensorrt+cuda`, `cuda+cpu` without strict placement).
     pub execution_provider: String,
+    /// Model rows (an image's conditional or unconditional velocity at one step) that skipped
+    /// the joint blocks after the first through the block cache (`params.block_cache`).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub cached_rows: u32,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 /// Error kinds form a small fixed set: they drive ack / retry / dead-letter and label metrics.

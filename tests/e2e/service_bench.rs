@@ -152,8 +152,6 @@ fn serve_throughput_against_batch_on_the_same_jobs() {
     let mut serve_flags: Vec<&str> = flags.iter().map(String::as_str).collect();
     serve_flags.extend(["--log", "warn"]);
     serve_flags.extend(["--prefetch", &prefetch]);
-    let mut worker = Worker::start(&names, &pkg, dir.path(), "bench", &serve_flags);
-    worker.wait_ready(Duration::from_secs(120));
     let rt = tokio::runtime::Runtime::new().unwrap();
 
     let out = dir.path().join("out");
@@ -162,40 +160,57 @@ fn serve_throughput_against_batch_on_the_same_jobs() {
         flags.join(" "),
         prefetch
     );
-    // Rounds alternate the two sides, so that both see the same drifts of this shared machine;
-    // the verdict is over all rounds together.
+    // Both sides start cold in every round: `batch` is a new process, and so is `serve` (its
+    // model load excluded: it is ready before the jobs are published). Rounds alternate which
+    // side goes first, so that both see the same drifts of this shared machine; the verdict is
+    // over all rounds together.
     let (mut batch_total, mut serve_total, mut ratios) = (0.0, 0.0, vec![]);
-    let mut passes = forward_passes(&worker);
     for round in 0..rounds {
-        let batch_jobs = jobs(n, &format!("batch{round}"));
-        let file = dir.path().join("jobs.jsonl");
-        let lines: Vec<String> = batch_jobs.iter().map(|j| j.to_string()).collect();
-        std::fs::write(&file, lines.join("\n") + "\n").unwrap();
-        let batch = batch_seconds(&pkg, &file, &out, &flags);
-
-        let serve_jobs = jobs(n, &format!("{}-serve{round}", names.queue));
-        let ids: Vec<String> = serve_jobs
-            .iter()
-            .map(|j| j["job_id"].as_str().unwrap().to_string())
-            .collect();
-        let bodies: Vec<Vec<u8>> = serve_jobs
-            .iter()
-            .map(|j| j.to_string().into_bytes())
-            .collect();
-        let (serve, results) = rt.block_on(serve_seconds(&names, &bodies, &ids));
-        assert_eq!(results.len(), n, "a result is missing");
-        assert!(results
-            .iter()
-            .all(|r| r.status == Status::Succeeded && r.outputs.len() == 1));
-        rt.block_on(assert_outputs_match(&results));
-        let before = std::mem::replace(&mut passes, forward_passes(&worker));
+        let run_batch = || {
+            let batch_jobs = jobs(n, &format!("batch{round}"));
+            let file = dir.path().join("jobs.jsonl");
+            let lines: Vec<String> = batch_jobs.iter().map(|j| j.to_string()).collect();
+            std::fs::write(&file, lines.join("\n") + "\n").unwrap();
+            batch_seconds(&pkg, &file, &out, &flags)
+        };
+        let run_serve = || {
+            let mut worker = Worker::start(&names, &pkg, dir.path(), "bench", &serve_flags);
+            worker.wait_ready(Duration::from_secs(120));
+            let serve_jobs = jobs(n, &format!("{}-serve{round}", names.queue));
+            let ids: Vec<String> = serve_jobs
+                .iter()
+                .map(|j| j["job_id"].as_str().unwrap().to_string())
+                .collect();
+            let bodies: Vec<Vec<u8>> = serve_jobs
+                .iter()
+                .map(|j| j.to_string().into_bytes())
+                .collect();
+            let (serve, results) = rt.block_on(serve_seconds(&names, &bodies, &ids));
+            assert_eq!(results.len(), n, "a result is missing");
+            assert!(results
+                .iter()
+                .all(|r| r.status == Status::Succeeded && r.outputs.len() == 1));
+            rt.block_on(assert_outputs_match(&results));
+            let passes = forward_passes(&worker);
+            worker.sigterm();
+            let _ = worker.child.wait();
+            (serve, passes)
+        };
+        let (batch, (serve, passes)) = if round % 2 == 0 {
+            let b = run_batch();
+            (b, run_serve())
+        } else {
+            let s = run_serve();
+            (run_batch(), s)
+        };
         println!(
-            "service bench: round {round}: batch {:.2} jobs/s ({batch:.2} s, model load excluded), \
-             serve {:.2} jobs/s ({serve:.2} s publish to last result, {:.2} images a forward pass): \
-             serve/batch = {:.3}",
+            "service bench: round {round} ({} first): batch {:.2} jobs/s ({batch:.2} s, model load \
+             excluded), serve {:.2} jobs/s ({serve:.2} s publish to last result, {:.2} images a \
+             forward pass): serve/batch = {:.3}",
+            if round % 2 == 0 { "batch" } else { "serve" },
             n as f64 / batch,
             n as f64 / serve,
-            (passes.1 - before.1) / (passes.0 - before.0).max(1.0),
+            passes.1 / passes.0.max(1.0),
             batch / serve
         );
         (batch_total, serve_total) = (batch_total + batch, serve_total + serve);
@@ -211,7 +226,5 @@ fn serve_throughput_against_batch_on_the_same_jobs() {
         batch_total / serve_total,
         ratios[ratios.len() / 2]
     );
-    worker.sigterm();
-    let _ = worker.child.wait();
     rt.block_on(cleanup(&names));
 }

@@ -23,6 +23,15 @@ fn mixed_jobs(img: &str) -> Vec<Incoming> {
         job(
             json!({"job_id": "g3", "task": "generate", "params": {"prompt": "two objects", "steps": 3, "seed": 3, "width": 24, "height": 12}}),
         ),
+        // The speed options, batched with the exact jobs above (the block cache lends every
+        // row of a mixed pass a cache; those without one compute as they would alone).
+        job(
+            json!({"job_id": "g4", "task": "generate", "params": {"prompt": "a green star", "steps": 4, "seed": 9, "speed": "fast"}}),
+        ),
+        job(
+            json!({"job_id": "g5", "task": "generate", "params": {"prompt": "two objects", "steps": 5, "seed": 10, "num_images": 2,
+                   "solver": "dpmpp2m", "guidance_interval": [0.3, 0.9], "block_cache": 0.5}}),
+        ),
         job(
             json!({"job_id": "c1", "task": "caption", "params": {"image": img, "steps": 6, "seed": 4}}),
         ),
@@ -75,7 +84,7 @@ fn every_task_gives_outputs_of_the_right_shape() {
     let img = dir.path().join("in.png");
     write_png(&img, 40);
     let (rs, sink, hooks) = run_jobs(mixed_jobs(img.to_str().unwrap()), 8);
-    assert_eq!(rs.len(), 8);
+    assert_eq!(rs.len(), 10);
     for r in &rs {
         assert_eq!(r.status, Status::Succeeded, "{}: {:?}", r.job_id, r.error);
         let m = r.metrics.as_ref().unwrap();
@@ -99,7 +108,11 @@ fn every_task_gives_outputs_of_the_right_shape() {
         let d = image::load_from_memory(png).unwrap();
         assert!(d.width() > 0);
     }
-    assert_eq!(sink.0.len(), 4);
+    assert_eq!(sink.0.len(), 7);
+    // The block cache skipped rows of g5 (threshold 0.5) and only of the jobs that asked.
+    let cached = |id: &str| by(id).metrics.as_ref().unwrap().cached_rows;
+    assert!(cached("g5") > 0, "{:?}", by("g5").metrics);
+    assert_eq!((cached("g1"), cached("g2"), cached("g3")), (0, 0, 0));
     for id in ["c1", "c2", "c3", "v1", "v2"] {
         assert!(by(id).text.is_some(), "{id}");
     }

@@ -3,7 +3,7 @@
 
 mod common;
 
-use ddit_worker::sampler::flow::{schedule, FlowState};
+use ddit_worker::sampler::flow::{schedule, FlowState, Sampling};
 use ddit_worker::sampler::rng::JobRng;
 
 #[test]
@@ -39,7 +39,7 @@ fn flow_schedule_matches_diffusers() {
 #[test]
 fn euler_with_guidance_follows_the_formula() {
     let mut rng = JobRng::new(5);
-    let mut s = FlowState::new([1, 2, 2], &mut rng, 10, 3.0, 1000, 7.0);
+    let mut s = FlowState::new([1, 2, 2], &mut rng, 10, &Sampling::euler(3.0, 1000, 7.0));
     let x0 = s.latents.data.clone();
     let (sigmas, _) = schedule(10, 3.0, 1000);
     // v_u = 1, v_c = 2: v = 1 + 7·(2 − 1) = 8 everywhere; Σ dt = σ_end − σ_start = −1.
@@ -54,9 +54,24 @@ fn euler_with_guidance_follows_the_formula() {
 
 #[test]
 fn initial_latents_are_seeded_normals() {
-    let a = FlowState::new([4, 3, 5], &mut JobRng::new(9), 4, 1.0, 1000, 1.0);
-    let b = FlowState::new([4, 3, 5], &mut JobRng::new(9), 4, 1.0, 1000, 1.0);
-    let c = FlowState::new([4, 3, 5], &mut JobRng::new(10), 4, 1.0, 1000, 1.0);
+    let a = FlowState::new(
+        [4, 3, 5],
+        &mut JobRng::new(9),
+        4,
+        &Sampling::euler(1.0, 1000, 1.0),
+    );
+    let b = FlowState::new(
+        [4, 3, 5],
+        &mut JobRng::new(9),
+        4,
+        &Sampling::euler(1.0, 1000, 1.0),
+    );
+    let c = FlowState::new(
+        [4, 3, 5],
+        &mut JobRng::new(10),
+        4,
+        &Sampling::euler(1.0, 1000, 1.0),
+    );
     assert_eq!(a.latents, b.latents);
     assert_ne!(a.latents, c.latents);
     assert_eq!(a.latents.shape, vec![1, 4, 3, 5]);

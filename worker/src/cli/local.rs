@@ -5,7 +5,9 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context};
 use clap::Args;
-use ddit_schemas::{CaptionParams, GenerateParams, Job, JobResult, Status, TaskParams, VqaParams};
+use ddit_schemas::{
+    CaptionParams, GenerateParams, Job, JobResult, Solver, Speed, Status, TaskParams, VqaParams,
+};
 use ddit_worker::adapters::local::memory::{Collect, VecSource};
 use ddit_worker::adapters::local::{finished_ids, FileSource, FolderSink, ResultFile};
 use ddit_worker::runner::{run_threads, ImageSink, Runner};
@@ -36,6 +38,19 @@ pub struct GenerateArgs {
     /// Images to generate; image i uses seed + i and is written as FILE-i.png for i > 0.
     #[arg(long, env = "DDIT_NUM_IMAGES")]
     num_images: Option<u32>,
+    /// `exact` (default) or `fast`: a preset of the three options below (docs/fast-modes.md).
+    #[arg(long, value_parser = snake_enum::<Speed>, env = "DDIT_SPEED")]
+    speed: Option<Speed>,
+    /// `euler` (default, the reference's) or `dpmpp2m` (second order, one pass per step).
+    #[arg(long, value_parser = snake_enum::<Solver>, env = "DDIT_SOLVER")]
+    solver: Option<Solver>,
+    /// `LOW,HIGH`: guidance only while sigma (1 to 0) lies in it (default: every step).
+    #[arg(long, value_parser = interval, env = "DDIT_GUIDANCE_INTERVAL")]
+    guidance_interval: Option<[f32; 2]>,
+    /// Skip the joint blocks after the first while its residual changed by less than this
+    /// fraction since the last computed step (default 0: off).
+    #[arg(long, env = "DDIT_BLOCK_CACHE")]
+    block_cache: Option<f32>,
     /// Output PNG file.
     #[arg(long, env = "DDIT_OUT")]
     out: PathBuf,
@@ -52,7 +67,26 @@ impl From<&GenerateArgs> for GenerateParams {
             height: a.height,
             seed: a.seed,
             num_images: a.num_images,
+            speed: a.speed,
+            solver: a.solver,
+            guidance_interval: a.guidance_interval,
+            block_cache: a.block_cache,
         }
+    }
+}
+
+/// A job schema enum from its JSON name (`fast`, `dpmpp2m`).
+fn snake_enum<T: serde::de::DeserializeOwned>(s: &str) -> Result<T, String> {
+    serde_json::from_value(serde_json::Value::String(s.into())).map_err(|e| e.to_string())
+}
+
+/// `LOW,HIGH`.
+fn interval(s: &str) -> Result<[f32; 2], String> {
+    let parts: Vec<&str> = s.split(',').map(str::trim).collect();
+    let num = |p: &str| p.parse::<f32>().map_err(|e| format!("{p:?}: {e}"));
+    match parts[..] {
+        [lo, hi] => Ok([num(lo)?, num(hi)?]),
+        _ => Err(format!("{s:?} is not LOW,HIGH")),
     }
 }
 

@@ -3,6 +3,7 @@
 //! Sessions need `&mut self` to run, so an engine belongs to one inference thread; a worker with
 //! several inference threads holds several engines. Every method is batch-first.
 
+mod cached;
 pub mod dtype;
 pub mod package;
 pub mod placement;
@@ -22,7 +23,7 @@ pub use providers::{
 use session::{Bound, Input, Segment};
 
 use crate::error::{Result, WorkerError};
-use crate::runner::Model;
+use crate::runner::{BlockCache, Model};
 use crate::tensor::Tensor;
 
 /// One of the joint blocks' two streams.
@@ -202,8 +203,20 @@ impl Engine {
         temb: &Tensor,
         keep: Stream,
     ) -> Result<Tensor> {
+        self.blocks_from(0, x, y, temb, keep)
+    }
+
+    /// [`Engine::blocks`] from block file `from` on (its inputs are the streams before it).
+    fn blocks_from(
+        &mut self,
+        from: usize,
+        x: &Tensor,
+        y: &Tensor,
+        temb: &Tensor,
+        keep: Stream,
+    ) -> Result<Tensor> {
         let mut state: Option<(Tensor, Tensor)> = None;
-        for seg in &mut self.joint_blocks {
+        for seg in self.joint_blocks.iter_mut().skip(from) {
             let (xi, yi) = state.as_ref().map_or((x, y), |(a, b)| (a, b));
             let inputs = vec![Input::F32(xi), Input::F32(yi), Input::F32(temb)];
             let mut out = seg.run(inputs)?;
@@ -330,6 +343,17 @@ impl Model for Engine {
         let x = self.patch_embed(latents)?;
         let x = self.blocks(&x, context, &temb, Stream::Image)?;
         self.image_head(&x, &temb, latents)
+    }
+
+    /// On the host even under `--io-binding`: the cache is compared and kept in host memory.
+    fn velocity_cached(
+        &mut self,
+        latents: &Tensor,
+        context: &Tensor,
+        timesteps: &[f32],
+        caches: &mut [BlockCache],
+    ) -> Result<Tensor> {
+        self.velocity_cached_host(latents, context, timesteps, caches)
     }
 
     fn logits(

@@ -198,6 +198,12 @@ impl<M: Model> Runner<'_, M> {
                 steps,
                 batch_size: a.batch_max,
                 execution_provider: provider,
+                cached_rows: match &a.work {
+                    Work::Generate { caches, .. } => {
+                        caches.iter().flatten().map(|c| c.skipped).sum()
+                    }
+                    Work::Masked { .. } => 0,
+                },
             }),
             error: None,
             attempts: None,

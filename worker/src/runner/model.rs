@@ -24,6 +24,17 @@ pub trait Model {
     /// per row on the 0..num_train_timesteps scale -> velocities `[N, C, h, w]`.
     fn velocity(&mut self, latents: &Tensor, context: &Tensor, timesteps: &[f32])
         -> Result<Tensor>;
+    /// [`Model::velocity`] with a block cache per row: row `i` runs the first joint block, then
+    /// either the rest (updating `caches[i]`) or, when [`BlockCache::hit`] says so, reuses the
+    /// rest's residual from its last computed step. Rows that compute give exactly
+    /// [`Model::velocity`]'s numbers.
+    fn velocity_cached(
+        &mut self,
+        latents: &Tensor,
+        context: &Tensor,
+        timesteps: &[f32],
+        caches: &mut [BlockCache],
+    ) -> Result<Tensor>;
     /// Captioning and VQA, one step: image stream `[N, T, D]`, temb `[N, D]`, canvases `[N][L]`,
     /// and the positions of each canvas whose logits are wanted (its masked ones, ascending) ->
     /// logits `[1, M, V]`, M the number of positions, row `i`'s positions first.
@@ -34,4 +45,45 @@ pub trait Model {
         ids: &[Vec<i64>],
         positions: &[Vec<usize>],
     ) -> Result<Tensor>;
+}
+
+/// One row's block cache (FirstBlockCache): the first joint block's image-stream residual at
+/// the last step that ran every block, and what the other blocks then added to its output.
+#[derive(Debug, Clone, Default)]
+pub struct BlockCache {
+    /// Skip when the residual's relative L1 change is below this (0: never).
+    pub threshold: f32,
+    probe: Option<Vec<f32>>,
+    rest: Option<Vec<f32>>,
+    /// Steps that skipped the blocks.
+    pub skipped: u32,
+}
+
+impl BlockCache {
+    pub fn new(threshold: f32) -> Self {
+        Self {
+            threshold,
+            ..Self::default()
+        }
+    }
+
+    /// The cached residual of the other blocks, when `probe` (this step's first-block
+    /// residual) is within the threshold of the last computed step's.
+    pub fn hit(&self, probe: &[f32]) -> Option<&[f32]> {
+        let (last, rest) = (self.probe.as_deref()?, self.rest.as_deref()?);
+        if last.len() != probe.len() || self.threshold <= 0.0 {
+            return None;
+        }
+        let (mut diff, mut norm) = (0f64, 0f64);
+        for (a, b) in probe.iter().zip(last) {
+            diff += f64::from((a - b).abs());
+            norm += f64::from(b.abs());
+        }
+        (diff < f64::from(self.threshold) * norm).then_some(rest)
+    }
+
+    /// Records a computed step: its first-block residual and the other blocks' residual.
+    pub fn store(&mut self, probe: Vec<f32>, rest: Vec<f32>) {
+        (self.probe, self.rest) = (Some(probe), Some(rest));
+    }
 }

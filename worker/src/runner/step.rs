@@ -7,7 +7,7 @@ use std::time::Instant;
 use ddit_schemas::Status;
 
 use super::work::{GroupKey, Work};
-use super::{Hooks, ImageSink, Model, Runner};
+use super::{BlockCache, Hooks, ImageSink, Model, Runner};
 use crate::error::{Result, WorkerError};
 use crate::tensor::Tensor;
 
@@ -254,14 +254,19 @@ impl<M: Model> Runner<'_, M> {
         // (`FlowState::halves`); rows are borrowed, copied once by `cat`.
         let mut picks = Vec::with_capacity(2 * rows.len());
         let (mut latents, mut ctx_rows, mut ts) = (Vec::new(), Vec::new(), Vec::new());
+        let mut cached = false;
         for half in 0..2 {
             for (k, &(ai, si)) in rows.iter().enumerate() {
                 let Work::Generate {
-                    states, context, ..
+                    states,
+                    context,
+                    caches,
+                    ..
                 } = &self.active[ai].work
                 else {
                     return Err(WorkerError::Internal("mixed batch".into()));
                 };
+                cached |= !caches.is_empty();
                 if states[si].halves()[half] {
                     picks.push((k, half));
                     latents.push(&states[si].latents);
@@ -272,7 +277,11 @@ impl<M: Model> Runner<'_, M> {
         }
         let lat = Tensor::cat(&latents)?;
         let ctx = Tensor::cat(&ctx_rows)?;
-        let v = self.model.velocity(&lat, &ctx, &ts)?;
+        let v = if cached {
+            self.velocity_cached(rows, &picks, &lat, &ctx, &ts)?
+        } else {
+            self.model.velocity(&lat, &ctx, &ts)?
+        };
         let m = v.row_len();
         if v.data.len() != picks.len() * m {
             return Err(WorkerError::Internal(format!(
@@ -295,6 +304,39 @@ impl<M: Model> Runner<'_, M> {
             }
         }
         Ok(())
+    }
+
+    /// The velocity of `picks` (rows of `rows`, by half) through the model's block cache: each
+    /// picked row's cache is lent to the pass and put back; a job without caching lends an empty
+    /// one (threshold 0: computed, with the same numbers as without the cache).
+    fn velocity_cached(
+        &mut self,
+        rows: &[(usize, usize)],
+        picks: &[(usize, usize)],
+        lat: &Tensor,
+        ctx: &Tensor,
+        ts: &[f32],
+    ) -> Result<Tensor> {
+        let mut lent: Vec<BlockCache> = Vec::with_capacity(picks.len());
+        for &(k, half) in picks {
+            let (ai, si) = rows[k];
+            lent.push(match &mut self.active[ai].work {
+                Work::Generate { caches, .. } if !caches.is_empty() => {
+                    std::mem::take(&mut caches[si][half])
+                }
+                _ => BlockCache::default(),
+            });
+        }
+        let v = self.model.velocity_cached(lat, ctx, ts, &mut lent);
+        for (&(k, half), cache) in picks.iter().zip(lent) {
+            let (ai, si) = rows[k];
+            if let Work::Generate { caches, .. } = &mut self.active[ai].work {
+                if let Some(slot) = caches.get_mut(si) {
+                    slot[half] = cache;
+                }
+            }
+        }
+        v
     }
 
     fn forward_masked(&mut self, rows: &[(usize, usize)]) -> Result<()> {

@@ -4,10 +4,10 @@
 use std::time::Instant;
 
 use super::pending::{Admitted, Input};
-use super::{LatentMode, Model, Runner};
+use super::{BlockCache, LatentMode, Model, Runner};
 use crate::error::{Result, WorkerError};
 use crate::image_io;
-use crate::sampler::flow::FlowState;
+use crate::sampler::flow::{FlowState, Sampling};
 use crate::sampler::masked::MaskedState;
 use crate::sampler::rng::JobRng;
 use crate::tasks::{self, CaptionPlan, GeneratePlan, Plan, VqaPlan};
@@ -18,6 +18,8 @@ pub(super) enum Work {
         states: Vec<FlowState>,
         /// Text streams `[1, L, D]` of the negative and the positive prompt, encoded once per job.
         context: [Tensor; 2],
+        /// Each image's [unconditional, conditional] block cache; empty when the job has none.
+        caches: Vec<[BlockCache; 2]>,
         plan: GeneratePlan,
     },
     Masked {
@@ -158,22 +160,28 @@ impl<M: Model> Runner<'_, M> {
             p.height as usize / f,
             p.width as usize / f,
         ];
+        let sampling = Sampling {
+            shift: v.scheduler.shift,
+            num_train_timesteps: v.scheduler.num_train_timesteps as usize,
+            guidance: p.guidance,
+            solver: p.speed.solver,
+            guidance_interval: p.speed.guidance_interval,
+        };
         let states = (0..p.num_images)
             .map(|i| {
                 let mut rng = JobRng::new(p.seed.wrapping_add(u64::from(i)));
-                FlowState::new(
-                    shape,
-                    &mut rng,
-                    p.steps as usize,
-                    v.scheduler.shift,
-                    v.scheduler.num_train_timesteps as usize,
-                    p.guidance,
-                )
+                FlowState::new(shape, &mut rng, p.steps as usize, &sampling)
             })
             .collect();
+        let cache = BlockCache::new(p.speed.block_cache);
+        let caches = match p.speed.caches() {
+            true => vec![[cache.clone(), cache]; p.num_images as usize],
+            false => vec![],
+        };
         Work::Generate {
             states,
             context,
+            caches,
             plan: p,
         }
     }

@@ -1,4 +1,7 @@
-//! Text to image: flow-matching Euler with classifier-free guidance.
+//! Text to image: flow matching with classifier-free guidance, by Euler (the reference's) or
+//! DPM-Solver++(2M), guided at every step or inside an interval of σ.
+
+use ddit_schemas::Solver;
 
 use super::rng::JobRng;
 use crate::tensor::Tensor;
@@ -48,6 +51,30 @@ pub fn schedule(steps: usize, shift: f64, num_train_timesteps: usize) -> (Vec<f3
     (sigmas, timesteps)
 }
 
+/// Sigmas (with the final 0) and timesteps of diffusers' `DPMSolverMultistepScheduler` with
+/// `use_flow_sigmas`, `flow_shift` = `shift` and `final_sigmas_type="zero"`: σ is the shifted
+/// `1 − linspace(1, 1/T, n + 1)`, reversed, without its 0, then 0 appended; timestep = ⌊σ·T⌋
+/// (diffusers casts them to int64). Its grid stops one step earlier than Euler's, which ends at
+/// the shifted 1/T: a second-order step into that last, tiny interval overshoots.
+pub fn dpm_schedule(steps: usize, shift: f64, num_train_timesteps: usize) -> (Vec<f32>, Vec<f32>) {
+    let t = num_train_timesteps as f64;
+    let n = steps.max(1);
+    let mut sigmas: Vec<f32> = (0..n)
+        .map(|i| {
+            // alphas[n − i] of linspace(1, 1/T, n + 1), so that σ descends.
+            let alpha = 1.0 + (1.0 / t - 1.0) * (n - i) as f64 / n as f64;
+            let s = 1.0 - alpha;
+            (shift * s / (1.0 + (shift - 1.0) * s)) as f32
+        })
+        .collect();
+    let timesteps = sigmas
+        .iter()
+        .map(|s| (f64::from(*s) * t).floor() as f32)
+        .collect();
+    sigmas.push(0.0);
+    (sigmas, timesteps)
+}
+
 /// One image being generated.
 pub struct FlowState {
     /// `[1, C, h, w]` in model space.
@@ -56,21 +83,22 @@ pub struct FlowState {
     timesteps: Vec<f32>,
     step: usize,
     guidance: f32,
+    solver: Solver,
+    /// Guidance only while σ lies in `[low, high]`.
+    interval: Option<[f32; 2]>,
+    /// DPM-Solver++(2M)'s memory: the previous step's data prediction and its σ.
+    previous: Option<(Vec<f32>, f32)>,
 }
 
 impl FlowState {
     /// Starts from latents ~ N(0, I) drawn from `rng`.
-    pub fn new(
-        shape: [usize; 3],
-        rng: &mut JobRng,
-        steps: usize,
-        shift: f64,
-        num_train_timesteps: usize,
-        guidance: f32,
-    ) -> Self {
+    pub fn new(shape: [usize; 3], rng: &mut JobRng, steps: usize, s: &Sampling) -> Self {
         let n = shape.iter().product();
         let data = (0..n).map(|_| rng.normal()).collect();
-        let (sigmas, timesteps) = schedule(steps, shift, num_train_timesteps);
+        let (sigmas, timesteps) = match s.solver {
+            Solver::Euler => schedule(steps, s.shift, s.num_train_timesteps),
+            Solver::Dpmpp2m => dpm_schedule(steps, s.shift, s.num_train_timesteps),
+        };
         Self {
             latents: Tensor {
                 shape: vec![1, shape[0], shape[1], shape[2]],
@@ -79,7 +107,10 @@ impl FlowState {
             sigmas,
             timesteps,
             step: 0,
-            guidance,
+            guidance: s.guidance,
+            solver: s.solver,
+            interval: s.guidance_interval,
+            previous: None,
         }
     }
 
@@ -100,24 +131,113 @@ impl FlowState {
         self.timesteps[self.step.min(self.timesteps.len() - 1)]
     }
 
+    /// The guidance scale of the current step: the job's inside its guidance interval, 1
+    /// (the conditional velocity alone) outside it.
+    fn scale(&self) -> f32 {
+        let sigma = self.sigmas[self.step.min(self.sigmas.len() - 1)];
+        match self.interval {
+            Some([lo, hi]) if !(lo..=hi).contains(&sigma) => 1.0,
+            _ => self.guidance,
+        }
+    }
+
     /// Which velocities the step needs, `[unconditional, conditional]`: both, except at w = 1
     /// (v = v_c) and w = 0 (v = v_u), where the other row would be multiplied by zero.
     pub fn halves(&self) -> [bool; 2] {
-        [self.guidance != 1.0, self.guidance != 0.0]
+        let w = self.scale();
+        [w != 1.0, w != 0.0]
     }
 
-    /// `v = v_u + w·(v_c − v_u)`; `x ← x + (σ_{i+1} − σ_i)·v`. A half that [`halves`] says is
-    /// not needed is passed as the other one, which gives v exactly.
+    /// `v = v_u + w·(v_c − v_u)`, then one solver step from σ_i to σ_{i+1}. A half that
+    /// [`halves`] says is not needed is passed as the other one, which gives v exactly.
     ///
     /// [`halves`]: FlowState::halves
     pub fn apply(&mut self, v_uncond: &[f32], v_cond: &[f32]) {
-        let dt = self.sigmas[self.step + 1] - self.sigmas[self.step];
-        let w = self.guidance;
-        for ((x, u), c) in self.latents.data.iter_mut().zip(v_uncond).zip(v_cond) {
-            let v = u + w * (c - u);
-            *x += dt * v;
+        let (s, t) = (self.sigmas[self.step], self.sigmas[self.step + 1]);
+        let w = self.scale();
+        let guided = v_uncond.iter().zip(v_cond).map(|(u, c)| u + w * (c - u));
+        match self.solver {
+            Solver::Euler => {
+                let dt = t - s;
+                for (x, v) in self.latents.data.iter_mut().zip(guided) {
+                    *x += dt * v;
+                }
+            }
+            Solver::Dpmpp2m => {
+                let x0: Vec<f32> = self
+                    .latents
+                    .data
+                    .iter()
+                    .zip(guided)
+                    .map(|(x, v)| x - s * v)
+                    .collect();
+                // diffusers' `lower_order_final`: first order at the last step, and at the one
+                // before it under 15 steps.
+                let n = self.timesteps.len();
+                let second = !(n < 15 && self.step + 2 == n);
+                let prev_sigma = self.previous.as_ref().filter(|_| second).map(|p| p.1);
+                let [a, b, c] = dpmpp_2m(prev_sigma, s, t);
+                let prev = self
+                    .previous
+                    .as_ref()
+                    .filter(|_| second)
+                    .map(|p| p.0.as_slice());
+                for (i, x) in self.latents.data.iter_mut().enumerate() {
+                    let p = prev.map_or(0.0, |p| c * p[i]);
+                    *x = a * *x + b * x0[i] + p;
+                }
+                self.previous = Some((x0, s));
+            }
         }
         self.step += 1;
+    }
+}
+
+/// The coefficients `[a, b, c]` of DPM-Solver++(2M)'s step from σ = `s` to `t` for flow
+/// matching (α = 1 − σ, x₀ = x − σ·v): `x_t = a·x + b·x₀ + c·x₀_prev`, where `x₀_prev` was
+/// predicted at σ = `prev`. First order (DDIM in data prediction) on the first step, on the
+/// last one (to σ = 0, where it returns x₀) and wherever the previous σ was 1 (λ = −∞).
+pub fn dpmpp_2m(prev: Option<f32>, s: f32, t: f32) -> [f32; 3] {
+    let (s, t) = (f64::from(s), f64::from(t));
+    if t <= 0.0 {
+        return [0.0, 1.0, 0.0];
+    }
+    let lambda = |sigma: f64| ((1.0 - sigma) / sigma).ln();
+    let a = t / s;
+    // e^{−h} with h = λ_t − λ_s, computed without λ_s (−∞ at σ = 1).
+    let e = ((1.0 - s) * t) / (s * (1.0 - t));
+    let first = (1.0 - t) * (1.0 - e);
+    match prev.map(f64::from) {
+        Some(p) if p < 1.0 && s < 1.0 => {
+            let h = lambda(t) - lambda(s);
+            let r = (lambda(s) - lambda(p)) / h;
+            let d = first / (2.0 * r);
+            [a as f32, (first + d) as f32, (-d) as f32]
+        }
+        _ => [a as f32, first as f32, 0.0],
+    }
+}
+
+/// The sampler settings shared by a job's images.
+#[derive(Debug, Clone, Copy)]
+pub struct Sampling {
+    pub shift: f64,
+    pub num_train_timesteps: usize,
+    pub guidance: f32,
+    pub solver: Solver,
+    pub guidance_interval: Option<[f32; 2]>,
+}
+
+impl Sampling {
+    /// The reference's sampler: Euler, guidance at every step.
+    pub fn euler(shift: f64, num_train_timesteps: usize, guidance: f32) -> Self {
+        Self {
+            shift,
+            num_train_timesteps,
+            guidance,
+            solver: Solver::Euler,
+            guidance_interval: None,
+        }
     }
 }
 
@@ -136,5 +256,114 @@ mod tests {
         assert!(s.windows(2).all(|w| w[1] < w[0]));
         let (s1, _) = schedule(1, 3.0, 1000);
         assert_eq!(s1, vec![1.0, 0.0]);
+    }
+
+    #[test]
+    fn dpm_schedule_is_diffusers() {
+        // DPMSolverMultistepScheduler(use_flow_sigmas=True, prediction_type="flow_prediction",
+        // flow_shift=3.0, final_sigmas_type="zero").set_timesteps(3) in diffusers 0.42.1.
+        let (s, t) = dpm_schedule(3, 3.0, 1000);
+        let want = [0.999_666_45, 0.856_775_3, 0.599_639_83, 0.0];
+        assert!(
+            s.iter().zip(want).all(|(a, b)| (a - b).abs() < 1e-6),
+            "{s:?}"
+        );
+        assert_eq!(t, vec![999.0, 856.0, 599.0]);
+        let (s, _) = dpm_schedule(14, 3.0, 1000);
+        assert!((s[12] - 0.333_074).abs() < 1e-6 && (s[13] - 0.187_335_92).abs() < 1e-6);
+    }
+
+    /// Samples 1-D data ~ N(mu, sd²) with its exact velocity (E[x₀ | x_σ] is linear), from
+    /// noise `eps`; the flow ODE's exact answer is mu + sd·eps.
+    fn sample_gaussian(solver: Solver, steps: usize, eps: f32) -> f32 {
+        let (mu, sd) = (0.7f32, 0.3f32);
+        let s = Sampling {
+            shift: 3.0,
+            num_train_timesteps: 1000,
+            guidance: 1.0,
+            solver,
+            guidance_interval: None,
+        };
+        let mut st = FlowState::new([1, 1, 1], &mut JobRng::new(0), steps, &s);
+        st.latents.data[0] = eps;
+        while !st.done() {
+            let sigma = st.sigmas[st.step];
+            let x = st.latents.data[0];
+            let a = 1.0 - sigma;
+            let x0 = mu + a * sd * sd / (a * a * sd * sd + sigma * sigma) * (x - a * mu);
+            let v = (x - x0) / sigma;
+            st.apply(&[v], &[v]);
+        }
+        st.latents.data[0]
+    }
+
+    #[test]
+    fn dpmpp_2m_follows_diffusers_and_both_solvers_reach_the_exact_flow() {
+        // diffusers 0.42.1's DPMSolverMultistepScheduler (flow sigmas, shift 3, final σ 0) on the
+        // same exact velocity, from eps = -1.5, 0.2 and 2.0.
+        let diffusers = [
+            (8, [0.448_422_35, 0.733_499_3, 1.035_345_5]),
+            (14, [0.350_225_33, 0.746_575, 1.166_239_3]),
+        ];
+        for (steps, want) in diffusers {
+            for (eps, w) in [-1.5f32, 0.2, 2.0].into_iter().zip(want) {
+                let got = sample_gaussian(Solver::Dpmpp2m, steps, eps);
+                assert!(
+                    (got - w).abs() < 1e-4,
+                    "{steps} steps, eps {eps}: {got} != {w}"
+                );
+            }
+        }
+        for eps in [-1.5f32, 0.2, 2.0] {
+            let exact = 0.7 + 0.3 * eps;
+            let err = |solver| (sample_gaussian(solver, 200, eps) - exact).abs();
+            assert!(err(Solver::Euler) < 2e-3, "euler: {}", err(Solver::Euler));
+            assert!(
+                err(Solver::Dpmpp2m) < 3e-3,
+                "dpm++2m: {}",
+                err(Solver::Dpmpp2m)
+            );
+        }
+    }
+
+    #[test]
+    fn dpmpp_2m_is_first_order_at_the_ends_and_exact_for_a_constant_prediction() {
+        assert_eq!(dpmpp_2m(Some(0.5), 0.3, 0.0), [0.0, 1.0, 0.0]);
+        assert_eq!(dpmpp_2m(Some(1.0), 0.9, 0.8)[2], 0.0);
+        assert_eq!(dpmpp_2m(None, 1.0, 0.8)[2], 0.0);
+        // With x₀ the same at every step, x = (1 − σ)·x₀ + σ·ε stays on its line: a + b + c = 1
+        // on x₀ and a·σ_s = σ_t on ε.
+        let [a, b, c] = dpmpp_2m(Some(0.8), 0.6, 0.4);
+        assert!((a * 0.6 - 0.4).abs() < 1e-6 && (a * 0.4 + b + c - 0.6).abs() < 1e-6);
+    }
+
+    #[test]
+    fn outside_the_guidance_interval_only_the_conditional_row_runs() {
+        let s = Sampling {
+            shift: 1.0,
+            num_train_timesteps: 1000,
+            guidance: 5.0,
+            solver: Solver::Euler,
+            guidance_interval: Some([0.2, 0.6]),
+        };
+        let mut st = FlowState::new([1, 1, 1], &mut JobRng::new(0), 10, &s);
+        let mut seen = vec![];
+        while !st.done() {
+            let sigma = st.sigmas[st.step];
+            seen.push((sigma, st.halves()));
+            let x = st.latents.data[0];
+            // Guidance 5 on (u, c) = (0, 1) gives 5; the conditional row alone gives 1.
+            st.apply(&[0.0], &[1.0]);
+            let dt = st.sigmas[st.step] - sigma;
+            let v = (st.latents.data[0] - x) / dt;
+            let want = if (0.2..=0.6).contains(&sigma) {
+                5.0
+            } else {
+                1.0
+            };
+            assert!((v - want).abs() < 1e-3, "σ {sigma}: v {v}");
+        }
+        assert!(seen.iter().any(|(_, h)| *h == [true, true]));
+        assert!(seen.iter().any(|(_, h)| *h == [false, true]));
     }
 }

@@ -3,12 +3,14 @@
 
 pub mod input;
 mod limits;
+mod speed;
 
 use ddit_schemas::{Job, Manifest, TaskParams};
 
 use crate::error::{Result, WorkerError};
 use crate::sampler::rng::seed_from_job_id;
 pub use limits::JobLimits;
+pub use speed::SpeedOptions;
 
 /// D-DiT's defaults (the paper's settings).
 pub const GENERATE_STEPS: u32 = 28;
@@ -62,6 +64,7 @@ pub struct GeneratePlan {
     pub height: u32,
     pub seed: u64,
     pub num_images: u32,
+    pub speed: SpeedOptions,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -186,15 +189,18 @@ pub fn plan(job: &Job, m: &Manifest, limits: &JobLimits) -> Result<Plan> {
             limits.check_pixels(width, height)?;
             let num_images = range_u32("params.num_images", p.num_images, 1, 1, MAX_IMAGES)?;
             limits.check_images(num_images)?;
+            let (speed, default_steps) = SpeedOptions::of(p, GENERATE_STEPS)?;
+            speed.check_package(m)?;
             Ok(Plan::Generate(GeneratePlan {
                 prompt: p.prompt.clone(),
                 negative_prompt,
-                steps: steps(p.steps, GENERATE_STEPS, limits)?,
+                steps: steps(p.steps, default_steps, limits)?,
                 guidance,
                 width,
                 height,
                 seed: p.seed.unwrap_or(default_seed),
                 num_images,
+                speed,
             }))
         }
         TaskParams::Caption(p) => {

@@ -8,7 +8,7 @@ use std::fs::File;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 
-use ddit_schemas::{CaptionParams, GenerateParams, Job, TaskParams, VqaParams};
+use ddit_schemas::{CaptionParams, GenerateParams, Job, Solver, Speed, TaskParams, VqaParams};
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
@@ -49,6 +49,15 @@ pub struct ManifestLine {
     pub height: Option<u32>,
     #[serde(default)]
     pub num_images: Option<u32>,
+    /// Generate: the speed options of the job schema.
+    #[serde(default)]
+    pub speed: Option<Speed>,
+    #[serde(default)]
+    pub solver: Option<Solver>,
+    #[serde(default)]
+    pub guidance_interval: Option<[f32; 2]>,
+    #[serde(default)]
+    pub block_cache: Option<f32>,
 }
 
 /// One unit of work: its output name, its job (image not yet uploaded) and a local image.
@@ -147,6 +156,10 @@ pub(super) fn params_for(
             height: line.height,
             seed: line.seed,
             num_images: line.num_images,
+            speed: line.speed,
+            solver: line.solver,
+            guidance_interval: line.guidance_interval,
+            block_cache: line.block_cache,
         }),
         other => {
             return Err(bad_input(
