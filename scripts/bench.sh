@@ -157,7 +157,8 @@ loads = [r["loadavg"] for r in rows if r["side"] == "load"]
 rows = [r for r in rows if r["side"] != "load"]
 rounds = max(r["round"] for r in rows)
 tasks = ["generate", "caption", "vqa"]
-ips = {(s, t): [n / r["s"] for r in rows if r["side"] == s and r["task"] == t] for s in ("ref", "f32", "int8") for t in tasks + ["fast"]}
+ips = {(s, t): [n / r["s"] for r in rows if r["side"] == s and r["task"] == t]
+       for s in ("ref", "f32", "int8") for t in tasks + (["fast"] if s != "ref" else [])}
 med = {k: statistics.median(v) for k, v in ips.items()}
 cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), platform.machine())
 print(f"\n{n} items per task, {threads} threads each side, {rounds} rounds (first side alternating), "

@@ -451,3 +451,24 @@ pub fn convert(opts: &ExportOptions) -> Result<Manifest> {
     std::fs::write(&mpath, text + "\n").map_err(|e| ExportError::io(&mpath, e))?;
     Ok(manifest)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::block_ranges;
+
+    #[test]
+    fn block_0_is_alone_then_k_per_file() {
+        let r = |n, k| block_ranges(n, k).ok();
+        assert_eq!(r(0, None), Some(vec![]));
+        assert_eq!(r(1, None), Some(vec![(0, 1)]));
+        assert_eq!(r(2, None), Some(vec![(0, 1), (1, 2)]));
+        assert_eq!(r(5, None), Some(vec![(0, 1), (1, 5)]));
+        assert_eq!(
+            r(5, Some(1)),
+            Some(vec![(0, 1), (1, 2), (2, 3), (3, 4), (4, 5)])
+        );
+        assert_eq!(r(6, Some(2)), Some(vec![(0, 1), (1, 3), (3, 5), (5, 6)]));
+        assert_eq!(r(3, Some(9)), Some(vec![(0, 1), (1, 3)]));
+        assert_eq!(r(3, Some(0)), None);
+    }
+}

@@ -38,9 +38,14 @@ fn convert_then_inspect() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(
-        ["joint_blocks_0_2", "image_tail_2_3", "text_tail_2_3"]
-            .iter()
-            .all(|s| text.contains(s)),
+        [
+            "joint_blocks_0_1",
+            "joint_blocks_1_2",
+            "image_tail_2_3",
+            "text_tail_2_3"
+        ]
+        .iter()
+        .all(|s| text.contains(s)),
         "{text}"
     );
     assert!(text.contains("f16 weights"), "{text}");

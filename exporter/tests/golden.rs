@@ -89,7 +89,8 @@ fn odd_layer_count_splits_into_uneven_segments() {
         .by_role(Role::JointBlocks)
         .map(|s| s.blocks.unwrap())
         .collect();
-    assert_eq!(ranges, vec![[0, 2]]);
+    // Block 0 alone (the block cache runs it so), then at most 2 a file.
+    assert_eq!(ranges, vec![[0, 1], [1, 2]]);
     for tail in [Role::ImageTail, Role::TextTail] {
         assert_eq!(m.by_role(tail).next().unwrap().blocks, Some([2, 3]));
     }
@@ -163,7 +164,7 @@ fn external_data_path_loads_and_matches_inline() {
         .map(|s| s.name.as_str())
         .collect();
     assert!(
-        external.contains(&"text_encoder") && external.contains(&"joint_blocks_0_3"),
+        external.contains(&"text_encoder") && external.contains(&"joint_blocks_1_3"),
         "{external:?}"
     );
     for s in m.segments.iter().filter(|s| s.files.len() == 2) {

@@ -21,7 +21,7 @@ fn jobs() -> Vec<Value> {
         json!({"job_id": "g-1", "task": "generate", "params": {"prompt": "a red circle"}}),
         json!({"job_id": "g-2", "task": "generate", "params": {"prompt": "a red circle", "negative_prompt": "blue",
                "steps": 10, "guidance": 4.5, "width": 32, "height": 32, "seed": 7, "num_images": 2,
-               "speed": "fast", "solver": "dpmpp2m", "guidance_interval": [0.2, 0.9], "block_cache": 0.1},
+               "speed": "fast", "solver": "dpmpp2m", "guidance_interval": [0.25, 0.875], "block_cache": 0.125},
                "deadline": "2026-12-01T00:00:00Z", "submitted_at": "2026-11-30T00:00:00Z"}),
         json!({"job_id": "c-1", "task": "caption", "params": {"image": "s3://in/a.png", "steps": 16, "length": 16,
                "prompt": "a", "seed": 1}}),

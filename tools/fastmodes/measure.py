@@ -26,7 +26,10 @@ from PIL import Image
 # name -> params. "exact" is the baseline every ratio and PSNR is taken against.
 MODES = {
     "exact": {},
+    "euler-18": {"steps": 18},
+    "euler-16": {"steps": 16},
     "euler-14": {"steps": 14},
+    "euler-12": {"steps": 12},
     "euler-10": {"steps": 10},
     "dpm-14": {"solver": "dpmpp2m", "steps": 14},
     "dpm-10": {"solver": "dpmpp2m", "steps": 10},
@@ -35,16 +38,11 @@ MODES = {
     "cache-0.05": {"block_cache": 0.05},
     "cache-0.1": {"block_cache": 0.1},
     "cache-0.2": {"block_cache": 0.2},
-    "euler-14+cache-0.1": {"steps": 14, "block_cache": 0.1},
-    "euler-14+cache-0.1+interval-0.9": {"steps": 14, "block_cache": 0.1, "guidance_interval": [0.0, 0.9]},
-    "dpm-14+cache-0.1": {"solver": "dpmpp2m", "steps": 14, "block_cache": 0.1},
-    "euler-12": {"steps": 12},
-    "euler-18": {"steps": 18},
-    "euler-14+cache-0.15": {"steps": 14, "block_cache": 0.15},
-    "euler-14+cache-0.2": {"steps": 14, "block_cache": 0.2},
     "euler-18+cache-0.1": {"steps": 18, "block_cache": 0.1},
+    "euler-16+cache-0.1": {"steps": 16, "block_cache": 0.1},
+    "euler-14+cache-0.1": {"steps": 14, "block_cache": 0.1},
     "euler-18+cache-0.15": {"steps": 18, "block_cache": 0.15},
-    "euler-18+cache-0.15+interval-0.9": {"steps": 18, "block_cache": 0.15, "guidance_interval": [0.0, 0.9]},
+    "euler-16+cache-0.1+interval-0.9": {"steps": 16, "block_cache": 0.1, "guidance_interval": [0.0, 0.9]},
     "fast": {"speed": "fast"},
 }
 

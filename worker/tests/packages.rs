@@ -244,9 +244,10 @@ fn a_package_split_under_a_small_file_limit_runs_jobs_to_the_same_bytes() {
     const LIMIT: u64 = 150_000;
     let ms = export(&ck, &split, |o| o.max_file_bytes = LIMIT);
 
-    // Unsplit: one T5 file, one block file. Split: every segment's files under the limit.
+    // Unsplit: one T5 file, two block files (block 0 alone, then the others). Split: every
+    // segment's files under the limit.
     assert_eq!(mw.by_role(Role::TextEncoder).count(), 1);
-    assert_eq!(mw.by_role(Role::JointBlocks).count(), 1);
+    assert_eq!(mw.by_role(Role::JointBlocks).count(), 2);
     let big = segment_bytes(&whole, &mw).into_iter().map(|(_, b)| b).max();
     assert!(big.unwrap() > LIMIT, "the limit must force splits");
     for (name, bytes) in segment_bytes(&split, &ms) {
@@ -264,6 +265,7 @@ fn a_package_split_under_a_small_file_limit_runs_jobs_to_the_same_bytes() {
         .collect();
     assert_eq!(t5, want);
     let blocks = pieces(Role::JointBlocks);
+    // Block 0 alone, then the others (which fit the limit; T5 is what it splits).
     assert!(blocks.len() > 1, "{blocks:?}");
     let ranges: Vec<[u64; 2]> = blocks.iter().map(|(_, r)| *r).collect();
     assert!(ranges.windows(2).all(|w| w[0][1] == w[1][0]), "{ranges:?}");

@@ -70,7 +70,7 @@ fn an_fp16_package_computes_what_the_fp32_package_computes_to_fp16_accuracy() {
         .manifest
         .segments
         .iter()
-        .find(|s| s.name == "joint_blocks_0_2");
+        .find(|s| s.name == "joint_blocks_1_3");
     assert_eq!(joint.unwrap().inputs[0].dtype, TensorDtype::F16);
     let v = a.manifest.values.clone();
     let (c, s, d) = (

@@ -5,8 +5,18 @@
 use super::session::Input;
 use super::{take, Engine, Stream};
 use crate::error::{Result, WorkerError};
-use crate::runner::BlockCache;
+use crate::runner::{BlockCache, CacheUpdate};
 use crate::tensor::Tensor;
+
+fn same_shape(what: &str, a: &Tensor, b: &Tensor) -> Result<()> {
+    match a.shape == b.shape {
+        true => Ok(()),
+        false => Err(WorkerError::Internal(format!(
+            "block cache: {what} {:?} against {:?}",
+            a.shape, b.shape
+        ))),
+    }
+}
 
 impl Engine {
     pub(super) fn velocity_cached_host(
@@ -14,8 +24,8 @@ impl Engine {
         latents: &Tensor,
         context: &Tensor,
         timesteps: &[f32],
-        caches: &mut [BlockCache],
-    ) -> Result<Tensor> {
+        caches: &[&BlockCache],
+    ) -> Result<(Tensor, Vec<CacheUpdate>)> {
         let n = latents.batch();
         if caches.len() != n || self.joint_blocks.is_empty() {
             return Err(WorkerError::Internal(format!(
@@ -28,58 +38,67 @@ impl Engine {
         let x0 = self.patch_embed(latents)?;
         let inputs = vec![Input::F32(&x0), Input::F32(context), Input::F32(&temb)];
         let mut out = self.joint_blocks[0].run(inputs)?;
-        let x1 = take(&mut out, "joint_blocks")?;
+        let mut x = take(&mut out, "joint_blocks")?;
         let y1 = take(&mut out, "joint_blocks")?;
-        let m = x1.row_len();
-        let mut x = x1.clone();
-        // Nothing in `caches` changes until the pass has succeeded: a failed pass is retried
-        // row by row and must find each cache as it was.
+        same_shape("block 0's image stream", &x, &x0)?;
+        let m = x.row_len();
+        // Rows that hit get their cached residual added in place; the others are computed.
+        let mut updates = Vec::with_capacity(n);
         let mut misses = Vec::new();
         for (i, cache) in caches.iter().enumerate() {
             let row = i * m..(i + 1) * m;
-            let probe: Vec<f32> = x1.data[row.clone()]
+            if !cache.on() {
+                misses.push(i);
+                updates.push(CacheUpdate::None);
+                continue;
+            }
+            let probe: Vec<f32> = x.data[row.clone()]
                 .iter()
                 .zip(&x0.data[row.clone()])
                 .map(|(a, b)| a - b)
                 .collect();
-            match cache.hit(&probe) {
-                Some(rest) => {
-                    for (xi, r) in x.data[row].iter_mut().zip(rest) {
-                        *xi += r;
-                    }
-                }
-                None => misses.push((i, probe)),
+            if let Some(rest) = cache.hit(&probe) {
+                x.data[row]
+                    .iter_mut()
+                    .zip(rest)
+                    .for_each(|(xi, r)| *xi += r);
+                updates.push(CacheUpdate::Skipped);
+            } else {
+                misses.push(i);
+                let rest = Vec::new();
+                updates.push(CacheUpdate::Store { probe, rest });
             }
         }
-        let mut stores = Vec::with_capacity(misses.len());
         if !misses.is_empty() {
-            let pick = |t: &Tensor| -> Result<Tensor> {
-                let rows: Vec<Tensor> = misses.iter().map(|(i, _)| t.row(*i)).collect();
-                Tensor::cat(&rows.iter().collect::<Vec<_>>())
-            };
             let outs = if misses.len() == n {
-                self.blocks_from(1, &x1, &y1, &temb, Stream::Image)?
+                self.blocks_from(1, &x, &y1, &temb, Stream::Image)?
             } else {
-                let (xs, ys, ts) = (pick(&x1)?, pick(&y1)?, pick(&temb)?);
+                let pick = |t: &Tensor| -> Result<Tensor> {
+                    let rows: Vec<Tensor> = misses.iter().map(|&i| t.row(i)).collect();
+                    Tensor::cat(&rows.iter().collect::<Vec<_>>())
+                };
+                let (xs, ys, ts) = (pick(&x)?, pick(&y1)?, pick(&temb)?);
                 self.blocks_from(1, &xs, &ys, &ts, Stream::Image)?
             };
-            for (k, (i, probe)) in misses.into_iter().enumerate() {
+            if outs.data.len() != misses.len() * m {
+                return Err(WorkerError::Internal(format!(
+                    "block cache: image stream {:?} for {} rows",
+                    outs.shape,
+                    misses.len()
+                )));
+            }
+            for (k, &i) in misses.iter().enumerate() {
                 let (row, out) = (i * m..(i + 1) * m, &outs.data[k * m..(k + 1) * m]);
-                let rest = out.iter().zip(&x1.data[row.clone()]).map(|(o, a)| o - a);
-                stores.push((i, probe, rest.collect::<Vec<f32>>()));
+                if let CacheUpdate::Store { rest, .. } = &mut updates[i] {
+                    *rest = out
+                        .iter()
+                        .zip(&x.data[row.clone()])
+                        .map(|(o, a)| o - a)
+                        .collect();
+                }
                 x.data[row].copy_from_slice(out);
             }
         }
-        let v = self.image_head(&x, &temb, latents)?;
-        let computed: Vec<usize> = stores.iter().map(|(i, _, _)| *i).collect();
-        for (i, probe, rest) in stores {
-            caches[i].store(probe, rest);
-        }
-        for (i, cache) in caches.iter_mut().enumerate() {
-            if !computed.contains(&i) {
-                cache.skipped += 1;
-            }
-        }
-        Ok(v)
+        Ok((self.image_head(&x, &temb, latents)?, updates))
     }
 }

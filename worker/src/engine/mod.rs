@@ -23,7 +23,7 @@ pub use providers::{
 use session::{Bound, Input, Segment};
 
 use crate::error::{Result, WorkerError};
-use crate::runner::{BlockCache, Model};
+use crate::runner::{BlockCache, CacheUpdate, Model};
 use crate::tensor::Tensor;
 
 /// One of the joint blocks' two streams.
@@ -351,8 +351,8 @@ impl Model for Engine {
         latents: &Tensor,
         context: &Tensor,
         timesteps: &[f32],
-        caches: &mut [BlockCache],
-    ) -> Result<Tensor> {
+        caches: &[&BlockCache],
+    ) -> Result<(Tensor, Vec<CacheUpdate>)> {
         self.velocity_cached_host(latents, context, timesteps, caches)
     }
 

@@ -37,7 +37,7 @@ use crate::text::TextCodec;
 pub use finish::{encode_images, ended_result, Decoded, Png};
 pub use handoff::Handoff;
 use handoff::Member;
-pub use model::{BlockCache, Model};
+pub use model::{BlockCache, CacheUpdate, Model};
 use pending::{Admitted, Input, Pending, Reads};
 pub use threads::run_threads;
 use work::Active;

@@ -25,16 +25,18 @@ pub trait Model {
     fn velocity(&mut self, latents: &Tensor, context: &Tensor, timesteps: &[f32])
         -> Result<Tensor>;
     /// [`Model::velocity`] with a block cache per row: row `i` runs the first joint block, then
-    /// either the rest (updating `caches[i]`) or, when [`BlockCache::hit`] says so, reuses the
-    /// rest's residual from its last computed step. Rows that compute give exactly
-    /// [`Model::velocity`]'s numbers.
+    /// either the rest or, when [`BlockCache::hit`] says so, reuses the rest's residual from its
+    /// last computed step. Rows that compute give exactly [`Model::velocity`]'s numbers. The
+    /// caches are only read: the returned updates (one per row) are committed by the caller once
+    /// the whole step has succeeded, so that a failed pass retried row by row finds them as
+    /// they were.
     fn velocity_cached(
         &mut self,
         latents: &Tensor,
         context: &Tensor,
         timesteps: &[f32],
-        caches: &mut [BlockCache],
-    ) -> Result<Tensor>;
+        caches: &[&BlockCache],
+    ) -> Result<(Tensor, Vec<CacheUpdate>)>;
     /// Captioning and VQA, one step: image stream `[N, T, D]`, temb `[N, D]`, canvases `[N][L]`,
     /// and the positions of each canvas whose logits are wanted (its masked ones, ascending) ->
     /// logits `[1, M, V]`, M the number of positions, row `i`'s positions first.
@@ -59,7 +61,26 @@ pub struct BlockCache {
     pub skipped: u32,
 }
 
+/// What a step did with a row's [`BlockCache`].
+#[derive(Debug)]
+pub enum CacheUpdate {
+    /// The row ran every block without a cache (threshold 0).
+    None,
+    /// The row ran every block: its first-block residual and the other blocks' residual.
+    Store { probe: Vec<f32>, rest: Vec<f32> },
+    /// The row skipped the blocks after the first.
+    Skipped,
+}
+
 impl BlockCache {
+    /// A row without a cache.
+    pub const OFF: Self = Self {
+        threshold: 0.0,
+        probe: None,
+        rest: None,
+        skipped: 0,
+    };
+
     pub fn new(threshold: f32) -> Self {
         Self {
             threshold,
@@ -67,11 +88,15 @@ impl BlockCache {
         }
     }
 
+    pub fn on(&self) -> bool {
+        self.threshold > 0.0
+    }
+
     /// The cached residual of the other blocks, when `probe` (this step's first-block
     /// residual) is within the threshold of the last computed step's.
     pub fn hit(&self, probe: &[f32]) -> Option<&[f32]> {
         let (last, rest) = (self.probe.as_deref()?, self.rest.as_deref()?);
-        if last.len() != probe.len() || self.threshold <= 0.0 {
+        if !self.on() || last.len() != probe.len() || rest.len() != probe.len() {
             return None;
         }
         let (mut diff, mut norm) = (0f64, 0f64);
@@ -82,8 +107,55 @@ impl BlockCache {
         (diff < f64::from(self.threshold) * norm).then_some(rest)
     }
 
-    /// Records a computed step: its first-block residual and the other blocks' residual.
-    pub fn store(&mut self, probe: Vec<f32>, rest: Vec<f32>) {
-        (self.probe, self.rest) = (Some(probe), Some(rest));
+    /// Records what a step that succeeded did.
+    pub fn commit(&mut self, update: CacheUpdate) {
+        match update {
+            CacheUpdate::None => {}
+            CacheUpdate::Store { probe, rest } => {
+                (self.probe, self.rest) = (Some(probe), Some(rest))
+            }
+            CacheUpdate::Skipped => self.skipped += 1,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stored(threshold: f32, probe: Vec<f32>) -> BlockCache {
+        let mut c = BlockCache::new(threshold);
+        let rest = vec![9.0; probe.len()];
+        c.commit(CacheUpdate::Store { probe, rest });
+        c
+    }
+
+    #[test]
+    fn a_hit_needs_a_stored_step_a_threshold_and_a_change_below_it() {
+        assert!(BlockCache::new(0.5).hit(&[1.0]).is_none(), "nothing stored");
+        assert!(stored(0.0, vec![1.0]).hit(&[1.0]).is_none(), "threshold 0");
+        assert!(
+            stored(0.5, vec![1.0, 1.0]).hit(&[1.0]).is_none(),
+            "another length"
+        );
+        // |Δ| = 0.2 against |last| = 2: 0.1 of it.
+        let c = stored(0.1, vec![1.0, -1.0]);
+        assert!(c.hit(&[1.1, -0.9]).is_none(), "at the threshold is a miss");
+        assert_eq!(c.hit(&[1.05, -0.95]), Some(&[9.0, 9.0][..]));
+        // A zero residual never hits (0 < 0 is false), so a dead row recomputes.
+        assert!(stored(0.5, vec![0.0, 0.0]).hit(&[0.0, 0.0]).is_none());
+    }
+
+    #[test]
+    fn commits_store_and_count() {
+        let mut c = BlockCache::new(0.5);
+        c.commit(CacheUpdate::None);
+        assert!(c.hit(&[1.0]).is_none());
+        c.commit(CacheUpdate::Store {
+            probe: vec![1.0],
+            rest: vec![2.0],
+        });
+        c.commit(CacheUpdate::Skipped);
+        assert_eq!((c.hit(&[1.0]), c.skipped), (Some(&[2.0][..]), 1));
     }
 }

@@ -11,6 +11,9 @@ use super::{BlockCache, Hooks, ImageSink, Model, Runner};
 use crate::error::{Result, WorkerError};
 use crate::tensor::Tensor;
 
+/// The cache lent to a row of a job without one.
+static NO_CACHE: BlockCache = BlockCache::OFF;
+
 /// (index of the active job, index of its image) for each row of a forward pass.
 type Rows = Vec<(usize, usize)>;
 
@@ -251,36 +254,36 @@ impl<M: Model> Runner<'_, M> {
 
     fn forward_generate(&mut self, rows: &[(usize, usize)]) -> Result<()> {
         // Batched as [uncond rows..., cond rows...], each row only where its guidance needs it
-        // (`FlowState::halves`); rows are borrowed, copied once by `cat`.
+        // (`FlowState::halves`); rows are borrowed, copied once by `cat`. A job with a block
+        // cache is grouped apart (`GroupKey`), so a pass either caches every row or none.
         let mut picks = Vec::with_capacity(2 * rows.len());
-        let (mut latents, mut ctx_rows, mut ts) = (Vec::new(), Vec::new(), Vec::new());
-        let mut cached = false;
+        let (mut latents, mut ctx_rows, mut ts, mut caches) = (vec![], vec![], vec![], vec![]);
         for half in 0..2 {
             for (k, &(ai, si)) in rows.iter().enumerate() {
                 let Work::Generate {
                     states,
                     context,
-                    caches,
+                    caches: own,
                     ..
                 } = &self.active[ai].work
                 else {
                     return Err(WorkerError::Internal("mixed batch".into()));
                 };
-                cached |= !caches.is_empty();
                 if states[si].halves()[half] {
                     picks.push((k, half));
                     latents.push(&states[si].latents);
                     ctx_rows.push(&context[half]);
                     ts.push(states[si].timestep());
+                    caches.push(own.get(si).map_or(&NO_CACHE, |c| &c[half]));
                 }
             }
         }
         let lat = Tensor::cat(&latents)?;
         let ctx = Tensor::cat(&ctx_rows)?;
-        let v = if cached {
-            self.velocity_cached(rows, &picks, &lat, &ctx, &ts)?
+        let (v, updates) = if caches.iter().any(|c| c.on()) {
+            self.model.velocity_cached(&lat, &ctx, &ts, &caches)?
         } else {
-            self.model.velocity(&lat, &ctx, &ts)?
+            (self.model.velocity(&lat, &ctx, &ts)?, vec![])
         };
         let m = v.row_len();
         if v.data.len() != picks.len() * m {
@@ -295,48 +298,29 @@ impl<M: Model> Runner<'_, M> {
         for (j, &(k, half)) in picks.iter().enumerate() {
             at[k][half] = Some(j);
         }
+        let mut steps = Vec::with_capacity(rows.len());
         for (&(ai, si), [u, c]) in rows.iter().zip(at) {
             let (Some(u), Some(c)) = (u.or(c), c.or(u)) else {
                 return Err(WorkerError::Internal("a row with no velocity".into()));
             };
+            steps.push((ai, si, u, c));
+        }
+        // Nothing changed before this point: a failed pass is retried row by row from the same
+        // state.
+        for (ai, si, u, c) in steps {
             if let Work::Generate { states, .. } = &mut self.active[ai].work {
                 states[si].apply(&v.data[u * m..(u + 1) * m], &v.data[c * m..(c + 1) * m]);
             }
         }
-        Ok(())
-    }
-
-    /// The velocity of `picks` (rows of `rows`, by half) through the model's block cache: each
-    /// picked row's cache is lent to the pass and put back; a job without caching lends an empty
-    /// one (threshold 0: computed, with the same numbers as without the cache).
-    fn velocity_cached(
-        &mut self,
-        rows: &[(usize, usize)],
-        picks: &[(usize, usize)],
-        lat: &Tensor,
-        ctx: &Tensor,
-        ts: &[f32],
-    ) -> Result<Tensor> {
-        let mut lent: Vec<BlockCache> = Vec::with_capacity(picks.len());
-        for &(k, half) in picks {
-            let (ai, si) = rows[k];
-            lent.push(match &mut self.active[ai].work {
-                Work::Generate { caches, .. } if !caches.is_empty() => {
-                    std::mem::take(&mut caches[si][half])
-                }
-                _ => BlockCache::default(),
-            });
-        }
-        let v = self.model.velocity_cached(lat, ctx, ts, &mut lent);
-        for (&(k, half), cache) in picks.iter().zip(lent) {
+        for (&(k, half), update) in picks.iter().zip(updates) {
             let (ai, si) = rows[k];
             if let Work::Generate { caches, .. } = &mut self.active[ai].work {
-                if let Some(slot) = caches.get_mut(si) {
-                    slot[half] = cache;
+                if let Some(c) = caches.get_mut(si) {
+                    c[half].commit(update);
                 }
             }
         }
-        v
+        Ok(())
     }
 
     fn forward_masked(&mut self, rows: &[(usize, usize)]) -> Result<()> {

@@ -61,13 +61,17 @@ impl Work {
     pub(super) fn key(&self) -> GroupKey {
         match self {
             Work::Generate {
-                states, context, ..
+                states,
+                context,
+                caches,
+                ..
             } => GroupKey::Generate {
                 latent: states
                     .first()
                     .map(|s| s.latents.shape.clone())
                     .unwrap_or_default(),
                 text: context[0].shape.clone(),
+                cached: !caches.is_empty(),
             },
             Work::Masked {
                 state,
@@ -115,6 +119,9 @@ pub(super) enum GroupKey {
     Generate {
         latent: Vec<usize>,
         text: Vec<usize>,
+        /// Jobs with a block cache share passes only with each other: the others keep the
+        /// plain (and, under `--io-binding`, device-resident) path.
+        cached: bool,
     },
     Masked {
         tokens: Vec<usize>,

@@ -52,25 +52,29 @@ pub fn schedule(steps: usize, shift: f64, num_train_timesteps: usize) -> (Vec<f3
 }
 
 /// Sigmas (with the final 0) and timesteps of diffusers' `DPMSolverMultistepScheduler` with
-/// `use_flow_sigmas`, `flow_shift` = `shift` and `final_sigmas_type="zero"`: σ is the shifted
-/// `1 − linspace(1, 1/T, n + 1)`, reversed, without its 0, then 0 appended; timestep = ⌊σ·T⌋
-/// (diffusers casts them to int64). Its grid stops one step earlier than Euler's, which ends at
-/// the shifted 1/T: a second-order step into that last, tiny interval overshoots.
+/// `use_flow_sigmas`, `flow_shift` = `shift` and `final_sigmas_type="zero"`, in its float types:
+/// α = numpy's `linspace(1, 1/T, n + 1)` in f64, σ the shifted 1 − α reversed without its 0,
+/// timestep = σ·T in f64 truncated (diffusers casts to int64), σ cast to f32, then 0 appended.
+/// Its grid stops one step earlier than Euler's, which ends at the shifted 1/T.
 pub fn dpm_schedule(steps: usize, shift: f64, num_train_timesteps: usize) -> (Vec<f32>, Vec<f32>) {
     let t = num_train_timesteps as f64;
     let n = steps.max(1);
-    let mut sigmas: Vec<f32> = (0..n)
+    let step = (1.0 / t - 1.0) / n as f64;
+    let alpha = |j: usize| {
+        if j == n {
+            1.0 / t
+        } else {
+            j as f64 * step + 1.0
+        }
+    };
+    let grid: Vec<f64> = (0..n)
         .map(|i| {
-            // alphas[n − i] of linspace(1, 1/T, n + 1), so that σ descends.
-            let alpha = 1.0 + (1.0 / t - 1.0) * (n - i) as f64 / n as f64;
-            let s = 1.0 - alpha;
-            (shift * s / (1.0 + (shift - 1.0) * s)) as f32
+            let s = 1.0 - alpha(n - i);
+            shift * s / (1.0 + (shift - 1.0) * s)
         })
         .collect();
-    let timesteps = sigmas
-        .iter()
-        .map(|s| (f64::from(*s) * t).floor() as f32)
-        .collect();
+    let timesteps = grid.iter().map(|s| (s * t).trunc() as f32).collect();
+    let mut sigmas: Vec<f32> = grid.iter().map(|&s| s as f32).collect();
     sigmas.push(0.0);
     (sigmas, timesteps)
 }
@@ -86,8 +90,9 @@ pub struct FlowState {
     solver: Solver,
     /// Guidance only while σ lies in `[low, high]`.
     interval: Option<[f32; 2]>,
-    /// DPM-Solver++(2M)'s memory: the previous step's data prediction and its σ.
-    previous: Option<(Vec<f32>, f32)>,
+    /// DPM-Solver++(2M)'s memory: the previous step's data prediction, its σ and its guidance
+    /// scale.
+    previous: Option<(Vec<f32>, f32, f32)>,
 }
 
 impl FlowState {
@@ -171,22 +176,17 @@ impl FlowState {
                     .zip(guided)
                     .map(|(x, v)| x - s * v)
                     .collect();
-                // diffusers' `lower_order_final`: first order at the last step, and at the one
-                // before it under 15 steps.
-                let n = self.timesteps.len();
-                let second = !(n < 15 && self.step + 2 == n);
-                let prev_sigma = self.previous.as_ref().filter(|_| second).map(|p| p.1);
-                let [a, b, c] = dpmpp_2m(prev_sigma, s, t);
-                let prev = self
-                    .previous
-                    .as_ref()
-                    .filter(|_| second)
-                    .map(|p| p.0.as_slice());
+                // Second order from the previous data prediction, unless the guidance scale
+                // changed at the edge of the guidance interval: x₀ under another scale is not
+                // a point of the same trajectory to extrapolate from.
+                let prev = self.previous.as_ref().filter(|p| p.2 == w);
+                let [a, b, c] = dpmpp_2m(prev.map(|p| p.1), s, t);
+                let prev = prev.map(|p| p.0.as_slice());
                 for (i, x) in self.latents.data.iter_mut().enumerate() {
                     let p = prev.map_or(0.0, |p| c * p[i]);
                     *x = a * *x + b * x0[i] + p;
                 }
-                self.previous = Some((x0, s));
+                self.previous = Some((x0, s, w));
             }
         }
         self.step += 1;
@@ -317,12 +317,9 @@ mod tests {
         for eps in [-1.5f32, 0.2, 2.0] {
             let exact = 0.7 + 0.3 * eps;
             let err = |solver| (sample_gaussian(solver, 200, eps) - exact).abs();
-            assert!(err(Solver::Euler) < 2e-3, "euler: {}", err(Solver::Euler));
-            assert!(
-                err(Solver::Dpmpp2m) < 3e-3,
-                "dpm++2m: {}",
-                err(Solver::Dpmpp2m)
-            );
+            // Both converge; at 200 steps the second-order one is the closer.
+            let (e, d) = (err(Solver::Euler), err(Solver::Dpmpp2m));
+            assert!(e < 2e-2 && d < 3e-3 && d < e, "euler {e}, dpm++2m {d}");
         }
     }
 

@@ -5,7 +5,7 @@ pub mod input;
 mod limits;
 mod speed;
 
-use ddit_schemas::{Job, Manifest, TaskParams};
+use ddit_schemas::{GenerateParams, Job, Manifest, TaskParams};
 
 use crate::error::{Result, WorkerError};
 use crate::sampler::rng::seed_from_job_id;
@@ -151,58 +151,71 @@ pub fn validate_job_id(id: &str) -> Result<()> {
     }
 }
 
+/// A generate job's plan: its texts, guidance, sizes, images and speed options, against the
+/// model and this worker's `limits`.
+fn plan_generate(
+    p: &GenerateParams,
+    m: &Manifest,
+    limits: &JobLimits,
+    default_seed: u64,
+) -> Result<GeneratePlan> {
+    let g = Geometry::of(m);
+    text("params.prompt", &p.prompt, false, limits)?;
+    let negative_prompt = p.negative_prompt.clone().unwrap_or_default();
+    text("params.negative_prompt", &negative_prompt, true, limits)?;
+    let guidance = p.guidance.unwrap_or(GENERATE_GUIDANCE);
+    if !guidance.is_finite() || !(0.0..=MAX_GUIDANCE).contains(&guidance) {
+        return Err(WorkerError::invalid(
+            "params.guidance",
+            format!("{guidance} is outside the allowed range 0..={MAX_GUIDANCE}"),
+        ));
+    }
+    let side = |field: &str, v: Option<u32>| -> Result<u32> {
+        let v = v.unwrap_or(g.native);
+        if v < g.multiple || v > g.max || !v.is_multiple_of(g.multiple) {
+            return Err(WorkerError::invalid(
+                field,
+                format!(
+                    "{v} must be a multiple of {} between {} and {} pixels",
+                    g.multiple, g.multiple, g.max
+                ),
+            ));
+        }
+        JobLimits::check(field, v.into(), limits.max_side.into(), "--max-side")?;
+        Ok(v)
+    };
+    let (width, height) = (
+        side("params.width", p.width)?,
+        side("params.height", p.height)?,
+    );
+    limits.check_pixels(width, height)?;
+    let num_images = range_u32("params.num_images", p.num_images, 1, 1, MAX_IMAGES)?;
+    limits.check_images(num_images)?;
+    let (speed, default_steps) = SpeedOptions::of(p, GENERATE_STEPS)?;
+    let asked = match p.block_cache {
+        Some(_) => "params.block_cache",
+        None => "params.speed",
+    };
+    speed.check_package(m, asked)?;
+    Ok(GeneratePlan {
+        prompt: p.prompt.clone(),
+        negative_prompt,
+        steps: steps(p.steps, default_steps, limits)?,
+        guidance,
+        width,
+        height,
+        seed: p.seed.unwrap_or(default_seed),
+        num_images,
+        speed,
+    })
+}
+
 /// Validates a job against the model and this worker's `limits`, and fills in defaults.
 pub fn plan(job: &Job, m: &Manifest, limits: &JobLimits) -> Result<Plan> {
     validate_job_id(&job.job_id)?;
     let default_seed = seed_from_job_id(&job.job_id);
-    let g = Geometry::of(m);
     match &job.task {
-        TaskParams::Generate(p) => {
-            text("params.prompt", &p.prompt, false, limits)?;
-            let negative_prompt = p.negative_prompt.clone().unwrap_or_default();
-            text("params.negative_prompt", &negative_prompt, true, limits)?;
-            let guidance = p.guidance.unwrap_or(GENERATE_GUIDANCE);
-            if !guidance.is_finite() || !(0.0..=MAX_GUIDANCE).contains(&guidance) {
-                return Err(WorkerError::invalid(
-                    "params.guidance",
-                    format!("{guidance} is outside the allowed range 0..={MAX_GUIDANCE}"),
-                ));
-            }
-            let side = |field: &str, v: Option<u32>| -> Result<u32> {
-                let v = v.unwrap_or(g.native);
-                if v < g.multiple || v > g.max || !v.is_multiple_of(g.multiple) {
-                    return Err(WorkerError::invalid(
-                        field,
-                        format!(
-                            "{v} must be a multiple of {} between {} and {} pixels",
-                            g.multiple, g.multiple, g.max
-                        ),
-                    ));
-                }
-                JobLimits::check(field, v.into(), limits.max_side.into(), "--max-side")?;
-                Ok(v)
-            };
-            let (width, height) = (
-                side("params.width", p.width)?,
-                side("params.height", p.height)?,
-            );
-            limits.check_pixels(width, height)?;
-            let num_images = range_u32("params.num_images", p.num_images, 1, 1, MAX_IMAGES)?;
-            limits.check_images(num_images)?;
-            let (speed, default_steps) = SpeedOptions::of(p, GENERATE_STEPS)?;
-            speed.check_package(m)?;
-            Ok(Plan::Generate(GeneratePlan {
-                prompt: p.prompt.clone(),
-                negative_prompt,
-                steps: steps(p.steps, default_steps, limits)?,
-                guidance,
-                width,
-                height,
-                seed: p.seed.unwrap_or(default_seed),
-                num_images,
-                speed,
-            }))
-        }
+        TaskParams::Generate(p) => plan_generate(p, m, limits, default_seed).map(Plan::Generate),
         TaskParams::Caption(p) => {
             input::check_uri("params.image", &p.image)?;
             if let Some(pr) = &p.prompt {

@@ -45,13 +45,14 @@ impl SpeedOptions {
 
     /// The block cache needs the first joint block in a file of its own (`ddit-export` writes
     /// it so since the cache came in); an older package is refused, naming the field.
-    pub fn check_package(&self, m: &Manifest) -> Result<()> {
+    /// `field` names what asked for it (`params.block_cache`, or `params.speed`'s preset).
+    pub fn check_package(&self, m: &Manifest, field: &str) -> Result<()> {
         let first = m.by_role(Role::JointBlocks).next().and_then(|s| s.blocks);
         if !self.caches() || first == Some([0, 1]) {
             return Ok(());
         }
         Err(WorkerError::invalid(
-            "params.block_cache",
+            field,
             format!(
                 "this package's first joint-block file holds blocks {first:?}, not block 0 \
                  alone; export it again with this ddit-export to use the block cache"
@@ -101,7 +102,7 @@ mod tests {
     fn params(v: serde_json::Value) -> GenerateParams {
         let mut v = v;
         v["prompt"] = "p".into();
-        serde_json::from_value(v).unwrap_or_default()
+        serde_json::from_value(v).expect("valid generate params")
     }
 
     #[test]

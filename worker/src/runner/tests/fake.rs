@@ -6,7 +6,7 @@ use std::rc::Rc;
 
 use ddit_schemas::Manifest;
 
-use super::super::BlockCache;
+use super::super::{BlockCache, CacheUpdate};
 
 use super::super::Model;
 use crate::error::{Result, WorkerError};
@@ -33,7 +33,9 @@ pub fn manifest() -> Manifest {
             "text_lengths": {"prompt": 8, "caption": 8, "vqa": 48}
         },
         "tokenizer": file,
-        "segments": []
+        // Block 0 in a file of its own, as the exporter writes it (the block cache checks).
+        "segments": [{"name": "joint_blocks_0_1", "role": "joint_blocks", "blocks": [0, 1],
+                      "files": [], "parameters": 0, "inputs": [], "outputs": []}]
     }))
     .unwrap()
 }
@@ -90,6 +92,17 @@ impl Fake {
         }
         Ok(())
     }
+}
+
+fn velocity(latents: &Tensor, context: &Tensor, ts: &[f32]) -> Result<Tensor> {
+    let n = latents.row_len();
+    let data = latents
+        .data
+        .iter()
+        .enumerate()
+        .map(|(k, x)| x * 0.5 + row_mean(context, k / n) * 0.1 + ts[k / n] * 1e-3)
+        .collect();
+    Tensor::new(latents.shape.clone(), data)
 }
 
 fn row_mean(t: &Tensor, i: usize) -> f32 {
@@ -154,14 +167,7 @@ impl Model for Fake {
     }
     fn velocity(&mut self, latents: &Tensor, context: &Tensor, ts: &[f32]) -> Result<Tensor> {
         self.record("velocity", latents)?;
-        let n = latents.row_len();
-        let data = latents
-            .data
-            .iter()
-            .enumerate()
-            .map(|(k, x)| x * 0.5 + row_mean(context, k / n) * 0.1 + ts[k / n] * 1e-3)
-            .collect();
-        Tensor::new(latents.shape.clone(), data)
+        velocity(latents, context, ts)
     }
     /// The latents stand in for the first block's residual and the velocity for the rest's.
     fn velocity_cached(
@@ -169,21 +175,28 @@ impl Model for Fake {
         latents: &Tensor,
         context: &Tensor,
         ts: &[f32],
-        caches: &mut [BlockCache],
-    ) -> Result<Tensor> {
-        let mut v = self.velocity(latents, context, ts)?;
+        caches: &[&BlockCache],
+    ) -> Result<(Tensor, Vec<CacheUpdate>)> {
+        let mut v = velocity(latents, context, ts)?;
         let n = latents.row_len();
-        for (i, cache) in caches.iter_mut().enumerate() {
-            let probe = &latents.data[i * n..(i + 1) * n];
-            match cache.hit(probe) {
+        let mut updates = Vec::with_capacity(caches.len());
+        for (i, cache) in caches.iter().enumerate() {
+            let (probe, row) = (&latents.data[i * n..(i + 1) * n], i * n..(i + 1) * n);
+            updates.push(match cache.hit(probe) {
                 Some(rest) => {
-                    v.data[i * n..(i + 1) * n].copy_from_slice(rest);
-                    cache.skipped += 1;
+                    v.data[row].copy_from_slice(rest);
+                    CacheUpdate::Skipped
                 }
-                None => cache.store(probe.to_vec(), v.data[i * n..(i + 1) * n].to_vec()),
-            }
+                None => CacheUpdate::Store {
+                    probe: probe.to_vec(),
+                    rest: v.data[row].to_vec(),
+                },
+            });
         }
-        Ok(v)
+        // Recorded last: an injected failure comes after the cache decisions were made, the
+        // worst place for a retry.
+        self.record("velocity", latents)?;
+        Ok((v, updates))
     }
     fn logits(
         &mut self,

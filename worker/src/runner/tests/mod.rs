@@ -13,6 +13,7 @@ use ddit_schemas::{CaptionParams, GenerateParams, Job, JobResult, Status, TaskPa
 use super::*;
 use crate::tasks::input::LocalFetcher;
 
+mod cache;
 mod fake;
 mod handoff;
 mod stages;
