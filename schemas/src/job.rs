@@ -57,7 +57,7 @@ pub struct GenerateParams {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub num_images: Option<u32>,
     /// A preset of `steps` and the three options below (each set here wins over it). Absent or
-    /// `exact`: none of them, so the output is the default sampler's; `fast`: Euler, 18 steps
+    /// `exact`: none of them, so the output is the default sampler's; `fast`: Euler, 16 steps
     /// (when `steps` is absent), `block_cache` 0.1.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub speed: Option<Speed>,

@@ -26,17 +26,17 @@ impl SpeedOptions {
         block_cache: 0.0,
     };
 
-    /// `"speed": "fast"` (and its step count, used when the job sets none): the fastest
-    /// combination `tools/fastmodes/measure.py` found that keeps the demo model's ShapesEval
-    /// generation score at 0.80 or more with a margin (0.817 against 0.820 exact, 1.78× the
-    /// exact sampler's speed; `docs/fast-modes.md`). Neither the guidance interval nor
-    /// DPM-Solver++(2M) made that cut on the demo model.
+    /// `"speed": "fast"` (and its step count, used when the job sets none): of the combinations
+    /// `tools/fastmodes/measure.py` measured, the fastest that keeps the demo model's ShapesEval
+    /// generation score at 0.81 or more (0.817 against 0.820 exact, 1.78× the exact sampler;
+    /// `docs/fast-modes.md`). Neither the guidance interval nor DPM-Solver++(2M) made that cut
+    /// on the demo model.
     pub const FAST: Self = Self {
         solver: Solver::Euler,
         guidance_interval: None,
         block_cache: 0.1,
     };
-    pub const FAST_STEPS: u32 = 18;
+    pub const FAST_STEPS: u32 = 16;
 
     /// Whether the first block's output is compared at every step.
     pub fn caches(&self) -> bool {

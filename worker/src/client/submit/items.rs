@@ -453,7 +453,8 @@ pub(super) mod tests {
             concat!(
                 "{\"image\": \"a.jpg\", \"task\": \"vqa\", \"question\": \"what shape?\"}\n",
                 "\n",
-                "{\"id\": \"p1\", \"task\": \"generate\", \"prompt\": \"a red circle\", \"seed\": 3}\n",
+                "{\"id\": \"p1\", \"task\": \"generate\", \"prompt\": \"a red circle\", \"seed\": 3, ",
+                "\"speed\": \"fast\", \"solver\": \"dpmpp2m\", \"guidance_interval\": [0.25, 1], \"block_cache\": 0.5}\n",
                 "{\"image\": \"s3://bucket/x.png\"}\n"
             ),
         )
@@ -462,7 +463,18 @@ pub(super) mod tests {
         assert_eq!(items.len(), 3);
         assert_eq!(items[0].name, "a.jpg");
         assert!(items[0].local_image.is_some());
-        assert!(matches!(&items[1].job.task, TaskParams::Generate(g) if g.seed == Some(3)));
+        let TaskParams::Generate(g) = &items[1].job.task else {
+            panic!("{:?}", items[1].job.task)
+        };
+        assert_eq!(g.seed, Some(3));
+        assert_eq!(
+            (g.speed, g.solver),
+            (Some(Speed::Fast), Some(Solver::Dpmpp2m))
+        );
+        assert_eq!(
+            (g.guidance_interval, g.block_cache),
+            (Some([0.25, 1.0]), Some(0.5))
+        );
         assert!(
             matches!(&items[2].job.task, TaskParams::Caption(c) if c.image == "s3://bucket/x.png")
         );
