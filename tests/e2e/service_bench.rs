@@ -119,6 +119,40 @@ fn forward_passes(worker: &Worker) -> (f64, f64) {
     )
 }
 
+/// One round of the service side: a fresh `serve` (ready before the first publish), `n` jobs
+/// through it, every result and S3 object checked; (seconds, forward passes and images).
+fn serve_round(
+    rt: &tokio::runtime::Runtime,
+    names: &Names,
+    pkg: &Path,
+    dir: &Path,
+    serve_flags: &[&str],
+    n: usize,
+    round: usize,
+) -> (f64, (f64, f64)) {
+    let mut worker = Worker::start(names, pkg, dir, "bench", serve_flags);
+    worker.wait_ready(Duration::from_secs(120));
+    let serve_jobs = jobs(n, &format!("{}-serve{round}", names.queue));
+    let ids: Vec<String> = serve_jobs
+        .iter()
+        .map(|j| j["job_id"].as_str().unwrap().to_string())
+        .collect();
+    let bodies: Vec<Vec<u8>> = serve_jobs
+        .iter()
+        .map(|j| j.to_string().into_bytes())
+        .collect();
+    let (serve, results) = rt.block_on(serve_seconds(names, &bodies, &ids));
+    assert_eq!(results.len(), n, "a result is missing");
+    assert!(results
+        .iter()
+        .all(|r| r.status == Status::Succeeded && r.outputs.len() == 1));
+    rt.block_on(assert_outputs_match(&results));
+    let passes = forward_passes(&worker);
+    worker.sigterm();
+    let _ = worker.child.wait();
+    (serve, passes)
+}
+
 #[test]
 #[ignore = "a benchmark: scripts/bench.sh N service"]
 fn serve_throughput_against_batch_on_the_same_jobs() {
@@ -173,29 +207,7 @@ fn serve_throughput_against_batch_on_the_same_jobs() {
             std::fs::write(&file, lines.join("\n") + "\n").unwrap();
             batch_seconds(&pkg, &file, &out, &flags)
         };
-        let run_serve = || {
-            let mut worker = Worker::start(&names, &pkg, dir.path(), "bench", &serve_flags);
-            worker.wait_ready(Duration::from_secs(120));
-            let serve_jobs = jobs(n, &format!("{}-serve{round}", names.queue));
-            let ids: Vec<String> = serve_jobs
-                .iter()
-                .map(|j| j["job_id"].as_str().unwrap().to_string())
-                .collect();
-            let bodies: Vec<Vec<u8>> = serve_jobs
-                .iter()
-                .map(|j| j.to_string().into_bytes())
-                .collect();
-            let (serve, results) = rt.block_on(serve_seconds(&names, &bodies, &ids));
-            assert_eq!(results.len(), n, "a result is missing");
-            assert!(results
-                .iter()
-                .all(|r| r.status == Status::Succeeded && r.outputs.len() == 1));
-            rt.block_on(assert_outputs_match(&results));
-            let passes = forward_passes(&worker);
-            worker.sigterm();
-            let _ = worker.child.wait();
-            (serve, passes)
-        };
+        let run_serve = || serve_round(&rt, &names, &pkg, dir.path(), &serve_flags, n, round);
         let (batch, (serve, passes)) = if round % 2 == 0 {
             let b = run_batch();
             (b, run_serve())

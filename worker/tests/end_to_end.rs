@@ -23,8 +23,8 @@ fn mixed_jobs(img: &str) -> Vec<Incoming> {
         job(
             json!({"job_id": "g3", "task": "generate", "params": {"prompt": "two objects", "steps": 3, "seed": 3, "width": 24, "height": 12}}),
         ),
-        // The speed options, batched with the exact jobs above (the block cache lends every
-        // row of a mixed pass a cache; those without one compute as they would alone).
+        // The speed options next to the exact jobs above: g4 (fast: the block cache) and g5
+        // share passes with each other; the exact jobs keep theirs.
         job(
             json!({"job_id": "g4", "task": "generate", "params": {"prompt": "a green star", "steps": 4, "seed": 9, "speed": "fast"}}),
         ),

@@ -127,8 +127,15 @@ fn the_second_order_solver_is_seeded_and_batch_independent() {
             gen("b-euler", json!({"seed": 9})),
         ]
     };
-    let (alone, batched) = (run(jobs(), 1), run(jobs(), 8));
-    assert_eq!(alone[0].1, batched[0].1);
+    let (alone, batched, again) = (run(jobs(), 1), run(jobs(), 8), run(jobs(), 8));
+    for i in 0..2 {
+        assert_eq!(
+            alone[i].1, batched[i].1,
+            "{} alone and batched",
+            alone[i].0.job_id
+        );
+        assert_eq!(batched[i].1, again[i].1, "{} run twice", alone[i].0.job_id);
+    }
     let euler = run(vec![gen("a-euler", json!({}))], 1);
     assert_ne!(alone[0].1, euler[0].1);
 }
@@ -158,11 +165,16 @@ fn the_fast_preset_sets_its_steps_unless_the_job_does() {
         (SpeedOptions::FAST_STEPS, SpeedOptions::FAST)
     );
     assert_eq!(steps(json!({"speed": "fast"})), (8, SpeedOptions::FAST));
+    // The documented preset (README, docs/fast-modes.md, the job schema).
+    assert_eq!(SpeedOptions::FAST_STEPS, 16);
+    assert_eq!(SpeedOptions::FAST.block_cache, 0.1);
+    assert_eq!(SpeedOptions::FAST.solver, ddit_schemas::Solver::Euler);
+    assert_eq!(SpeedOptions::FAST.guidance_interval, None);
     assert_eq!(steps(json!({})), (8, SpeedOptions::EXACT));
 }
 
 #[test]
-fn a_package_without_block_0_alone_refuses_the_block_cache_naming_the_field() {
+fn a_package_without_block_0_alone_refuses_the_block_cache_and_runs_fast_without_it() {
     let mut m = Package::open(common::package()).unwrap().manifest;
     let first = m
         .segments
@@ -176,8 +188,20 @@ fn a_package_without_block_0_alone_refuses_the_block_cache_naming_the_field() {
     );
     first.blocks = Some([0, 2]);
     let err = plan_of(gen_json("p", json!({"block_cache": 0.1})), &m).unwrap_err();
-    assert!(err.to_string().contains("params.block_cache"), "{err}");
+    let msg = err.to_string();
+    assert!(
+        msg.contains("params.block_cache") && msg.contains("blocks 0 to 1"),
+        "{msg}"
+    );
     assert!(plan_of(gen_json("p", json!({})), &m).is_ok());
+    let Plan::Generate(g) = plan_of(gen_json("p", json!({"speed": "fast"})), &m).unwrap() else {
+        unreachable!()
+    };
+    assert_eq!(
+        (g.speed.block_cache, g.steps),
+        (0.0, 8),
+        "fast without the cache"
+    );
 }
 
 #[test]

@@ -23,7 +23,7 @@ pub struct GenerateArgs {
     prompt: String,
     #[arg(long, env = "DDIT_NEGATIVE_PROMPT")]
     negative_prompt: Option<String>,
-    /// Sampling steps (default 28).
+    /// Sampling steps (default 28; 16 with `--speed fast`).
     #[arg(long, env = "DDIT_STEPS")]
     steps: Option<u32>,
     /// Classifier-free guidance scale (default 7.0).
@@ -38,7 +38,8 @@ pub struct GenerateArgs {
     /// Images to generate; image i uses seed + i and is written as FILE-i.png for i > 0.
     #[arg(long, env = "DDIT_NUM_IMAGES")]
     num_images: Option<u32>,
-    /// `exact` (default) or `fast`: a preset of the three options below (docs/fast-modes.md).
+    /// `exact` (default) or `fast`: a preset of `--steps` and the three options below
+    /// (docs/fast-modes.md).
     #[arg(long, value_parser = snake_enum::<Speed>, env = "DDIT_SPEED")]
     speed: Option<Speed>,
     /// `euler` (default, the reference's) or `dpmpp2m` (second order, one pass per step).

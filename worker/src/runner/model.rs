@@ -138,10 +138,13 @@ mod tests {
             stored(0.5, vec![1.0, 1.0]).hit(&[1.0]).is_none(),
             "another length"
         );
-        // |Δ| = 0.2 against |last| = 2: 0.1 of it.
-        let c = stored(0.1, vec![1.0, -1.0]);
-        assert!(c.hit(&[1.1, -0.9]).is_none(), "at the threshold is a miss");
-        assert_eq!(c.hit(&[1.05, -0.95]), Some(&[9.0, 9.0][..]));
+        // |Δ| = 0.5 against |last| = 2: exactly the threshold, a miss; 0.25 below it, a hit.
+        let c = stored(0.25, vec![1.0, -1.0]);
+        assert!(
+            c.hit(&[1.25, -0.75]).is_none(),
+            "at the threshold is a miss"
+        );
+        assert_eq!(c.hit(&[1.125, -0.875]), Some(&[9.0, 9.0][..]));
         // A zero residual never hits (0 < 0 is false), so a dead row recomputes.
         assert!(stored(0.5, vec![0.0, 0.0]).hit(&[0.0, 0.0]).is_none());
     }

@@ -285,14 +285,18 @@ impl<M: Model> Runner<'_, M> {
         } else {
             (self.model.velocity(&lat, &ctx, &ts)?, vec![])
         };
-        let m = v.row_len();
-        if v.data.len() != picks.len() * m {
+        // Every check before any row changes: a failed pass is retried row by row from the same
+        // state.
+        let cached = !updates.is_empty();
+        if v.shape != lat.shape || (cached && updates.len() != picks.len()) {
             return Err(WorkerError::Internal(format!(
-                "velocity {:?} for {} rows",
+                "velocity {:?} ({} cache updates) for latents {:?}",
                 v.shape,
-                picks.len()
+                updates.len(),
+                lat.shape
             )));
         }
+        let m = v.row_len();
         // The batch row of each image's [uncond, cond] velocity.
         let mut at = vec![[None; 2]; rows.len()];
         for (j, &(k, half)) in picks.iter().enumerate() {
@@ -305,8 +309,6 @@ impl<M: Model> Runner<'_, M> {
             };
             steps.push((ai, si, u, c));
         }
-        // Nothing changed before this point: a failed pass is retried row by row from the same
-        // state.
         for (ai, si, u, c) in steps {
             if let Work::Generate { states, .. } = &mut self.active[ai].work {
                 states[si].apply(&v.data[u * m..(u + 1) * m], &v.data[c * m..(c + 1) * m]);

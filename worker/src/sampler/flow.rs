@@ -271,6 +271,12 @@ mod tests {
         assert_eq!(t, vec![999.0, 856.0, 599.0]);
         let (s, _) = dpm_schedule(14, 3.0, 1000);
         assert!((s[12] - 0.333_074).abs() < 1e-6 && (s[13] - 0.187_335_92).abs() < 1e-6);
+        // Timesteps truncated from f64 as diffusers does (float rounding decides some): their
+        // sums at 28 and 333 steps, one that an f32 σ would floor to 899, and shift 1.
+        let sum = |n| dpm_schedule(n, 3.0, 1000).1.iter().sum::<f32>();
+        assert_eq!((sum(28), sum(333)), (19398.0, 225_342.0));
+        assert_eq!(dpm_schedule(333, 3.0, 1000).1[83], 900.0);
+        assert_eq!(dpm_schedule(3, 1.0, 1000).1, vec![999.0, 666.0, 332.0]);
     }
 
     /// Samples 1-D data ~ N(mu, sd²) with its exact velocity (E[x₀ | x_σ] is linear), from
@@ -332,6 +338,44 @@ mod tests {
         // on x₀ and a·σ_s = σ_t on ε.
         let [a, b, c] = dpmpp_2m(Some(0.8), 0.6, 0.4);
         assert!((a * 0.6 - 0.4).abs() < 1e-6 && (a * 0.4 + b + c - 0.6).abs() < 1e-6);
+        // And the split between the two predictions, by hand: h = λ(0.4) − λ(0.6),
+        // r = (λ(0.6) − λ(0.8)) / h, d = α_t(1 − e^{−h}) / 2r.
+        let want = [0.666_666_7, 0.471_130_04, -0.137_796_7];
+        assert!(
+            [a, b, c]
+                .iter()
+                .zip(want)
+                .all(|(x, w)| (x - w).abs() < 1e-6),
+            "{a} {b} {c}"
+        );
+    }
+
+    #[test]
+    fn dpmpp_2m_steps_first_order_where_the_guidance_scale_changes() {
+        let s = Sampling {
+            shift: 1.0,
+            num_train_timesteps: 1000,
+            guidance: 5.0,
+            solver: Solver::Dpmpp2m,
+            guidance_interval: Some([0.0, 0.5]),
+        };
+        let mut st = FlowState::new([1, 1, 1], &mut JobRng::new(0), 8, &s);
+        let mut crossed = 0;
+        while !st.done() {
+            let (sigma, next) = (st.sigmas[st.step], st.sigmas[st.step + 1]);
+            let before = st.previous.as_ref().map(|p| p.2);
+            let x = st.latents.data[0];
+            st.apply(&[0.0], &[1.0]);
+            let w = st.previous.as_ref().map_or(0.0, |p| p.2);
+            if before.is_some_and(|b| b != w) {
+                crossed += 1;
+                // First order (DDIM in data prediction) from x₀ = x − σ·v with v = 5.
+                let [a, b, _] = dpmpp_2m(None, sigma, next);
+                let want = a * x + b * (x - sigma * 5.0);
+                assert!((st.latents.data[0] - want).abs() < 1e-6, "σ {sigma}");
+            }
+        }
+        assert_eq!(crossed, 1);
     }
 
     #[test]

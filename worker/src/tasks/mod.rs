@@ -192,11 +192,7 @@ fn plan_generate(
     let num_images = range_u32("params.num_images", p.num_images, 1, 1, MAX_IMAGES)?;
     limits.check_images(num_images)?;
     let (speed, default_steps) = SpeedOptions::of(p, GENERATE_STEPS)?;
-    let asked = match p.block_cache {
-        Some(_) => "params.block_cache",
-        None => "params.speed",
-    };
-    speed.check_package(m, asked)?;
+    let speed = speed.fit(p, m)?;
     Ok(GeneratePlan {
         prompt: p.prompt.clone(),
         negative_prompt,

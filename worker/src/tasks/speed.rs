@@ -44,18 +44,26 @@ impl SpeedOptions {
     }
 
     /// The block cache needs the first joint block in a file of its own (`ddit-export` writes
-    /// it so since the cache came in); an older package is refused, naming the field.
-    /// `field` names what asked for it (`params.block_cache`, or `params.speed`'s preset).
-    pub fn check_package(&self, m: &Manifest, field: &str) -> Result<()> {
+    /// it so since the cache came in). On an older package (or a one-block model) a job that
+    /// sets `block_cache` is refused, naming the field; the `fast` preset runs without it.
+    pub fn fit(mut self, p: &GenerateParams, m: &Manifest) -> Result<Self> {
         let first = m.by_role(Role::JointBlocks).next().and_then(|s| s.blocks);
         if !self.caches() || first == Some([0, 1]) {
-            return Ok(());
+            return Ok(self);
         }
+        if p.block_cache.is_none() {
+            self.block_cache = 0.0;
+            return Ok(self);
+        }
+        let holds = match first {
+            Some([a, b]) => format!("holds blocks {a} to {}", b.saturating_sub(1)),
+            None => "is missing (the model has one block)".into(),
+        };
         Err(WorkerError::invalid(
-            field,
+            "params.block_cache",
             format!(
-                "this package's first joint-block file holds blocks {first:?}, not block 0 \
-                 alone; export it again with this ddit-export to use the block cache"
+                "this package's first joint-block file {holds}, not block 0 alone; export it \
+                 again with this ddit-export to use the block cache"
             ),
         ))
     }

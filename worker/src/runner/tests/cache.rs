@@ -40,7 +40,6 @@ fn a_cached_job_gives_its_own_bytes_alone_batched_and_after_a_failed_pass() {
     run(&mut Fake::new(), jobs(), 1, &mut alone);
     let (a_cached, _) = outcome(&alone, "a");
     assert!(a_cached > 0, "the fake's latents move slowly enough to hit");
-    assert_eq!(outcome(&alone, "c").0, 0);
     // Batched, and with passes that fail after the cache decisions were made: each failing
     // pass is retried row by row and must find every cache as it was.
     for fail in [None, Some(3), Some(7)] {
