@@ -284,11 +284,8 @@ mod tests {
     fn sample_gaussian(solver: Solver, steps: usize, eps: f32) -> f32 {
         let (mu, sd) = (0.7f32, 0.3f32);
         let s = Sampling {
-            shift: 3.0,
-            num_train_timesteps: 1000,
-            guidance: 1.0,
             solver,
-            guidance_interval: None,
+            ..Sampling::euler(3.0, 1000, 1.0)
         };
         let mut st = FlowState::new([1, 1, 1], &mut JobRng::new(0), steps, &s);
         st.latents.data[0] = eps;
@@ -353,11 +350,9 @@ mod tests {
     #[test]
     fn dpmpp_2m_steps_first_order_where_the_guidance_scale_changes() {
         let s = Sampling {
-            shift: 1.0,
-            num_train_timesteps: 1000,
-            guidance: 5.0,
             solver: Solver::Dpmpp2m,
             guidance_interval: Some([0.0, 0.5]),
+            ..Sampling::euler(1.0, 1000, 5.0)
         };
         let mut st = FlowState::new([1, 1, 1], &mut JobRng::new(0), 8, &s);
         let mut crossed = 0;
@@ -381,11 +376,8 @@ mod tests {
     #[test]
     fn outside_the_guidance_interval_only_the_conditional_row_runs() {
         let s = Sampling {
-            shift: 1.0,
-            num_train_timesteps: 1000,
-            guidance: 5.0,
-            solver: Solver::Euler,
             guidance_interval: Some([0.2, 0.6]),
+            ..Sampling::euler(1.0, 1000, 5.0)
         };
         let mut st = FlowState::new([1, 1, 1], &mut JobRng::new(0), 10, &s);
         let mut seen = vec![];
